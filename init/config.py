@@ -1,0 +1,278 @@
+"""Configuration: the environment plus `.env` files, validated into one frozen `Settings`.
+
+Every problem is found in one pass and reported at once, one line each naming the variable,
+the bad value and the fix (exit status 78). The environment is a parameter, never read from a
+global, so tests pass plain dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from init.errors import ConfigError
+
+DEFAULT_CONFIG_DIR = Path("/etc/sharelatex-init")
+DEFAULT_COMPILES_DIR = Path("/var/lib/sharelatex/data/compiles")
+DEFAULT_OUTPUT_DIR = Path("/var/lib/sharelatex/data/output")
+# The image `scripts/build-texlive-image` makes from Debian's TeX Live packages.
+DEFAULT_TEXLIVE_IMAGE = "sharelatex-init/texlive:bookworm"
+
+PREFIXES = ("", "OVERLEAF_", "SHARELATEX_")
+
+SANDBOXED = "SANDBOXED_COMPILES"
+SIBLING = "SANDBOXED_COMPILES_SIBLING_CONTAINERS"
+HOST_DIR = "SANDBOXED_COMPILES_HOST_DIR"
+HOST_DIR_COMPILES = "SANDBOXED_COMPILES_HOST_DIR_COMPILES"
+HOST_DIR_OUTPUT = "SANDBOXED_COMPILES_HOST_DIR_OUTPUT"
+TEXLIVE_IMAGE = "TEX_LIVE_DOCKER_IMAGE"
+ALL_TEXLIVE_IMAGES = "ALL_TEX_LIVE_DOCKER_IMAGES"
+PRODUCT_VARIABLES = (
+    SANDBOXED,
+    SIBLING,
+    HOST_DIR,
+    HOST_DIR_COMPILES,
+    HOST_DIR_OUTPUT,
+    TEXLIVE_IMAGE,
+    ALL_TEXLIVE_IMAGES,
+)
+
+TRUE_WORDS = frozenset({"true", "1", "yes"})
+FALSE_WORDS = frozenset({"false", "0", "no"})
+
+# The reference grammar of distribution/reference: [host[:port]/]path[:tag][@digest].
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+_DOMAIN = rf"(?:{_LABEL}(?:\.{_LABEL})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_IMAGE_REFERENCE = re.compile(
+    rf"^(?:{_DOMAIN}/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?$"
+)
+
+
+class Mode(enum.Enum):
+    """How compiles run: not sandboxed, in an inner dockerd, or beside us on the host's."""
+
+    OFF = "off"
+    DIND = "dind"
+    SIBLING = "sibling"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the product's variables say, validated."""
+
+    mode: Mode
+    texlive_image: str
+    all_texlive_images: tuple[str, ...]
+    host_dir_compiles: Path | None = None
+    host_dir_output: Path | None = None
+    compiles_dir: Path = DEFAULT_COMPILES_DIR
+    output_dir: Path = DEFAULT_OUTPUT_DIR
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+def is_valid_image_reference(reference: str) -> bool:
+    """True when `reference` parses as a Docker image reference (name[:tag][@digest])."""
+    return len(reference) <= 255 and _IMAGE_REFERENCE.match(reference) is not None
+
+
+def read_env_files(config_dir: Path | None, env_files: Iterable[Path] = ()) -> dict[str, str]:
+    """Every `*.env` in `config_dir` (in name order), then each `--env-file`; later files win."""
+    paths: list[Path] = []
+    if config_dir is not None and config_dir.is_dir():
+        paths.extend(sorted(p for p in config_dir.glob("*.env") if p.is_file()))
+    paths.extend(env_files)
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for path in paths:
+        try:
+            values.update(_parse_env_file(path))
+        except ConfigError as e:
+            problems.extend(e.problems)
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def _parse_env_file(path: Path) -> dict[str, str]:
+    # python-dotenv only logs a line it cannot parse and drops it; an operator's typo must not
+    # silently lose a setting, so its parser's error flag becomes a configuration problem.
+    from dotenv.parser import parse_stream
+    from dotenv.variables import parse_variables
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(
+            [f"--env-file {path}: cannot read it ({e.strerror}); give a readable file"]
+        ) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"--env-file {path}: not UTF-8 text; save it as UTF-8"]) from e
+    values: dict[str, str] = {}
+    problems: list[str] = []
+    for binding in parse_stream(io.StringIO(text)):
+        if binding.error:
+            line = binding.original.line
+            problems.append(
+                f"{path}:{line}: cannot parse {binding.original.string.strip()!r}; "
+                "write it as NAME=value"
+            )
+        elif binding.key is not None:
+            raw = binding.value or ""
+            # ${VAR} expansion as docker compose does, from the file's earlier lines only.
+            values[binding.key] = "".join(atom.resolve(values) for atom in parse_variables(raw))
+    if problems:
+        raise ConfigError(problems)
+    return values
+
+
+def merge_environment(environ: Mapping[str, str], file_values: Mapping[str, str]) -> dict[str, str]:
+    """The environment the container runs with: files first, the real environment wins."""
+    merged = dict(file_values)
+    merged.update(environ)
+    return merged
+
+
+def load(environ: Mapping[str, str]) -> Settings:
+    """Validate the product's variables in `environ` (already merged with the `.env` files)."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    values: dict[str, tuple[str, str]] = {}
+    for name in PRODUCT_VARIABLES:
+        found = _lookup(environ, name, warnings)
+        if found is not None:
+            values[name] = found
+
+    sandboxed = _boolean(values.get(SANDBOXED), problems)
+    sibling = _boolean(values.get(SIBLING), problems)
+    if sibling and not sandboxed:
+        source = values[SIBLING][0]
+        problems.append(
+            f"{source}=true needs sandboxed compiles on; "
+            f"add --env SANDBOXED_COMPILES=true (or remove {source})"
+        )
+    mode = Mode.OFF
+    if sandboxed:
+        mode = Mode.SIBLING if sibling else Mode.DIND
+
+    host_dir = _path(values.get(HOST_DIR), problems)
+    host_compiles = _path(values.get(HOST_DIR_COMPILES), problems) or host_dir
+    host_output = _path(values.get(HOST_DIR_OUTPUT), problems)
+    for name in (HOST_DIR, HOST_DIR_COMPILES, HOST_DIR_OUTPUT):
+        if name in values and mode is not Mode.SIBLING:
+            source, value = values[name]
+            warnings.append(
+                f"{source}={value} is ignored: it only matters with sibling containers "
+                "(SANDBOXED_COMPILES_SIBLING_CONTAINERS=true)"
+            )
+    if host_dir is not None and HOST_DIR_COMPILES in values and host_compiles != host_dir:
+        warnings.append(
+            f"{values[HOST_DIR][0]} and {values[HOST_DIR_COMPILES][0]} disagree; "
+            f"using {values[HOST_DIR_COMPILES][0]}={host_compiles}"
+        )
+
+    image, all_images = _images(values, problems)
+
+    if problems:
+        raise ConfigError(problems)
+    return Settings(
+        mode=mode,
+        texlive_image=image,
+        all_texlive_images=all_images,
+        host_dir_compiles=host_compiles,
+        host_dir_output=host_output,
+        warnings=tuple(warnings),
+    )
+
+
+def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What the services see: everything but the sandbox switches, which PID 1 consumes.
+
+    Community Edition's compile service exits ("only available with Overleaf Server Pro") when
+    it sees SANDBOXED_COMPILES=true, so the switches never reach it.
+    """
+    consumed = {prefix + name for prefix in PREFIXES for name in (SANDBOXED, SIBLING)}
+    return {k: v for k, v in environ.items() if k not in consumed}
+
+
+def _lookup(environ: Mapping[str, str], name: str, warnings: list[str]) -> tuple[str, str] | None:
+    """(the variable that was used, its value); the unprefixed name wins over the prefixed."""
+    names = [prefix + name for prefix in PREFIXES if prefix + name in environ]
+    present = [(n, environ[n]) for n in names]
+    if not present:
+        return None
+    used = present[0]
+    for other, value in present[1:]:
+        if value != used[1]:
+            warnings.append(
+                f"{used[0]}={used[1]!r} and {other}={value!r} disagree; using {used[0]}"
+            )
+    return used
+
+
+def _boolean(found: tuple[str, str] | None, problems: list[str]) -> bool:
+    if found is None:
+        return False
+    source, value = found
+    word = value.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    problems.append(f"{source}={value!r} is not a boolean; use true or false (also 1/0, yes/no)")
+    return False
+
+
+def _path(found: tuple[str, str] | None, problems: list[str]) -> Path | None:
+    if found is None or found[1] == "":
+        return None
+    source, value = found
+    if not value.startswith("/"):
+        problems.append(
+            f"{source}={value!r} is not an absolute path; give the full path on the host, "
+            "e.g. /data/sharelatex_data/data/compiles"
+        )
+        return None
+    return Path(value)
+
+
+def _images(
+    values: Mapping[str, tuple[str, str]], problems: list[str]
+) -> tuple[str, tuple[str, ...]]:
+    listed: list[str] = []
+    if ALL_TEXLIVE_IMAGES in values:
+        source, value = values[ALL_TEXLIVE_IMAGES]
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            if not is_valid_image_reference(item):
+                problems.append(
+                    f"{source}: {item!r} is not an image reference; "
+                    "write NAME[:TAG], e.g. texlive/texlive:latest-full"
+                )
+            elif item not in listed:
+                listed.append(item)
+    image = ""
+    if TEXLIVE_IMAGE in values and values[TEXLIVE_IMAGE][1].strip():
+        source, value = values[TEXLIVE_IMAGE]
+        image = value.strip()
+        if not is_valid_image_reference(image):
+            problems.append(
+                f"{source}={value!r} is not an image reference; "
+                "write NAME[:TAG], e.g. texlive/texlive:latest-full"
+            )
+        elif listed and image not in listed:
+            problems.append(
+                f"{source}={image} is not in {values[ALL_TEXLIVE_IMAGES][0]}; "
+                f"add it to the list or choose one of {', '.join(listed)}"
+            )
+    if not image:
+        image = listed[0] if listed else DEFAULT_TEXLIVE_IMAGE
+    ordered = [image, *(i for i in listed if i != image)]
+    return image, tuple(ordered)

@@ -1,0 +1,271 @@
+"""`sharelatex-init run`: the life of the init, top to bottom, as an operator knows it.
+
+export the environment ─► startup scripts ─► services ─► wait for a stop signal
+─► pre-shutdown scripts ─► stop services (reverse order) ─► post-shutdown scripts
+─► end every other process (when PID 1) ─► exit status
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from init import container_env, process, services, status
+from init.errors import SpawnError
+from init.log import Level, Log
+from init.loop import EventLoop
+from init.output import OutputPipe
+from init.process import Exit, SpawnSpec
+from init.supervisor import Supervisor
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+# What the init passes on to its services. Not the synchronous fault signals (SEGV, BUS, FPE,
+# ILL, TRAP, SYS, ABRT): a handler for those would turn a real fault in PID 1 into a busy loop.
+FORWARDED_SIGNALS = tuple(
+    s
+    for s in (
+        signal.SIGHUP,
+        signal.SIGQUIT,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGALRM,
+        signal.SIGWINCH,
+        signal.SIGCONT,
+        signal.SIGTSTP,
+        signal.SIGTTIN,
+        signal.SIGTTOU,
+        signal.SIGURG,
+        signal.SIGXCPU,
+        signal.SIGXFSZ,
+        signal.SIGVTALRM,
+        signal.SIGPROF,
+        signal.SIGIO,
+        signal.SIGPWR,
+    )
+)
+EXIT_STARTUP_FAILED = 1
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    """The time limits of stopping, named for what they bound."""
+
+    grace: float = 8.0  # pre-shutdown scripts and services (my_init's KILL_PROCESS_TIMEOUT)
+    kill_all: float = 1.0  # everything else left in the namespace (KILL_ALL_PROCESSES_TIMEOUT)
+
+
+@dataclass(frozen=True)
+class BootOptions:
+    startup_dir: Path = services.DEFAULT_STARTUP_DIR
+    pre_shutdown_dir: Path = services.DEFAULT_PRE_SHUTDOWN_DIR
+    post_shutdown_dir: Path = services.DEFAULT_POST_SHUTDOWN_DIR
+    service_dir: Path = services.DEFAULT_SERVICE_DIR
+    env_files: container_env.EnvFiles = field(default_factory=container_env.EnvFiles)
+    status_file: Path = status.DEFAULT_STATUS_FILE
+    shutdown: Shutdown = field(default_factory=Shutdown)
+    skip_startup_files: bool = False
+    kill_all_on_exit: bool = True
+
+
+class Init:
+    """The init's state across its life: the loop, the services, whether a stop was asked."""
+
+    def __init__(self, options: BootOptions, log: Log, environ: Mapping[str, str]) -> None:
+        self.options = options
+        self.log = log
+        self.environ = dict(environ)
+        self.started_at = time.time()
+        self.phase = "starting"
+        self.message = ""
+        self.stop_signal: int | None = None
+        self.deadline: float | None = None
+        self.loop = EventLoop(log, (*STOP_SIGNALS, *FORWARDED_SIGNALS))
+        self.supervisor: Supervisor | None = None
+        for signum in STOP_SIGNALS:
+            self.loop.on_signal(signum, self._on_stop_signal)
+        for signum in FORWARDED_SIGNALS:
+            self.loop.on_signal(signum, self._forward)
+
+    # -- the life of the init -------------------------------------------------------------
+
+    def run(self) -> int:
+        """Boot, serve until asked to stop, shut down; the exit status."""
+        self.become_reaper()
+        self.export_environment()
+        if not self.run_startup_scripts():
+            return self.shutdown(EXIT_STARTUP_FAILED, services_ran=False)
+        self.start_services()
+        self.wait_for_stop_signal()
+        return self.shutdown(0, services_ran=True)
+
+    def become_reaper(self) -> None:
+        if os.getpid() != 1 and not process.become_subreaper():
+            self.log.warning("init", "not PID 1 and cannot be a subreaper: orphans go elsewhere")
+
+    def export_environment(self) -> None:
+        self.environ = container_env.export(self.options.env_files, self.environ)
+        self.write_status()
+
+    def run_startup_scripts(self) -> bool:
+        """Each executable in the startup dir, in name order; the first failure stops the boot."""
+        if self.options.skip_startup_files:
+            return True
+        for script in services.scripts(self.options.startup_dir):
+            self.log.info("startup", f"running {script}")
+            exit_ = self.run_script(script, "startup", deadline=None)
+            if exit_ is None:
+                return False  # a stop signal came first
+            if not exit_.ok:
+                self.message = f"startup script {script} {exit_.describe()}"
+                self.log.error("startup", f"{script} {exit_.describe()}; not starting the services")
+                return False
+            self.environ = container_env.reimport(self.options.env_files, self.environ)
+        return True
+
+    def start_services(self) -> None:
+        specs = services.discover(self.options.service_dir)
+        self.supervisor = Supervisor(
+            self.loop, self.log, specs, self.environ, on_change=self.write_status
+        )
+        self.phase = "running"
+        self.log.info("init", f"starting {len(specs)} services from {self.options.service_dir}")
+        self.supervisor.start_all()
+
+    def wait_for_stop_signal(self) -> None:
+        self.loop.run_until(lambda: self.stop_signal is not None)
+
+    def shutdown(self, exit_status: int, services_ran: bool) -> int:
+        """Everything that must happen before the init exits, inside the grace period."""
+        limits = self.options.shutdown
+        self.phase = "stopping"
+        if self.deadline is None:
+            self.deadline = self.loop.clock() + limits.grace
+        self.write_status()
+        if services_ran:
+            self.run_scripts(self.options.pre_shutdown_dir, "pre-shutdown")
+            if self.supervisor is not None:
+                killed = self.supervisor.stop_all(self._deadline)
+                if killed:
+                    self.log.warning("init", f"killed after the grace period: {', '.join(killed)}")
+        self.run_scripts(self.options.post_shutdown_dir, "post-shutdown")
+        if os.getpid() == 1 and self.options.kill_all_on_exit:
+            self.end_all_processes(limits.kill_all)
+        if self.supervisor is not None:
+            self.supervisor.close_outputs()
+        self.phase = "stopped"
+        self.write_status()
+        self.log.info("init", f"exiting with status {exit_status}")
+        return exit_status
+
+    # -- the steps' details --------------------------------------------------------------
+
+    def run_scripts(self, directory: Path, step: str) -> None:
+        for script in services.scripts(directory):
+            self.log.info(step, f"running {script}")
+            exit_ = self.run_script(script, step, deadline=self.deadline)
+            if exit_ is not None and not exit_.ok:
+                self.log.warning(step, f"{script} {exit_.describe()}")
+
+    def run_script(self, script: Path, step: str, deadline: float | None) -> Exit | None:
+        """Run one script under the loop; None if a stop signal or the deadline ended it."""
+        output = OutputPipe(self.loop, self.log, f"{step} {script.name}")
+        stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            pid = process.spawn(
+                SpawnSpec(
+                    argv=(str(script),),
+                    env=self.environ,
+                    new_session=True,
+                    stdin=stdin,
+                    stdout=output.write_fd,
+                    stderr=output.write_fd,
+                )
+            )
+        except SpawnError as e:
+            output.close()
+            self.log.error(step, str(e))
+            return Exit(127, None)
+        finally:
+            os.close(stdin)
+        output.parent_side_started()
+        result: list[Exit] = []
+        self.loop.watch_child(pid, result.append)
+        interrupted_by_stop = deadline is None  # startup scripts end on a stop signal
+        stopped = self.loop.run_until(
+            lambda: bool(result) or (interrupted_by_stop and self.stop_signal is not None),
+            deadline,
+        )
+        if not result:
+            reason = "the grace period ran out" if not stopped else "the init is stopping"
+            self.log.warning(step, f"ending {script}: {reason}")
+            process.signal_group(pid, signal.SIGTERM)
+            end = self.loop.clock() + (1.0 if deadline is None else 0.5)
+            if not self.loop.run_until(lambda: bool(result), end):
+                process.signal_group(pid, signal.SIGKILL)
+                self.loop.run_until(lambda: bool(result))
+            output.close()
+            return None
+        output.close()
+        return result[0]
+
+    def end_all_processes(self, timeout: float) -> None:
+        """As PID 1: SIGTERM everything left in the namespace, then SIGKILL at the timeout."""
+        self.loop.reap_children()
+        if not process.has_children():
+            return
+        self.log.info("init", "ending the remaining processes")
+        _kill_all(signal.SIGTERM)
+        _kill_all(signal.SIGCONT)
+        if self.loop.run_until(lambda: not process.has_children(), self.loop.clock() + timeout):
+            return
+        self.log.warning("init", f"processes left after {timeout:.1f} s; killing them")
+        _kill_all(signal.SIGKILL)
+        self.loop.run_until(lambda: not process.has_children(), self.loop.clock() + 5.0)
+
+    def _deadline(self) -> float:
+        return self.deadline if self.deadline is not None else self.loop.clock()
+
+    def _on_stop_signal(self, signum: int) -> None:
+        name = process.signal_name(signum)
+        if self.stop_signal is None:
+            self.stop_signal = signum
+            self.log.info("init", f"{name} received; stopping")
+        else:
+            # A second stop signal means "now": end the grace period here.
+            self.log.warning("init", f"{name} again; cutting the grace period short")
+            self.deadline = self.loop.clock()
+
+    def _forward(self, signum: int) -> None:
+        if self.supervisor is not None:
+            quiet = signum in (signal.SIGCONT, signal.SIGWINCH)  # terminals send these often
+            self.log.event(
+                Level.DEBUG if quiet else Level.INFO,
+                "init",
+                f"passing {process.signal_name(signum)} to the services",
+            )
+            self.supervisor.forward(signum)
+
+    def write_status(self) -> None:
+        document: dict[str, Any] = {
+            "pid": os.getpid(),
+            "phase": self.phase,
+            "started_at": round(self.started_at, 3),
+            "message": self.message,
+            "services": self.supervisor.snapshot() if self.supervisor else [],
+        }
+        try:
+            status.write(self.options.status_file, document)
+        except OSError as e:
+            self.log.warning("init", f"cannot write {self.options.status_file}: {e.strerror}")
+
+
+def _kill_all(signum: int) -> None:
+    try:
+        os.kill(-1, signum)
+    except ProcessLookupError:
+        pass

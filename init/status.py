@@ -1,0 +1,89 @@
+"""The status file PID 1 keeps (atomic replace) and `sharelatex-init status` reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATUS_FILE = Path("/run/sharelatex-init/status.json")
+STATUS_FILE_VARIABLE = "SHARELATEX_INIT_STATUS_FILE"
+
+
+def status_path(environ: Mapping[str, str], given: Path | None = None) -> Path:
+    """--status-file, else $SHARELATEX_INIT_STATUS_FILE, else the default."""
+    if given is not None:
+        return given
+    return Path(environ.get(STATUS_FILE_VARIABLE) or DEFAULT_STATUS_FILE)
+
+
+def write(path: Path, document: Mapping[str, Any]) -> None:
+    """Replace the status file in one step, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = json.dumps(document, indent=1, sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read(path: Path) -> dict[str, Any]:
+    with open(path, encoding="utf-8") as f:
+        document: dict[str, Any] = json.load(f)
+    return document
+
+
+def format_text(document: Mapping[str, Any], now: float | None = None) -> str:
+    """The status as a person reads it: the init's phase, then one line per service."""
+    now = time.time() if now is None else now
+    lines = [
+        f"init: {document.get('phase', '?')}, pid {document.get('pid', '?')}, "
+        f"up {_duration(now - float(document.get('started_at', now)))}"
+    ]
+    if document.get("message"):
+        lines.append(f"init: {document['message']}")
+    services = document.get("services", [])
+    width = max((len(s["name"]) for s in services), default=0)
+    for service in services:
+        lines.append(f"{service['name']:<{width}}  {_service_line(service, now)}")
+    if not services:
+        lines.append("(no services)")
+    return "\n".join(lines)
+
+
+def _service_line(service: Mapping[str, Any], now: float) -> str:
+    state = service["state"]
+    parts = [state]
+    if service.get("pid"):
+        parts.append(f"pid {service['pid']}")
+    if state in ("up", "starting"):
+        parts.append(f"for {_duration(now - float(service['since']))}")
+    if service.get("restarts"):
+        parts.append(f"{service['restarts']} restarts")
+    if service.get("quick_exits", 0) >= 3 and state in ("backoff", "failed"):
+        parts.append("crash loop")
+    if service.get("next_start_at") and state in ("backoff", "failed"):
+        parts.append(f"next start in {_duration(max(0.0, service['next_start_at'] - now))}")
+    last = service.get("last_exit")
+    if last:
+        parts.append(f"last {last['description']}")
+    if service.get("reason") and state == "failed":
+        parts.append(service["reason"])
+    return ", ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
