@@ -20,14 +20,16 @@ class ServiceSpec:
     """One runit service: `DIR/run`, started unless `DIR/down` exists, `DIR/finish` after exits.
 
     `DIR/down-signal` (s6's name for it) may hold the signal that stops it, e.g. `SIGQUIT`.
+    The init's own services (the inner dockerd) are specs of the same shape.
     """
 
     name: str
     directory: Path
-    run: Path
-    finish: Path | None
-    start_at_boot: bool
-    stop_signal: int
+    argv: tuple[str, ...]
+    finish: Path | None = None
+    start_at_boot: bool = True
+    stop_signal: int = 15
+    env: tuple[tuple[str, str], ...] = ()  # added to the services' environment
 
 
 def is_executable_file(path: Path) -> bool:
@@ -67,7 +69,7 @@ def discover(service_dir: Path) -> list[ServiceSpec]:
             ServiceSpec(
                 name=directory.name,
                 directory=directory,
-                run=run,
+                argv=(str(run),),
                 finish=finish if finish.exists() else None,
                 start_at_boot=not (directory / "down").exists(),
                 stop_signal=stop_signal,

@@ -110,8 +110,8 @@ class Supervisor:
         service.next_start_at = None
         output = OutputPipe(self.loop, self.log, service.name)
         spec = SpawnSpec(
-            argv=(str(service.spec.run),),
-            env=self.environ,
+            argv=service.spec.argv,
+            env={**self.environ, **dict(service.spec.env)},
             cwd=service.spec.directory,
             new_session=True,
             stdin=_devnull(),

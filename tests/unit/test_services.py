@@ -43,7 +43,7 @@ def test_services_are_dirs_with_a_run_file(tmp_path: Path) -> None:
     clsi, web = specs
     assert clsi.finish == (tmp_path / "clsi" / "finish").absolute()
     assert web.finish is None
-    assert clsi.run.is_absolute()
+    assert clsi.argv == (str((tmp_path / "clsi" / "run").absolute()),)
     assert clsi.start_at_boot and web.start_at_boot
     assert clsi.stop_signal == signal.SIGTERM
 
