@@ -31,6 +31,9 @@ HOST_DIR_COMPILES = "SANDBOXED_COMPILES_HOST_DIR_COMPILES"
 HOST_DIR_OUTPUT = "SANDBOXED_COMPILES_HOST_DIR_OUTPUT"
 TEXLIVE_IMAGE = "TEX_LIVE_DOCKER_IMAGE"
 ALL_TEXLIVE_IMAGES = "ALL_TEX_LIVE_DOCKER_IMAGES"
+STORAGE_DRIVER = "SANDBOXED_COMPILES_STORAGE_DRIVER"
+# What an operator may force on the inner dockerd; vfs is the explicit opt-in for a layered root.
+STORAGE_DRIVERS = ("overlay2", "fuse-overlayfs", "btrfs", "zfs", "vfs")
 PRODUCT_VARIABLES = (
     SANDBOXED,
     SIBLING,
@@ -39,6 +42,7 @@ PRODUCT_VARIABLES = (
     HOST_DIR_OUTPUT,
     TEXLIVE_IMAGE,
     ALL_TEXLIVE_IMAGES,
+    STORAGE_DRIVER,
 )
 
 TRUE_WORDS = frozenset({"true", "1", "yes"})
@@ -74,6 +78,7 @@ class Settings:
     host_dir_output: Path | None = None
     compiles_dir: Path = DEFAULT_COMPILES_DIR
     output_dir: Path = DEFAULT_OUTPUT_DIR
+    storage_driver: str | None = None  # None: dockerd's own choice on a real filesystem
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -178,6 +183,15 @@ def load(environ: Mapping[str, str]) -> Settings:
         )
 
     image, all_images = _images(values, problems)
+    storage_driver = None
+    if STORAGE_DRIVER in values and values[STORAGE_DRIVER][1].strip():
+        source, value = values[STORAGE_DRIVER]
+        storage_driver = value.strip()
+        if storage_driver not in STORAGE_DRIVERS:
+            problems.append(
+                f"{source}={value!r} is not a storage driver sharelatex-init allows; "
+                f"use one of {', '.join(STORAGE_DRIVERS)} (or unset it to let dockerd choose)"
+            )
 
     if problems:
         raise ConfigError(problems)
@@ -187,6 +201,7 @@ def load(environ: Mapping[str, str]) -> Settings:
         all_texlive_images=all_images,
         host_dir_compiles=host_compiles,
         host_dir_output=host_output,
+        storage_driver=storage_driver,
         warnings=tuple(warnings),
     )
 

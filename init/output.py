@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 
 from init.log import Log
 from init.loop import EventLoop
@@ -14,10 +15,13 @@ MAX_LINE = 64 * 1024
 class OutputPipe:
     """A pipe whose write end a child gets as stdout and stderr; the loop reads the other end."""
 
-    def __init__(self, loop: EventLoop, log: Log, name: str) -> None:
+    def __init__(
+        self, loop: EventLoop, log: Log, name: str, recent: deque[str] | None = None
+    ) -> None:
         self.loop = loop
         self.log = log
         self.name = name
+        self.recent = recent  # the last lines, for error messages that quote them
         self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self.read_fd, False)
         self._partial = b""
@@ -60,15 +64,20 @@ class OutputPipe:
             lines.append(self._partial)
             self._partial = b""
         for line in lines:
-            self.log.output(self.name, line.decode("utf-8", errors="replace").rstrip("\r"))
+            self._emit(line.decode("utf-8", errors="replace").rstrip("\r"))
         return True
+
+    def _emit(self, text: str) -> None:
+        self.log.output(self.name, text)
+        if self.recent is not None:
+            self.recent.append(text)
 
     def _finish(self) -> None:
         if self.closed:
             return
         self.closed = True
         if self._partial:
-            self.log.output(self.name, self._partial.decode("utf-8", errors="replace"))
+            self._emit(self._partial.decode("utf-8", errors="replace"))
             self._partial = b""
         self.loop.remove_reader(self.read_fd)
         os.close(self.read_fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,22 @@ from init.output import OutputPipe
 from init.process import Exit, SpawnSpec
 from init.services import ServiceSpec
 from init.states import State, check_transition
+
+RECENT_LINES = 20
+
+
+class ServiceHooks:
+    """What another part of the init wants to do around one service's starts and exits."""
+
+    def before_start(self, service: Service) -> None:
+        """Just before each start (clear what an unclean stop left behind)."""
+
+    def started(self, service: Service) -> None:
+        """Just after each start."""
+
+    def exited(self, service: Service, exit_: Exit) -> None:
+        """Each time it ends, before any restart is scheduled."""
+
 
 # A service that has run this long without exiting counts as up (runit has no such notion;
 # the status needs one so a crash loop never shows as "up").
@@ -42,6 +59,7 @@ class Service:
     finishing: bool = False
     timer: Timer | None = None
     output: OutputPipe | None = None
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_LINES))
 
     @property
     def name(self) -> str:
@@ -80,6 +98,7 @@ class Supervisor:
         on_change: Callable[[], None] = lambda: None,
         backoff: Backoff = SERVICE_RESTART,
         spawn: Callable[[SpawnSpec], int] = process.spawn,
+        hooks: Mapping[str, ServiceHooks] | None = None,
     ) -> None:
         self.loop = loop
         self.log = log
@@ -88,6 +107,7 @@ class Supervisor:
         self.on_change = on_change
         self.backoff = backoff
         self.spawn = spawn
+        self.hooks = dict(hooks or {})
         self.stopping = False
         self._started_order: list[Service] = []
         # Every process group a service or finish script was started in and that may still
@@ -108,7 +128,9 @@ class Supervisor:
     def _start(self, service: Service) -> None:
         service.timer = None
         service.next_start_at = None
-        output = OutputPipe(self.loop, self.log, service.name)
+        hooks = self.hooks.get(service.name, ServiceHooks())
+        hooks.before_start(service)
+        output = OutputPipe(self.loop, self.log, service.name, service.recent)
         spec = SpawnSpec(
             argv=service.spec.argv,
             env={**self.environ, **dict(service.spec.env)},
@@ -139,6 +161,7 @@ class Supervisor:
         self.log.info(service.name, f"started, pid {pid}")
         self.loop.watch_child(pid, lambda exit_: self._on_exit(service, exit_))
         service.timer = self.loop.call_later(UP_AFTER, lambda: self._on_up(service, pid))
+        hooks.started(service)
 
     def _on_up(self, service: Service, pid: int) -> None:
         if service.state is State.STARTING and service.pid == pid:
@@ -163,6 +186,7 @@ class Supervisor:
         if service.timer is not None:
             service.timer.cancel()
             service.timer = None
+        self.hooks.get(service.name, ServiceHooks()).exited(service, exit_)
         if service.state is State.STOPPING or self.stopping:
             self.log.info(service.name, f"stopped: {exit_.describe()} after {uptime:.1f} s")
             self._after_exit(service, exit_, then=lambda: self._move(service, State.DOWN))

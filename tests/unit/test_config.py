@@ -103,9 +103,7 @@ def test_prefixed_names_are_honoured(prefix: str) -> None:
 
 
 def test_unprefixed_name_wins_and_the_disagreement_is_reported() -> None:
-    settings = config.load(
-        {"SANDBOXED_COMPILES": "false", "OVERLEAF_SANDBOXED_COMPILES": "true"}
-    )
+    settings = config.load({"SANDBOXED_COMPILES": "false", "OVERLEAF_SANDBOXED_COMPILES": "true"})
     assert settings.mode is Mode.OFF
     (warning,) = settings.warnings
     assert "SANDBOXED_COMPILES='false'" in warning
@@ -200,7 +198,7 @@ def test_env_files_in_name_order_then_env_file_and_the_environment_wins(tmp_path
     conf = tmp_path / "conf"
     conf.mkdir()
     (conf / "10-a.env").write_text("A=from-dir\nB=from-dir\nC=from-dir\n")
-    (conf / "20-b.env").write_text("# a comment\nB=second\nexport D=\"quoted value\"\n")
+    (conf / "20-b.env").write_text('# a comment\nB=second\nexport D="quoted value"\n')
     (conf / "ignored.txt").write_text("C=never\n")
     extra = tmp_path / "extra.env"
     extra.write_text("C=from-flag\nE=${C}-expanded\n")
@@ -235,3 +233,17 @@ def test_missing_env_file_is_an_error(tmp_path: Path) -> None:
 
 def test_missing_config_dir_is_fine(tmp_path: Path) -> None:
     assert config.read_env_files(tmp_path / "absent") == {}
+
+
+def test_storage_driver_opt_in() -> None:
+    settings = config.load(
+        {"SANDBOXED_COMPILES": "true", "SANDBOXED_COMPILES_STORAGE_DRIVER": "vfs"}
+    )
+    assert settings.storage_driver == "vfs"
+    assert config.load({}).storage_driver is None
+
+
+def test_unknown_storage_driver_is_refused_with_the_choices() -> None:
+    (problem,) = problems_of({"SANDBOXED_COMPILES_STORAGE_DRIVER": "aufs"})
+    assert "SANDBOXED_COMPILES_STORAGE_DRIVER='aufs'" in problem
+    assert "overlay2" in problem and "vfs" in problem

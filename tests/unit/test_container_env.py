@@ -22,7 +22,7 @@ def test_export_writes_dir_sh_and_json(tmp_path: Path) -> None:
     assert files.directory.stat().st_mode & 0o777 == 0o700
     # The .sh form must give back exactly the values when sourced by a shell.
     out = subprocess.run(
-        ["sh", "-c", f". {files.shell_file}; printf '%s|%s' \"$QUOTE\" \"$MULTI\""],
+        ["sh", "-c", f'. {files.shell_file}; printf \'%s|%s\' "$QUOTE" "$MULTI"'],
         capture_output=True,
         text=True,
         check=True,
