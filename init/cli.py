@@ -9,7 +9,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from init import __version__, config, container_env, services, status
+from init import __version__, config, container_env, dockerd, services, status
 from init.errors import EX_CONFIG, EX_USAGE, ConfigError, InitError
 from init.log import Level, Log, level_from_env
 
@@ -18,6 +18,7 @@ EPILOG = """\
 commands:
   run                 be the container's init (the default): startup scripts, services
   status [--json]     what the running init reports
+  doctor [--json]     every preflight check, each ok / warn / fail with its fix
   -- CMD [ARGS...]    wrap mode: run CMD as the only child, as tini or dumb-init would
 """
 
@@ -51,6 +52,8 @@ def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
     command = options.command or "run"
     if command == "status":
         return _status(options, env)
+    if command == "doctor":
+        return _doctor(options, env)
     return _run(options, env, log)
 
 
@@ -69,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show what the running init reports")
     st.add_argument("--json", action="store_true", help="print the status document as JSON")
     st.add_argument("--status-file", type=Path, help="where the init writes its status")
+    doc = sub.add_parser("doctor", help="run every preflight check and say how to fix each")
+    doc.add_argument("--json", action="store_true", help="print the checks as JSON")
+    doc.add_argument("--status-file", type=Path, help="where the init writes its status")
+    doc.add_argument("--config-dir", type=Path, help="dir of *.env files")
+    doc.add_argument("--env-file", type=Path, action="append", help="an .env file")
     return parser
 
 
@@ -99,16 +107,31 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d)
 
 
-def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
-    from init.pid1 import BootOptions, Init, Shutdown
-
-    _configure_log(log, options)
+def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
+    """The environment with the .env files under it (the environment wins)."""
     opt = vars(options)
     config_dir = opt.get("config_dir") or Path(
         env.get("SHARELATEX_INIT_CONFIG_DIR") or config.DEFAULT_CONFIG_DIR
     )
     file_values = config.read_env_files(config_dir, opt.get("env_file") or ())
-    merged = config.merge_environment(env, file_values)
+    return config.merge_environment(env, file_values)
+
+
+def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
+    from init import doctor
+
+    merged = _merged_environment(options, env)
+    checks = doctor.run_checks(merged, status.status_path(merged, options.status_file))
+    print(doctor.report(checks, options.json))
+    return doctor.exit_status(checks)
+
+
+def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
+    from init.pid1 import BootOptions, Init, Shutdown
+
+    _configure_log(log, options)
+    opt = vars(options)
+    merged = _merged_environment(options, env)
     settings = config.load(merged)
     for warning in settings.warnings:
         log.warning("config", warning)
@@ -129,6 +152,9 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
         shutdown=shutdown,
         skip_startup_files=bool(opt.get("skip_startup_files", False)),
         kill_all_on_exit=not opt.get("no_kill_all_on_exit", False),
+        settings=settings,
+        engine_layout=dockerd.layout_from_env(merged),
+        storage_opt_in=settings.storage_driver,
     )
     return Init(boot, log, config.service_environment(merged)).run()
 

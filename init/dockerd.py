@@ -25,6 +25,7 @@ EXEC_ROOT = "SHARELATEX_INIT_DOCKER_EXEC_ROOT"
 SOCKET = "SHARELATEX_INIT_DOCKER_SOCKET"
 EXTRA_ARGS = "SHARELATEX_INIT_DOCKERD_ARGS"
 BINARY = "SHARELATEX_INIT_DOCKERD"
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 # Flags that would open the engine to the network or move what we manage: refused in
 # SHARELATEX_INIT_DOCKERD_ARGS. dockerd on TCP without verified TLS also sleeps ~16 s at start.
 _REFUSED_FLAGS = ("-H", "--host", "--data-root", "--exec-root", "--pidfile", "-p", "-g", "--graph")
@@ -43,6 +44,10 @@ class EngineLayout:
     @property
     def pidfile(self) -> Path:
         return self.exec_root.with_name(self.exec_root.name + ".pid")
+
+    @property
+    def containerd_socket(self) -> Path:
+        return self.exec_root / "containerd" / "containerd.sock.ttrpc"
 
     @property
     def docker_host(self) -> str:
@@ -81,6 +86,14 @@ def layout_from_env(environ: Mapping[str, str]) -> EngineLayout:
         binary=environ.get(BINARY) or default.binary,
         extra_args=extra,
     )
+    for name, sock in ((SOCKET, layout.socket), (EXEC_ROOT, layout.containerd_socket)):
+        if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+            # containerd, started by dockerd under the exec root, cannot listen on a longer
+            # path and dockerd only retries its connection forever.
+            problems.append(
+                f"{name}: the socket {sock} is longer than {MAX_SOCKET_PATH} bytes, the limit "
+                "of a unix socket path; choose a shorter directory"
+            )
     if problems:
         raise ConfigError(problems)
     return layout

@@ -13,15 +13,20 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from init import container_env, process, services, status
+from init import container_env, dockerd, process, services, status
+from init.config import Mode, Settings
 from init.errors import SpawnError
 from init.log import Level, Log
 from init.loop import EventLoop
 from init.output import OutputPipe
 from init.process import Exit, SpawnSpec
+from init.services import ServiceSpec
 from init.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from init.dind import InnerEngine
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What the init passes on to its services. Not the synchronous fault signals (SEGV, BUS, FPE,
@@ -70,6 +75,9 @@ class BootOptions:
     shutdown: Shutdown = field(default_factory=Shutdown)
     skip_startup_files: bool = False
     kill_all_on_exit: bool = True
+    settings: Settings | None = None  # None: no sandboxed compiles (the plain init)
+    engine_layout: dockerd.EngineLayout = field(default_factory=dockerd.EngineLayout)
+    storage_opt_in: str | None = None  # SANDBOXED_COMPILES_STORAGE_DRIVER
 
 
 class Init:
@@ -86,6 +94,7 @@ class Init:
         self.deadline: float | None = None
         self.loop = EventLoop(log, (*STOP_SIGNALS, *FORWARDED_SIGNALS))
         self.supervisor: Supervisor | None = None
+        self.engine: InnerEngine | None = None
         for signum in STOP_SIGNALS:
             self.loop.on_signal(signum, self._on_stop_signal)
         for signum in FORWARDED_SIGNALS:
@@ -96,7 +105,9 @@ class Init:
     def run(self) -> int:
         """Boot, serve until asked to stop, shut down; the exit status."""
         self.become_reaper()
+        engine_spec = self.prepare_docker_side()
         self.export_environment()
+        self.start_engine(engine_spec)  # comes up while the startup scripts run
         if not self.run_startup_scripts():
             return self.shutdown(EXIT_STARTUP_FAILED, services_ran=False)
         self.start_services()
@@ -106,6 +117,24 @@ class Init:
     def become_reaper(self) -> None:
         if os.getpid() != 1 and not process.become_subreaper():
             self.log.warning("init", "not PID 1 and cannot be a subreaper: orphans go elsewhere")
+
+    def prepare_docker_side(self) -> ServiceSpec | None:
+        """dind: privileges, cgroups and storage checked; the inner dockerd's spec (or None)."""
+        settings = self.options.settings
+        if settings is None or settings.mode is not Mode.DIND:
+            return None
+        from init.dind import InnerEngine  # only dind mode pays for its imports
+
+        layout = self.options.engine_layout
+        self.engine = InnerEngine(
+            self.loop,
+            self.log,
+            layout,
+            run_dir=self.options.status_file.parent,
+            on_change=self.write_status,
+        )
+        self.environ["DOCKER_HOST"] = layout.docker_host
+        return self.engine.prepare(self.options.storage_opt_in)
 
     def export_environment(self) -> None:
         self.environ = container_env.export(self.options.env_files, self.environ)
@@ -127,14 +156,28 @@ class Init:
             self.environ = container_env.reimport(self.options.env_files, self.environ)
         return True
 
+    def start_engine(self, engine_spec: ServiceSpec | None) -> None:
+        """The inner dockerd, first of all services, so that it is the last to stop."""
+        self.supervisor = Supervisor(self.loop, self.log, self.environ, on_change=self.write_status)
+        if engine_spec is not None and self.engine is not None:
+            self.supervisor.start([engine_spec], {engine_spec.name: self.engine})
+
     def start_services(self) -> None:
+        """The services of the service dir in name order, with the environment as it is now."""
+        if self.supervisor is None:
+            raise RuntimeError("start_engine makes the supervisor; call it first")
         specs = services.discover(self.options.service_dir)
-        self.supervisor = Supervisor(
-            self.loop, self.log, specs, self.environ, on_change=self.write_status
-        )
+        if self.engine is not None and any(s.name == dockerd.SERVICE_NAME for s in specs):
+            self.log.warning(
+                "init",
+                f"{self.options.service_dir}/{dockerd.SERVICE_NAME} ignored: "
+                "the init runs the inner dockerd itself",
+            )
+            specs = [s for s in specs if s.name != dockerd.SERVICE_NAME]
+        self.supervisor.environ = dict(self.environ)
         self.phase = "running"
         self.log.info("init", f"starting {len(specs)} services from {self.options.service_dir}")
-        self.supervisor.start_all()
+        self.supervisor.start(specs)
 
     def wait_for_stop_signal(self) -> None:
         self.loop.run_until(lambda: self.stop_signal is not None)
@@ -148,15 +191,17 @@ class Init:
         self.write_status()
         if services_ran:
             self.run_scripts(self.options.pre_shutdown_dir, "pre-shutdown")
-            if self.supervisor is not None:
-                killed = self.supervisor.stop_all(self._deadline)
-                if killed:
-                    self.log.warning("init", f"killed after the grace period: {', '.join(killed)}")
+        if self.supervisor is not None:  # the services, and the inner dockerd last
+            killed = self.supervisor.stop_all(self._deadline)
+            if killed:
+                self.log.warning("init", f"killed after the grace period: {', '.join(killed)}")
         self.run_scripts(self.options.post_shutdown_dir, "post-shutdown")
         if os.getpid() == 1 and self.options.kill_all_on_exit:
             self.end_all_processes(limits.kill_all)
         if self.supervisor is not None:
             self.supervisor.close_outputs()
+        if self.engine is not None:
+            self.engine.mark_stopped()
         self.phase = "stopped"
         self.write_status()
         self.log.info("init", f"exiting with status {exit_status}")
@@ -257,6 +302,7 @@ class Init:
             "started_at": round(self.started_at, 3),
             "message": self.message,
             "services": self.supervisor.snapshot() if self.supervisor else [],
+            "engine": self.engine.summary() if self.engine else None,
         }
         try:
             status.write(self.options.status_file, document)

@@ -93,21 +93,19 @@ class Supervisor:
         self,
         loop: EventLoop,
         log: Log,
-        specs: list[ServiceSpec],
         environ: Mapping[str, str],
         on_change: Callable[[], None] = lambda: None,
         backoff: Backoff = SERVICE_RESTART,
         spawn: Callable[[SpawnSpec], int] = process.spawn,
-        hooks: Mapping[str, ServiceHooks] | None = None,
     ) -> None:
         self.loop = loop
         self.log = log
-        self.services = [Service(spec) for spec in specs]
+        self.services: list[Service] = []
         self.environ = dict(environ)
         self.on_change = on_change
         self.backoff = backoff
         self.spawn = spawn
-        self.hooks = dict(hooks or {})
+        self.hooks: dict[str, ServiceHooks] = {}
         self.stopping = False
         self._started_order: list[Service] = []
         # Every process group a service or finish script was started in and that may still
@@ -116,9 +114,14 @@ class Supervisor:
 
     # -- start and restart ------------------------------------------------------------
 
-    def start_all(self) -> None:
-        """Start every service without a `down` file, in name order."""
-        for service in self.services:
+    def start(
+        self, specs: list[ServiceSpec], hooks: Mapping[str, ServiceHooks] | None = None
+    ) -> None:
+        """Take on `specs` and start each without a `down` file, in the order given."""
+        self.hooks.update(hooks or {})
+        added = [Service(spec) for spec in specs]
+        self.services.extend(added)
+        for service in added:
             if service.spec.start_at_boot:
                 self._start(service)
             else:

@@ -107,3 +107,10 @@ def test_a_regular_file_at_the_socket_path_is_never_removed(tmp_path: Path) -> N
     layout = layout_in(tmp_path)
     layout.socket.write_text("not a socket")
     assert dockerd.find_leftovers(layout, tmp_path).paths() == []
+
+
+def test_an_exec_root_too_long_for_containerds_socket_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        dockerd.layout_from_env({dockerd.EXEC_ROOT: "/tmp/" + "x" * 90})
+    (problem,) = caught.value.problems
+    assert "longer than 107 bytes" in problem and dockerd.EXEC_ROOT in problem

@@ -1,0 +1,134 @@
+"""`sharelatex-init doctor`: every preflight check, each ok / warn / fail with its fix.
+
+It runs as its own process (never inside PID 1), so it may ask the engine through the Docker
+SDK. The checks are the same functions the boot uses; this only gathers and prints them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from init import cgroups, config, dockerd, privilege, status, storage
+from init.checks import Check, Status
+from init.config import Mode, Settings
+from init.errors import ConfigError, InitError
+
+ENGINE_ANSWER_DEADLINE = 3.0
+
+
+def run_checks(
+    environ: Mapping[str, str], status_file: Path, root: Path = Path("/")
+) -> list[Check]:
+    """The checks for the configuration in `environ` (already merged with the .env files)."""
+    try:
+        settings = config.load(environ)
+    except ConfigError as e:
+        return [Check("config", Status.FAIL, problem) for problem in e.problems]
+    checks = [Check("config", Status.OK, f"sandboxed compiles: {settings.mode.value}")]
+    checks += [Check("config", Status.WARN, warning) for warning in settings.warnings]
+    if settings.mode is Mode.OFF:
+        checks.append(
+            Check(
+                "sandbox",
+                Status.WARN,
+                "compiles are not sandboxed: a document can run code as the compile service",
+                "--env SANDBOXED_COMPILES=true with --privileged (docker-in-docker), or add "
+                "--env SANDBOXED_COMPILES_SIBLING_CONTAINERS=true "
+                "-v /var/run/docker.sock:/var/run/docker.sock (sibling containers)",
+            )
+        )
+    if settings.mode is Mode.DIND:
+        checks += dind_checks(settings, environ, status_file, root)
+    return checks
+
+
+def dind_checks(
+    settings: Settings, environ: Mapping[str, str], status_file: Path, root: Path
+) -> list[Check]:
+    try:
+        layout = dockerd.layout_from_env(environ)
+    except ConfigError as e:
+        return [Check("config", Status.FAIL, problem) for problem in e.problems]
+    checks = [privilege.check(root), cgroups_check(root)]
+    try:
+        choice = storage.plan(layout.data_root, settings.storage_driver, need_bytes=0)
+        checks.append(storage.check(choice))
+    except InitError as e:
+        checks.append(Check("storage", Status.FAIL, e.message, e.fix))
+    checks += engine_checks(layout, settings, status_file)
+    return checks
+
+
+def cgroups_check(root: Path) -> Check:
+    """What the boot would change in the cgroup mounts: nothing is ok; a read-only tree fails."""
+    try:
+        plan = cgroups.plan(root)
+    except InitError as e:
+        return Check("cgroups", Status.FAIL, e.message, e.fix)
+    steps = cgroups.describe(plan)
+    if not steps:
+        return Check("cgroups", Status.OK, "every enabled hierarchy is mounted and delegable")
+    return Check(
+        "cgroups",
+        Status.WARN,
+        f"{len(steps)} step(s) left for the init at start: " + "; ".join(steps),
+    )
+
+
+def engine_checks(
+    layout: dockerd.EngineLayout, settings: Settings, status_file: Path
+) -> list[Check]:
+    """Whether the inner dockerd answers, and on which storage driver."""
+    from init import engine_check  # the Docker SDK: only here, never in PID 1
+
+    reported: dict[str, Any] = {}
+    try:
+        reported = status.read(status_file).get("engine") or {}
+    except (OSError, ValueError):
+        pass
+    if reported.get("state") == "refused":
+        return [Check("dockerd", Status.FAIL, reported.get("reason", ""), reported.get("fix", ""))]
+    result = engine_check.check(layout.socket, ENGINE_ANSWER_DEADLINE)
+    if not result["ready"]:
+        why = reported.get("reason") or result.get("error", "")
+        return [
+            Check(
+                "dockerd",
+                Status.FAIL,
+                f"not answering on {layout.socket}: {why}",
+                "see the init's log for dockerd's last lines; `sharelatex-init status`",
+            )
+        ]
+    checks = [
+        Check(
+            "dockerd",
+            Status.OK,
+            f"answering on {layout.socket}, engine {result.get('server_version', '?')}",
+        )
+    ]
+    driver = result.get("driver", "")
+    if driver == "vfs" and settings.storage_driver != "vfs":
+        checks.append(
+            Check(
+                "storage driver",
+                Status.FAIL,
+                "dockerd fell back to vfs (every image layer a full copy)",
+                storage.volume_fix(layout.data_root),
+            )
+        )
+    else:
+        checks.append(Check("storage driver", Status.OK, f"dockerd uses {driver}"))
+    return checks
+
+
+def report(checks: list[Check], as_json: bool) -> str:
+    if as_json:
+        return json.dumps([c.as_dict() for c in checks], indent=2)
+    return "\n".join(c.line() for c in checks)
+
+
+def exit_status(checks: list[Check]) -> int:
+    return 1 if any(c.status is Status.FAIL for c in checks) else 0

@@ -1,0 +1,297 @@
+"""Docker-in-docker mode for real: PID 1 in fresh pid + mount namespaces runs Debian's dockerd.
+
+Each test starts `sharelatex-init run` as PID 1 of `unshare --pid --fork --mount-proc --mount`
+with the engine's data root, exec root and socket under tmp_path, and checks what an operator
+would: ready, storage driver, a container runs, restarts after kill -9, a clean stop.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[2]
+ENGINE_ARGS = "--bridge=none --iptables=false --ip-masq=false"
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip on a developer machine that lacks something; never skip in CI."""
+    if condition:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this test: {why}")
+    pytest.skip(why)
+
+
+@pytest.fixture(autouse=True)
+def _needs_root_and_dockerd() -> None:
+    require(os.geteuid() == 0, "needs root")
+    require(shutil.which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
+    require(Path("/bin/busybox").exists(), "needs busybox-static")
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+@dataclass
+class RunningInit:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    status_file: Path
+    socket: Path
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def init_process(self) -> psutil.Process:
+        return wait_for(
+            lambda: next(iter(psutil.Process(self.proc.pid).children()), None), 10, "the init"
+        )
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        try:
+            document: dict[str, Any] = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return {}
+        return document
+
+    def engine(self) -> dict[str, Any]:
+        return self.status().get("engine") or {}
+
+    def wait_engine(self, state: str, timeout: float = 30) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            engine = self.engine()
+            return engine if engine.get("state") == state else None
+
+        try:
+            return wait_for(reached, timeout, f"engine state {state}")  # type: ignore[no-any-return]
+        except AssertionError:
+            raise AssertionError(f"engine {self.engine()}; log:\n{self.log()[-3000:]}") from None
+
+    def dockerd(self) -> psutil.Process | None:
+        for child in self.init_process.children(recursive=True):
+            try:
+                if child.name() == "dockerd":
+                    return child
+            except psutil.NoSuchProcess:
+                continue
+        return None
+
+    def docker(self, *args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["docker", "-H", f"unix://{self.socket}", *args],
+            input=stdin.decode("latin-1") if stdin is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def stop(self, timeout: float = 15) -> tuple[int, float]:
+        began = time.monotonic()
+        self.init_process.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - began
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short base path: unix socket paths (containerd's under the exec root) max 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="sli-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
+    started: list[RunningInit] = []
+
+    def start(data_root: Path | None = None, overlay: bool = False, **env: str) -> RunningInit:
+        base = short_tmp / f"e{len(started)}"
+        (base / "services").mkdir(parents=True)
+        data = data_root or base / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        status_file = base / "run" / "status.json"
+        socket = Path(env.get("SHARELATEX_INIT_DOCKER_SOCKET", base / "docker.sock"))
+        environ = {
+            **os.environ,
+            "SANDBOXED_COMPILES": "true",
+            "SHARELATEX_INIT_DOCKER_DATA_ROOT": str(data),
+            "SHARELATEX_INIT_DOCKER_EXEC_ROOT": str(base / "exec"),
+            "SHARELATEX_INIT_DOCKER_SOCKET": str(socket),
+            "SHARELATEX_INIT_DOCKERD_ARGS": ENGINE_ARGS,
+            "PYTHONPATH": str(REPO),
+            **env,
+        }
+        init = [
+            sys.executable, "-m", "init", "run",
+            "--service-dir", str(base / "services"),
+            "--startup-dir", str(base / "none"),
+            "--pre-shutdown-dir", str(base / "none"),
+            "--post-shutdown-dir", str(base / "none"),
+            "--container-env", str(base / "container_environment"),
+            "--status-file", str(status_file),
+            "--grace", "8",
+        ]  # fmt: skip
+        if overlay:
+            # The container's own layered root: the data root is an overlayfs mount made in
+            # the same mount namespace the init runs in.
+            for d in ("lower", "upper", "work"):
+                (base / d).mkdir()
+            mount = (
+                f"mount -t overlay overlay -o lowerdir={base}/lower,upperdir={base}/upper,"
+                f'workdir={base}/work {data} && exec "$@"'
+            )
+            command = ["sh", "-c", mount, "sh", *init]
+        else:
+            command = init
+        log_path = base / "init.log"
+        proc = subprocess.Popen(
+            ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private",
+             *command],
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            env=environ,
+            start_new_session=True,
+        )  # fmt: skip
+        running = RunningInit(proc, log_path, status_file, socket)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        if running.proc.poll() is None:
+            os.killpg(running.proc.pid, signal.SIGKILL)
+            running.proc.wait(10)
+
+
+def busybox_tar() -> bytes:
+    """A one-binary root filesystem for `docker import`: no registry is reachable here."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        link = tarfile.TarInfo("bin/sh")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "busybox"
+        tar.addfile(link)
+    return buffer.getvalue()
+
+
+def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    init = start_init()
+    engine = init.wait_engine("ready")
+    assert engine["driver"] == "overlay2"
+    assert engine["ready"] is True
+    imported = subprocess.run(
+        ["docker", "-H", f"unix://{init.socket}", "import", "-", "busybox:test"],
+        input=busybox_tar(),
+        capture_output=True,
+        timeout=60,
+    )
+    assert imported.returncode == 0, imported.stderr
+    ran = init.docker("run", "--rm", "--network", "none", "busybox:test", "/bin/busybox", "echo",
+                      "hello from the inner engine")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "hello from the inner engine"
+    assert "dockerd: ready in" in init.log()
+
+    code, took = init.stop()
+    assert code == 0
+    assert took < 8
+    log = init.log()
+    assert "dockerd: stopped: exited with status 0" in log, log[-2000:]
+    assert str(init.socket.parent) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    init = start_init(overlay=True)
+    engine = init.wait_engine("refused")
+    # In a real container the data root is /var/lib/docker; here it is under tmp_path.
+    fix = f"-v /var/sharelatex/docker-images:{init.socket.parent / 'data'}"
+    assert engine["fix"].startswith(fix)
+    assert init.dockerd() is None
+    assert fix in init.log()
+    code, _ = init.stop()
+    assert code == 0
+
+
+def test_overlayfs_with_the_vfs_opt_in_runs_on_vfs(start_init: Callable[..., RunningInit]) -> None:
+    init = start_init(overlay=True, SANDBOXED_COMPILES_STORAGE_DRIVER="vfs")
+    engine = init.wait_engine("ready")
+    assert engine["driver"] == "vfs"
+    assert "vfs" in init.log() and "disk" in init.log()
+    code, _ = init.stop()
+    assert code == 0
+
+
+def test_dockerd_killed_comes_back_ready_within_ten_seconds(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    init = start_init()
+    init.wait_engine("ready")
+    first = init.dockerd()
+    assert first is not None
+    killed_at = time.monotonic()
+    first.kill()
+    init.wait_engine("down", timeout=5)
+    init.wait_engine("ready", timeout=10)
+    assert time.monotonic() - killed_at < 10
+    second = init.dockerd()
+    assert second is not None and second.pid != first.pid
+    assert init.docker("version").returncode == 0
+    code, _ = init.stop()
+    assert code == 0
+
+
+def test_stale_pidfile_and_socket_from_an_unclean_stop_are_cleared(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    first = start_init()
+    first.wait_engine("ready")
+    base = first.socket.parent
+    # The whole container killed at once: dockerd leaves its socket and its pidfile.
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(10)
+    pidfile = base / "exec.pid"
+    pidfile.write_text("999999")  # names no live dockerd
+    assert first.socket.is_socket()
+    second = start_init(
+        data_root=base / "data",
+        SHARELATEX_INIT_DOCKER_EXEC_ROOT=str(base / "exec"),
+        SHARELATEX_INIT_DOCKER_SOCKET=str(first.socket),
+    )
+    second.wait_engine("ready")
+    log = second.log()
+    assert f"removing {pidfile}, left by an unclean stop" in log
+    assert f"removing {first.socket}, left by an unclean stop" in log
+    assert second.docker("version").returncode == 0
+    code, _ = second.stop()
+    assert code == 0
