@@ -68,13 +68,16 @@ def cgroups_check(root: Path) -> Check:
         plan = cgroups.plan(root)
     except InitError as e:
         return Check("cgroups", Status.FAIL, e.message, e.fix)
+    if plan.problem is not None:
+        return Check("cgroups", Status.FAIL, plan.problem.message, plan.problem.fix)
+    if not plan.actions:
+        return Check("cgroups", Status.OK, f"{plan.version.value}: set up for dockerd")
     steps = cgroups.describe(plan)
-    if not steps:
-        return Check("cgroups", Status.OK, "every enabled hierarchy is mounted and delegable")
     return Check(
         "cgroups",
         Status.WARN,
-        f"{len(steps)} step(s) left for the init at start: " + "; ".join(steps),
+        f"{plan.version.value}: {len(steps)} step(s) left for the init at start: "
+        + "; ".join(steps),
     )
 
 
@@ -91,6 +94,17 @@ def engine_checks(
         pass
     if reported.get("state") == "refused":
         return [Check("dockerd", Status.FAIL, reported.get("reason", ""), reported.get("fix", ""))]
+    if not layout.socket.exists():
+        why = reported.get("reason") or "dockerd is not running (is the init running?)"
+        return [
+            Check(
+                "dockerd",
+                Status.FAIL,
+                f"no socket at {layout.socket}: {why}",
+                "start the container with `sharelatex-init run` as its entrypoint; "
+                "`sharelatex-init status` shows the engine's state",
+            )
+        ]
     result = engine_check.check(layout.socket, ENGINE_ANSWER_DEADLINE)
     if not result["ready"]:
         why = reported.get("reason") or result.get("error", "")

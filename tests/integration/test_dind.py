@@ -62,7 +62,17 @@ class RunningInit:
     log_path: Path
     status_file: Path
     socket: Path
+    environ: dict[str, str]
     started: float = field(default_factory=time.monotonic)
+
+    def doctor(self) -> tuple[int, list[dict[str, str]]]:
+        """`sharelatex-init doctor --json` run beside the init, as an operator would."""
+        done = subprocess.run(
+            [sys.executable, "-m", "init", "doctor", "--json", "--status-file",
+             str(self.status_file)],
+            capture_output=True, text=True, env=self.environ, timeout=60,
+        )  # fmt: skip
+        return done.returncode, json.loads(done.stdout)
 
     @property
     def init_process(self) -> psutil.Process:
@@ -178,7 +188,7 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
             env=environ,
             start_new_session=True,
         )  # fmt: skip
-        running = RunningInit(proc, log_path, status_file, socket)
+        running = RunningInit(proc, log_path, status_file, socket, environ)
         started.append(running)
         return running
 
@@ -220,6 +230,12 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "hello from the inner engine"
     assert "dockerd: ready in" in init.log()
+    code, checks = init.doctor()
+    by_name = {c["name"]: c for c in checks}
+    assert code == 0, checks
+    assert by_name["privileges"]["status"] == "ok"
+    assert by_name["dockerd"]["status"] == "ok"
+    assert by_name["storage driver"]["message"] == "dockerd uses overlay2"
 
     code, took = init.stop()
     assert code == 0
@@ -239,6 +255,10 @@ def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
     assert engine["fix"].startswith(fix)
     assert init.dockerd() is None
     assert fix in init.log()
+    code, checks = init.doctor()
+    assert code == 1
+    (failed,) = [c for c in checks if c["status"] == "fail"]
+    assert failed["name"] == "dockerd" and failed["fix"].startswith(fix)
     code, _ = init.stop()
     assert code == 0
 
