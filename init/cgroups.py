@@ -180,8 +180,7 @@ def read_layout(root: Path = Path("/")) -> Layout:
         raise EngineError(f"cannot read {mountinfo}: {e.strerror}", "mount /proc") from e
     mounts = _visible_cgroup_mounts(lines)
     controllers = _read_controllers(root / "proc/cgroups")
-    base = next((m for m in mounts if m.point == CGROUP_ROOT), None)
-    if base is not None and base.fs_type == "cgroup2":
+    if _base_type(mounts) == "cgroup2":
         return Layout(mounts, controllers, unified=_read_unified(root / _inside(CGROUP_ROOT)))
     return Layout(mounts, controllers, entries=_read_entries(root / _inside(CGROUP_ROOT)))
 
@@ -282,8 +281,7 @@ def _plan_layout(layout: Layout) -> Plan:
         return Plan(version, problem=problem)
     if version is Version.V2:
         return Plan(version, _plan_v2(layout))
-    base = next((m for m in layout.mounts if m.point == CGROUP_ROOT), None)
-    if base is not None and base.fs_type == "cgroup":
+    if _base_type(layout.mounts) == "cgroup":
         return Plan(version, problem=_in_the_way(f"{CGROUP_ROOT} is itself a cgroup v1 hierarchy"))
     actions, in_the_way = _plan_v1(layout)
     if in_the_way:
@@ -291,9 +289,14 @@ def _plan_layout(layout: Layout) -> Plan:
     return Plan(version, tuple(actions))
 
 
+def _base_type(mounts: tuple[Mount, ...]) -> str | None:
+    """The fs type mounted at /sys/fs/cgroup itself; None when nothing is."""
+    return next((m.fs_type for m in mounts if m.point == CGROUP_ROOT), None)
+
+
 def _version(layout: Layout) -> Version:
-    base = next((m for m in layout.mounts if m.point == CGROUP_ROOT), None)
-    if base is not None and base.fs_type == "cgroup2":
+    base = _base_type(layout.mounts)
+    if base == "cgroup2":
         return Version.V2
     has_v1 = any(c.enabled and c.hierarchy > 0 for c in layout.controllers) or any(
         m.fs_type == "cgroup" for m in layout.mounts
@@ -501,7 +504,10 @@ def apply(
             case MountUnified(target):
                 _mount(mount, "cgroup2", root, target, "cgroup2", "")
                 # What to delegate can only be read once it is mounted.
-                apply(_plan_layout(read_layout(root)), root, mount=mount, write=write)
+                then = _plan_layout(read_layout(root))
+                if action in then.actions:
+                    raise EngineError(f"cgroup2 mounted at {target} does not show", PRIVILEGED_FIX)
+                apply(then, root, mount=mount, write=write)
             case MoveProcs():
                 evacuate = action
                 _move_procs(root, action, write)

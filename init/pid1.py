@@ -109,7 +109,8 @@ class Init:
         self.export_environment()
         self.start_engine(engine_spec)  # comes up while the startup scripts run
         if not self.run_startup_scripts():
-            return self.shutdown(EXIT_STARTUP_FAILED, services_ran=False)
+            failed = EXIT_STARTUP_FAILED if self.stop_signal is None else 0
+            return self.shutdown(failed, services_ran=False)
         self.start_services()
         self.wait_for_stop_signal()
         return self.shutdown(0, services_ran=True)
@@ -146,7 +147,7 @@ class Init:
             return True
         for script in services.scripts(self.options.startup_dir):
             self.log.info("startup", f"running {script}")
-            exit_ = self.run_script(script, "startup", deadline=None)
+            exit_ = self.run_script(script, "startup", ends_on_stop_signal=True)
             if exit_ is None:
                 return False  # a stop signal came first
             if not exit_.ok:
@@ -210,14 +211,19 @@ class Init:
     # -- the steps' details --------------------------------------------------------------
 
     def run_scripts(self, directory: Path, step: str) -> None:
+        """Shutdown scripts: each in turn, all inside the grace period."""
         for script in services.scripts(directory):
             self.log.info(step, f"running {script}")
-            exit_ = self.run_script(script, step, deadline=self.deadline)
+            exit_ = self.run_script(script, step, ends_on_stop_signal=False)
             if exit_ is not None and not exit_.ok:
                 self.log.warning(step, f"{script} {exit_.describe()}")
 
-    def run_script(self, script: Path, step: str, deadline: float | None) -> Exit | None:
-        """Run one script under the loop; None if a stop signal or the deadline ended it."""
+    def run_script(self, script: Path, step: str, ends_on_stop_signal: bool) -> Exit | None:
+        """Run one script under the loop; None if a stop signal or the deadline ended it.
+
+        A startup script runs as long as it takes but ends on a stop signal; a shutdown script
+        ends at the grace period's deadline. Either way it gets SIGTERM first, then SIGKILL.
+        """
         output = OutputPipe(self.loop, self.log, f"{step} {script.name}")
         stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -240,23 +246,26 @@ class Init:
         output.parent_side_started()
         result: list[Exit] = []
         self.loop.watch_child(pid, result.append)
-        interrupted_by_stop = deadline is None  # startup scripts end on a stop signal
-        stopped = self.loop.run_until(
-            lambda: bool(result) or (interrupted_by_stop and self.stop_signal is not None),
-            deadline,
+
+        def must_end() -> bool:
+            if ends_on_stop_signal:
+                return self.stop_signal is not None
+            return self.loop.clock() >= self._deadline()
+
+        self.loop.run_until(
+            lambda: bool(result) or must_end(), None if ends_on_stop_signal else self._deadline()
         )
         if not result:
-            reason = "the grace period ran out" if not stopped else "the init is stopping"
+            reason = "the init is stopping" if ends_on_stop_signal else "the grace period ran out"
             self.log.warning(step, f"ending {script}: {reason}")
             process.signal_group(pid, signal.SIGTERM)
-            end = self.loop.clock() + (1.0 if deadline is None else 0.5)
+            process.signal_group(pid, signal.SIGCONT)
+            end = max(self._deadline(), self.loop.clock() + 0.5)
             if not self.loop.run_until(lambda: bool(result), end):
                 process.signal_group(pid, signal.SIGKILL)
                 self.loop.run_until(lambda: bool(result))
-            output.close()
-            return None
         output.close()
-        return result[0]
+        return result[0] if result and not (ends_on_stop_signal and self.stop_signal) else None
 
     def end_all_processes(self, timeout: float) -> None:
         """As PID 1: SIGTERM everything left in the namespace, then SIGKILL at the timeout."""
@@ -279,6 +288,7 @@ class Init:
         name = process.signal_name(signum)
         if self.stop_signal is None:
             self.stop_signal = signum
+            self.deadline = self.loop.clock() + self.options.shutdown.grace
             self.log.info("init", f"{name} received; stopping")
         else:
             # A second stop signal means "now": end the grace period here.
