@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from init import __version__, config, container_env, dockerd, services, status
+from init import __version__
 from init.errors import EX_CONFIG, EX_USAGE, ConfigError, InitError
 from init.log import Level, Log, level_from_env
 
@@ -107,8 +106,14 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d)
 
 
+# Each command imports what it uses when it runs: wrap mode, a long-lived PID 1, pays for
+# nothing it does not need (see the idle-rss benchmark).
+
+
 def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
     """The environment with the .env files under it (the environment wins)."""
+    from init import config
+
     opt = vars(options)
     config_dir = opt.get("config_dir") or Path(
         env.get("SHARELATEX_INIT_CONFIG_DIR") or config.DEFAULT_CONFIG_DIR
@@ -118,7 +123,7 @@ def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dic
 
 
 def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
-    from init import doctor
+    from init import doctor, status
 
     merged = _merged_environment(options, env)
     checks = doctor.run_checks(merged, status.status_path(merged, options.status_file))
@@ -127,6 +132,7 @@ def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
+    from init import config, container_env, dockerd, services, status
     from init.pid1 import BootOptions, Init, Shutdown
 
     _configure_log(log, options)
@@ -189,6 +195,10 @@ def _configure_log(log: Log, options: argparse.Namespace) -> None:
 
 
 def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
+    import json
+
+    from init import status
+
     path = status.status_path(env, options.status_file)
     try:
         document = status.read(path)

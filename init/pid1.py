@@ -13,7 +13,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from init import container_env, dockerd, process, services, status
 from init.config import Mode, Settings
@@ -25,7 +24,10 @@ from init.process import Exit, SpawnSpec
 from init.services import ServiceSpec
 from init.supervisor import Supervisor
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
 if TYPE_CHECKING:
+    from typing import Any
+
     from init.dind import InnerEngine
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -112,6 +114,7 @@ class Init:
             failed = EXIT_STARTUP_FAILED if self.stop_signal is None else 0
             return self.shutdown(failed, services_ran=False)
         self.start_services()
+        process.release_memory()
         self.wait_for_stop_signal()
         return self.shutdown(0, services_ran=True)
 

@@ -7,11 +7,11 @@ written once.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import signal
 import struct
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +222,8 @@ def signal_process(pid: int, signum: int) -> bool:
 
 def become_subreaper() -> bool:
     """Adopt orphaned descendants (when not PID 1), so they are reaped here."""
+    import ctypes  # only when not PID 1
+
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
@@ -236,3 +238,15 @@ def has_children() -> bool:
     except ChildProcessError:
         return False
     return True
+
+
+def release_memory() -> None:
+    """Free the boot's garbage before a long idle (PID 1 lives long); no new imports for it."""
+    import gc
+
+    gc.collect()
+    if "ctypes" in sys.modules:  # loaded already (dind mode): trimming the heap is free
+        try:
+            sys.modules["ctypes"].CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass  # not glibc

@@ -8,7 +8,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from init import process
 from init.backoff import SERVICE_RESTART, Backoff
@@ -19,6 +18,10 @@ from init.output import OutputPipe
 from init.process import Exit, SpawnSpec
 from init.services import ServiceSpec
 from init.states import State, check_transition
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
+if TYPE_CHECKING:
+    from typing import Any
 
 RECENT_LINES = 20
 

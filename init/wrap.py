@@ -42,6 +42,7 @@ def run(options: WrapOptions, environ: Mapping[str, str], log: Log) -> int:
         child = _start(options.argv, environ, log)
         if child is None:
             return EXIT_CANNOT_RUN
+        process.release_memory()
         exit_ = _wait_and_forward(child, options.process_group)
         _reap_remaining()
         return exit_.shell_status
