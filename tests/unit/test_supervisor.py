@@ -1,0 +1,130 @@
+"""The supervisor's restart policy with a fault-injecting spawn and a fake clock: no processes."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from init.backoff import Backoff
+from init.errors import SpawnError
+from init.log import Log
+from init.loop import EventLoop
+from init.process import SpawnSpec
+from init.services import ServiceSpec
+from init.states import State, TransitionError, check_transition
+from init.supervisor import Supervisor
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def loop(clock: FakeClock) -> Iterator[EventLoop]:
+    event_loop = EventLoop(Log(io.StringIO()), (), clock=clock)
+    yield event_loop
+    event_loop.close()
+
+
+def spec(name: str = "web", start: bool = True) -> ServiceSpec:
+    return ServiceSpec(
+        name=name, directory=Path("/"), argv=(f"/x/{name}/run",), start_at_boot=start
+    )
+
+
+def test_a_service_that_cannot_be_executed_is_failed_and_retried_with_growing_delays(
+    loop: EventLoop, clock: FakeClock
+) -> None:
+    attempts: list[float] = []
+
+    def broken_spawn(spawn_spec: SpawnSpec) -> int:
+        attempts.append(clock.now)
+        raise SpawnError(f"cannot execute {spawn_spec.argv[0]}: No such file or directory")
+
+    log = io.StringIO()
+    policy = Backoff(first=1.0, factor=2.0, cap=4.0, reset_after=10.0)
+    supervisor = Supervisor(loop, Log(log), {}, backoff=policy, spawn=broken_spawn)
+    supervisor.start([spec()])
+    (service,) = supervisor.services
+    assert service.state is State.FAILED
+    assert "No such file" in service.reason
+    for _ in range(5):
+        clock.now += 10.0  # far past any delay: each due timer fires once
+        loop.run_once()
+    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    assert len(attempts) == 6
+    assert service.quick_exits == 6
+    assert "trying again in 1.0 s" in log.getvalue()
+    assert "trying again in 4.0 s" in log.getvalue()
+    assert all(gap >= 1.0 for gap in gaps)
+
+
+def test_retries_wait_for_their_delay(loop: EventLoop, clock: FakeClock) -> None:
+    attempts: list[float] = []
+
+    def broken_spawn(spawn_spec: SpawnSpec) -> int:
+        attempts.append(clock.now)
+        raise SpawnError("cannot execute")
+
+    policy = Backoff(first=1.0, factor=2.0, cap=30.0, reset_after=10.0)
+    supervisor = Supervisor(loop, Log(io.StringIO()), {}, backoff=policy, spawn=broken_spawn)
+    supervisor.start([spec()])
+    clock.now += 0.9
+    loop.run_once()
+    assert len(attempts) == 1  # 1.0 s not yet over
+    clock.now += 0.2
+    loop.run_once()
+    assert len(attempts) == 2
+    clock.now += 1.9  # the next delay is 2.0 s
+    loop.run_once()
+    assert len(attempts) == 2
+
+
+def test_a_down_file_keeps_a_service_down(loop: EventLoop) -> None:
+    calls: list[SpawnSpec] = []
+
+    def spawn(spawn_spec: SpawnSpec) -> int:
+        calls.append(spawn_spec)
+        raise SpawnError("x")
+
+    supervisor = Supervisor(loop, Log(io.StringIO()), {}, spawn=spawn)
+    supervisor.start([spec("mongo", start=False)])
+    assert supervisor.services[0].state is State.DOWN
+    assert calls == []
+
+
+def test_stop_all_takes_failed_services_down_without_waiting(
+    loop: EventLoop, clock: FakeClock
+) -> None:
+    def spawn(spawn_spec: SpawnSpec) -> int:
+        raise SpawnError("x")
+
+    supervisor = Supervisor(loop, Log(io.StringIO()), {}, spawn=spawn)
+    supervisor.start([spec("a"), spec("b")])
+    killed = supervisor.stop_all(lambda: clock.now + 5)
+    assert killed == []
+    assert [s.state for s in supervisor.services] == [State.DOWN, State.DOWN]
+    clock.now += 100
+    loop.run_once()
+    assert [s.state for s in supervisor.services] == [State.DOWN, State.DOWN]
+
+
+def test_state_machine_refuses_moves_it_does_not_allow() -> None:
+    check_transition(State.DOWN, State.STARTING)
+    check_transition(State.UP, State.STOPPING)
+    with pytest.raises(TransitionError):
+        check_transition(State.DOWN, State.UP)
+    with pytest.raises(TransitionError):
+        check_transition(State.STOPPING, State.STARTING)
