@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_a_service_that_cannot_be_executed_is_failed_and_retried_with_growing_de
     for _ in range(5):
         clock.now += 10.0  # far past any delay: each due timer fires once
         loop.run_once()
-    gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert len(attempts) == 6
     assert service.quick_exits == 6
     assert "trying again in 1.0 s" in log.getvalue()
