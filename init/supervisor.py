@@ -325,6 +325,11 @@ class Supervisor:
 
         if not alive():
             return
+        # The service's own stop signal may be one its leftovers ignore (sh's background jobs
+        # ignore SIGINT and SIGQUIT): without a SIGTERM they would hold the stop to the deadline.
+        for group in alive():
+            process.signal_group(group, signal.SIGTERM)
+            process.signal_group(group, signal.SIGCONT)
         self.loop.run_until(lambda: not alive() or self.loop.clock() >= deadline(), deadline())
         for group in alive():
             self.log.warning("init", f"killing what is left of process group {group}")

@@ -1,0 +1,263 @@
+"""What the integration tests share: the root rule, waiting on conditions, inits in PID namespaces.
+
+Tests marked `root` skip on a developer machine that is not root, but never in CI (CI set):
+there the missing privilege is a failure, so the suite cannot pass by skipping itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+INIT = (PYTHON, "-m", "init")
+IN_NEW_PID_NAMESPACE = ("unshare", "--pid", "--fork", "--mount-proc")
+# So no variable of the machine's own environment (SANDBOXED_COMPILES, ...) reaches an init.
+CLEAN_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONPATH": str(REPO),
+}
+
+T = TypeVar("T")
+
+
+def require(condition: bool, why: str) -> None:
+    """Skip on a developer machine that lacks something; never skip in CI."""
+    if condition:
+        return
+    if "CI" in os.environ:
+        pytest.fail(f"CI must run this test: {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") is not None:
+        require(os.geteuid() == 0, "needs root")
+
+
+@pytest.fixture
+def needs_unshare() -> None:
+    require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str = "the condition") -> T:
+    """Poll `condition` until it returns something true; its value, or AssertionError."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
+        time.sleep(0.02)
+
+
+def write_script(path: Path, body: str) -> Path:
+    """An executable `#!/bin/sh` script (the body is dedented by the caller)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def zombies(pid: int) -> list[int]:
+    """Descendants of `pid` that have exited and not been reaped."""
+    found = []
+    for child in descendants(pid):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                found.append(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def cmdlines(processes: Sequence[psutil.Process]) -> list[list[str]]:
+    lines = []
+    for p in processes:
+        try:
+            lines.append(p.cmdline())
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return lines
+
+
+class Layout:
+    """The init's directories under one base dir; `marks` is where test services write."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.services = base / "service"
+        self.startup = base / "my_init.d"
+        self.pre = base / "my_init.pre_shutdown.d"
+        self.post = base / "my_init.post_shutdown.d"
+        self.env = base / "container_environment"
+        self.status_file = base / "run" / "status.json"
+        self.marks = base / "marks"
+        for d in (self.services, self.startup, self.pre, self.post, self.marks):
+            d.mkdir(parents=True, exist_ok=True)
+
+    def service(
+        self, name: str, run: str, *, down: bool = False, down_signal: str | None = None
+    ) -> Path:
+        directory = self.services / name
+        write_script(directory / "run", run)
+        if down:
+            (directory / "down").touch()
+        if down_signal is not None:
+            (directory / "down-signal").write_text(down_signal + "\n")
+        return directory
+
+    def run_argv(self, grace: float = 5.0, *extra: str) -> list[str]:
+        return [
+            *INIT, "run",
+            "--service-dir", str(self.services),
+            "--startup-dir", str(self.startup),
+            "--pre-shutdown-dir", str(self.pre),
+            "--post-shutdown-dir", str(self.post),
+            "--container-env", str(self.env),
+            "--status-file", str(self.status_file),
+            "--grace", str(grace),
+            *extra,
+        ]  # fmt: skip
+
+
+@dataclass
+class Running:
+    """A process the test started (in its own session) and, inside it, the init's host pid."""
+
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    init_pid: int
+    status_file: Path | None = None
+
+    def signal(self, signum: int) -> None:
+        os.kill(self.init_pid, signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s; log:\n{self.log()}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        if self.status_file is None:
+            raise RuntimeError("no status file for this run")
+        try:
+            document: dict[str, Any] = json.loads(self.status_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return document
+
+    def service(self, name: str) -> dict[str, Any]:
+        for entry in self.status().get("services", []):
+            if entry["name"] == name:
+                return dict(entry)
+        return {}
+
+    def wait_service(self, name: str, state: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The service's status entry once it is in `state`."""
+        try:
+            return wait_for(
+                lambda: (entry := self.service(name)).get("state") == state and entry,
+                timeout,
+                f"{name} {state}",
+            )
+        except AssertionError:
+            raise AssertionError(f"{name} never {state}; log:\n{self.log()}") from None
+
+    def descendants(self) -> list[psutil.Process]:
+        return descendants(self.init_pid)
+
+    def zombies(self) -> list[int]:
+        return zombies(self.init_pid)
+
+
+@pytest.fixture
+def start(tmp_path: Path, needs_unshare: None) -> Iterator[Callable[..., Running]]:
+    """start(argv, pid1=True, status_file=None, env=None, cwd=None) -> Running.
+
+    With pid1 the argv runs as PID 1 of a new PID namespace and `init_pid` is its host pid;
+    else it runs as a plain child. Teardown SIGKILLs the session by pid: killing a namespace's
+    PID 1 ends everything inside it.
+    """
+    started: list[Running] = []
+
+    def run(
+        argv: Sequence[str],
+        *,
+        pid1: bool = True,
+        status_file: Path | None = None,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ) -> Running:
+        log_path = tmp_path / f"init-{len(started)}.log"
+        command = [*IN_NEW_PID_NAMESPACE, *argv] if pid1 else list(argv)
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**CLEAN_ENV, **(env or {})},
+                cwd=cwd,
+                start_new_session=True,
+            )
+        running = Running(proc, log_path, proc.pid, status_file)
+        started.append(running)
+        if pid1:
+            running.init_pid = wait_for(
+                lambda: _exec_child(proc.pid, argv[0]), 10, "the namespace's PID 1 to exec"
+            )
+        return running
+
+    yield run
+    for running in started:
+        # Not PID 1, what the init started lives on without it (own sessions and groups).
+        left = [p.pid for p in running.descendants()]
+        for pid in (running.init_pid, running.proc.pid, *left):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            running.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _exec_child(unshare_pid: int, program: str) -> int | None:
+    """The host pid of unshare's child once it runs `program` (not unshare's forked copy)."""
+    for child in descendants(unshare_pid)[:1]:
+        try:
+            line = child.cmdline()
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            return None
+        if line and line[0] == program:
+            return child.pid
+    return None
