@@ -62,7 +62,7 @@ class InnerEngine(ServiceHooks):
 
     # -- preflight -----------------------------------------------------------------------
 
-    def prepare(self, storage_opt_in: str | None) -> ServiceSpec | None:
+    def prepare(self, storage_opt_in: str | None, images: tuple[str, ...]) -> ServiceSpec | None:
         """Everything before dockerd may start; its service spec, or None when refused.
 
         No privileges is a configuration error (exit 78); a layered data root only keeps
@@ -76,7 +76,8 @@ class InnerEngine(ServiceHooks):
             self.log.info("cgroups", line)
         cgroups.apply(plan, self.root)
         self._storage_opt_in = storage_opt_in
-        choice = storage.plan(self.layout.data_root, storage_opt_in, need_bytes=0)
+        need = storage.bytes_needed(images)
+        choice = storage.plan(self.layout.data_root, storage_opt_in, need_bytes=need)
         verdict = storage.check(choice)
         if verdict.status is Status.FAIL:
             self._refuse(verdict.message, verdict.fix)

@@ -54,7 +54,8 @@ def dind_checks(
         return [Check("config", Status.FAIL, problem) for problem in e.problems]
     checks = [privilege.check(root), cgroups_check(root)]
     try:
-        choice = storage.plan(layout.data_root, settings.storage_driver, need_bytes=0)
+        need = storage.bytes_needed(settings.all_texlive_images)
+        choice = storage.plan(layout.data_root, settings.storage_driver, need_bytes=need)
         checks.append(storage.check(choice))
     except InitError as e:
         checks.append(Check("storage", Status.FAIL, e.message, e.fix))

@@ -138,7 +138,7 @@ class Init:
             on_change=self.write_status,
         )
         self.environ["DOCKER_HOST"] = layout.docker_host
-        return self.engine.prepare(self.options.storage_opt_in)
+        return self.engine.prepare(self.options.storage_opt_in, settings.all_texlive_images)
 
     def export_environment(self) -> None:
         self.environ = container_env.export(self.options.env_files, self.environ)

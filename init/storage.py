@@ -195,6 +195,18 @@ def _warnings(
     return tuple(warnings)
 
 
+# What one TeX Live image takes unpacked, as a rough guide for the free-space warning: Debian's
+# latex-base set built here is ~0.6 GB; TeX Live's full scheme (`texlive-full`, the images
+# named *full*) is ~6 GB. Doubled on the way in (the pulled layers and the unpacked ones).
+SMALL_IMAGE_BYTES = 2 * 10**9
+FULL_IMAGE_BYTES = 12 * 10**9
+
+
+def bytes_needed(images: tuple[str, ...]) -> int:
+    """About what installing `images` takes under the data root."""
+    return sum(FULL_IMAGE_BYTES if "full" in i else SMALL_IMAGE_BYTES for i in images)
+
+
 def dockerd_args(plan: StoragePlan) -> list[str]:
     """dockerd's flags for the plan: the forced driver, or none to let dockerd choose."""
     return ["--storage-driver", plan.driver] if plan.driver else []

@@ -315,3 +315,22 @@ def test_stale_pidfile_and_socket_from_an_unclean_stop_are_cleared(
     assert second.docker("version").returncode == 0
     code, _ = second.stop()
     assert code == 0
+
+
+def test_without_privileges_the_init_exits_78_with_both_fixes(short_tmp: Path) -> None:
+    # A root without CAP_SYS_ADMIN, as in a container run without --privileged.
+    done = subprocess.run(
+        ["setpriv", "--bounding-set", "-sys_admin", sys.executable, "-m", "init", "run",
+         "--service-dir", str(short_tmp / "none"), "--startup-dir", str(short_tmp / "none"),
+         "--container-env", str(short_tmp / "ce"), "--status-file", str(short_tmp / "st.json")],
+        capture_output=True, text=True, timeout=30,
+        env={**os.environ, "SANDBOXED_COMPILES": "true", "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert done.returncode == 78, done.stdout + done.stderr
+    errors = [line for line in done.stdout.splitlines() if "error" in line]
+    assert len(errors) == 1, done.stdout
+    assert "docker-in-docker needs `--privileged`" in errors[0]
+    assert "CAP_SYS_ADMIN" in errors[0]
+    assert "SANDBOXED_COMPILES_SIBLING_CONTAINERS=true" in errors[0]
+    assert "/var/run/docker.sock:/var/run/docker.sock" in errors[0]
+    assert "Traceback" not in done.stdout + done.stderr

@@ -162,3 +162,10 @@ def test_a_statfs_failure_is_an_engine_error(tmp_path: Path) -> None:
 
     with pytest.raises(EngineError, match="cannot statfs"):
         storage.plan(tmp_path, None, 0, statfs=failing)
+
+
+def test_bytes_needed_counts_full_schemes_larger() -> None:
+    assert storage.bytes_needed(("tl:small",)) == storage.SMALL_IMAGE_BYTES
+    assert storage.bytes_needed(("texlive-full:2023", "tl:2022")) == (
+        storage.FULL_IMAGE_BYTES + storage.SMALL_IMAGE_BYTES
+    )
