@@ -108,8 +108,8 @@ class Init:
         """Boot, serve until asked to stop, shut down; the exit status."""
         self.become_reaper()
         engine_spec = self.prepare_docker_side()
+        self.start_engine(engine_spec)  # comes up while the rest of the boot runs
         self.export_environment()
-        self.start_engine(engine_spec)  # comes up while the startup scripts run
         if not self.run_startup_scripts():
             failed = EXIT_STARTUP_FAILED if self.stop_signal is None else 0
             return self.shutdown(failed, services_ran=False)
