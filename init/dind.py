@@ -8,21 +8,17 @@ earlier run left, and reports the storage driver; until it reports, compiles are
 
 from __future__ import annotations
 
-import json
-import os
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from init import cgroups, dockerd, privilege, process, storage
+from init import cgroups, children, dockerd, privilege, storage
 from init.checks import Status
 from init.errors import ConfigError, SpawnError
 from init.log import Log
 from init.loop import EventLoop
-from init.output import OutputPipe
-from init.process import Exit, SpawnSpec
+from init.process import Exit
 from init.services import ServiceSpec
 from init.supervisor import Service, ServiceHooks
 
@@ -111,54 +107,25 @@ class InnerEngine(ServiceHooks):
     def _start_check(self) -> None:
         if self._checking:
             return  # the running check keeps asking; it will see the new dockerd
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        result = self.run_dir / "engine-check.json"
-        result.unlink(missing_ok=True)
-        output = OutputPipe(self.loop, self.log, "engine")
-        stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         started = self.loop.clock()
-        try:
-            pid = process.spawn(
-                SpawnSpec(
-                    argv=(
-                        sys.executable,
-                        "-m",
-                        "init.engine_check",
-                        "--socket",
-                        str(self.layout.socket),
-                        "--result",
-                        str(result),
-                        "--deadline",
-                        str(READY_DEADLINE),
-                    ),
-                    env=dict(os.environ),
-                    new_session=True,
-                    stdin=stdin,
-                    stdout=output.write_fd,
-                    stderr=output.write_fd,
-                )
-            )
-        except SpawnError as e:
-            output.close()
-            self._set("failed", f"cannot check the engine: {e}")
-            return
-        finally:
-            os.close(stdin)
-        output.parent_side_started()
-        self._checking = True
 
-        def done(exit_: Exit) -> None:
+        def done(result: dict[str, Any]) -> None:
             self._checking = False
-            output.close()
             self._on_check_done(result, self.loop.clock() - started)
 
-        self.loop.watch_child(pid, done)
-
-    def _on_check_done(self, result_file: Path, seconds: float) -> None:
+        args = ("--socket", str(self.layout.socket), "--deadline", str(READY_DEADLINE))
+        result_file = self.run_dir / "engine-check.json"
         try:
-            result: dict[str, Any] = json.loads(result_file.read_text())
-        except (OSError, ValueError):
-            result = {"ready": False, "error": "the engine check ended without a result"}
+            children.start(
+                self.loop, self.log, "engine", "init.engine_check",
+                (*args, "--result", str(result_file)), result_file, done,
+            )  # fmt: skip
+        except SpawnError as e:
+            self._set("failed", f"cannot check the engine: {e}")
+            return
+        self._checking = True
+
+    def _on_check_done(self, result: dict[str, Any], seconds: float) -> None:
         if self.state in ("refused", "stopped"):
             return
         if not result.get("ready"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from init import cgroups, config, dockerd, privilege, status, storage
@@ -42,6 +42,31 @@ def run_checks(
         )
     if settings.mode is Mode.DIND:
         checks += dind_checks(settings, environ, status_file, root)
+    if settings.mode is Mode.SIBLING:
+        checks += sibling_checks(settings, environ)
+    return checks
+
+
+def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:
+    """The socket, who may use it, the engine's API, the host dirs and the marker proof."""
+    from init import sibling, sibling_check  # the Docker SDK: only here, never in PID 1
+
+    request = sibling_check.Request(
+        result=Path("/dev/null"),
+        service_user=environ.get("SHARELATEX_INIT_SERVICE_USER") or sibling.DEFAULT_SERVICE_USER,
+        compiles_dir=settings.compiles_dir,
+        output_dir=settings.output_dir,
+        host_dir_compiles=_posix(settings.host_dir_compiles),
+        host_dir_output=_posix(settings.host_dir_output),
+        compiles_variable=sibling.configured_variable(environ, "compiles"),
+        output_variable=sibling.configured_variable(environ, "output"),
+        container_id=environ.get("SHARELATEX_INIT_CONTAINER_ID", ""),
+        image=settings.texlive_image,
+    )
+    report = sibling_check.check(request, dict(environ))
+    checks = list(report.checks)
+    if report.proof["status"] == "skipped":  # a proof that ran is among the checks already
+        checks.append(Check("proof", Status.WARN, f"not run: {report.proof['message']}"))
     return checks
 
 
@@ -137,6 +162,10 @@ def engine_checks(
     else:
         checks.append(Check("storage driver", Status.OK, f"dockerd uses {driver}"))
     return checks
+
+
+def _posix(path: Path | None) -> PurePosixPath | None:
+    return PurePosixPath(path) if path is not None else None
 
 
 def report(checks: list[Check], as_json: bool) -> str:

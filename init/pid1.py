@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from typing import Any
 
     from init.dind import InnerEngine
+    from init.host_engine import HostEngine
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What the init passes on to its services. Not the synchronous fault signals (SEGV, BUS, FPE,
@@ -97,6 +98,7 @@ class Init:
         self.loop = EventLoop(log, (*STOP_SIGNALS, *FORWARDED_SIGNALS))
         self.supervisor: Supervisor | None = None
         self.engine: InnerEngine | None = None
+        self.host_engine: HostEngine | None = None
         for signum in STOP_SIGNALS:
             self.loop.on_signal(signum, self._on_stop_signal)
         for signum in FORWARDED_SIGNALS:
@@ -123,8 +125,18 @@ class Init:
             self.log.warning("init", "not PID 1 and cannot be a subreaper: orphans go elsewhere")
 
     def prepare_docker_side(self) -> ServiceSpec | None:
-        """dind: privileges, cgroups and storage checked; the inner dockerd's spec (or None)."""
+        """The Docker side before anything else: the inner dockerd's spec, or None.
+
+        dind: privileges, cgroups and storage checked. Sibling: the host's socket and the host
+        dirs checked, and the services' environment set from them.
+        """
         settings = self.options.settings
+        if settings is not None and settings.mode is Mode.SIBLING:
+            from init.host_engine import HostEngine  # only sibling mode pays for its imports
+
+            self.host_engine = HostEngine(self.loop, self.log, self.options.status_file.parent)
+            self.environ.update(self.host_engine.prepare(settings, self.environ))
+            return None
         if settings is None or settings.mode is not Mode.DIND:
             return None
         from init.dind import InnerEngine  # only dind mode pays for its imports
@@ -284,6 +296,13 @@ class Init:
         _kill_all(signal.SIGKILL)
         self.loop.run_until(lambda: not process.has_children(), self.loop.clock() + 5.0)
 
+    def _engine_summary(self) -> dict[str, Any] | None:
+        if self.engine is not None:
+            return self.engine.summary()
+        if self.host_engine is not None:
+            return self.host_engine.summary()
+        return None
+
     def _deadline(self) -> float:
         return self.deadline if self.deadline is not None else self.loop.clock()
 
@@ -315,7 +334,7 @@ class Init:
             "started_at": round(self.started_at, 3),
             "message": self.message,
             "services": self.supervisor.snapshot() if self.supervisor else [],
-            "engine": self.engine.summary() if self.engine else None,
+            "engine": self._engine_summary(),
         }
         try:
             status.write(self.options.status_file, document)

@@ -6,6 +6,7 @@ there the missing privilege is a failure, so the suite cannot pass by skipping i
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -13,9 +14,11 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -261,3 +264,168 @@ def _exec_child(unshare_pid: int, program: str) -> int | None:
         if line and line[0] == program:
             return child.pid
     return None
+
+
+# -- a private "host" engine and the product's layout on it (sibling mode, images) ----------
+
+ENGINE_ARGS = ("--bridge=none", "--iptables=false", "--ip-masq=false")
+# The socket's group, as a host's `docker` group would be; the services' user is in it.
+SOCKET_GROUP = "www-data"
+IMAGE = "busybox:test"
+COMPILE_LABEL = "sharelatex-init.compile"
+
+
+def busybox_tar() -> bytes:
+    """A one-binary root filesystem for `docker import`: no registry is reachable here."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        link = tarfile.TarInfo("bin/sh")
+        link.type = tarfile.SYMTYPE
+        link.linkname = "busybox"
+        tar.addfile(link)
+    return buffer.getvalue()
+
+
+@dataclass
+class HostEngine:
+    base: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def socket(self) -> Path:
+        return self.base / "d.sock"
+
+    def docker(self, *args: str, stdin: bytes | None = None) -> str:
+        done = subprocess.run(
+            ["docker", "-H", f"unix://{self.socket}", *args],
+            input=stdin,
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
+        return done.stdout.decode().strip()
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[HostEngine]:
+    require(os.geteuid() == 0, "needs root")
+    require(shutil.which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
+    require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
+    require(Path("/bin/busybox").exists(), "needs busybox-static")
+    # Unix socket paths (containerd's under the exec root) have at most 107 bytes.
+    base = Path(tempfile.mkdtemp(prefix="sls-", dir="/tmp"))
+    with (base / "dockerd.log").open("wb") as log:
+        proc = subprocess.Popen(
+            ["dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
+             "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
+             "--group", SOCKET_GROUP, *ENGINE_ARGS],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    host = HostEngine(base, proc)
+    try:
+        wait_for(lambda: _answers(host), 30, "the host engine to answer")
+        host.docker("import", "-", IMAGE, stdin=busybox_tar())
+        yield host
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _answers(host: HostEngine) -> bool:
+    if host.proc.poll() is not None:
+        log = (host.base / "dockerd.log").read_text(errors="replace")
+        raise AssertionError(f"dockerd exited: {log[-2000:]}")
+    done = subprocess.run(
+        ["docker", "-H", f"unix://{host.socket}", "version"], capture_output=True, timeout=10
+    )
+    return done.returncode == 0
+
+
+@dataclass
+class Site:
+    """One test's ShareLaTeX container as the host engine knows it, and its data dir."""
+
+    engine: HostEngine
+    base: Path
+    containers: list[str] = field(default_factory=list)
+    volumes: list[str] = field(default_factory=list)
+
+    def data_dir(self, name: str = "sharelatex_data") -> Path:
+        """A host data dir with the compiles and output dirs the startup scripts would make."""
+        data = self.base / name
+        for sub in ("data/compiles", "data/output"):
+            (data / sub).mkdir(parents=True, exist_ok=True)
+        return data
+
+    def volume(self, name: str) -> Path:
+        self.engine.docker("volume", "create", name)
+        self.volumes.append(name)
+        mountpoint = Path(self.engine.docker("volume", "inspect", "-f", "{{.Mountpoint}}", name))
+        for sub in ("data/compiles", "data/output"):
+            (mountpoint / sub).mkdir(parents=True, exist_ok=True)
+        return mountpoint
+
+    def container(self, data_source: str) -> str:
+        """`docker create` of the product's layout: the data volume and the socket."""
+        container_id = self.engine.docker(
+            "create", "-v", f"{data_source}:/var/lib/sharelatex",
+            "-v", f"{self.engine.socket}:/var/run/docker.sock", IMAGE, "sh",
+        )  # fmt: skip
+        self.containers.append(container_id)
+        return container_id
+
+    def check(
+        self,
+        *args: str,
+        data: Path | None,
+        sock: str = "bound",
+        sock_source: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """`python -m init.sibling_check` in a private mount namespace with the product's view.
+
+        `sock`: bound (the engine's socket, or `sock_source`), missing, or directory. Only the
+        namespace sees the tmpfs over /var/lib and /run: the host's stay untouched.
+        """
+        steps = ["set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/sharelatex"]
+        if data is not None:
+            steps.append(f"mount --bind '{data}' /var/lib/sharelatex")
+        steps.append("mount -t tmpfs tmpfs /run")  # /var/run -> /run
+        if sock == "bound":
+            source = sock_source or self.engine.socket
+            steps += ["touch /run/docker.sock", f"mount --bind '{source}' /run/docker.sock"]
+        elif sock == "directory":
+            steps.append("mkdir /run/docker.sock")  # what `-v` makes of a missing host path
+        steps.append('exec "$@"')
+        result = self.base / f"result-{len(list(self.base.glob('result-*')))}.json"
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(steps),
+             "sh", PYTHON, "-m", "init.sibling_check", "--result", str(result), *args],
+            env={**CLEAN_ENV, **(env or {})}, capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert result.exists(), done.stderr.decode(errors="replace")
+        document: dict[str, Any] = json.loads(result.read_text())
+        return done.returncode, document
+
+    def proof_containers(self) -> str:
+        return self.engine.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}")
+
+
+@pytest.fixture
+def site(engine: HostEngine) -> Iterator[Site]:
+    base = Path(tempfile.mkdtemp(prefix="site-", dir=engine.base))
+    made = Site(engine, base)
+    yield made
+    for container_id in made.containers:
+        engine.docker("rm", "-f", container_id)
+    for volume in made.volumes:
+        engine.docker("volume", "rm", "-f", volume)
+    shutil.rmtree(base, ignore_errors=True)

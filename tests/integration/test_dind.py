@@ -7,14 +7,12 @@ would: ready, storage driver, a container runs, restarts after kill -9, a clean 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +22,8 @@ from typing import Any
 
 import psutil
 import pytest
+
+from tests.integration.conftest import busybox_tar
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
@@ -197,18 +197,6 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
         if running.proc.poll() is None:
             os.killpg(running.proc.pid, signal.SIGKILL)
             running.proc.wait(10)
-
-
-def busybox_tar() -> bytes:
-    """A one-binary root filesystem for `docker import`: no registry is reachable here."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        tar.add("/bin/busybox", arcname="bin/busybox")
-        link = tarfile.TarInfo("bin/sh")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "busybox"
-        tar.addfile(link)
-    return buffer.getvalue()
 
 
 def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(

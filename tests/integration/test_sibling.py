@@ -1,0 +1,236 @@
+"""Sibling-containers mode for real: a private "host" engine, the product's layout in a namespace.
+
+The tests start their own dockerd (data root, exec root and socket under a short /tmp dir) as
+the host's engine, create a real container on it for real inspect data (`-v DATA:/var/lib/
+sharelatex -v SOCK:/var/run/docker.sock`), and run `python -m init.sibling_check` in a private
+mount namespace whose bind mounts reproduce that container's view: the data dir over
+/var/lib/sharelatex and the socket at /var/run/docker.sock. The marker proof then really goes
+from a container of the host engine, through the host path, to this side.
+"""
+
+from __future__ import annotations
+
+import grp
+import socket
+from collections.abc import Sequence
+
+import pytest
+
+from tests.integration.conftest import IMAGE, SOCKET_GROUP, Site
+
+pytestmark = pytest.mark.root
+SOCKET_VOLUME = "-v /var/run/docker.sock:/var/run/docker.sock"
+
+
+def only(lines: Sequence[str], containing: str) -> str:
+    found = [line for line in lines if containing in line]
+    assert len(found) == 1, lines
+    return found[0]
+
+
+# -- the host dir ------------------------------------------------------------------------------
+
+
+def test_host_dir_unset_is_derived_and_the_marker_proof_passes(site: Site) -> None:
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    code, result = site.check("--container-id", container_id, "--image", IMAGE, data=data)
+    assert code == 0, result["problems"]
+    assert result["ok"] is True and result["problems"] == []
+    assert result["derived"] is True
+    assert result["host_dir_compiles"] == f"{data}/data/compiles"
+    assert result["host_dir_output"] == f"{data}/data/output"
+    assert result["container_id"] == container_id
+    assert result["api_version"] == "1.41"
+    assert result["proof"]["status"] == "passed", result["proof"]
+    assert f"{data}/data/compiles/.sharelatex-init-proof-" in result["proof"]["message"]
+    assert "/var/lib/sharelatex/data/compiles/.sharelatex-init-proof-" in result["proof"]["message"]
+    only(result["notes"], f"SANDBOXED_COMPILES_HOST_DIR unset: using {data}/data/compiles")
+    root = only(result["warnings"], "root on the host")
+    assert "never passes it into" in root
+    # Only the marker was made and it is gone; the proof container too.
+    assert list((data / "data/compiles").iterdir()) == []
+    assert site.proof_containers() == ""
+
+
+def test_host_dir_set_right_is_accepted_as_is(site: Site) -> None:
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    code, result = site.check(
+        "--container-id", container_id, "--image", IMAGE,
+        "--host-dir-compiles", f"{data}/data/compiles", "--host-dir-output", f"{data}/data/output",
+        data=data,
+    )  # fmt: skip
+    assert code == 0, result["problems"]
+    assert result["derived"] is False
+    assert result["host_dir_compiles"] == f"{data}/data/compiles"
+    assert result["proof"]["status"] == "passed"
+
+
+def test_host_dir_set_wrong_is_refused_with_the_right_value(site: Site) -> None:
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    code, result = site.check(
+        "--container-id", container_id, "--image", IMAGE,
+        # The commonest slip: the path as seen inside the container.
+        "--host-dir-compiles", "/var/lib/sharelatex/data/compiles",
+        "--host-dir-output", "/srv/elsewhere/output",
+        "--host-dir-output-variable", "SANDBOXED_COMPILES_HOST_DIR_OUTPUT",
+        data=data,
+    )  # fmt: skip
+    assert code == 1 and result["ok"] is False
+    compiles = only(result["problems"], "SANDBOXED_COMPILES_HOST_DIR=")
+    assert "SANDBOXED_COMPILES_HOST_DIR=/var/lib/sharelatex/data/compiles is not" in compiles
+    assert f"that is {data}/data/compiles on the host" in compiles
+    assert f"fix: `--env SANDBOXED_COMPILES_HOST_DIR={data}/data/compiles`" in compiles
+    output = only(result["problems"], "SANDBOXED_COMPILES_HOST_DIR_OUTPUT=")
+    assert "/srv/elsewhere/output" in output
+    assert f"`--env SANDBOXED_COMPILES_HOST_DIR_OUTPUT={data}/data/output`" in output
+    assert result["proof"]["status"] == "skipped"
+    assert list((data / "data/compiles").iterdir()) == []
+
+
+def test_a_named_volume_maps_to_its_mountpoint_and_the_proof_passes(site: Site) -> None:
+    name = f"sls-{site.base.name.lower()}"
+    mountpoint = site.volume(name)
+    container_id = site.container(name)
+    code, result = site.check("--container-id", container_id, "--image", IMAGE, data=mountpoint)
+    assert code == 0, result["problems"]
+    assert result["host_dir_compiles"] == f"{mountpoint}/data/compiles"
+    note = only(result["notes"], "host compiles dir")
+    assert f"(volume {name} ({mountpoint}) on /var/lib/sharelatex)" in note
+    assert result["proof"]["status"] == "passed"
+
+
+def test_the_compiles_dir_on_the_containers_layer_names_the_volume_to_add(site: Site) -> None:
+    container_id = site.engine.docker(
+        "create", "-v", f"{site.engine.socket}:/var/run/docker.sock", IMAGE, "sh"
+    )
+    site.containers.append(container_id)
+    code, result = site.check("--container-id", container_id, data=None)
+    assert code == 1
+    problem = only(result["problems"], "host compiles dir")
+    assert "own layer" in problem
+    assert "`-v /data/sharelatex_data:/var/lib/sharelatex`" in problem
+
+
+# -- the marker proof --------------------------------------------------------------------------
+
+
+def test_the_proof_fails_when_the_inspected_bind_is_not_what_this_side_sees(site: Site) -> None:
+    seen_here = site.data_dir("seen_here")
+    elsewhere = site.data_dir("elsewhere")
+    container_id = site.container(str(elsewhere))
+    code, result = site.check("--container-id", container_id, "--image", IMAGE, data=seen_here)
+    assert code == 1
+    assert result["proof"]["status"] == "failed"
+    problem = only(result["problems"], "proof")
+    assert f"into {elsewhere}/data/compiles on the host" in problem
+    assert "did not appear here in /var/lib/sharelatex/data/compiles" in problem
+    assert f"the host engine says /var/lib/sharelatex/data/compiles is `-v {elsewhere}:" in problem
+    # The marker went through the host path and was removed from there; nothing else touched.
+    assert list((elsewhere / "data/compiles").iterdir()) == []
+    assert list((seen_here / "data/compiles").iterdir()) == []
+    assert site.proof_containers() == ""
+
+
+@pytest.mark.parametrize("given", ["right", "wrong", "absent"])
+def test_without_self_inspection_the_proof_judges_the_set_value(site: Site, given: str) -> None:
+    data = site.data_dir()
+    wrong = site.data_dir("wrong")
+    host_dir = {
+        "right": data / "data/compiles",
+        "wrong": wrong / "data/compiles",
+        "absent": site.base / "no/such/dir",
+    }[given]
+    # No --container-id: this test process is not a container of that engine.
+    code, result = site.check("--host-dir-compiles", str(host_dir), "--image", IMAGE, data=data)
+    assert code == 1  # the output dir is unset and cannot be derived either
+    only(result["warnings"], f"SANDBOXED_COMPILES_HOST_DIR={host_dir} cannot be checked")
+    assert result["host_dir_compiles"] == str(host_dir)
+    if given == "right":
+        assert result["proof"]["status"] == "passed", result["proof"]
+        return
+    assert result["proof"]["status"] == "failed"
+    problem = only(result["problems"], "proof")
+    assert str(host_dir) in problem and "/var/lib/sharelatex/data/compiles" in problem
+    assert "fix: check that /var/run/docker.sock is the socket of the host" in problem
+    assert not (site.base / "no").exists()  # a type=bind mount never creates it empty
+    assert list((wrong / "data/compiles").iterdir()) == []
+
+
+# -- the socket --------------------------------------------------------------------------------
+
+
+def test_a_missing_socket_says_which_volume_to_add(site: Site) -> None:
+    code, result = site.check(data=site.data_dir(), sock="missing")
+    assert code == 1
+    (problem,) = result["problems"]
+    assert "no Docker socket at /var/run/docker.sock" in problem
+    assert f"fix: add `{SOCKET_VOLUME}`" in problem
+    assert result["socket"]["kind"] == "missing"
+
+
+def test_a_socket_that_is_a_directory_says_docker_made_it(site: Site) -> None:
+    code, result = site.check(data=site.data_dir(), sock="directory")
+    assert code == 1
+    (problem,) = result["problems"]
+    assert "/var/run/docker.sock is a directory" in problem
+    assert "the host path did not exist when this container started" in problem
+    assert "remove that directory" in problem
+
+
+def test_a_socket_the_service_user_cannot_use_names_its_group(site: Site) -> None:
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    code, result = site.check("--container-id", container_id, "--service-user", "nobody", data=data)
+    gid = grp.getgrnam(SOCKET_GROUP).gr_gid
+    assert code == 1
+    problem = only(result["problems"], "socket access")
+    assert "nobody (uid 65534" in problem and f"owner 0:{gid}, mode 0660" in problem
+    assert f"`--group-add {gid}`" in problem
+    assert f"add nobody to a group with gid {gid}" in problem
+    assert result["socket"]["gid"] == gid
+    # The rest is still checked, so every problem shows at once.
+    assert result["host_dir_compiles"] == f"{data}/data/compiles"
+
+
+def test_a_stale_socket_nobody_listens_on_says_to_restart(site: Site) -> None:
+    stale = site.base / "stale.sock"
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(stale))  # what is left when the host's dockerd restarts
+    code, result = site.check(
+        "--deadline", "0.3", "--service-user", "root",
+        data=site.data_dir(), sock_source=stale,
+    )  # fmt: skip
+    assert code == 1
+    problem = only(result["problems"], "connection refused")
+    assert "restart this container" in problem
+
+
+def test_docker_host_over_tcp_is_refused_for_sibling_mode(site: Site) -> None:
+    code, result = site.check(
+        data=site.data_dir(), sock="missing", env={"DOCKER_HOST": "tcp://10.0.0.5:2376"}
+    )
+    assert code == 1
+    (problem,) = result["problems"]
+    assert "DOCKER_HOST=tcp://10.0.0.5:2376 is not a unix socket" in problem
+    assert f"unset DOCKER_HOST and add `{SOCKET_VOLUME}`" in problem
+
+
+# -- which container we are --------------------------------------------------------------------
+
+
+def test_a_real_containers_id_is_found_in_its_mountinfo_and_cgroup(site: Site) -> None:
+    from init import sibling
+
+    container_id = site.engine.docker(
+        "create", "--network", "none", IMAGE,
+        "sh", "-c", "cat /proc/self/mountinfo; echo ---; cat /proc/self/cgroup",
+    )  # fmt: skip
+    site.containers.append(container_id)
+    mountinfo, cgroup = site.engine.docker("start", "-a", container_id).split("---\n")
+    assert sibling.container_id_from_mountinfo(mountinfo) == container_id
+    # Under a private cgroup namespace (cgroup v2's default) the path is only "/".
+    if cgroup.strip() != "0::/":
+        assert sibling.container_id_from_cgroup(cgroup) == container_id

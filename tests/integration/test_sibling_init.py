@@ -1,0 +1,110 @@
+"""Sibling mode through the init itself: `sharelatex-init run` as PID 1 in the product's layout.
+
+Reuses test_sibling's private host engine and site: the init runs in fresh pid + mount
+namespaces whose bind mounts reproduce a container made with `-v DATA:/var/lib/sharelatex -v
+SOCK:/var/run/docker.sock`, and is told that container's id (there is no real container
+around the init here; the id is what /proc would give inside one).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import CLEAN_ENV, IMAGE, PYTHON, Site, wait_for
+
+pytestmark = pytest.mark.root
+
+
+def start_init(
+    site: Site, container_id: str, data: Path, env: dict[str, str], sock: bool = True
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """The init as PID 1 with the product's view; a service writes its environment out."""
+    base = site.base / f"init-{len(list(site.base.glob('init-*')))}"
+    service = base / "services" / "web"
+    service.mkdir(parents=True)
+    (service / "run").write_text(f"#!/bin/sh\nenv > {base}/service.env\nexec sleep 1000\n")
+    (service / "run").chmod(0o755)
+    steps = ["set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/sharelatex",
+             f"mount --bind '{data}' /var/lib/sharelatex", "mount -t tmpfs tmpfs /run"]  # fmt: skip
+    if sock:
+        steps += ["touch /run/docker.sock", f"mount --bind '{site.engine.socket}' /run/docker.sock"]
+    steps.append('exec "$@"')
+    log = base / "init.log"
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private",
+         "sh", "-c", "\n".join(steps), "sh", PYTHON, "-m", "init", "run",
+         "--service-dir", str(base / "services"), "--startup-dir", str(base / "none"),
+         "--container-env", str(base / "ce"), "--status-file", str(base / "status.json")],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**CLEAN_ENV, "SANDBOXED_COMPILES": "true",
+             "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
+             "SHARELATEX_INIT_CONTAINER_ID": container_id, "TEX_LIVE_DOCKER_IMAGE": IMAGE,
+             **env},
+    )  # fmt: skip
+    return proc, base
+
+
+def stop(proc: subprocess.Popen[bytes]) -> int:
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for pid in children:
+        os.kill(int(pid), signal.SIGTERM)
+    try:
+        return proc.wait(20)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def read_env(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def test_unset_host_dir_is_derived_proved_and_handed_to_the_services(site: Site) -> None:
+    data = site.data_dir()
+    proc, base = start_init(site, site.container(str(data)), data, {})
+    try:
+        wait_for(lambda: (base / "service.env").exists(), 30, "the service to start")
+        env = read_env(base / "service.env")
+    finally:
+        code = stop(proc)
+    log = (base / "init.log").read_text()
+    assert env["SANDBOXED_COMPILES_HOST_DIR_COMPILES"] == str(data / "data/compiles"), log
+    assert env["SANDBOXED_COMPILES_HOST_DIR_OUTPUT"] == str(data / "data/output")
+    assert env["DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    assert "SANDBOXED_COMPILES" not in env  # consumed by the init
+    assert "derived from this container's mounts" in log
+    assert "root on the host" in log  # the socket's security warning
+    assert code == 0
+    assert site.proof_containers() == ""
+
+
+def test_a_wrong_host_dir_exits_78_naming_both_values_and_the_fix(site: Site) -> None:
+    data = site.data_dir()
+    wrong = "/data/sharelatex_data/data/compiles"
+    proc, base = start_init(
+        site, site.container(str(data)), data, {"SANDBOXED_COMPILES_HOST_DIR": wrong}
+    )
+    code = proc.wait(30)
+    log = (base / "init.log").read_text()
+    assert code == 78, log
+    (line,) = [line for line in log.splitlines() if line.startswith("config: error:")]
+    assert wrong in line and str(data / "data/compiles") in line
+    assert f"--env SANDBOXED_COMPILES_HOST_DIR={data / 'data/compiles'}" in line
+    assert not (base / "service.env").exists()
+    assert "Traceback" not in log
+
+
+def test_a_missing_socket_exits_78_with_the_volume_to_add(site: Site) -> None:
+    data = site.data_dir()
+    proc, base = start_init(site, site.container(str(data)), data, {}, sock=False)
+    code = proc.wait(30)
+    log = (base / "init.log").read_text()
+    assert code == 78, log
+    assert "-v /var/run/docker.sock:/var/run/docker.sock" in log
+    assert not (base / "service.env").exists()
