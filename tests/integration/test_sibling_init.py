@@ -108,3 +108,27 @@ def test_a_missing_socket_exits_78_with_the_volume_to_add(site: Site) -> None:
     assert code == 78, log
     assert "-v /var/run/docker.sock:/var/run/docker.sock" in log
     assert not (base / "service.env").exists()
+
+
+def test_doctor_in_the_layout_passes_and_proves_the_host_path(site: Site) -> None:
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    steps = [
+        "set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/sharelatex",
+        f"mount --bind '{data}' /var/lib/sharelatex", "mount -t tmpfs tmpfs /run",
+        "touch /run/docker.sock", f"mount --bind '{site.engine.socket}' /run/docker.sock",
+        'exec "$@"',
+    ]  # fmt: skip
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(steps), "sh",
+         PYTHON, "-m", "init", "doctor", "--status-file", str(site.base / "none.json")],
+        capture_output=True, text=True, timeout=60,
+        env={**CLEAN_ENV, "SANDBOXED_COMPILES": "true",
+             "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
+             "SHARELATEX_INIT_CONTAINER_ID": container_id, "TEX_LIVE_DOCKER_IMAGE": IMAGE},
+    )  # fmt: skip
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert any(line.startswith("ok   proof:") for line in lines), lines
+    assert any(line.startswith("WARN socket security:") for line in lines), lines
+    assert not any(line.startswith("FAIL") for line in lines)
