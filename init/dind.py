@@ -22,7 +22,6 @@ from init.process import Exit
 from init.services import ServiceSpec
 from init.supervisor import Service, ServiceHooks
 
-READY_DEADLINE = 60.0  # seconds for dockerd to answer after each start
 # dockerd stops its containers on SIGTERM and waits this long for each (default 15 s): compile
 # containers end at once on SIGTERM, and the whole stop must fit Docker's 10 s.
 DOCKERD_SHUTDOWN_TIMEOUT = ("--shutdown-timeout", "2")
@@ -113,7 +112,7 @@ class InnerEngine(ServiceHooks):
             self._checking = False
             self._on_check_done(result, self.loop.clock() - started)
 
-        args = ("--socket", str(self.layout.socket), "--deadline", str(READY_DEADLINE))
+        args = ("--socket", str(self.layout.socket), "--deadline", str(self.layout.ready_timeout))
         result_file = self.run_dir / "engine-check.json"
         try:
             children.start(

@@ -24,6 +24,7 @@ EXEC_ROOT = "SHARELATEX_INIT_DOCKER_EXEC_ROOT"
 SOCKET = "SHARELATEX_INIT_DOCKER_SOCKET"
 EXTRA_ARGS = "SHARELATEX_INIT_DOCKERD_ARGS"
 BINARY = "SHARELATEX_INIT_DOCKERD"
+READY_TIMEOUT = "SHARELATEX_INIT_DOCKERD_READY_TIMEOUT"
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 # Flags that would open the engine to the network or move what we manage: refused in
 # SHARELATEX_INIT_DOCKERD_ARGS. dockerd on TCP without verified TLS also sleeps ~16 s at start.
@@ -39,6 +40,7 @@ class EngineLayout:
     socket: Path = Path("/var/run/docker.sock")
     binary: str = "dockerd"
     extra_args: tuple[str, ...] = ()
+    ready_timeout: float = 60.0  # seconds for the API to answer after each start
 
     @property
     def pidfile(self) -> Path:
@@ -78,12 +80,21 @@ def layout_from_env(environ: Mapping[str, str]) -> EngineLayout:
                 f"{EXTRA_ARGS}: {arg!r} is managed by sharelatex-init (unix socket only, "
                 f"never TCP); remove it, or set {DATA_ROOT} / {EXEC_ROOT} / {SOCKET}"
             )
+    timeout_text = environ.get(READY_TIMEOUT, "")
+    try:
+        ready_timeout = float(timeout_text) if timeout_text else default.ready_timeout
+    except ValueError:
+        ready_timeout = -1.0
+    if ready_timeout <= 0:
+        problems.append(f"{READY_TIMEOUT}={timeout_text!r} is not a number of seconds; e.g. 60")
+        ready_timeout = default.ready_timeout
     layout = EngineLayout(
         data_root=path(DATA_ROOT, default.data_root),
         exec_root=path(EXEC_ROOT, default.exec_root),
         socket=path(SOCKET, default.socket),
         binary=environ.get(BINARY) or default.binary,
         extra_args=extra,
+        ready_timeout=ready_timeout,
     )
     for name, sock in ((SOCKET, layout.socket), (EXEC_ROOT, layout.containerd_socket)):
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:

@@ -322,3 +322,20 @@ def test_without_privileges_the_init_exits_78_with_both_fixes(short_tmp: Path) -
     assert "SANDBOXED_COMPILES_SIBLING_CONTAINERS=true" in errors[0]
     assert "/var/run/docker.sock:/var/run/docker.sock" in errors[0]
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_dockerd_that_never_answers_fails_with_its_last_lines(
+    start_init: Callable[..., RunningInit], short_tmp: Path
+) -> None:
+    # A real way for dockerd to hang: a containerd socket nobody serves. It retries forever.
+    init = start_init(
+        SHARELATEX_INIT_DOCKERD_ARGS=f"{ENGINE_ARGS} --containerd={short_tmp}/none.sock",
+        SHARELATEX_INIT_DOCKERD_READY_TIMEOUT="3",
+    )
+    engine = init.wait_engine("failed", timeout=30)
+    assert "no answer on" in engine["reason"] and "in 3 s" in engine["reason"]
+    assert "dockerd said:" in engine["reason"]
+    assert "none.sock" in engine["reason"]  # its last lines name what it waits for
+    assert engine["ready"] is False
+    code, _ = init.stop()
+    assert code == 0

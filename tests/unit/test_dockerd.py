@@ -114,3 +114,15 @@ def test_an_exec_root_too_long_for_containerds_socket_is_refused() -> None:
         dockerd.layout_from_env({dockerd.EXEC_ROOT: "/tmp/" + "x" * 90})
     (problem,) = caught.value.problems
     assert "longer than 107 bytes" in problem and dockerd.EXEC_ROOT in problem
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "soon"])
+def test_ready_timeout_must_be_positive_seconds(value: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        dockerd.layout_from_env({dockerd.READY_TIMEOUT: value})
+    assert dockerd.READY_TIMEOUT in caught.value.problems[0]
+
+
+def test_ready_timeout_from_env() -> None:
+    assert dockerd.layout_from_env({dockerd.READY_TIMEOUT: "2.5"}).ready_timeout == 2.5
+    assert dockerd.layout_from_env({}).ready_timeout == 60.0
