@@ -140,9 +140,19 @@ def short_tmp() -> Iterator[Path]:
 def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
     started: list[RunningInit] = []
 
-    def start(data_root: Path | None = None, overlay: bool = False, **env: str) -> RunningInit:
+    def start(
+        data_root: Path | None = None,
+        overlay: bool = False,
+        services: dict[str, str] | None = None,
+        **env: str,
+    ) -> RunningInit:
         base = short_tmp / f"e{len(started)}"
         (base / "services").mkdir(parents=True)
+        for name, script in (services or {}).items():
+            (base / "services" / name).mkdir()
+            run = base / "services" / name / "run"
+            run.write_text(f"#!/bin/sh\n{script}\n")
+            run.chmod(0o755)
         data = data_root or base / "data"
         data.mkdir(parents=True, exist_ok=True)
         status_file = base / "run" / "status.json"
@@ -202,7 +212,7 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
 def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     start_init: Callable[..., RunningInit],
 ) -> None:
-    init = start_init()
+    init = start_init(services={"web": "echo DOCKER_HOST=$DOCKER_HOST; exec sleep 1000"})
     engine = init.wait_engine("ready")
     assert engine["driver"] == "overlay2"
     assert engine["ready"] is True
@@ -230,6 +240,10 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     assert took < 8
     log = init.log()
     assert "dockerd: stopped: exited with status 0" in log, log[-2000:]
+    # dockerd started first and stops last, after the services.
+    assert log.index("dockerd: started") < log.index("web: started")
+    assert log.index("web: stopped") < log.index("dockerd: stopping")
+    assert f"web | DOCKER_HOST=unix://{init.socket}" in log
     assert str(init.socket.parent) not in Path("/proc/self/mountinfo").read_text()
 
 
