@@ -12,12 +12,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
+from init import mountinfo
 from init.errors import EngineError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -200,21 +200,10 @@ def _visible_cgroup_mounts(lines: Iterable[str]) -> tuple[Mount, ...]:
 
 
 def _parse_mountinfo_line(line: str) -> Mount | None:
-    # id parent major:minor root mount-point options [optional fields...] - type source super
-    fields = line.split()
-    try:
-        separator = fields.index("-", 6)
-        point, options, fs_type = fields[4], fields[5], fields[separator + 1]
-    except (ValueError, IndexError):
+    found = mountinfo.parse_line(line)
+    if found is None:
         return None
-    super_options = tuple(fields[separator + 3].split(",")) if len(fields) > separator + 3 else ()
-    read_only = "ro" in options.split(",") or "ro" in super_options
-    return Mount(Path(_unescape(point)), fs_type, read_only, super_options)
-
-
-def _unescape(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash in paths as octal escapes (\040).
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    return Mount(Path(found.point), found.fs_type, found.read_only, found.super_options)
 
 
 def _read_controllers(path: Path) -> tuple[Controller, ...]:

@@ -7,9 +7,9 @@ containers there. So: the capabilities dind uses, a writable cgroup tree, and de
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
+from init import mountinfo
 from init.checks import Check, Status
 
 NAME = "privileges"
@@ -115,21 +115,8 @@ def _is_within(path: str, mount_point: str) -> bool:
 
 def _parse_mountinfo_line(line: str) -> tuple[str, str, bool] | None:
     """(mount point, fs type, read-only) from one mountinfo line; None for a malformed one."""
-    # id parent major:minor root mount-point options [optional fields...] - type source super
-    fields = line.split()
-    try:
-        separator = fields.index("-", 6)
-        point, options, fs_type = fields[4], fields[5], fields[separator + 1]
-    except (ValueError, IndexError):
-        return None
-    super_options = fields[separator + 3] if len(fields) > separator + 3 else ""
-    read_only = "ro" in options.split(",") or "ro" in super_options.split(",")
-    return _unescape(point), fs_type, read_only
-
-
-def _unescape(field: str) -> str:
-    # The kernel writes space, tab, newline and backslash in paths as octal escapes (\040).
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    found = mountinfo.parse_line(line)
+    return None if found is None else (found.point, found.fs_type, found.read_only)
 
 
 def _restricted_devices(devices_list: Path) -> list[str]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from init import mountinfo
 from init.checks import Check, Status
 from init.config import HOST_DIR, HOST_DIR_COMPILES, HOST_DIR_OUTPUT, PREFIXES
 from init.errors import EngineError
@@ -47,7 +48,6 @@ _MOUNTINFO_ID = re.compile(r"containers/([0-9a-f]{64})/")
 # cgroupfs driver: /docker/<id>; systemd driver: /system.slice/docker-<id>.scope.
 _CGROUP_ID = re.compile(r"(?:/docker/|/docker-)([0-9a-f]{64})(?:\.scope)?(?=/|$)")
 _SHORT_ID = re.compile(r"^[0-9a-f]{12}$")
-_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 
 
 # -- the socket ------------------------------------------------------------------------------
@@ -315,9 +315,7 @@ def find_container_id(root: Path = Path("/"), hostname: str = "") -> tuple[str, 
     return None
 
 
-def _unescape(field: str) -> str:
-    """mountinfo writes space, tab, newline and backslash as octal escapes."""
-    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+_unescape = mountinfo.unescape
 
 
 # -- the host dirs behind ours ---------------------------------------------------------------

@@ -22,6 +22,7 @@ import pytest
 
 from init import cgroups
 from init.cgroups import EnableControllers, MoveProcs, Plan, Version
+from tests.integration.conftest import require
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
@@ -33,15 +34,6 @@ PRIVATE_MOUNT_NAMESPACE = ("unshare", "--mount", "--propagation", "private")
 JOIN_THEN_UNSHARE = (
     'echo $$ > "$1" && exec unshare --cgroup --mount --propagation private "$2" -c "$3" "$4" "$5"'
 )
-
-
-def require(condition: bool, why: str) -> None:
-    """Skip on a developer machine that lacks something; never skip in CI."""
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run this test: {why}")
-    pytest.skip(why)
 
 
 @pytest.fixture(autouse=True)

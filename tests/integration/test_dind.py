@@ -23,20 +23,11 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.integration.conftest import busybox_tar
+from tests.integration.conftest import busybox_tar, require
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_ARGS = "--bridge=none --iptables=false --ip-masq=false"
-
-
-def require(condition: bool, why: str) -> None:
-    """Skip on a developer machine that lacks something; never skip in CI."""
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run this test: {why}")
-    pytest.skip(why)
 
 
 @pytest.fixture(autouse=True)

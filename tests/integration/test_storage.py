@@ -18,6 +18,7 @@ import pytest
 
 from init import storage
 from init.checks import Status
+from tests.integration.conftest import require
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
@@ -44,15 +45,6 @@ plans = {
 print(json.dumps({k: asdict(p) | {"line": storage.check(p).line()} for k, p in plans.items()},
                  default=str))
 """
-
-
-def require(condition: bool, why: str) -> None:
-    """Skip on a developer machine that lacks something; never skip in CI."""
-    if condition:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must run this test: {why}")
-    pytest.skip(why)
 
 
 @pytest.fixture(autouse=True)
