@@ -19,7 +19,7 @@ from init.errors import ConfigError
 DEFAULT_CONFIG_DIR = Path("/etc/sharelatex-init")
 DEFAULT_COMPILES_DIR = Path("/var/lib/sharelatex/data/compiles")
 DEFAULT_OUTPUT_DIR = Path("/var/lib/sharelatex/data/output")
-# The image `scripts/build-texlive-image` makes from Debian's TeX Live packages.
+# The image `scripts/build-images` makes from Debian's TeX Live packages.
 DEFAULT_TEXLIVE_IMAGE = "sharelatex-init/texlive:bookworm"
 
 PREFIXES = ("", "OVERLEAF_", "SHARELATEX_")

@@ -317,7 +317,10 @@ def engine() -> Iterator[HostEngine]:
     base = Path(tempfile.mkdtemp(prefix="sls-", dir="/tmp"))
     with (base / "dockerd.log").open("wb") as log:
         proc = subprocess.Popen(
-            ["dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
+            # In a mount namespace of its own: dockerd bind-mounts its data root onto itself,
+            # and an unclean end must not leave that on the host.
+            ["unshare", "--mount", "--propagation", "private",
+             "dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
              "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
              "--group", SOCKET_GROUP, *ENGINE_ARGS],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

@@ -1,0 +1,62 @@
+# The TeX Live compile image: Debian's TeX Live packages on the debootstrapped base.
+#
+# scripts/build-images builds it with the classic builder and `--network host`, so apt reaches
+# the mirror even when the engine runs with `--bridge=none` (as the tests' engines and a
+# docker-in-docker engine do); it passes TEXLIVE_PACKAGES from texlive-<scheme>.packages and
+# the content key as a label. No registry is involved.
+ARG BASE_IMAGE=sharelatex-init/debian:bookworm
+FROM ${BASE_IMAGE}
+
+ARG SUITE=bookworm
+ARG DEBIAN_MIRROR=http://deb.debian.org/debian
+ARG DEBIAN_SECURITY_MIRROR=http://deb.debian.org/debian-security
+ARG TEXLIVE_PACKAGES
+
+SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
+
+# One layer, so nothing the install leaves behind (indexes, caches, logs) reaches the image.
+# - The mirror is this build's only (a source list under /tmp); the image keeps the base's
+#   deb.debian.org sources. Upgrading first brings in security fixes the debootstrapped base
+#   lacks: compiles read untrusted input through libpng, freetype, poppler.
+#   `--error-on=any`: an unreachable source fails the build instead of being skipped.
+# - The packages bring no compiler or network tool (apt-get install -s texlive-full shows
+#   none): the check below fails the build, rather than purge, if that ever changes.
+# - `tex` (1000:1000) runs compiles; HOME is /tmp because the root is read-only at run time.
+RUN test -n "${TEXLIVE_PACKAGES}" || { echo "build arg TEXLIVE_PACKAGES is empty" >&2; exit 1; }; \
+    sources=/tmp/build-sources.list; \
+    echo "deb ${DEBIAN_MIRROR} ${SUITE} main" > "$sources"; \
+    echo "deb ${DEBIAN_MIRROR} ${SUITE}-updates main" >> "$sources"; \
+    if [ -n "${DEBIAN_SECURITY_MIRROR}" ]; then \
+        echo "deb ${DEBIAN_SECURITY_MIRROR} ${SUITE}-security main" >> "$sources"; \
+    fi; \
+    apt=(apt-get -q -y -o "Dir::Etc::SourceList=$sources" -o "Dir::Etc::SourceParts=-"); \
+    export DEBIAN_FRONTEND=noninteractive; \
+    "${apt[@]}" update --error-on=any; \
+    "${apt[@]}" upgrade; \
+    "${apt[@]}" install --no-install-recommends ${TEXLIVE_PACKAGES}; \
+    for tool in gcc cc c++ curl wget nc ssh; do \
+        if command -v "$tool" >/dev/null; then \
+            echo "$tool is in the image: the package list pulls it in" >&2; exit 1; \
+        fi; \
+    done; \
+    groupadd --gid 1000 tex; \
+    useradd --uid 1000 --gid 1000 --home-dir /tmp --no-create-home --shell /usr/sbin/nologin tex; \
+    install -d -o 1000 -g 1000 -m 0755 /compile; \
+    apt-get clean; \
+    rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/cache/debconf/*-old /var/lib/dpkg/*-old \
+        /var/log/apt/* /var/log/dpkg.log /var/log/alternatives.log /tmp/* /tmp/.[!.]*
+
+# TEXMFVAR and VARTEXFONTS on /tmp: the font caches luaotfload and mktexpk write must be
+# writable with `--read-only --tmpfs /tmp`.
+ENV HOME=/tmp \
+    LANG=C.UTF-8 \
+    TEXMFVAR=/tmp/texmf-var \
+    VARTEXFONTS=/tmp/texfonts
+
+LABEL org.opencontainers.image.title="sharelatex-init TeX Live" \
+      org.opencontainers.image.description="Debian's TeX Live for sandboxed compiles, run as uid 1000"
+
+# Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
+USER 1000:1000
+WORKDIR /compile
+CMD ["latexmk", "-version"]
