@@ -8,14 +8,18 @@ around the init here; the id is what /proc would give inside one).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CLEAN_ENV, IMAGE, PYTHON, Site, wait_for
+from tests.integration.conftest import CLEAN_ENV, IMAGE, PYTHON, HostEngine, Site, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.root
 
@@ -132,3 +136,48 @@ def test_doctor_in_the_layout_passes_and_proves_the_host_path(site: Site) -> Non
     assert any(line.startswith("ok   proof:") for line in lines), lines
     assert any(line.startswith("WARN socket security:") for line in lines), lines
     assert not any(line.startswith("FAIL") for line in lines)
+
+
+@pytest.fixture(scope="module")
+def app_image(engine: HostEngine) -> str:
+    """The Dockerfile built on the local Debian base into the host engine (cached by content)."""
+    done = subprocess.run(
+        [str(REPO / "scripts" / "build-images"), "--engine", f"unix://{engine.socket}",
+         "--only", "app"],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    return "sharelatex-init:local"
+
+
+def test_the_image_as_a_real_sibling_container_derives_proves_and_stops_cleanly(
+    site: Site, app_image: str
+) -> None:
+    data = site.data_dir()
+    container_id = site.engine.docker(
+        "run", "-d", "--network", "none",
+        "-v", f"{data}:/var/lib/sharelatex", "-v", f"{site.engine.socket}:/var/run/docker.sock",
+        "-e", "SANDBOXED_COMPILES=true", "-e", "SANDBOXED_COMPILES_SIBLING_CONTAINERS=true",
+        "-e", f"TEX_LIVE_DOCKER_IMAGE={IMAGE}", app_image,
+    )  # fmt: skip
+    site.containers.append(container_id)
+
+    def logs() -> str:
+        return site.engine.docker("logs", container_id)
+
+    wait_for(lambda: "starting 0 services" in logs(), 60, "the init to start its services")
+    log = logs()
+    assert f"host compile dir {data}/data/compiles, output dir {data}/data/output" in log, log
+    assert "derived from this container's mounts" in log
+    status = json.loads(site.engine.docker("exec", container_id, "sharelatex-init", "status",
+                                           "--json"))  # fmt: skip
+    assert status["pid"] == 1
+    assert status["engine"]["mode"] == "sibling" and status["engine"]["ready"] is True
+    assert status["engine"]["proof"]["status"] == "passed", status["engine"]["proof"]
+    began = time.monotonic()
+    site.engine.docker("stop", "-t", "10", container_id)
+    took = time.monotonic() - began
+    assert site.engine.docker("inspect", "-f", "{{.State.ExitCode}}", container_id) == "0"
+    assert took < 2, took
+    assert site.proof_containers() == ""
+    assert (data / "data" / "compiles").is_dir()  # nothing of the data dir was removed
