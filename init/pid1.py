@@ -109,6 +109,7 @@ class Init:
     def run(self) -> int:
         """Boot, serve until asked to stop, shut down; the exit status."""
         self.become_reaper()
+        services.discover(self.options.service_dir)  # a bad service dir: exit 78 before anything
         engine_spec = self.prepare_docker_side()
         self.start_engine(engine_spec)  # comes up while the rest of the boot runs
         self.export_environment()

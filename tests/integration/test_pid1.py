@@ -424,6 +424,17 @@ def test_bad_configuration_exits_78_with_one_line(start: Start, layout: Layout) 
     assert not (layout.marks / "web").exists()
 
 
+def test_a_bad_down_signal_exits_78_before_anything_starts(start: Start, layout: Layout) -> None:
+    layout.service("web", f"echo > {layout.marks}/web\n{WAIT_FOREVER}", down_signal="SIGNOPE")
+    write_script(layout.startup / "10-mark", f"echo > {layout.marks}/startup")
+    init = boot(start, layout)
+    assert init.wait() == 78
+    log = init.log()
+    assert "SIGNOPE" in log and "down-signal" in log
+    assert not (layout.marks / "web").exists()
+    assert not (layout.marks / "startup").exists()
+
+
 def test_not_pid1_the_init_adopts_orphans_as_subreaper(start: Start, layout: Layout) -> None:
     m = layout.marks
     nonce = f"30.{random.randrange(10**8, 10**9)}"
