@@ -36,5 +36,9 @@ LABEL org.opencontainers.image.title="sharelatex-init" \
       org.opencontainers.image.description="PID 1 for ShareLaTeX / Overleaf with sandboxed compiles" \
       org.opencontainers.image.licenses="AGPL-3.0-or-later"
 STOPSIGNAL SIGTERM
+# Healthy: the init and its services run (a crash-looping service is not healthy). Readiness
+# for compiles is `status --check ready` (Kubernetes: an exec readiness probe).
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s \
+  CMD ["sharelatex-init", "status", "--check", "healthy"]
 ENTRYPOINT ["sharelatex-init"]
 CMD ["run"]

@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="show what the running init reports")
     st.add_argument("--json", action="store_true", help="print the status document as JSON")
     st.add_argument("--status-file", type=Path, help="where the init writes its status")
+    st.add_argument(
+        "--check",
+        choices=("healthy", "ready"),
+        help="for probes: exit 0 when healthy (the init and its services run) or ready "
+        "(compiles can run), else 1 with the reason",
+    )
     doc = sub.add_parser("doctor", help="run every preflight check and say how to fix each")
     doc.add_argument("--json", action="store_true", help="print the checks as JSON")
     doc.add_argument("--status-file", type=Path, help="where the init writes its status")
@@ -208,11 +214,28 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
     except (OSError, ValueError) as e:
         print(f"status: cannot read {path}: {e}", file=sys.stderr)
         return 3
+    if options.check:
+        passes, why = status.check(document, options.check, _alive(document.get("pid")))
+        print(f"{options.check}: {'yes' if passes else 'no'}: {why}")
+        return 0 if passes else 1
     if options.json:
         print(json.dumps(document, indent=2, sort_keys=True))
     else:
         print(status.format_text(document))
     return 0
+
+
+def _alive(pid: object) -> bool:
+    """Whether the init that wrote the status still runs (from inside its PID namespace)."""
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _wrap(before: list[str], command: list[str], env: dict[str, str], log: Log) -> int:

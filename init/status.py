@@ -42,6 +42,34 @@ def read(path: Path) -> dict[str, Any]:
     return document
 
 
+CHECKS = ("healthy", "ready")
+
+
+def check(document: Mapping[str, Any], what: str, pid_alive: bool = True) -> tuple[bool, str]:
+    """For probes: (passes, why). healthy: the init runs and every service started is up;
+    ready: healthy, and compiles can run (the engine answers, when compiles are sandboxed)."""
+    if not pid_alive:
+        return False, f"the init (pid {document.get('pid')}) is not running"
+    phase = document.get("phase")
+    if phase not in ("starting", "running"):
+        return False, f"the init is {phase}"
+    for service in document.get("services", []):
+        if service["state"] in ("backoff", "failed"):
+            return False, f"{service['name']} is {service['state']}: {service.get('reason', '')}"
+    if what == "healthy":
+        return True, f"the init is {phase}"
+    if phase != "running":
+        return False, "the init is still starting"
+    engine = document.get("engine")
+    if engine is not None and not engine.get("ready"):
+        why = engine.get("reason") or engine.get("state")
+        return (
+            False,
+            f"compiles cannot run yet: the {engine.get('mode')} engine is not ready ({why})",
+        )
+    return True, "compiles can run" if engine is not None else "running (compiles not sandboxed)"
+
+
 def format_text(document: Mapping[str, Any], now: float | None = None) -> str:
     """The status as a person reads it: the init's phase, then one line per service."""
     now = time.time() if now is None else now

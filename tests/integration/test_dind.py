@@ -56,6 +56,15 @@ class RunningInit:
     environ: dict[str, str]
     started: float = field(default_factory=time.monotonic)
 
+    def probe(self, what: str) -> tuple[int, str]:
+        """`sharelatex-init status --check WHAT`, as a HEALTHCHECK or a readiness probe runs it."""
+        done = subprocess.run(
+            [sys.executable, "-m", "init", "status", "--check", what, "--status-file",
+             str(self.status_file)],
+            capture_output=True, text=True, env=self.environ, timeout=30,
+        )  # fmt: skip
+        return done.returncode, done.stdout.strip()
+
     def doctor(self) -> tuple[int, list[dict[str, str]]]:
         """`sharelatex-init doctor --json` run beside the init, as an operator would."""
         done = subprocess.run(
@@ -219,6 +228,8 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "hello from the inner engine"
     assert "dockerd: ready in" in init.log()
+    assert init.probe("ready") == (0, "ready: yes: compiles can run")
+    assert init.probe("healthy")[0] == 0
     code, checks = init.doctor()
     by_name = {c["name"]: c for c in checks}
     assert code == 0, checks
@@ -248,6 +259,8 @@ def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
     assert engine["fix"].startswith(fix)
     assert init.dockerd() is None
     assert fix in init.log()
+    code, said = init.probe("ready")
+    assert code == 1 and "dind engine is not ready" in said
     code, checks = init.doctor()
     assert code == 1
     (failed,) = [c for c in checks if c["status"] == "fail"]

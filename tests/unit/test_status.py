@@ -44,3 +44,32 @@ def test_text_shows_each_service_state_and_crash_loops() -> None:
     assert "web   up, pid 7, for 1 min 0 s" in text
     assert "clsi  backoff, 4 restarts, crash loop, next start in 4.0 s" in text
     assert "last exited with status 1" in text
+
+
+def running(**extra: object) -> dict[str, object]:
+    return {
+        "pid": 1,
+        "phase": "running",
+        "services": [{"name": "web", "state": "up"}, {"name": "clsi", "state": "starting"}],
+        **extra,
+    }
+
+
+def test_healthy_when_the_init_runs_and_its_services_are_up() -> None:
+    assert status.check(running(), "healthy") == (True, "the init is running")
+    assert status.check(running(), "healthy", pid_alive=False)[0] is False
+    assert status.check(running(phase="stopping"), "healthy") == (False, "the init is stopping")
+
+
+def test_a_crash_looping_service_is_unhealthy_and_says_why() -> None:
+    document = running(services=[{"name": "web", "state": "backoff", "reason": "exit 1"}])
+    assert status.check(document, "healthy") == (False, "web is backoff: exit 1")
+
+
+def test_ready_needs_the_engine_when_compiles_are_sandboxed() -> None:
+    not_yet = running(engine={"mode": "dind", "ready": False, "state": "starting", "reason": ""})
+    passes, why = status.check(not_yet, "ready")
+    assert not passes and "dind engine is not ready (starting)" in why
+    assert status.check(running(engine={"mode": "dind", "ready": True}), "ready")[0]
+    assert status.check(running(), "ready") == (True, "running (compiles not sandboxed)")
+    assert status.check(running(phase="starting"), "ready")[0] is False
