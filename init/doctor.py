@@ -44,6 +44,17 @@ def run_checks(
         checks += dind_checks(settings, environ, status_file, root)
     if settings.mode is Mode.SIBLING:
         checks += sibling_checks(settings, environ)
+    if settings.mode is not Mode.OFF:
+        # Until the compile runner and its latexmk shim land, the engine is ready but the
+        # compile service still runs latexmk itself: say so rather than imply a sandbox.
+        checks.append(
+            Check(
+                "compile runner",
+                Status.WARN,
+                "this version prepares the engine but has no compile runner yet: the compile "
+                "service still runs latexmk in this container, unsandboxed",
+            )
+        )
     return checks
 
 
