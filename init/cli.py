@@ -207,7 +207,7 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
 
     path = status.status_path(env, options.status_file)
     try:
-        document = status.read(path)
+        document = status.read_all(path)
     except FileNotFoundError:
         print(f"status: no status at {path}: is the init running?", file=sys.stderr)
         return 3
@@ -215,7 +215,7 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"status: cannot read {path}: {e}", file=sys.stderr)
         return 3
     if options.check:
-        passes, why = status.check(document, options.check, _alive(document.get("pid")))
+        passes, why = status.check(document, options.check, status.pid_alive(document.get("pid")))
         print(f"{options.check}: {'yes' if passes else 'no'}: {why}")
         return 0 if passes else 1
     if options.json:
@@ -223,19 +223,6 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
     else:
         print(status.format_text(document))
     return 0
-
-
-def _alive(pid: object) -> bool:
-    """Whether the init that wrote the status still runs (from inside its PID namespace)."""
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _wrap(before: list[str], command: list[str], env: dict[str, str], log: Log) -> int:

@@ -45,6 +45,19 @@ PRODUCT_VARIABLES = (
     STORAGE_DRIVER,
 )
 
+# The init's own settings (no product prefixes): how the TeX Live images get into the engine,
+# the optional HTTP status endpoint, and how the services' compiles reach the sandbox.
+TEXLIVE_SOURCES = "SHARELATEX_INIT_TEXLIVE_SOURCES"
+TEXLIVE_TARBALL_DIR = "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR"
+HTTP_ADDRESS = "SHARELATEX_INIT_HTTP_ADDRESS"
+COMPILE_RUNNER = "SHARELATEX_INIT_COMPILE_RUNNER"
+SOURCE_NAMES = ("pull", "load", "build")
+DEFAULT_SOURCES = ("pull", "load", "build")
+DEFAULT_TARBALL_DIR = Path("/var/lib/sharelatex-init/images")  # used when it exists
+# shim: a sandboxing `latexmk` first on the services' PATH (Community Edition); docker: the
+# services' own docker runner reads DOCKER_RUNNER (Server Pro); auto: docker when one is there.
+COMPILE_RUNNERS = ("auto", "shim", "docker")
+
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
 
@@ -79,6 +92,10 @@ class Settings:
     compiles_dir: Path = DEFAULT_COMPILES_DIR
     output_dir: Path = DEFAULT_OUTPUT_DIR
     storage_driver: str | None = None  # None: dockerd's own choice on a real filesystem
+    texlive_sources: tuple[str, ...] = DEFAULT_SOURCES
+    tarball_dir: Path | None = None
+    http_address: tuple[str, int] | None = None  # (host, port); None: no HTTP endpoint
+    compile_runner: str = "auto"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -193,6 +210,27 @@ def load(environ: Mapping[str, str]) -> Settings:
                 f"use one of {', '.join(STORAGE_DRIVERS)} (or unset it to let dockerd choose)"
             )
 
+    sources = _sources(environ.get(TEXLIVE_SOURCES), problems)
+    tarball_dir = _path(
+        _own(environ, TEXLIVE_TARBALL_DIR),
+        problems,
+        f"a dir in the container, e.g. {DEFAULT_TARBALL_DIR}",
+    )
+    if tarball_dir is None and DEFAULT_TARBALL_DIR.is_dir():
+        tarball_dir = DEFAULT_TARBALL_DIR
+    http_address = None
+    if environ.get(HTTP_ADDRESS, "").strip():
+        try:
+            http_address = parse_address(environ[HTTP_ADDRESS])
+        except ValueError as e:
+            problems.append(f"{HTTP_ADDRESS}={environ[HTTP_ADDRESS]!r}: {e}")
+    runner = environ.get(COMPILE_RUNNER, "").strip().lower() or "auto"
+    if runner not in COMPILE_RUNNERS:
+        problems.append(
+            f"{COMPILE_RUNNER}={environ[COMPILE_RUNNER]!r} is not a compile runner; "
+            f"use one of {', '.join(COMPILE_RUNNERS)}"
+        )
+
     if problems:
         raise ConfigError(problems)
     return Settings(
@@ -202,6 +240,10 @@ def load(environ: Mapping[str, str]) -> Settings:
         host_dir_compiles=host_compiles,
         host_dir_output=host_output,
         storage_driver=storage_driver,
+        texlive_sources=sources,
+        tarball_dir=tarball_dir,
+        http_address=http_address,
+        compile_runner=runner,
         warnings=tuple(warnings),
     )
 
@@ -244,15 +286,16 @@ def _boolean(found: tuple[str, str] | None, problems: list[str]) -> bool:
     return False
 
 
-def _path(found: tuple[str, str] | None, problems: list[str]) -> Path | None:
+def _path(
+    found: tuple[str, str] | None,
+    problems: list[str],
+    example: str = "the full path on the host, e.g. /data/sharelatex_data/data/compiles",
+) -> Path | None:
     if found is None or found[1] == "":
         return None
     source, value = found
     if not value.startswith("/"):
-        problems.append(
-            f"{source}={value!r} is not an absolute path; give the full path on the host, "
-            "e.g. /data/sharelatex_data/data/compiles"
-        )
+        problems.append(f"{source}={value!r} is not an absolute path; give {example}")
         return None
     return Path(value)
 
@@ -291,3 +334,38 @@ def _images(
         image = listed[0] if listed else DEFAULT_TEXLIVE_IMAGE
     ordered = [image, *(i for i in listed if i != image)]
     return image, tuple(ordered)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """`HOST:PORT`, `[IPv6]:PORT` or `:PORT` (all addresses) -> (host, port); ValueError saying
+    what to write."""
+    text = text.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        raise ValueError("give HOST:PORT, e.g. 127.0.0.1:8089 or 0.0.0.0:8089")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError("write an IPv6 address in brackets, e.g. [::1]:8089")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"port {port!r} is not a number from 1 to 65535; e.g. 0.0.0.0:8089")
+    return host or "0.0.0.0", int(port)
+
+
+def _own(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
+    """One of the init's own variables as (name, value), like a product variable's lookup."""
+    return (name, environ[name]) if name in environ else None
+
+
+def _sources(value: str | None, problems: list[str]) -> tuple[str, ...]:
+    if value is None or not value.strip():
+        return DEFAULT_SOURCES
+    names = tuple(dict.fromkeys(part.strip().lower() for part in value.split(",") if part.strip()))
+    wrong = [name for name in names if name not in SOURCE_NAMES]
+    if wrong or not names:
+        problems.append(
+            f"{TEXLIVE_SOURCES}={value!r}: {', '.join(wrong) or 'nothing'} is not a source; "
+            f"use a comma list of {', '.join(SOURCE_NAMES)} in the order to try, e.g. pull,load"
+        )
+        return DEFAULT_SOURCES
+    return names

@@ -38,9 +38,11 @@ class InnerEngine(ServiceHooks):
         run_dir: Path,
         on_change: Callable[[], None] = lambda: None,
         root: Path = Path("/"),
+        on_ready: Callable[[], None] = lambda: None,
     ) -> None:
         self.loop = loop
         self.on_change = on_change
+        self.on_ready = on_ready
         self.log = log
         self.layout = layout
         self.run_dir = run_dir
@@ -151,6 +153,7 @@ class InnerEngine(ServiceHooks):
             f"engine {result.get('server_version', '?')}"
             + (f"; removed {len(swept)} leftover compile containers" if swept else ""),
         )
+        self.on_ready()
 
     def _refuse(self, message: str, fix: str) -> None:
         self.fix = fix

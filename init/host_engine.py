@@ -9,7 +9,7 @@ services then get the socket and the resolved host paths in their environment.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from init import children, sibling
@@ -30,10 +30,18 @@ CHECK_DEADLINE = 5.0  # seconds for the host's engine to answer
 class HostEngine:
     """The host's engine as PID 1 sees it: checked once at boot, then handed to the services."""
 
-    def __init__(self, loop: EventLoop, log: Log, run_dir: Path) -> None:
+    def __init__(
+        self,
+        loop: EventLoop,
+        log: Log,
+        run_dir: Path,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self.loop = loop
         self.log = log
         self.run_dir = run_dir
+        self.on_change = on_change
+        self._args: list[str] = []
         self.state = "checking"
         self.reason = ""
         self.since = time.time()
@@ -62,6 +70,7 @@ class HostEngine:
             args += ["--host-dir-output", str(settings.host_dir_output)]
         if environ.get(CONTAINER_ID):
             args += ["--container-id", environ[CONTAINER_ID]]
+        self._args = args
         result = self._run_check(args)
         self.result = result
         for note in result.get("notes", []):
@@ -84,6 +93,31 @@ class HostEngine:
         if output:
             env[HOST_DIR_OUTPUT] = str(output)
         return env
+
+    def prove_again(self) -> None:
+        """Once the compile image is present (the proof at boot is skipped without it): run the
+        check again in the background; a failure now keeps compiles off and says why."""
+        result_file = self.run_dir / "sibling-proof.json"
+
+        def done(result: dict[str, Any]) -> None:
+            proof = result.get("proof") or {}
+            self.result["proof"] = proof
+            if result.get("ok") and proof.get("status") != "failed":
+                self.log.info("sibling", f"proof: {proof.get('message', proof.get('status'))}")
+            else:
+                self.state = "failed"
+                self.reason = "; ".join(result.get("problems") or [str(result.get("error"))])
+                self.since = time.time()
+                self.log.error("sibling", f"compiles cannot run: {self.reason}")
+            self.on_change()
+
+        try:
+            children.start(
+                self.loop, self.log, "sibling", "init.sibling_check",
+                (*self._args, "--result", str(result_file)), result_file, done,
+            )  # fmt: skip
+        except SpawnError as e:
+            self.log.error("sibling", f"cannot prove the host path: {e}")
 
     def _run_check(self, args: list[str]) -> dict[str, Any]:
         """Run the check child to its end under the loop (signals and reaping go on)."""

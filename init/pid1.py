@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
 
     from init.dind import InnerEngine
     from init.host_engine import HostEngine
+    from init.texlive_job import TexLiveJob
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What the init passes on to its services. Not the synchronous fault signals (SEGV, BUS, FPE,
@@ -99,6 +101,7 @@ class Init:
         self.supervisor: Supervisor | None = None
         self.engine: InnerEngine | None = None
         self.host_engine: HostEngine | None = None
+        self.texlive: TexLiveJob | None = None
         for signum in STOP_SIGNALS:
             self.loop.on_signal(signum, self._on_stop_signal)
         for signum in FORWARDED_SIGNALS:
@@ -135,8 +138,11 @@ class Init:
         if settings is not None and settings.mode is Mode.SIBLING:
             from init.host_engine import HostEngine  # only sibling mode pays for its imports
 
-            self.host_engine = HostEngine(self.loop, self.log, self.options.status_file.parent)
+            self.host_engine = HostEngine(
+                self.loop, self.log, self.options.status_file.parent, on_change=self.write_status
+            )
             self.environ.update(self.host_engine.prepare(settings, self.environ))
+            self.prepare_compiles(settings, self.environ["DOCKER_HOST"])
             return None
         if settings is None or settings.mode is not Mode.DIND:
             return None
@@ -149,9 +155,45 @@ class Init:
             layout,
             run_dir=self.options.status_file.parent,
             on_change=self.write_status,
+            on_ready=self.start_texlive,
         )
         self.environ["DOCKER_HOST"] = layout.docker_host
+        self.prepare_compiles(settings, layout.docker_host)
         return self.engine.prepare(self.options.storage_opt_in, settings.all_texlive_images)
+
+    def prepare_compiles(self, settings: Settings, docker_host: str) -> None:
+        """The TeX Live installer's job, and what the services need to compile sandboxed: the
+        shim first on their PATH, or the variables of their own docker runner."""
+        from init import compile_env
+        from init.texlive_job import TexLiveJob
+
+        run_dir = self.options.status_file.parent
+        self.texlive = TexLiveJob(
+            self.log,
+            settings,
+            docker_host.removeprefix("unix://"),
+            self.options.status_file,
+            on_change=self.write_status,
+            on_done=self._on_images_present,
+        )
+        runner = compile_env.choose_runner(settings)
+        shim_dir = run_dir / "shim"
+        if runner == "shim":
+            compile_env.write_shims(shim_dir, sys.executable)
+        self.environ.update(compile_env.environment(settings, self.environ, runner, shim_dir))
+        how = f"the sandboxing latexmk in {shim_dir}" if runner == "shim" else "their docker runner"
+        self.log.info("init", f"the services compile through {how}")
+
+    def start_texlive(self) -> None:
+        """The installer, once the engine answers (dind: dockerd's first readiness)."""
+        job = self.texlive
+        if job is None or job.launched or self.supervisor is None or self.supervisor.stopping:
+            return
+        self.supervisor.start([job.spec()], {job.spec().name: job})
+
+    def _on_images_present(self) -> None:
+        if self.host_engine is not None:
+            self.host_engine.prove_again()
 
     def export_environment(self) -> None:
         self.environ = container_env.export(self.options.env_files, self.environ)
@@ -178,6 +220,21 @@ class Init:
         self.supervisor = Supervisor(self.loop, self.log, self.environ, on_change=self.write_status)
         if engine_spec is not None and self.engine is not None:
             self.supervisor.start([engine_spec], {engine_spec.name: self.engine})
+        if self.host_engine is not None:
+            self.start_texlive()  # the host's engine answered already
+        settings = self.options.settings
+        if settings is not None and settings.http_address is not None:
+            self.supervisor.start([self._http_spec(settings.http_address)])
+
+    def _http_spec(self, address: tuple[str, int]) -> ServiceSpec:
+        """The optional /healthz /readyz /status endpoint: a child, so PID 1 serves nothing."""
+        host, port = address
+        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        argv = (
+            sys.executable, "-m", "init.http_status",
+            "--listen", listen, "--status-file", str(self.options.status_file),
+        )  # fmt: skip
+        return ServiceSpec(name="http-status", directory=Path("/"), argv=argv)
 
     def start_services(self) -> None:
         """The services of the service dir in name order, with the environment as it is now."""
@@ -219,6 +276,8 @@ class Init:
             self.supervisor.close_outputs()
         if self.engine is not None:
             self.engine.mark_stopped()
+        if self.texlive is not None:
+            self.texlive.mark_stopped()
         self.phase = "stopped"
         self.write_status()
         self.log.info("init", f"exiting with status {exit_status}")
@@ -336,6 +395,7 @@ class Init:
             "message": self.message,
             "services": self.supervisor.snapshot() if self.supervisor else [],
             "engine": self._engine_summary(),
+            "texlive": self.texlive.summary() if self.texlive is not None else None,
         }
         try:
             status.write(self.options.status_file, document)

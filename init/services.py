@@ -30,6 +30,9 @@ class ServiceSpec:
     start_at_boot: bool = True
     stop_signal: int = 15
     env: tuple[tuple[str, str], ...] = ()  # added to the services' environment
+    # Exit statuses after which it is finished rather than crashed: not restarted (the init's
+    # own jobs, such as the TeX Live installer; runit services always restart).
+    done_statuses: frozenset[int] = frozenset()
 
 
 def is_executable_file(path: Path) -> bool:

@@ -16,8 +16,9 @@ class State(enum.Enum):
 
 _ALLOWED: dict[State, frozenset[State]] = {
     State.DOWN: frozenset({State.STARTING, State.FAILED}),
-    State.STARTING: frozenset({State.UP, State.BACKOFF, State.STOPPING}),
-    State.UP: frozenset({State.BACKOFF, State.STOPPING}),
+    # -> DOWN straight from running: a job that finished (ServiceSpec.done_statuses).
+    State.STARTING: frozenset({State.UP, State.BACKOFF, State.STOPPING, State.DOWN}),
+    State.UP: frozenset({State.BACKOFF, State.STOPPING, State.DOWN}),
     State.BACKOFF: frozenset({State.STARTING, State.FAILED, State.DOWN}),
     State.FAILED: frozenset({State.STARTING, State.FAILED, State.DOWN}),
     State.STOPPING: frozenset({State.DOWN}),

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 DEFAULT_STATUS_FILE = Path("/run/sharelatex-init/status.json")
 STATUS_FILE_VARIABLE = "SHARELATEX_INIT_STATUS_FILE"
+TEXLIVE_STATUS_NAME = "texlive.json"  # beside the status file: the TeX Live installer's own
 
 
 def status_path(environ: Mapping[str, str], given: Path | None = None) -> Path:
@@ -21,6 +22,11 @@ def status_path(environ: Mapping[str, str], given: Path | None = None) -> Path:
     if given is not None:
         return given
     return Path(environ.get(STATUS_FILE_VARIABLE) or DEFAULT_STATUS_FILE)
+
+
+def texlive_status_path(status_file: Path) -> Path:
+    """Where the TeX Live installer child keeps its per-image status (init.texlive's Board)."""
+    return status_file.with_name(TEXLIVE_STATUS_NAME)
 
 
 def write(path: Path, document: Mapping[str, Any]) -> None:
@@ -40,6 +46,33 @@ def read(path: Path) -> dict[str, Any]:
     with open(path, encoding="utf-8") as f:
         document: dict[str, Any] = json.load(f)
     return document
+
+
+def read_all(path: Path) -> dict[str, Any]:
+    """The init's status with the installer's per-image status under "texlive" (when it has
+    one): what `status`, the probes and the HTTP endpoint show. OSError/ValueError if the init's
+    own file cannot be read; an installer file not written yet is simply left out."""
+    document = read(path)
+    texlive = document.get("texlive")
+    if isinstance(texlive, dict):
+        try:
+            texlive.update(read(texlive_status_path(path)))
+        except (OSError, ValueError):
+            pass
+    return document
+
+
+def pid_alive(pid: object) -> bool:
+    """Whether the init that wrote the status still runs (asked from inside its PID namespace)."""
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 CHECKS = ("healthy", "ready")
@@ -67,7 +100,22 @@ def check(document: Mapping[str, Any], what: str, pid_alive: bool = True) -> tup
             False,
             f"compiles cannot run yet: the {engine.get('mode')} engine is not ready ({why})",
         )
+    texlive = document.get("texlive")
+    if texlive is not None and not texlive.get("ready"):
+        return False, f"compiles cannot run yet: {texlive_not_ready(texlive)}"
     return True, "compiles can run" if engine is not None else "running (compiles not sandboxed)"
+
+
+def texlive_not_ready(texlive: Mapping[str, Any]) -> str:
+    """Why the default compile image cannot be used yet, from the merged "texlive" part."""
+    from init import progress
+
+    default = texlive.get("default", "?")
+    entries = [i for i in texlive.get("images", []) if i.get("image") == default]
+    entry: Mapping[str, Any] = entries[0] if entries else {}
+    if texlive.get("state") == "failed" and entry.get("state") != "failed":
+        return f"the TeX Live installer failed: {texlive.get('reason', '')}"
+    return progress.still_installing(default, entry)
 
 
 def format_text(document: Mapping[str, Any], now: float | None = None) -> str:
@@ -85,7 +133,36 @@ def format_text(document: Mapping[str, Any], now: float | None = None) -> str:
         lines.append(f"{service['name']:<{width}}  {_service_line(service, now)}")
     if not services:
         lines.append("(no services)")
+    engine = document.get("engine")
+    if engine:
+        lines.append(_engine_line(engine))
+    texlive = document.get("texlive")
+    if texlive:
+        from init import progress
+
+        images = texlive.get("images", [])
+        width = max((len(i["image"]) for i in images), default=0)
+        for entry in images:
+            default = " (default)" if entry["image"] == texlive.get("default") else ""
+            lines.append(
+                f"texlive: {entry['image']:<{width}}  {progress.image_line(entry)}{default}"
+            )
+        if texlive.get("state") == "failed" and texlive.get("reason"):
+            lines.append(f"texlive: {texlive['reason']}")
     return "\n".join(lines)
+
+
+def _engine_line(engine: Mapping[str, Any]) -> str:
+    parts = [f"engine: {engine.get('mode')} {engine.get('state')}"]
+    if engine.get("driver"):
+        parts.append(f"storage driver {engine['driver']}")
+    if engine.get("host_dir_compiles"):
+        parts.append(f"host compile dir {engine['host_dir_compiles']}")
+    if engine.get("reason"):
+        parts.append(str(engine["reason"]))
+    if engine.get("fix"):
+        parts.append(f"fix: {engine['fix']}")
+    return ", ".join(parts)
 
 
 def _service_line(service: Mapping[str, Any], now: float) -> str:

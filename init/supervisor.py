@@ -197,6 +197,11 @@ class Supervisor:
             self.log.info(service.name, f"stopped: {exit_.describe()} after {uptime:.1f} s")
             self._after_exit(service, exit_, then=lambda: self._move(service, State.DOWN))
             return
+        if exit_.code is not None and exit_.code in service.spec.done_statuses:
+            service.reason = f"finished: {exit_.describe()}"
+            self.log.info(service.name, f"finished: {exit_.describe()} after {uptime:.1f} s")
+            self._after_exit(service, exit_, then=lambda: self._move(service, State.DOWN))
+            return
         if not self.backoff.is_quick(uptime):
             service.quick_exits = 0
         service.quick_exits += 1

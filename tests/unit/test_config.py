@@ -247,3 +247,49 @@ def test_unknown_storage_driver_is_refused_with_the_choices() -> None:
     (problem,) = problems_of({"SANDBOXED_COMPILES_STORAGE_DRIVER": "aufs"})
     assert "SANDBOXED_COMPILES_STORAGE_DRIVER='aufs'" in problem
     assert "overlay2" in problem and "vfs" in problem
+
+
+def test_the_installer_sources_default_to_every_source_in_order() -> None:
+    assert config.load({}).texlive_sources == ("pull", "load", "build")
+    chosen = config.load({"SHARELATEX_INIT_TEXLIVE_SOURCES": " load, PULL,load"})
+    assert chosen.texlive_sources == ("load", "pull")
+
+
+def test_the_inits_own_variables_are_checked_all_at_once() -> None:
+    with pytest.raises(ConfigError) as e:
+        config.load(
+            {
+                "SHARELATEX_INIT_TEXLIVE_SOURCES": "pull,ftp",
+                "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR": "images",
+                "SHARELATEX_INIT_HTTP_ADDRESS": "8089",
+                "SHARELATEX_INIT_COMPILE_RUNNER": "kubernetes",
+            }
+        )
+    assert e.value.problems == [
+        "SHARELATEX_INIT_TEXLIVE_SOURCES='pull,ftp': ftp is not a source; use a comma list of "
+        "pull, load, build in the order to try, e.g. pull,load",
+        "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR='images' is not an absolute path; give a dir in "
+        "the container, e.g. /var/lib/sharelatex-init/images",
+        "SHARELATEX_INIT_HTTP_ADDRESS='8089': give HOST:PORT, e.g. 127.0.0.1:8089 or 0.0.0.0:8089",
+        "SHARELATEX_INIT_COMPILE_RUNNER='kubernetes' is not a compile runner; use one of "
+        "auto, shim, docker",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "address"),
+    [
+        ("127.0.0.1:8089", ("127.0.0.1", 8089)),
+        (":8089", ("0.0.0.0", 8089)),
+        ("[::1]:80", ("::1", 80)),
+        ("localhost:65535", ("localhost", 65535)),
+    ],
+)
+def test_http_addresses_that_parse(text: str, address: tuple[str, int]) -> None:
+    assert config.parse_address(text) == address
+
+
+@pytest.mark.parametrize("text", ["8089", "::1:80", "host:0", "host:65536", "host:http"])
+def test_http_addresses_that_do_not(text: str) -> None:
+    with pytest.raises(ValueError):
+        config.parse_address(text)

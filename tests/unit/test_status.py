@@ -73,3 +73,69 @@ def test_ready_needs_the_engine_when_compiles_are_sandboxed() -> None:
     assert status.check(running(engine={"mode": "dind", "ready": True}), "ready")[0]
     assert status.check(running(), "ready") == (True, "running (compiles not sandboxed)")
     assert status.check(running(phase="starting"), "ready")[0] is False
+
+
+INSTALLING = {
+    "image": "texlive/texlive:2024",
+    "state": "installing",
+    "source": "pull",
+    "bytes_done": 1_200_000_000,
+    "bytes_total": 2_800_000_000,
+    "rate": 12_300_000,
+    "eta_seconds": 170,
+}
+
+
+def texlive(*entries: dict[str, object], ready: bool = False, **extra: object) -> dict[str, object]:
+    return {"ready": ready, "default": "texlive/texlive:2024", "images": list(entries), **extra}
+
+
+def test_ready_needs_the_default_image_and_says_how_far_it_is() -> None:
+    engine = {"mode": "dind", "ready": True}
+    passes, why = status.check(running(engine=engine, texlive=texlive(INSTALLING)), "ready")
+    assert not passes
+    assert why == (
+        "compiles cannot run yet: TeX Live image texlive/texlive:2024 is still installing: "
+        "43% (1.2 of 2.8 GB), about 3 min left"
+    )
+    present = {**INSTALLING, "state": "present"}
+    assert status.check(running(engine=engine, texlive=texlive(present, ready=True)), "ready") == (
+        True,
+        "compiles can run",
+    )
+    failed = texlive({"image": "texlive/texlive:2024", "state": "failed", "reason": "no such"})
+    assert "failed to install: no such" in status.check(running(texlive=failed), "ready")[1]
+    # healthy does not wait for TeX Live: the site is up while it installs
+    assert status.check(running(engine=engine, texlive=texlive(INSTALLING)), "healthy")[0]
+
+
+def test_read_all_merges_the_installers_file_over_the_inits_summary(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    waiting = {"image": "texlive/texlive:2024", "state": "waiting"}
+    status.write(path, running(texlive=texlive(waiting, state="installing")))
+    assert status.read_all(path)["texlive"]["images"] == [waiting]
+    status.write(status.texlive_status_path(path), texlive(INSTALLING))
+    merged = status.read_all(path)["texlive"]
+    assert merged["images"] == [INSTALLING] and merged["state"] == "installing"
+
+
+def test_text_shows_the_engine_and_each_image() -> None:
+    retrying = {
+        "image": "texlive/texlive:2023",
+        "state": "retrying",
+        "reason": "registry unreachable",
+        "next_try_at": "12:00:05",
+    }
+    document = running(
+        started_at=0.0,
+        services=[],
+        engine={"mode": "dind", "state": "ready", "driver": "overlay2"},
+        texlive=texlive(INSTALLING, retrying),
+    )
+    text = status.format_text(document, now=10.0)
+    assert "engine: dind ready, storage driver overlay2" in text
+    assert (
+        "texlive: texlive/texlive:2024  installing by pull 43% (1.2/2.8 GB), 12.3 MB/s, "
+        "~3 min left (default)"
+    ) in text
+    assert "texlive: texlive/texlive:2023  retrying at 12:00:05: registry unreachable" in text

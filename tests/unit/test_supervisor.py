@@ -129,3 +129,25 @@ def test_state_machine_refuses_moves_it_does_not_allow() -> None:
         check_transition(State.DOWN, State.UP)
     with pytest.raises(TransitionError):
         check_transition(State.STOPPING, State.STARTING)
+
+
+def test_a_job_that_exits_with_a_done_status_is_finished_not_restarted() -> None:
+    log = io.StringIO()
+    loop = EventLoop(Log(log), ())
+    try:
+        supervisor = Supervisor(loop, Log(log), {})
+        job = ServiceSpec(
+            name="job", directory=Path("/"), argv=("/bin/sh", "-c", "exit 1"),
+            done_statuses=frozenset({0, 1}),
+        )  # fmt: skip
+        crash = ServiceSpec(name="crash", directory=Path("/"), argv=("/bin/sh", "-c", "exit 3"))
+        supervisor.start([job, crash])
+        done, crashed = supervisor.services
+        assert loop.run_until(lambda: crashed.restarts >= 1, loop.clock() + 5)
+        assert loop.run_until(lambda: done.state is State.DOWN, loop.clock() + 5)
+        assert done.restarts == 0 and done.next_start_at is None
+        assert done.reason == "finished: exited with status 1"
+        assert crashed.state in (State.BACKOFF, State.STARTING)  # the runit service restarts
+        assert "job: finished: exited with status 1 after" in log.getvalue()
+    finally:
+        loop.close()

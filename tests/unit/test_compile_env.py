@@ -1,0 +1,58 @@
+"""How the services' compiles reach the sandbox: the shim on PATH, or their own docker runner."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from init import compile_env, config
+
+
+def settings(**environ: str) -> config.Settings:
+    return config.load({"SANDBOXED_COMPILES": "true", **environ})
+
+
+def test_auto_picks_the_shim_unless_the_image_has_a_docker_runner(tmp_path: Path) -> None:
+    assert compile_env.choose_runner(settings(), tmp_path) == "shim"
+    runner = tmp_path / "overleaf/services/clsi/app/js/DockerRunner.js"
+    runner.parent.mkdir(parents=True)
+    runner.write_text("")
+    assert compile_env.choose_runner(settings(), tmp_path) == "docker"
+    forced = settings(SHARELATEX_INIT_COMPILE_RUNNER="shim")
+    assert compile_env.choose_runner(forced, tmp_path) == "shim"
+
+
+def test_the_shim_goes_first_on_path_and_no_switch_reaches_community_edition() -> None:
+    env = compile_env.environment(
+        settings(ALL_TEX_LIVE_DOCKER_IMAGES="a:1,b:2"), {"PATH": "/usr/bin"}, "shim", Path("/s")
+    )
+    assert env == {
+        "TEX_LIVE_DOCKER_IMAGE": "a:1",
+        "ALL_TEX_LIVE_DOCKER_IMAGES": "a:1,b:2",
+        "PATH": "/s:/usr/bin",
+    }
+
+
+def test_a_docker_runner_gets_what_server_pro_reads() -> None:
+    sibling = settings(
+        SANDBOXED_COMPILES_SIBLING_CONTAINERS="true", ALL_TEX_LIVE_DOCKER_IMAGES="a:1,b:2"
+    )
+    env = compile_env.environment(sibling, {}, "docker", Path("/s"))
+    assert env["DOCKER_RUNNER"] == env["SANDBOXED_COMPILES"] == "true"
+    assert env["SANDBOXED_COMPILES_SIBLING_CONTAINERS"] == "true"
+    assert env["ALLOWED_IMAGES"] == "a:1 b:2"
+    assert "PATH" not in env
+
+
+def test_the_shim_scripts_run_the_shim_module_with_their_name(tmp_path: Path) -> None:
+    fake_python = tmp_path / "python"
+    fake_python.write_text('#!/bin/sh\necho "$@"\n')
+    fake_python.chmod(0o755)
+    compile_env.write_shims(tmp_path / "shim", str(fake_python))
+    assert sorted(p.name for p in (tmp_path / "shim").iterdir()) == sorted(
+        compile_env.SHIM_COMMANDS
+    )
+    out = subprocess.run(
+        [tmp_path / "shim" / "latexmk", "-pdf", "a b.tex"], capture_output=True, text=True
+    )
+    assert out.stdout == "-m init.shim latexmk -pdf a b.tex\n"
