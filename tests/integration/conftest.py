@@ -6,6 +6,7 @@ there the missing privilege is a failure, so the suite cannot pass by skipping i
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -284,6 +285,34 @@ def busybox_tar() -> bytes:
         link.type = tarfile.SYMTYPE
         link.linkname = "busybox"
         tar.addfile(link)
+    return buffer.getvalue()
+
+
+def saved_image(tag: str = IMAGE) -> bytes:
+    """`busybox_tar()` as `docker save` writes it (manifest, config, one layer), tagged `tag`:
+    what the TeX Live installer's `load` source takes, made with no engine at all."""
+    layer = busybox_tar()
+    diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Cmd": ["/bin/sh"]},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }
+    ).encode()
+    config_name = hashlib.sha256(config).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": ["layer/layer.tar"]}]
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in (
+            ("layer/layer.tar", layer),
+            (config_name, config),
+            ("manifest.json", json.dumps(manifest).encode()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.integration.conftest import busybox_tar, require
+from tests.integration.conftest import IMAGE, require, saved_image
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
@@ -64,6 +64,13 @@ class RunningInit:
             capture_output=True, text=True, env=self.environ, timeout=30,
         )  # fmt: skip
         return done.returncode, done.stdout.strip()
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """`sharelatex-init ARGS --status-file F` beside the init."""
+        return subprocess.run(
+            [sys.executable, "-m", "init", *args, "--status-file", str(self.status_file)],
+            capture_output=True, text=True, env=self.environ, timeout=30,
+        )  # fmt: skip
 
     def doctor(self) -> tuple[int, list[dict[str, str]]]:
         """`sharelatex-init doctor --json` run beside the init, as an operator would."""
@@ -157,9 +164,15 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
         data.mkdir(parents=True, exist_ok=True)
         status_file = base / "run" / "status.json"
         socket = Path(env.get("SHARELATEX_INIT_DOCKER_SOCKET", base / "docker.sock"))
+        # The compile image comes from a `docker save` tarball (no registry is reachable).
+        (base / "images").mkdir()
+        (base / "images" / "busybox_test.tar").write_bytes(saved_image(IMAGE))
         environ = {
             **os.environ,
             "SANDBOXED_COMPILES": "true",
+            "TEX_LIVE_DOCKER_IMAGE": IMAGE,
+            "SHARELATEX_INIT_TEXLIVE_SOURCES": "load",
+            "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR": str(base / "images"),
             "SHARELATEX_INIT_DOCKER_DATA_ROOT": str(data),
             "SHARELATEX_INIT_DOCKER_EXEC_ROOT": str(base / "exec"),
             "SHARELATEX_INIT_DOCKER_SOCKET": str(socket),
@@ -209,6 +222,24 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
             running.proc.wait(10)
 
 
+def test_compiles_are_not_ready_while_the_image_cannot_be_installed_and_status_says_why(
+    start_init: Callable[..., RunningInit], short_tmp: Path
+) -> None:
+    (short_tmp / "empty").mkdir()
+    init = start_init(SHARELATEX_INIT_TEXLIVE_TARBALL_DIR=str(short_tmp / "empty"))
+    init.wait_engine("ready")
+    wait_for(lambda: init.status().get("texlive", {}).get("state") == "failed", 30, "failed")
+    code, line = init.probe("ready")
+    assert code == 1
+    assert line.startswith("ready: no: compiles cannot run yet: TeX Live image busybox:test")
+    assert f"no tarball for busybox:test at {short_tmp}/empty/busybox_test.tar" in line
+    assert "docker save busybox:test" in line
+    assert init.probe("healthy")[0] == 0  # the site itself is up
+    services = {s["name"]: s for s in init.status()["services"]}
+    assert services["texlive"]["state"] == "down"  # finished, not restarted in a loop
+    assert services["texlive"]["restarts"] == 0
+
+
 def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     start_init: Callable[..., RunningInit],
 ) -> None:
@@ -216,13 +247,12 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     engine = init.wait_engine("ready")
     assert engine["driver"] == "overlay2"
     assert engine["ready"] is True
-    imported = subprocess.run(
-        ["docker", "-H", f"unix://{init.socket}", "import", "-", "busybox:test"],
-        input=busybox_tar(),
-        capture_output=True,
-        timeout=60,
-    )
-    assert imported.returncode == 0, imported.stderr
+    # The installer loads the compile image from its tarball once dockerd answers.
+    wait_for(lambda: init.status()["texlive"]["state"] == "done", 30, "the installer done")
+    assert init.status()["texlive"]["ready"] is True
+    assert "texlive: busybox:test present (load)" in init.log()
+    shown = init.cli("status")
+    assert "texlive: busybox:test  present (load) (default)" in shown.stdout
     ran = init.docker("run", "--rm", "--network", "none", "busybox:test", "/bin/busybox", "echo",
                       "hello from the inner engine")  # fmt: skip
     assert ran.returncode == 0, ran.stderr

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CLEAN_ENV, IMAGE, PYTHON, HostEngine, Site, wait_for
+from tests.integration.conftest import (
+    CLEAN_ENV,
+    IMAGE,
+    PYTHON,
+    HostEngine,
+    Site,
+    saved_image,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -181,3 +189,41 @@ def test_the_image_as_a_real_sibling_container_derives_proves_and_stops_cleanly(
     assert took < 2, took
     assert site.proof_containers() == ""
     assert (data / "data" / "compiles").is_dir()  # nothing of the data dir was removed
+
+
+def test_the_proof_runs_again_once_the_installer_has_the_image(site: Site) -> None:
+    """At boot the compile image is missing (no proof possible); the TeX Live installer loads
+    it from a tarball, and the init proves the host path through it then."""
+    later = "busybox:later"
+    data = site.data_dir()
+    images = site.base / "images"
+    images.mkdir()
+    (images / "busybox_later.tar").write_bytes(saved_image(later))
+    env = {
+        "TEX_LIVE_DOCKER_IMAGE": later,
+        "SHARELATEX_INIT_TEXLIVE_SOURCES": "load",
+        "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR": str(images),
+    }
+    proc, base = start_init(site, site.container(str(data)), data, env)
+    try:
+
+        def proved() -> bool:
+            try:
+                document = json.loads((base / "status.json").read_text())
+            except (OSError, ValueError):
+                return False
+            return (document.get("engine") or {}).get("proof", {}).get("status") == "passed"
+
+        wait_for(proved, 60, "the proof after the install")
+        document = json.loads((base / "status.json").read_text())
+        assert document["texlive"]["state"] == "done"
+        code = stop(proc)
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+        site.engine.docker("rmi", "-f", later)
+    log = (base / "init.log").read_text()
+    assert "texlive: busybox:later present (load)" in log
+    assert log.index("present (load)") < log.index("sibling: proof:")
+    assert code == 0
+    assert site.proof_containers() == ""
