@@ -49,6 +49,9 @@ PRODUCT_VARIABLES = (
 # the optional HTTP status endpoint, and how the services' compiles reach the sandbox.
 TEXLIVE_SOURCES = "SHARELATEX_INIT_TEXLIVE_SOURCES"
 TEXLIVE_TARBALL_DIR = "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR"
+TEXLIVE_BASE_IMAGE = "SHARELATEX_INIT_TEXLIVE_BASE_IMAGE"  # what the `build` source builds on
+TEXLIVE_SCHEME = "SHARELATEX_INIT_TEXLIVE_SCHEME"
+TEXLIVE_SCHEMES = ("small", "full")
 HTTP_ADDRESS = "SHARELATEX_INIT_HTTP_ADDRESS"
 COMPILE_RUNNER = "SHARELATEX_INIT_COMPILE_RUNNER"
 SOURCE_NAMES = ("pull", "load", "build")
@@ -94,6 +97,8 @@ class Settings:
     storage_driver: str | None = None  # None: dockerd's own choice on a real filesystem
     texlive_sources: tuple[str, ...] = DEFAULT_SOURCES
     tarball_dir: Path | None = None
+    texlive_base_image: str | None = None  # None: the installer's default (the local base)
+    texlive_scheme: str = "small"
     http_address: tuple[str, int] | None = None  # (host, port); None: no HTTP endpoint
     compile_runner: str = "auto"
     warnings: tuple[str, ...] = field(default=(), compare=False)
@@ -218,6 +223,18 @@ def load(environ: Mapping[str, str]) -> Settings:
     )
     if tarball_dir is None and DEFAULT_TARBALL_DIR.is_dir():
         tarball_dir = DEFAULT_TARBALL_DIR
+    base_image = environ.get(TEXLIVE_BASE_IMAGE, "").strip() or None
+    if base_image is not None and not is_valid_image_reference(base_image):
+        problems.append(
+            f"{TEXLIVE_BASE_IMAGE}={base_image!r} is not an image reference; "
+            "write NAME[:TAG], e.g. sharelatex-init/debian:bookworm"
+        )
+    scheme = environ.get(TEXLIVE_SCHEME, "").strip().lower() or "small"
+    if scheme not in TEXLIVE_SCHEMES:
+        problems.append(
+            f"{TEXLIVE_SCHEME}={environ[TEXLIVE_SCHEME]!r} is not a TeX Live scheme; "
+            f"use {' or '.join(TEXLIVE_SCHEMES)}"
+        )
     http_address = None
     if environ.get(HTTP_ADDRESS, "").strip():
         try:
@@ -242,6 +259,8 @@ def load(environ: Mapping[str, str]) -> Settings:
         storage_driver=storage_driver,
         texlive_sources=sources,
         tarball_dir=tarball_dir,
+        texlive_base_image=base_image,
+        texlive_scheme=scheme,
         http_address=http_address,
         compile_runner=runner,
         warnings=tuple(warnings),

@@ -63,9 +63,12 @@ def still_installing(image: str, entry: Mapping[str, Any]) -> str:
     if state == "waiting":
         return f"TeX Live image {image} is waiting for the engine to answer"
     done, total = int(entry.get("bytes_done") or 0), int(entry.get("bytes_total") or 0)
-    if total <= 0:
+    if total <= 0:  # a build: steps, not bytes
+        pct = float(entry.get("percent") or 0)
         note = entry.get("note") or entry.get("reason")
-        return f"TeX Live image {image} is still installing" + (f": {note}" if note else "")
+        done_part = f"{pct:.0f}%" if pct else ""
+        detail = ", ".join(str(x) for x in (done_part, note) if x)
+        return f"TeX Live image {image} is still installing" + (f": {detail}" if detail else "")
     message = (
         f"TeX Live image {image} is still installing: "
         f"{percent(done, total):.0f}% ({format_sizes(done, total, ' of ')})"
@@ -88,9 +91,10 @@ def image_line(entry: Mapping[str, Any]) -> str:
         return str(state)
     done, total = int(entry.get("bytes_done") or 0), int(entry.get("bytes_total") or 0)
     how = f" by {entry['source']}" if entry.get("source") else ""
-    if total <= 0:
+    if total <= 0:  # a build: steps, not bytes
+        pct = float(entry.get("percent") or 0)
         note = entry.get("note") or ""
-        return f"installing{how}" + (f": {note}" if note else "")
+        return f"installing{how}" + (f" {pct:.0f}%" if pct else "") + (f": {note}" if note else "")
     parts = [f"installing{how} {percent(done, total):.0f}% ({format_sizes(done, total)})"]
     if rate := format_rate(float(entry.get("rate") or 0)):
         parts.append(rate)

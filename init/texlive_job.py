@@ -68,7 +68,10 @@ class TexLiveJob(ServiceHooks):
             "--status", str(self.file),
             "--images", ",".join(s.all_texlive_images),
             "--source", ",".join(s.texlive_sources),
+            "--scheme", s.texlive_scheme,
         ]  # fmt: skip
+        if s.texlive_base_image is not None:
+            argv += ["--base-image", s.texlive_base_image]
         if s.tarball_dir is not None:
             argv += ["--tarball-dir", str(s.tarball_dir)]
         return ServiceSpec(

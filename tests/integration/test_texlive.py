@@ -1,8 +1,11 @@
-"""The TeX Live installer against a real registry (docker-registry) and a private dockerd.
+"""The TeX Live installer against a real registry (docker-registry) and a private dockerd
+(conftest's `engine`), and its offline `build` source from Debian's TeX Live packages.
 
 A throttling TCP proxy sits between the engine and the registry so a pull on loopback lasts a
 few seconds: long enough to watch progress, stop the registry mid-pull, or SIGTERM the installer.
-The proxy only slows bytes down; what answers is the real registry.
+The proxy only slows bytes down; what answers is the real registry. The builds run on the base
+image `scripts/build-images --only base` imports (debootstrap, cached), against the Debian
+mirror, as the recipe does for scripts/build-images.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -28,7 +32,14 @@ import docker
 import pytest
 
 from init import texlive
-from tests.integration.conftest import CLEAN_ENV, HostEngine, busybox_tar, require, wait_for
+from tests.integration.conftest import (
+    CLEAN_ENV,
+    REPO,
+    HostEngine,
+    busybox_tar,
+    require,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -158,13 +169,15 @@ class World:
     def remove(self, image: str | None = None) -> None:
         self.engine.docker("rmi", "-f", image or self.image)
 
-    def installer(self, *args: str, images: str | None = None) -> subprocess.Popen[bytes]:
+    def installer(
+        self, *args: str, images: str | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         log = (self.base / "installer.log").open("ab")
         return subprocess.Popen(
             [sys.executable, "-m", "init.texlive", "--socket", str(self.engine.socket),
              "--status", str(self.status_path), "--images", images or self.image, *args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=CLEAN_ENV, start_new_session=True,
+            env={**CLEAN_ENV, **(env or {})}, start_new_session=True,
         )  # fmt: skip
 
     @property
@@ -211,13 +224,9 @@ def padded_busybox(size: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[World]:
-    require(os.geteuid() == 0, "needs root")
-    require(shutil.which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
-    require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
+def world(engine: HostEngine) -> Iterator[World]:
     require(Path(REGISTRY).exists(), "needs docker-registry (apt-get install docker-registry)")
-    require(Path("/bin/busybox").exists(), "needs busybox-static")
-    base = Path(tempfile.mkdtemp(prefix="tl-", dir="/tmp"))  # short: socket paths <= 107 bytes
+    base = Path(tempfile.mkdtemp(prefix="tl-", dir=engine.base))  # short: socket paths
     port = free_port()
     config = base / "registry.yml"
     config.write_text(
@@ -227,20 +236,9 @@ def world() -> Iterator[World]:
     )
     registry = Registry(config, base / "registry.log", port)
     proxy = Proxy(port)
-    with (base / "dockerd.log").open("wb") as log:
-        dockerd = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private",
-             "dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
-             "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
-             "--bridge=none", "--iptables=false", "--ip-masq=false"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    engine = HostEngine(base, dockerd)
     try:
         registry.start()
         proxy.start()
-        wait_for(lambda: _answers(engine), 30, "the engine to answer")
         made = World(engine, registry, proxy, base)
         engine.docker("import", "-", made.image, stdin=padded_busybox(PADDING))
         engine.docker("push", made.image)
@@ -249,22 +247,7 @@ def world() -> Iterator[World]:
     finally:
         proxy.close()
         registry.stop()
-        if dockerd.poll() is None:
-            dockerd.send_signal(signal.SIGTERM)
-            try:
-                dockerd.wait(20)
-            except subprocess.TimeoutExpired:
-                dockerd.kill()
-                dockerd.wait(10)
         shutil.rmtree(base, ignore_errors=True)
-
-
-def _answers(engine: HostEngine) -> bool:
-    assert engine.proc.poll() is None, (engine.base / "dockerd.log").read_text()[-2000:]
-    done = subprocess.run(
-        ["docker", "-H", f"unix://{engine.socket}", "version"], capture_output=True, timeout=10
-    )
-    return done.returncode == 0
 
 
 def test_pull_reaches_100_percent_and_ready(world: World) -> None:
@@ -381,3 +364,257 @@ def test_sigterm_during_pull_exits_at_once_and_a_later_run_completes(world: Worl
         world.proxy.rate = None
     assert world.finish(world.installer("--once"), 30) == 0, world.log()
     assert world.status()["ready"] is True
+
+
+# -- `texlive install` at a terminal and in a pipe ------------------------------------------------
+
+COLUMNS = 90
+
+
+def on_a_terminal(argv: list[str], timeout: float) -> tuple[int, str]:
+    """Run `argv` with a pty of COLUMNS columns as its terminal; its exit and everything shown."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, COLUMNS, 0, 0))
+    proc = subprocess.Popen(
+        argv, stdin=slave, stdout=slave, stderr=slave, env=CLEAN_ENV, start_new_session=True
+    )
+    os.close(slave)
+    shown = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: every holder of the slave side has closed it
+                break
+            if not chunk:
+                break
+            shown += chunk
+        return proc.wait(max(1.0, deadline - time.monotonic())), shown.decode(errors="replace")
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def install_argv(world: World, *args: str) -> list[str]:
+    return [sys.executable, "-m", "init.texlive", "install",
+            "--engine", f"unix://{world.engine.socket}", *args]  # fmt: skip
+
+
+def test_install_on_a_terminal_draws_one_line_progress_bar(world: World) -> None:
+    world.remove()
+    world.proxy.rate = 20e6
+    try:
+        code, shown = on_a_terminal(install_argv(world, "--source", "pull", world.image), 60)
+    finally:
+        world.proxy.rate = None
+    assert code == 0, shown
+    pieces = shown.replace("\x1b[K", "").replace("\n", "\r").split("\r")
+    bars = [piece for piece in pieces if re.search(r" \[[=> ]+\] \d+% ", piece)]
+    assert len(bars) >= 3, shown  # redrawn in place, several times
+    assert all(len(bar) < COLUMNS for bar in bars), bars
+    assert any(re.search(r"\d% [\d.]+/6\d\.\d MB [\d.]+ MB/s ETA", bar) for bar in bars), bars
+    assert f"texlive: {world.image} present (pull)" in shown
+    assert "texlive: pulling" not in shown  # the bar, not the log's progress lines
+
+
+def test_install_in_a_pipe_prints_plain_lines(world: World) -> None:
+    world.remove()
+    world.proxy.rate = 12e6  # ~5 s: at least one progress line at LOG_INTERVAL
+    try:
+        done = subprocess.run(
+            install_argv(world, "--source", "pull", world.image),
+            capture_output=True, text=True, timeout=60, env=CLEAN_ENV,
+        )  # fmt: skip
+    finally:
+        world.proxy.rate = None
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "\r" not in done.stdout and "\x1b" not in done.stdout
+    assert f"texlive: pulling {world.image}: " in done.stdout
+    assert done.stdout.splitlines()[-1] == f"texlive: {world.image} present (pull)"
+
+
+def test_install_with_a_bad_source_is_a_usage_error(world: World) -> None:
+    done = subprocess.run(
+        install_argv(world, "--source", "ftp", world.image),
+        capture_output=True, text=True, timeout=30, env=CLEAN_ENV,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--source 'ftp': choose from pull, load, build" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+# -- the `build` source: offline, from Debian's packages, on the base in the engine ---------------
+
+BUILT = "local/texlive:built"
+BUILD_TIMEOUT = 900  # a cold small-scheme build takes ~70 s here; a slow mirror much longer
+UNREACHABLE_MIRROR = "http://127.0.0.1:9/debian"  # the discard port: nothing listens
+DOCUMENT = r"""\documentclass{article}
+\usepackage{amsmath}
+\begin{document}
+Built offline: $\int_0^1 x\,dx = \tfrac12$.
+\end{document}
+"""
+
+
+@dataclass
+class Built:
+    """The module's one build, after a first try was stopped by SIGTERM halfway."""
+
+    stopped_code: int
+    stopped_seconds: float
+    stopped_status: dict[str, Any]
+    seen: list[dict[str, Any]]  # the status entry, sampled while the build ran
+    code: int
+    seconds: float
+    log: str
+
+
+@pytest.fixture(scope="module")
+def base_image(world: World) -> str:
+    """scripts/build-images' base (debootstrap + docker import; cached after the first run)."""
+    require(shutil.which("debootstrap") is not None, "needs debootstrap")
+    done = subprocess.run(
+        [str(REPO / "scripts" / "build-images"), "--engine", f"unix://{world.engine.socket}",
+         "--only", "base"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return "sharelatex-init/debian:bookworm"
+
+
+def containers(world: World, *args: str) -> list[str]:
+    return world.engine.docker("ps", "-q", *args).split()
+
+
+@pytest.fixture(scope="module")
+def built(world: World, base_image: str) -> Built:
+    args = ("--source", "build", "--base-image", base_image, "--scheme", "small")
+    first = world.installer(*args, images=BUILT)
+    wait_for(lambda: "apt:" in world.entry().get("note", ""), 300, "apt to be under way")
+    first.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    stopped_code = world.finish(first, 10)
+    stopped_seconds = time.monotonic() - began
+    stopped_status = world.status()
+    # The engine cancels a build whose client went away: its RUN container goes too.
+    wait_for(lambda: not containers(world), 60, "the stopped build's container to go")
+
+    world.status_path.unlink()  # so every sample below is the second run's
+    began = time.monotonic()
+    second = world.installer(*args, "--once", images=BUILT)
+    seen: list[dict[str, Any]] = []
+    while second.poll() is None and time.monotonic() - began < BUILD_TIMEOUT:
+        if (entry := world.entry()) and (not seen or entry != seen[-1]):
+            seen.append(entry)
+        time.sleep(0.5)
+    code = world.finish(second, 10)
+    return Built(
+        stopped_code, stopped_seconds, stopped_status, seen, code,
+        time.monotonic() - began, world.log(),
+    )  # fmt: skip
+
+
+def test_build_without_the_base_fails_at_once_and_names_the_fix(world: World) -> None:
+    began = time.monotonic()
+    proc = world.installer(
+        "--source", "build", "--base-image", "sharelatex-init/debian:absent", images=BUILT
+    )
+    assert world.finish(proc, 30) == 1, world.log()  # no --once: permanent, not retried
+    assert time.monotonic() - began < 15
+    entry = world.entry()
+    assert entry["state"] == "failed", entry
+    assert "base image sharelatex-init/debian:absent is not in the engine" in entry["reason"]
+    assert "scripts/build-images --only base" in entry["reason"]
+
+
+def test_build_with_an_unreachable_mirror_is_retried_with_its_reason(
+    world: World, base_image: str
+) -> None:
+    proc = world.installer(
+        "--source", "build", "--base-image", base_image, images="local/texlive:nomirror",
+        env={"DEBIAN_MIRROR": UNREACHABLE_MIRROR, "DEBIAN_SECURITY_MIRROR": ""},
+    )  # fmt: skip
+    try:
+        entry = cast(
+            dict[str, Any],
+            wait_for(lambda: (e := world.entry()).get("state") == "retrying" and e, 120, "retry"),
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        world.finish(proc, 10)
+    assert f"cannot reach the Debian mirror {UNREACHABLE_MIRROR}" in entry["reason"], entry
+    assert "DEBIAN_MIRROR" in entry["reason"] and entry["next_try_at"]
+
+
+def test_sigterm_during_a_build_exits_at_once(built: Built) -> None:
+    assert built.stopped_code == 128 + signal.SIGTERM, built.log
+    assert built.stopped_seconds < 3.0
+    assert built.stopped_status["note"] == "stopped by SIGTERM"
+    assert built.stopped_status["ready"] is False
+
+
+def test_the_next_start_builds_it_offline_from_the_base(built: Built, world: World) -> None:
+    assert built.code == 0, built.log[-5000:]
+    document = world.status()
+    entry = document["images"][0]
+    assert document["ready"] is True
+    assert (entry["state"], entry["source"], entry["percent"]) == ("present", "build", 100.0)
+    labels = json.loads(world.engine.docker("image", "inspect", "-f", "{{json .Config.Labels}}",
+                                            BUILT))  # fmt: skip
+    assert labels["sharelatex-init.scheme"] == "small"
+    assert labels["sharelatex-init.built-by"] == "installer"
+    print(f"build: {built.seconds:.1f} s, {len(built.seen)} status samples")
+
+
+def test_build_progress_goes_by_steps_and_apt_counts(built: Built) -> None:
+    building = [e for e in built.seen if e["state"] == "installing" and e["note"]]
+    assert building, built.seen
+    percents = [e["percent"] for e in building]
+    assert percents == sorted(percents), percents  # never a step back
+    assert any(0 < p < 100 for p in percents), percents
+    notes = [e["note"] for e in building]
+    assert any(n.startswith("step ") and "apt: " in n and "packages" in n for n in notes), notes
+    assert all(e["bytes_total"] == 0 for e in building)  # a build moves no bytes to count
+    # apt's lines reach the log, at a low rate
+    lines = [line for line in built.log.splitlines() if line.startswith("texlive: building ")]
+    assert lines and len(lines) <= built.seconds / texlive.LOG_INTERVAL + 8, lines
+
+
+def test_the_built_image_runs_as_non_root_without_compilers_or_network_tools(
+    built: Built, world: World
+) -> None:
+    out = world.engine.docker("run", "--rm", BUILT, "sh", "-c", 'id -u; id -g; pwd; echo "$HOME"')
+    assert out.split() == ["1000", "1000", "/compile", "/tmp"]
+    for tool in ("gcc", "cc", "curl", "wget"):
+        done = subprocess.run(
+            ["docker", "-H", f"unix://{world.engine.socket}", "run", "--rm", BUILT,
+             "sh", "-c", f"command -v {tool}"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode != 0, f"{tool} is in the image: {done.stdout}"
+    leftovers = world.engine.docker(
+        "run", "--rm", "--user", "0", BUILT,
+        "find", "/var/lib/apt/lists", "/var/cache/apt", "-type", "f", "!", "-name", "lock",
+    )  # fmt: skip
+    assert leftovers == ""
+
+
+def test_the_built_image_compiles_in_a_sandbox(built: Built, world: World, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "main.tex").write_text(DOCUMENT)
+    os.chown(project, 1000, 1000)
+    world.engine.docker(
+        "run", "--rm", "--network", "none", "--cap-drop", "ALL", "--security-opt",
+        "no-new-privileges", "--read-only", "--tmpfs", "/tmp", "-v", f"{project}:/compile",
+        BUILT, "latexmk", "-pdf", "main.tex",
+    )  # fmt: skip
+    assert (project / "main.pdf").read_bytes().startswith(b"%PDF")

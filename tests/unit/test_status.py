@@ -139,3 +139,21 @@ def test_text_shows_the_engine_and_each_image() -> None:
         "~3 min left (default)"
     ) in text
     assert "texlive: texlive/texlive:2023  retrying at 12:00:05: registry unreachable" in text
+
+
+def test_a_build_shows_its_steps_where_a_pull_shows_bytes() -> None:
+    from init import progress
+
+    building = {
+        "image": "t:1",
+        "state": "installing",
+        "source": "build",
+        "percent": 40.2,
+        "note": "step 8/17, apt: 31/58 packages set up",
+    }
+    assert progress.image_line(building) == (
+        "installing by build 40%: step 8/17, apt: 31/58 packages set up"
+    )
+    assert progress.still_installing("t:1", building) == (
+        "TeX Live image t:1 is still installing: 40%, step 8/17, apt: 31/58 packages set up"
+    )

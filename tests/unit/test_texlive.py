@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from init import texlive
+from init import progress, texlive, texlive_build
+from init.progress import percent
 from init.texlive import Board, PullProgress, RateMeter, Reason, State
+from init.texlive_build import BuildOptions, BuildProgress
 
 
 def test_progress_sums_layers_and_finishes_them() -> None:
@@ -30,7 +34,7 @@ def test_progress_sums_layers_and_finishes_them() -> None:
     )
     assert (progress.bytes_done, progress.bytes_total) == (300, 1200)
     progress.update({"status": "Pull complete", "progressDetail": {}, "id": "a"})
-    assert texlive.percent(progress.bytes_done, progress.bytes_total) == 100.0
+    assert percent(progress.bytes_done, progress.bytes_total) == 100.0
 
 
 def test_progress_ignores_layers_already_there_and_summary_lines() -> None:
@@ -66,8 +70,8 @@ def test_progress_of_a_resumed_download_keeps_its_bytes() -> None:
 
 
 def test_percent_rate_and_eta() -> None:
-    assert texlive.percent(0, 0) == 0.0
-    assert texlive.percent(43, 100) == 43.0
+    assert progress.percent(0, 0) == 0.0
+    assert progress.percent(43, 100) == 43.0
     meter = RateMeter(window=10)
     meter.add(0.0, 0)
     assert meter.rate() == 0.0
@@ -81,13 +85,13 @@ def test_percent_rate_and_eta() -> None:
 
 
 def test_formats() -> None:
-    assert texlive.format_sizes(1_200_000_000, 2_800_000_000) == "1.2/2.8 GB"
-    assert texlive.format_sizes(1_200_000_000, 2_800_000_000, " of ") == "1.2 of 2.8 GB"
-    assert texlive.format_sizes(5, 10) == "5/10 B"
-    assert texlive.format_eta(None) == ""
-    assert texlive.format_eta(40) == "40 s"
-    assert texlive.format_eta(170) == "3 min"
-    assert texlive.format_eta(7500) == "2 h 5 min"
+    assert progress.format_sizes(1_200_000_000, 2_800_000_000) == "1.2/2.8 GB"
+    assert progress.format_sizes(1_200_000_000, 2_800_000_000, " of ") == "1.2 of 2.8 GB"
+    assert progress.format_sizes(5, 10) == "5/10 B"
+    assert progress.format_eta(None) == ""
+    assert progress.format_eta(40) == "40 s"
+    assert progress.format_eta(170) == "3 min"
+    assert progress.format_eta(7500) == "2 h 5 min"
     line = texlive.progress_line("quay.io/x:1", 43.0, 1_200_000_000, 2_800_000_000, 180)
     assert line == "texlive: pulling quay.io/x:1: 43% (1.2/2.8 GB), ~3 min left"
 
@@ -99,13 +103,13 @@ def test_still_installing_message() -> None:
         "bytes_total": 2_800_000_000,
         "eta_seconds": 180.0,
     }
-    assert texlive.still_installing("X", entry) == (
+    assert progress.still_installing("X", entry) == (
         "TeX Live image X is still installing: 43% (1.2 of 2.8 GB), about 3 min left"
     )
-    assert texlive.still_installing("X", {"state": "installing"}) == (
+    assert progress.still_installing("X", {"state": "installing"}) == (
         "TeX Live image X is still installing"
     )
-    failed = texlive.still_installing("X", {"state": "failed", "reason": "X does not exist"})
+    failed = progress.still_installing("X", {"state": "failed", "reason": "X does not exist"})
     assert failed == "TeX Live image X failed to install: X does not exist"
 
 
@@ -170,3 +174,229 @@ def test_board_writes_progress_at_a_low_rate(tmp_path: Path) -> None:
 def test_not_found_is_permanent_and_unreachable_is_not() -> None:
     assert Reason.NOT_FOUND.permanent and Reason.NO_TARBALL.permanent
     assert not Reason.UNREACHABLE.permanent and not Reason.BROKEN_TARBALL.permanent
+
+
+# -- the terminal's progress bar ------------------------------------------------------------------
+
+PULLING = {
+    "image": "127.0.0.1:5000/texlive:test",
+    "state": "installing",
+    "source": "pull",
+    "percent": 43.0,
+    "bytes_done": 1_200_000_000,
+    "bytes_total": 2_800_000_000,
+    "rate": 12_300_000,
+    "eta_seconds": 180.0,
+}
+
+
+def test_progress_bar_of_a_pull() -> None:
+    bar = texlive.progress_bar(PULLING, 100)
+    assert bar.startswith("127.0.0.1:5000/texlive:test [")
+    assert bar.endswith("] 43% 1.2/2.8 GB 12.3 MB/s ETA 3 min")
+    assert len(bar) == 99  # the whole width but the last column: no wrap
+    inside = bar[bar.index("[") + 1 : bar.index("]")]
+    assert inside.count("=") == int(len(inside) * 0.43) and ">" in inside
+
+
+@pytest.mark.parametrize("width", [200, 100, 80, 60, 40, 20, 10])
+def test_progress_bar_never_wraps(width: int) -> None:
+    for entry in (PULLING, {**PULLING, "percent": 100.0}, {**PULLING, "percent": 0.0}):
+        assert len(texlive.progress_bar(entry, width)) < width
+
+
+def test_progress_bar_of_a_build_shows_its_step() -> None:
+    entry = {"image": "x:1", "state": "installing", "source": "build", "percent": 40.0,
+             "note": "step 8/13, apt: 120/310 packages fetched"}  # fmt: skip
+    bar = texlive.progress_bar(entry, 80)
+    assert bar.startswith("x:1 [") and bar.endswith(
+        "] 40% step 8/13, apt: 120/310 packages fetched"
+    )
+
+
+def test_progress_bar_of_other_states() -> None:
+    assert texlive.progress_bar({"image": "x:1", "state": "present", "source": "build"}, 80) == (
+        "x:1: present (build)"
+    )
+    retrying = {"image": "x:1", "state": "retrying", "next_try_at": "T", "reason": "r" * 200}
+    line = texlive.progress_bar(retrying, 80)
+    assert line.startswith("x:1: retrying at T: rrr") and len(line) == 79 and line.endswith("...")
+
+
+def test_the_bar_follows_the_first_image_on_its_way() -> None:
+    entries = [{"state": "present"}, {"state": "retrying", "image": "b"}, {"state": "installing"}]
+    assert texlive.current(entries) == entries[1]
+    assert texlive.current([{"state": "present"}]) is None
+
+
+def test_terminal_puts_log_lines_above_the_bar() -> None:
+    out = io.StringIO()
+    terminal = texlive.Terminal(out, lambda: 60)
+    terminal.bar(PULLING)
+    terminal.bar(PULLING)  # unchanged: not drawn again
+    terminal.line("texlive: something happened")
+    terminal.close()
+    bar = texlive.progress_bar(PULLING, 60)
+    assert out.getvalue() == (
+        f"\r{bar}\x1b[K" + "\r\x1b[Ktexlive: something happened\n" + bar + "\r\x1b[K"
+    )
+
+
+def test_child_arguments_take_the_build_source() -> None:
+    args = texlive.parse_args(
+        ["--socket", "/s", "--status", "/f", "--images", "a:1,b:1", "--source", "pull,build",
+         "--scheme", "full", "--base-image", "my/base:1"]
+    )  # fmt: skip
+    assert (args.source, args.scheme, args.base_image) == (["pull", "build"], "full", "my/base:1")
+    assert texlive.parse_args(["--socket", "/s", "--status", "/f", "--images", "a"]).source == [
+        "pull",
+        "load",
+    ]
+
+
+# -- the build source: plan, progress, failures ---------------------------------------------------
+
+
+def test_the_recipe_is_the_one_scripts_build_images_reads() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    script = (repo / "scripts" / "build-images").read_text()
+    assert 'TEXLIVE_RECIPES = SCRIPT.parents[1] / "init" / "recipes"' in script
+    recipe = repo / "init" / "recipes" / "texlive.Dockerfile"
+    assert recipe == texlive_build.DOCKERFILE
+    assert not (repo / "scripts" / "images" / "texlive.Dockerfile").exists()  # one recipe
+
+
+def test_packages_per_scheme() -> None:
+    assert texlive_build.packages("small") == [
+        "texlive-latex-base", "texlive-latex-recommended", "texlive-fonts-recommended", "latexmk",
+    ]  # fmt: skip
+    assert texlive_build.packages("full") == ["texlive-full"]
+
+
+def test_plan_takes_mirrors_and_proxies_from_the_environment() -> None:
+    environ = {"DEBIAN_MIRROR": "http://mirror.example/debian/", "http_proxy": "http://p:3128"}
+    plan = texlive_build.plan("x:1", BuildOptions(scheme="full"), environ, ["bridge", "host"])
+    assert plan.buildargs == {
+        "BASE_IMAGE": "sharelatex-init/debian:bookworm",
+        "SUITE": "bookworm",
+        "DEBIAN_MIRROR": "http://mirror.example/debian",
+        "DEBIAN_SECURITY_MIRROR": "http://deb.debian.org/debian-security",
+        "TEXLIVE_PACKAGES": "texlive-full",
+        "http_proxy": "http://p:3128",
+    }
+    assert plan.labels["sharelatex-init.scheme"] == "full"
+    assert plan.network_mode is None
+    no_security = texlive_build.plan("x:1", BuildOptions(), {"DEBIAN_SECURITY_MIRROR": ""}, [])
+    assert no_security.buildargs["DEBIAN_SECURITY_MIRROR"] == ""
+
+
+@pytest.mark.parametrize(
+    ("networks", "mirror", "proxies", "mode"),
+    [
+        (["bridge", "host", "none"], "http://deb.debian.org/debian", [], None),
+        (["host", "none"], "http://deb.debian.org/debian", [], "host"),  # --bridge=none
+        (["bridge", "host"], "http://127.0.0.1:3142/debian", [], "host"),
+        (["bridge", "host"], "http://localhost/debian", [], "host"),
+        (["bridge"], "http://deb.debian.org/debian", ["http://user@127.0.0.1:3128"], "host"),
+    ],
+)  # fmt: skip
+def test_network_mode_only_host_when_needed(
+    networks: list[str], mirror: str, proxies: list[str], mode: str | None
+) -> None:
+    assert texlive_build.network_mode(networks, mirror, proxies) == mode
+
+
+def test_context_holds_the_recipe_alone() -> None:
+    with tarfile.open(fileobj=io.BytesIO(texlive_build.context())) as tar:
+        assert tar.getnames() == ["Dockerfile"]
+        member = tar.extractfile("Dockerfile")
+        assert member is not None
+        assert member.read() == texlive_build.DOCKERFILE.read_bytes()
+
+
+def test_step_weights_put_the_time_in_the_run_step() -> None:
+    weights = texlive_build.step_weights(texlive_build.DOCKERFILE.read_text())
+    assert weights.count(texlive_build.RUN_WEIGHT) == 1
+    assert len(weights) == 13
+    dockerfile = "# c\nFROM a\nRUN x \\\n  # inside\n  y\nUSER 1\n"
+    assert texlive_build.step_weights(dockerfile) == [1, texlive_build.RUN_WEIGHT, 1]
+
+
+def test_build_progress_by_steps_and_apt_counts() -> None:
+    progress = BuildProgress(weights=[1, 98, 1])
+    assert (progress.percent, progress.note) == (0.0, "starting the build")
+    assert progress.feed("Step 1/3 : FROM base\n ---> abc\n") == [
+        "Step 1/3 : FROM base",
+        " ---> abc",
+    ]
+    progress.feed("Step 2/3 : RUN apt-get ...\n")
+    assert progress.percent == 1.0
+    progress.feed(
+        "0 upgraded, 4 newly installed, 0 to remove and 0 not upgraded.\nGet:1 http://m a\n"
+    )
+    progress.feed("Get:2 http://m b\nGet:3 htt")  # a line split over two chunks
+    assert progress.fetched == 2
+    progress.feed("p://m c\nGet:4 http://m d\nUnpacking a (1) ...\n")
+    assert progress.note == "step 2/3, apt: 1/4 packages unpacked"
+    assert progress.percent == round(100 * (1 + 98 * 5 / 12) / 100, 1)
+    assert progress.last == "Unpacking a (1) ..."
+    before = progress.percent
+    progress.feed("1 upgraded, 0 newly installed\n")  # a second apt run starts its own count
+    assert progress.percent == before  # never a step back
+    progress.feed("Step 3/3 : USER 1\n")
+    assert progress.percent == 99.0
+
+
+def test_build_progress_counts_the_apis_extra_label_steps() -> None:
+    progress = BuildProgress(weights=[1, 1])
+    progress.feed("Step 4/4 : LABEL a=b\n")
+    assert progress.percent == 75.0
+
+
+@pytest.mark.parametrize(
+    ("tail", "reason"),
+    [
+        (["E: Failed to fetch http://127.0.0.1:9/debian/dists/bookworm/InRelease  Could not "
+          "connect to 127.0.0.1:9 (127.0.0.1). - connect (111: Connection refused)"],
+         "unreachable"),
+        (["Temporary failure resolving 'deb.debian.org'"], "unreachable"),
+        (["dpkg: error processing archive x: No space left on device"], "disk_full"),
+        (["E: Unable to locate package texlive-nope"], "other"),
+    ],
+)  # fmt: skip
+def test_build_failures_by_meaning(tail: list[str], reason: str) -> None:
+    plan = texlive_build.plan("x:1", BuildOptions(), {"DEBIAN_MIRROR": "http://m/debian"}, [])
+    error = texlive.build_failure("The command returned a non-zero code: 100", tail, "x:1", plan)
+    assert error.reason.value == reason
+    assert not error.reason.permanent
+    if reason == "unreachable":
+        assert "cannot reach the Debian mirror http://m/debian" in error.message
+        assert "DEBIAN_MIRROR" in error.message
+    if reason == "disk_full":
+        assert "data root" in error.message
+
+
+def test_a_missing_base_is_permanent() -> None:
+    assert Reason.NO_BASE.permanent
+
+
+def test_board_logs_build_steps_at_a_low_rate(tmp_path: Path) -> None:
+    lines: list[str] = []
+    board = Board(tmp_path / "s.json", ["x:1"], lines.append)
+    board.steps("x:1", 10.0, "step 8/13", "Get:1 http://m a")
+    board.steps("x:1", 11.0, "step 8/13", "Get:2 http://m b")  # within LOG_INTERVAL
+    assert lines == ["texlive: building x:1: 10% (step 8/13): Get:1 http://m a"]
+    board.flush(force=True)
+    entry = json.loads((tmp_path / "s.json").read_text())["images"][0]
+    assert (entry["percent"], entry["note"], entry["bytes_total"]) == (11.0, "step 8/13", 0)
+
+
+def test_board_without_a_file_or_progress_lines() -> None:
+    lines: list[str] = []
+    board = Board(None, ["x:1"], lines.append, progress_lines=False)
+    board.change("x:1", State.INSTALLING, source="pull")
+    board.progress("x:1", 10, 100, 5.0)
+    board.steps("x:1", 10.0, "step 1/2", "line")
+    board.flush(force=True)
+    assert lines == ["texlive: x:1: installing (pull)"]
+    assert board.entries()[0]["bytes_done"] == 10

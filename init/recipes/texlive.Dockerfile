@@ -1,9 +1,10 @@
 # The TeX Live compile image: Debian's TeX Live packages on the debootstrapped base.
 #
-# scripts/build-images builds it with the classic builder and `--network host`, so apt reaches
-# the mirror even when the engine runs with `--bridge=none` (as the tests' engines and a
-# docker-in-docker engine do); it passes TEXLIVE_PACKAGES from texlive-<scheme>.packages and
-# the content key as a label. No registry is involved.
+# Two builders, one recipe: scripts/build-images (the CLI, with its content key as a label) and
+# the installer's `build` source (init/texlive_build.py, the Engine API with this file alone as
+# the context). Both use the classic builder and the host network when the engine has no bridge
+# (`--bridge=none`, as the tests' engines), so apt reaches the mirror; both pass
+# TEXLIVE_PACKAGES from texlive-<scheme>.packages. No registry is involved.
 ARG BASE_IMAGE=sharelatex-init/debian:bookworm
 FROM ${BASE_IMAGE}
 
