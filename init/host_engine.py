@@ -63,6 +63,7 @@ class HostEngine:
             "--host-dir-output-variable", sibling.configured_variable(environ, "output"),
             "--image", settings.texlive_image,
             "--deadline", str(CHECK_DEADLINE),
+            "--grant-group",
         ]  # fmt: skip
         if settings.host_dir_compiles is not None:
             args += ["--host-dir-compiles", str(settings.host_dir_compiles)]

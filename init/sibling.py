@@ -214,6 +214,53 @@ def can_use(facts: SocketFacts, user: ServiceUser) -> bool:
     return bool(facts.mode & stat.S_IWOTH)
 
 
+GRANT_GROUP_NAME = "docker-host"  # the group the init makes for the socket's gid if none has it
+
+
+@dataclass(frozen=True)
+class GroupGrant:
+    """Adding the services' user to the socket's group: the new /etc/group text, and why."""
+
+    text: str
+    description: str
+
+
+def plan_group_grant(
+    facts: SocketFacts, user: ServiceUser, container_gids: frozenset[int], group_text: str
+) -> GroupGrant | None:
+    """What makes the socket usable by `user` when the container was given the socket's group
+    (`docker run --group-add GID`: PID 1 has it) but the user is not in it: runit's `setuser`
+    and the like set a user's groups from /etc/group, so the gid of `--group-add` alone never
+    reaches the services. None when there is nothing to do or nothing that would help."""
+    if can_use(facts, user) or not facts.mode & stat.S_IWGRP or facts.gid not in container_gids:
+        return None
+    lines = group_text.splitlines()
+    for index, line in enumerate(lines):
+        fields = line.split(":")
+        if len(fields) == 4 and fields[2] == str(facts.gid):
+            members = [m for m in fields[3].split(",") if m]
+            lines[index] = ":".join([*fields[:3], ",".join([*members, user.name])])
+            return GroupGrant(
+                "\n".join(lines) + "\n",
+                f"added {user.name} to group {fields[0]} (gid {facts.gid}, the socket's group)",
+            )
+    names = {line.split(":")[0] for line in lines}
+    name = GRANT_GROUP_NAME if GRANT_GROUP_NAME not in names else f"{GRANT_GROUP_NAME}-{facts.gid}"
+    lines.append(f"{name}:x:{facts.gid}:{user.name}")
+    return GroupGrant(
+        "\n".join(lines) + "\n",
+        f"made group {name} with gid {facts.gid} (the socket's group) and added {user.name}",
+    )
+
+
+def apply_group_grant(grant: GroupGrant, group_file: Path = Path("/etc/group")) -> None:
+    """Replace the group file in one step, keeping its mode."""
+    tmp = group_file.with_name(f".{group_file.name}.sharelatex-init")
+    tmp.write_text(grant.text)
+    tmp.chmod(group_file.stat().st_mode & 0o7777)
+    os.replace(tmp, group_file)
+
+
 def access_check(facts: SocketFacts, user: ServiceUser | None, user_name: str) -> Check:
     """Whether the services' user may use the socket; if not, exactly what would let it."""
     name = "socket access"
@@ -237,7 +284,7 @@ def access_check(facts: SocketFacts, user: ServiceUser | None, user_name: str) -
             f"{who} cannot use {facts.path} ({owner}): it is not in the socket's group "
             f"{facts.gid}{root_note}",
             f"add `--group-add {facts.gid}` to docker run (compose: `group_add: "
-            f'["{facts.gid}"]`), or let the init add {user.name} to a group with gid {facts.gid}',
+            f'["{facts.gid}"]`); the init then adds {user.name} to that group',
         )
     return Check(
         name,

@@ -59,6 +59,7 @@ class Request:
     container_id: str = ""
     image: str = ""
     deadline: float = 5.0
+    grant_group: bool = False  # the init at boot: add the user to the socket's group it was given
 
 
 @dataclass
@@ -121,6 +122,14 @@ def check(request: Request, environ: dict[str, str]) -> Report:
         return report
     report.add(Check("socket security", Status.WARN, sibling.SECURITY_WARNING.format(path=path)))
     user = sibling.service_user(request.service_user)
+    if user is not None and request.grant_group:
+        grant = sibling.plan_group_grant(
+            facts, user, frozenset(os.getgroups()), Path("/etc/group").read_text()
+        )
+        if grant is not None:
+            sibling.apply_group_grant(grant)
+            report.add(Check("socket group", Status.OK, grant.description))
+            user = sibling.service_user(request.service_user)
     report.service_user = user.as_dict() if user is not None else None
     report.add(sibling.access_check(facts, user, request.service_user))
 
@@ -347,6 +356,7 @@ def parse(argv: list[str] | None) -> Request:
     parser.add_argument("--container-id", default="")
     parser.add_argument("--image", default="")
     parser.add_argument("--deadline", type=float, default=5.0)
+    parser.add_argument("--grant-group", action="store_true", help="see Request.grant_group")
     args = parser.parse_args(argv)
     return Request(
         result=args.result,
@@ -361,6 +371,7 @@ def parse(argv: list[str] | None) -> Request:
         container_id=args.container_id,
         image=args.image,
         deadline=args.deadline,
+        grant_group=args.grant_group,
     )
 
 

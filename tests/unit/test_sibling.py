@@ -127,7 +127,7 @@ def test_a_socket_of_another_group_names_the_group_add_with_its_gid() -> None:
     assert verdict.status is Status.FAIL
     assert "www-data (uid 33" in verdict.message and "998" in verdict.message
     assert "`--group-add 998`" in verdict.fix
-    assert "add www-data to a group with gid 998" in verdict.fix
+    assert "the init then adds www-data to that group" in verdict.fix
 
 
 def test_a_root_root_socket_says_the_group_is_roots() -> None:
@@ -396,3 +396,42 @@ def test_problems_and_warnings_are_full_lines_with_the_fix_last() -> None:
     assert "; fix: add `-v /var/run/docker.sock:/var/run/docker.sock` to docker run" in problem
     (warning,) = sibling.warnings(checks)
     assert warning.startswith("socket access: no user 'x'")
+
+
+GROUPS = "root:x:0:\nwww-data:x:33:\ndocker:x:999:\n"
+
+
+def grant_facts(gid: int, mode: int = 0o660) -> sibling.SocketFacts:
+    return sibling.SocketFacts(Path("/var/run/docker.sock"), "socket", uid=0, gid=gid, mode=mode)
+
+
+WWW = sibling.ServiceUser("www-data", 33, frozenset({33}))
+
+
+def test_a_group_the_container_was_given_is_granted_to_the_services_user() -> None:
+    grant = sibling.plan_group_grant(grant_facts(999), WWW, frozenset({999}), GROUPS)
+    assert grant is not None
+    assert grant.text == "root:x:0:\nwww-data:x:33:\ndocker:x:999:www-data\n"
+    assert grant.description == "added www-data to group docker (gid 999, the socket's group)"
+    made = sibling.plan_group_grant(grant_facts(106), WWW, frozenset({106}), GROUPS)
+    assert made is not None and made.text.endswith("docker-host:x:106:www-data\n")
+
+
+def test_no_grant_without_the_group_added_or_when_it_would_not_help() -> None:
+    assert sibling.plan_group_grant(grant_facts(999), WWW, frozenset(), GROUPS) is None
+    owner_only = grant_facts(999, 0o600)
+    assert sibling.plan_group_grant(owner_only, WWW, frozenset({999}), GROUPS) is None
+    member = sibling.ServiceUser("www-data", 33, frozenset({33, 999}))
+    assert sibling.plan_group_grant(grant_facts(999), member, frozenset({999}), GROUPS) is None
+
+
+def test_applying_a_grant_replaces_the_group_file_keeping_its_mode(tmp_path: Path) -> None:
+    group_file = tmp_path / "group"
+    group_file.write_text(GROUPS)
+    group_file.chmod(0o644)
+    grant = sibling.plan_group_grant(grant_facts(999), WWW, frozenset({999}), GROUPS)
+    assert grant is not None
+    sibling.apply_group_grant(grant, group_file)
+    assert group_file.read_text().endswith("docker:x:999:www-data\n")
+    assert group_file.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["group"]
