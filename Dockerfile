@@ -3,14 +3,17 @@
 # builds and the tests, since no registry is reachable there).
 ARG BASE_IMAGE=sharelatex/sharelatex:latest
 FROM ${BASE_IMAGE}
+ARG BASE_IMAGE
 
 ARG DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 
-# Python for the init, Debian's docker.io for the inner engine of docker-in-docker. First, so
+# Python for the init, Debian's docker.io for the inner engine of docker-in-docker, and tini (a
+# few kB) as the reference init of scripts/bench/docker-stop (`--entrypoint tini`). First, so
 # that it changes only with the base.
 RUN apt-get update -q \
  && apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates docker.io \
+      tini \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 
 # The dependencies in a layer of their own: a code change rebuilds only the layers below.
@@ -32,7 +35,10 @@ RUN /opt/sharelatex-init/bin/pip install --no-cache-dir -q --no-deps --no-index 
 
 COPY rootfs/ /
 
+ARG VERSION=0.0.0
 LABEL org.opencontainers.image.title="sharelatex-init" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}" \
       org.opencontainers.image.description="PID 1 for ShareLaTeX / Overleaf with sandboxed compiles" \
       org.opencontainers.image.licenses="AGPL-3.0-or-later"
 STOPSIGNAL SIGTERM

@@ -1,0 +1,131 @@
+"""Sibling containers with the real image on a real outer engine: the engine's socket and the
+data dir mounted in, as the product documentation's compose file does, with
+SANDBOXED_COMPILES_HOST_DIR right, unset (derived) and wrong (exit 78)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tests.e2e.conftest import COMPILE_LABEL, Container, OuterEngine, Site, lines_with
+
+READY_TIMEOUT = 90.0
+COMPILES = "/var/lib/sharelatex/data/compiles"
+
+
+def run_sibling(site: Site, data: Path, *, group_add: bool = False, **env: str) -> Container:
+    """The documented sibling run. The local base has no ShareLaTeX services: they would run as
+    root here, so that is the services' user unless a test says otherwise; `group_add` adds
+    the socket's group, as the init asks for when the user is www-data."""
+    group = ["--group-add", str(os.stat(site.engine.socket).st_gid)] if group_add else []
+    return site.run(
+        *group,
+        "-v", f"{data}:/var/lib/sharelatex",
+        "-v", f"{site.engine.socket}:/var/run/docker.sock",
+        env={"SANDBOXED_COMPILES": "true", "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
+             "SHARELATEX_INIT_SERVICE_USER": "root", **env},
+    )  # fmt: skip
+
+
+def status(container: Container) -> dict[str, object]:
+    document: dict[str, object] = json.loads(
+        container.exec("sharelatex-init", "status", "--json").stdout
+    )
+    return document
+
+
+def test_host_dir_right_is_proved_and_ready(
+    site: Site, outer: OuterEngine, texlive_image: str
+) -> None:
+    data = site.data_dir()
+    container = run_sibling(site, data, SANDBOXED_COMPILES_HOST_DIR=f"{data}/data/compiles")
+    took = container.wait_ready(READY_TIMEOUT)
+    log = container.logs()
+    assert lines_with(log, "sibling: proof:", f"{data}/data/compiles"), log
+    (line,) = lines_with(log, "sibling: host compiles dir:")
+    assert f"SANDBOXED_COMPILES_HOST_DIR={data}/data/compiles is this container's" in line
+    engine = status(container)["engine"]
+    assert isinstance(engine, dict) and engine["mode"] == "sibling" and engine["ready"] is True
+    took_stop = container.stop()
+    assert container.exit_code() == 0
+    assert took_stop < 2.0, took_stop
+    assert outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == ""
+    assert (data / "data/compiles").is_dir()
+    print(f"sibling start to ready: {took:.1f} s; docker stop: {took_stop:.2f} s")
+
+
+def test_a_document_compiles_as_a_sibling(
+    site: Site, outer: OuterEngine, texlive_image: str
+) -> None:
+    data = site.data_dir()
+    container = run_sibling(site, data)
+    container.wait_ready(READY_TIMEOUT)
+    project = data / "data" / "compiles" / "e2e-sibling"
+    project.mkdir()
+    (project / "main.tex").write_text(
+        "\\documentclass{article}\\begin{document}Sibling.\\end{document}\n"
+    )
+    project.chmod(0o777)
+    # The compile step: `sharelatex-init compile DIR` (issue 6): the compile container runs on
+    # the outer engine, bound from the host path the init derived.
+    done = container.exec(
+        "sharelatex-init", "compile", f"{COMPILES}/e2e-sibling", "--json", timeout=180
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
+    assert outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == ""
+
+
+def test_host_dir_unset_is_derived_from_the_mounts(site: Site, texlive_image: str) -> None:
+    data = site.data_dir()
+    container = run_sibling(site, data)
+    container.wait_ready(READY_TIMEOUT)
+    log = container.logs()
+    (line,) = lines_with(log, "sibling: host compiles dir:")
+    assert "SANDBOXED_COMPILES_HOST_DIR unset" in line
+    assert f"using {data}/data/compiles, derived from this container's" in line
+    assert f"-v {data}:/var/lib/sharelatex" in line
+    assert lines_with(log, "sibling: proof:"), log
+    assert container.stop() < 2.0
+
+
+def test_host_dir_wrong_exits_78_naming_both_and_the_fix(site: Site, texlive_image: str) -> None:
+    data = site.data_dir()
+    wrong = "/data/sharelatex_data/data/compiles"
+    container = run_sibling(site, data, SANDBOXED_COMPILES_HOST_DIR=wrong)
+    code = container.wait_exit(60)
+    log = container.logs()
+    assert code == 78, log
+    (line,) = lines_with(log, "config: error:")
+    assert wrong in line and f"{data}/data/compiles" in line
+    assert f"--env SANDBOXED_COMPILES_HOST_DIR={data}/data/compiles" in line
+    assert "Traceback" not in log
+
+
+def test_a_socket_the_services_cannot_use_exits_78_with_the_group_to_add(
+    site: Site, texlive_image: str
+) -> None:
+    data = site.data_dir()
+    container = run_sibling(site, data, SHARELATEX_INIT_SERVICE_USER="www-data")
+    code = container.wait_exit(60)
+    log = container.logs()
+    gid = os.stat(site.engine.socket).st_gid
+    assert code == 78, log
+    (line,) = lines_with(log, "config: error:", "socket access")
+    assert f"--group-add {gid}" in line
+
+
+def test_the_group_add_the_init_asks_for_lets_the_services_use_the_socket(
+    site: Site, texlive_image: str
+) -> None:
+    """The fix the previous test's message names must work when applied as written."""
+    data = site.data_dir()
+    container = run_sibling(site, data, group_add=True, SHARELATEX_INIT_SERVICE_USER="www-data")
+    container.wait_ready(READY_TIMEOUT)
+    # The services' user, switched to as runit scripts do (initgroups), can use the socket.
+    done = container.exec(
+        "setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups",
+        "docker", "-H", "unix:///var/run/docker.sock", "version", "--format", "{{.Server.Version}}",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
