@@ -62,7 +62,8 @@ class Engine:
 
 
 @contextmanager
-def outer_engine() -> Iterator[Engine]:
+def outer_engine(keep: bool = False) -> Iterator[Engine]:
+    """The outer engine for the block; `keep` leaves it running (scripts/demo --keep)."""
     base = Path(tempfile.mkdtemp(prefix="oeb-", dir="/tmp"))
     script = str(REPO / "scripts/outer-engine")
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -79,8 +80,9 @@ def outer_engine() -> Iterator[Engine]:
         say(engine.docker("version", "--format", "outer engine: dockerd {{.Server.Version}}"))
         yield engine
     finally:
-        subprocess.run([script, "stop", str(base)], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        if not keep:
+            subprocess.run([script, "stop", str(base)], capture_output=True)
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def build(engine: Engine, only: str) -> None:
