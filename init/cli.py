@@ -18,6 +18,9 @@ commands:
   run                 be the container's init (the default): startup scripts, services
   status [--json]     what the running init reports
   doctor [--json]     every preflight check, each ok / warn / fail with its fix
+  compile DIR         compile one project in its sandbox (exit 0 PDF, 1 LaTeX error,
+                      2 a limit hit, 75 TeX Live not ready, 78 configuration)
+  texlive install     install the TeX Live image(s) now, with a progress bar on a terminal
   -- CMD [ARGS...]    wrap mode: run CMD as the only child, as tini or dumb-init would
 """
 
@@ -53,6 +56,12 @@ def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
         return _status(options, env)
     if command == "doctor":
         return _doctor(options, env)
+    if command == "compile":
+        from init import compile_cmd
+
+        return compile_cmd.run(options, _merged_environment(options, env))
+    if command == "texlive":
+        return _texlive(options, env)
     return _run(options, env, log)
 
 
@@ -77,6 +86,11 @@ def _parser() -> argparse.ArgumentParser:
         help="for probes: exit 0 when healthy (the init and its services run) or ready "
         "(compiles can run), else 1 with the reason",
     )
+    from init import compile_cmd  # its parser only: the runner is imported when it runs
+
+    compile_cmd.add_parser(sub)
+    tl = sub.add_parser("texlive", help="install the TeX Live image(s) now, with progress")
+    tl.add_argument("texlive_args", nargs=argparse.REMAINDER, metavar="install [IMAGE...]")
     doc = sub.add_parser("doctor", help="run every preflight check and say how to fix each")
     doc.add_argument("--json", action="store_true", help="print the checks as JSON")
     doc.add_argument("--status-file", type=Path, help="where the init writes its status")
@@ -126,6 +140,19 @@ def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dic
     )
     file_values = config.read_env_files(config_dir, opt.get("env_file") or ())
     return config.merge_environment(env, file_values)
+
+
+def _texlive(options: argparse.Namespace, env: dict[str, str]) -> int:
+    if options.texlive_args[:1] != ["install"]:
+        print(
+            "usage: sharelatex-init texlive install [IMAGE...] [--engine URL] "
+            "[--source pull,load,build] [--scheme small|full] [--base-image B] [--retry]",
+            file=sys.stderr,
+        )
+        return EX_USAGE
+    from init.texlive import install_command  # the Docker SDK: never in PID 1
+
+    return install_command(options.texlive_args[1:], _merged_environment(options, env))
 
 
 def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:

@@ -44,18 +44,27 @@ def run_checks(
         checks += dind_checks(settings, environ, status_file, root)
     if settings.mode is Mode.SIBLING:
         checks += sibling_checks(settings, environ)
-    if settings.mode is not Mode.OFF:
-        # Until the compile runner and its latexmk shim land, the engine is ready but the
-        # compile service still runs latexmk itself: say so rather than imply a sandbox.
-        checks.append(
-            Check(
-                "compile runner",
-                Status.WARN,
-                "this version prepares the engine but has no compile runner yet: the compile "
-                "service still runs latexmk in this container, unsandboxed",
-            )
-        )
+    if settings.mode is not Mode.OFF:  # off: the "sandbox" warning above says it all
+        checks.append(compile_runner_check(settings))
     return checks
+
+
+def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
+    """How the services' compiles will run, with sandboxed compiles on."""
+    from init import compile_env
+
+    if compile_env.choose_runner(settings, root) == "docker":
+        return Check(
+            "compile runner",
+            Status.OK,
+            "the compile service's own docker runner (DOCKER_RUNNER=true, ALLOWED_IMAGES set)",
+        )
+    return Check(
+        "compile runner",
+        Status.OK,
+        "each compile in its own container: the services' latexmk, pdflatex, xelatex and "
+        "lualatex are the init's sandboxing shim (first on their PATH)",
+    )
 
 
 def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:

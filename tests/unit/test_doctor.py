@@ -78,3 +78,17 @@ def test_report_lines_and_json(tmp_path: Path) -> None:
     text = doctor.report(checks, as_json=False)
     assert text.splitlines()[0].startswith("ok   config: sandboxed compiles: off")
     assert '"status": "warn"' in doctor.report(checks, as_json=True)
+
+
+def test_the_compile_runner_check_names_the_runner_the_services_will_use(
+    tmp_path: Path,
+) -> None:
+    from init import config
+
+    shim = doctor.compile_runner_check(config.load({"SANDBOXED_COMPILES": "true"}), tmp_path)
+    assert shim.status is Status.OK and "sandboxing shim" in shim.message
+    runner = tmp_path / "overleaf/services/clsi/app/js/DockerRunner.js"
+    runner.parent.mkdir(parents=True)
+    runner.touch()
+    docker = doctor.compile_runner_check(config.load({"SANDBOXED_COMPILES": "true"}), tmp_path)
+    assert docker.status is Status.OK and "DOCKER_RUNNER=true" in docker.message

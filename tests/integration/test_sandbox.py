@@ -1,0 +1,404 @@
+"""The attack battery: hostile projects compiled by `sharelatex-init compile` for real (the
+TeX Live image built into a private dockerd). Each is contained, ends within its limit, says
+why, changes no other project's files, and leaves no container behind.
+
+A project's `latexmkrc` is Perl that latexmk runs, so a hostile project runs arbitrary code in
+its container whatever TeX's shell-escape setting: most attacks here use it, as a real attacker
+would; the container is the fence.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration import texlive_engine
+from tests.integration.texlive_engine import LIMITS, Compiles
+
+# The module's engine with the TeX Live image, and its compiles root (shared fixtures).
+texlive = texlive_engine.texlive
+compiles = texlive_engine.compiles
+
+pytestmark = pytest.mark.root
+TIMEOUT = float(LIMITS["SHARELATEX_INIT_COMPILE_TIMEOUT"])
+HELLO = r"""\documentclass{article}
+\begin{document}
+Hello, sandbox.
+\end{document}
+"""
+
+
+def fingerprint(directory: Path) -> dict[str, str]:
+    """Every file under `directory` and a hash of its content (links by their target)."""
+    found = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = Path(root, name)
+            if path.is_symlink():
+                found[str(path)] = "-> " + os.readlink(path)
+            else:
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+@pytest.fixture
+def other(compiles: Compiles) -> Iterator[Path]:
+    """Another project, with a secret, that must come out of every attack unchanged."""
+    directory = compiles.project("victim", {"main.tex": HELLO, "secret.txt": "VICTIM-SECRET\n"})
+    before = fingerprint(directory)
+    yield directory
+    assert fingerprint(directory) == before, "another project's files changed"
+    compiles.wait_no_containers()
+
+
+@pytest.fixture
+def host_secret(compiles: Compiles) -> Iterator[Path]:
+    """A file on the host, outside every compile dir."""
+    path = compiles.root.parent / "host-secret.txt"
+    path.write_text("HOST-SECRET\n")
+    os.chmod(path, 0o644)
+    yield path
+    assert path.read_text() == "HOST-SECRET\n"
+
+
+def perl_rc(code: str) -> str:
+    """A latexmkrc that runs `code` and then lets the compile go on."""
+    return code + "\n1;\n"
+
+
+def test_a_normal_compile_makes_a_pdf(compiles: Compiles, other: Path) -> None:
+    project = compiles.project("normal", {"main.tex": HELLO})
+    code, result, stderr = compiles.compile(project)
+    assert code == 0, (result, stderr)
+    assert result["status"] == "ok" and result["exit_status"] == 0
+    assert result["pdf"] == str(project / "output.pdf")
+    assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
+    assert result["log"] == str(project / "output.log")
+    assert result["errors"] == [] and result["project"] == "normal"
+    assert (project / "output.pdf").stat().st_uid == 33  # the dir's owner, never root
+
+
+def test_a_latex_error_exits_1_with_the_error_line(compiles: Compiles, other: Path) -> None:
+    project = compiles.project(
+        "broken", {"main.tex": HELLO.replace("Hello", r"\undefinedcommand Hello")}
+    )
+    code, result, _ = compiles.compile(project)
+    assert code == 1, result
+    assert result["status"] == "latex_error"
+    assert result["errors"][0] == "! Undefined control sequence."
+    assert any(line.startswith("l.3") for line in result["errors"]), result["errors"]
+    assert "Undefined control sequence" in result["reason"]
+
+
+def test_write18_runs_no_shell_command(compiles: Compiles, other: Path) -> None:
+    tex = HELLO.replace("Hello", r"\immediate\write18{touch shell-ran; echo x > /tmp/x}Hello")
+    project = compiles.project("write18", {"main.tex": tex})
+    code, result, _ = compiles.compile(project)
+    assert code == 0, result
+    assert not (project / "shell-ran").exists()
+    log = (project / "output.log").read_text(errors="replace")
+    assert "runsystem(touch shell-ran; echo x > /tmp/x)...disabled" in log
+
+
+def test_the_network_is_unreachable(compiles: Compiles, other: Path) -> None:
+    rc = perl_rc(
+        r"""
+use Socket;
+my $r = socket(my $s, PF_INET, SOCK_STREAM, 0) ? "socket made" : "socket: $!";
+my $u = socket(my $t, PF_UNIX, SOCK_STREAM, 0) ? "unix socket made" : "unix: $!";
+open(my $f, '>', 'net-result'); print $f "$r\n$u\n"; close $f;
+"""
+    )
+    project = compiles.project("network", {"main.tex": HELLO, "latexmkrc": rc})
+    code, result, _ = compiles.compile(project)
+    assert code == 0, result
+    lines = (project / "net-result").read_text().splitlines()
+    assert lines == ["socket: Operation not permitted", "unix: Operation not permitted"]
+
+
+def test_host_files_and_other_projects_cannot_be_read(
+    compiles: Compiles, other: Path, host_secret: Path
+) -> None:
+    targets = ["/etc/shadow", str(host_secret), str(other / "secret.txt"), "../victim/secret.txt"]
+    rc = perl_rc(
+        "open(my $out, '>', 'leak');\n"
+        + "".join(
+            f"if (open(my $f, '<', '{t}')) {{ print $out '{t}: ', <$f>; }} "
+            f"else {{ print $out '{t}: ', \"$!\\n\"; }}\n"
+            for t in targets
+        )
+        + "close $out;"
+    )
+    tex = HELLO.replace("Hello", r"\IfFileExists{/etc/shadow}{\input{/etc/shadow}}{}Hello")
+    project = compiles.project("reader", {"main.tex": tex, "latexmkrc": rc})
+    code, result, _ = compiles.compile(project)
+    leak = (project / "leak").read_text()
+    assert "HOST-SECRET" not in leak and "VICTIM-SECRET" not in leak, leak
+    assert "root:" not in leak, leak  # the image's own shadow is root's alone
+    assert f"{host_secret}: No such file or directory" in leak
+    assert "/etc/shadow: Permission denied" in leak
+    assert code in (0, 1), result  # \input of an unreadable file may be a LaTeX error
+
+
+def test_nothing_outside_the_compile_dir_can_be_written(
+    compiles: Compiles, other: Path, host_secret: Path
+) -> None:
+    targets = ["/etc/evil", "/evil", "/usr/evil", str(compiles.root / "evil"),
+               str(other / "evil"), "../victim/evil", str(host_secret)]  # fmt: skip
+    rc = perl_rc(
+        "open(my $out, '>', 'write-result');\n"
+        + "".join(
+            f"print $out '{t}: ', (open(my $f, '>', '{t}') ? 'written' : \"$!\"), \"\\n\";\n"
+            for t in targets
+        )
+        + "close $out;"
+    )
+    project = compiles.project("writer", {"main.tex": HELLO, "latexmkrc": rc})
+    code, result, _ = compiles.compile(project)
+    assert code == 0, result
+    lines = (project / "write-result").read_text().splitlines()
+    assert not any(line.endswith("written") for line in lines), lines
+    assert not (compiles.root / "evil").exists()
+    assert not (compiles.root.parent / "evil").exists()
+
+
+def test_a_planted_symlink_reaches_no_host_file(
+    compiles: Compiles, other: Path, host_secret: Path
+) -> None:
+    project = compiles.project(
+        "symlinks", {"main.tex": HELLO.replace("Hello", r"\input{stolen.tex}Hello")}
+    )
+    (project / "stolen.tex").symlink_to(host_secret)
+    (project / "output.log").symlink_to(host_secret)  # the log collection must not follow it
+    (project / "output.pdf").symlink_to(other / "secret.txt")
+    code, result, _ = compiles.compile(project)
+    assert code == 1, result  # the link's target is not there inside the sandbox
+    assert result["pdf"] is None
+    assert result["log"] in (None, str(project / "output.log"))
+    if result["log"] is not None:
+        assert not (project / "output.log").is_symlink()
+    assert "HOST-SECRET" not in str(result) and "VICTIM-SECRET" not in str(result)
+    for name in ("output.pdf", "output.log"):
+        path = project / name
+        if path.exists() and not path.is_symlink():
+            assert b"HOST-SECRET" not in path.read_bytes()
+
+
+def test_a_daemon_a_project_starts_does_not_outlive_its_compile(
+    compiles: Compiles, other: Path
+) -> None:
+    """A latexmkrc that forks a process into a session of its own (out of the compile's
+    process group) to watch the project's next compiles: gone when the compile ends."""
+    rc = perl_rc(
+        r"""
+my $pid = fork();
+if ($pid == 0) { POSIX::setsid(); exec("sleep", "300"); }
+open(my $f, '>', 'daemon-started'); print $f "$pid\n"; close $f;
+"""
+    ).replace("my $pid", "use POSIX;\nmy $pid", 1)
+    project = compiles.project("daemon", {"main.tex": HELLO, "latexmkrc": rc})
+    code, result, _ = compiles.compile(project)
+    assert code == 0, result
+    assert (project / "daemon-started").exists()
+    for container in compiles.containers().split():  # the project's warm container, if up
+        top = subprocess.run(
+            ["docker", "-H", f"unix://{compiles.engine.socket}", "top", container],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert "sleep 300" not in top.stdout, top.stdout
+    compiles.wait_no_containers(timeout=20)  # its idle watchdog sees nothing left running
+
+
+def test_a_fork_bomb_hits_the_process_limit(compiles: Compiles, other: Path) -> None:
+    rc = perl_rc('for (1 .. 100000) { my $p = fork(); die "fork: $!\\n" unless defined $p; '
+                 "if ($p == 0) { sleep 60; exit 0; } }")  # fmt: skip
+    project = compiles.project("forkbomb", {"main.tex": HELLO, "latexmkrc": rc})
+    code, result, _ = compiles.compile(project)
+    assert code == 2, result
+    assert result["limit"] in ("processes", "timeout"), result
+    assert result["seconds"] < TIMEOUT + 10
+
+
+def test_eating_memory_in_lualatex_is_killed(compiles: Compiles, other: Path) -> None:
+    tex = r"""\documentclass{article}
+\begin{document}
+\directlua{local t = {} for i = 1, 100000 do t[i] = string.rep("x", 1048576 + i) end}
+\end{document}
+"""
+    project = compiles.project("memory", {"main.tex": tex})
+    code, result, _ = compiles.compile(project, "--engine", "lualatex")
+    assert code == 2, result
+    assert result["limit"] == "memory", result
+    assert "256 MiB" in result["reason"]
+
+
+def test_an_infinite_loop_ends_at_the_timeout(compiles: Compiles, other: Path) -> None:
+    project = compiles.project("loop", {"main.tex": HELLO.replace("Hello", r"\def\x{\x}\x")})
+    code, result, _ = compiles.compile(project, "--timeout", "5")
+    assert code == 2, result
+    assert result["limit"] == "timeout"
+    assert "5 s" in result["reason"]
+    assert 5 <= result["seconds"] < 5 + 8
+
+
+def test_a_huge_output_file_hits_the_size_limit(compiles: Compiles, other: Path) -> None:
+    tex = r"""\documentclass{article}
+\newwrite\big
+\begin{document}
+\immediate\openout\big=big.txt
+\loop\immediate\write\big{xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx}\iftrue\repeat
+\end{document}
+"""
+    project = compiles.project("huge", {"main.tex": tex})
+    code, result, _ = compiles.compile(project)
+    assert code == 2, result
+    assert result["limit"] == "output size", result
+    assert (project / "big.txt").stat().st_size <= 8 << 20
+
+
+@pytest.mark.parametrize("project_id", ["..", "../victim", "a/../../b", ".hidden", "x" * 65])
+def test_a_project_id_with_dots_is_refused(
+    compiles: Compiles, other: Path, project_id: str
+) -> None:
+    project = compiles.project("honest", {"main.tex": HELLO})
+    code, result, _ = compiles.compile(project, "--project", project_id)
+    assert code == 78, result
+    assert result["status"] == "config"
+    assert "project id" in result["reason"]
+    assert not (project / "output.pdf").exists()
+
+
+def test_a_dir_that_links_out_of_the_compiles_root_is_refused(
+    compiles: Compiles, other: Path
+) -> None:
+    (compiles.root / "escape").symlink_to(compiles.root.parent)
+    try:
+        code, result, _ = compiles.compile(compiles.root / "escape")
+    finally:
+        (compiles.root / "escape").unlink()
+    assert code == 78, result
+    assert "leads out of" in result["reason"]
+
+
+def test_an_image_outside_the_allow_list_is_refused(compiles: Compiles, other: Path) -> None:
+    project = compiles.project("image", {"main.tex": HELLO})
+    code, result, _ = compiles.compile(project, "--image", "evil/texlive:latest")
+    assert code == 78, result
+    assert "ALL_TEX_LIVE_DOCKER_IMAGES" in result["reason"]
+
+
+def test_a_missing_image_is_not_ready_with_the_installers_progress(
+    compiles: Compiles, other: Path
+) -> None:
+    import json
+
+    missing = "sharelatex-init/texlive:missing"
+    compiles.status_file.with_name("texlive.json").write_text(
+        json.dumps(
+            {
+                "ready": False,
+                "default": missing,
+                "images": [
+                    {
+                        "image": missing,
+                        "state": "installing",
+                        "percent": 43.0,
+                        "bytes_done": 1_200_000_000,
+                        "bytes_total": 2_800_000_000,
+                        "rate": 1e7,
+                        "eta_seconds": 180,
+                    }
+                ],
+            }
+        )
+    )
+    project = compiles.project("notready", {"main.tex": HELLO})
+    code, result, _ = compiles.compile(project, TEX_LIVE_DOCKER_IMAGE=missing)
+    assert code == 75, result
+    assert result["reason"] == (
+        f"TeX Live image {missing} is still installing: 43% (1.2 of 2.8 GB), about 3 min left"
+    )
+    compiles.status_file.with_name("texlive.json").unlink()
+    code, result, _ = compiles.compile(project, TEX_LIVE_DOCKER_IMAGE=missing)
+    assert code == 75, result
+    assert "is not in the engine" in result["reason"]
+
+
+def test_sigterm_ends_a_running_compile_and_its_container(compiles: Compiles, other: Path) -> None:
+    import signal
+    import sys
+    import time
+
+    project = compiles.project("stopped", {"main.tex": HELLO.replace("Hello", r"\def\x{\x}\x")})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "init.compile_cmd", str(project), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=compiles.env(),
+    )  # fmt: skip
+    from tests.integration.conftest import wait_for
+
+    wait_for(lambda: compiles.containers() != "", 30, "the compile's container")
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    proc.wait(15)
+    assert proc.returncode == -signal.SIGTERM
+    assert compiles.containers() == "", "the container outlived the SIGTERM"
+    assert time.monotonic() - began < 5
+
+
+def test_twenty_projects_at_once_all_compile(compiles: Compiles, other: Path) -> None:
+    import sys
+
+    projects = [compiles.project(f"many{i}", {"main.tex": HELLO}) for i in range(20)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "init.compile_cmd", str(p), "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=compiles.env(),
+        )
+        for p in projects
+    ]
+    codes = [proc.wait(180) for proc in procs]
+    assert codes == [0] * 20, [proc.stderr.read() for proc in procs if proc.stderr]
+    for p in projects:
+        assert (p / "output.pdf").read_bytes().startswith(b"%PDF")
+
+
+def test_sibling_mode_binds_the_host_path(compiles: Compiles, other: Path) -> None:
+    """The runner sees the compiles dir at the product's path (bound from a host dir, as in a
+    sibling container); the engine binds the host dir behind it into the compile container."""
+    import json
+    import sys
+
+    host_dir = compiles.root.parent / "host-compiles"
+    (host_dir / "sib").mkdir(parents=True)
+    (host_dir / "sib" / "main.tex").write_text(HELLO)
+    texlive_engine.chown_tree(host_dir, 33)
+    inside = "/var/lib/sharelatex/data/compiles"
+    script = "\n".join(
+        [
+            "set -e",
+            "mount -t tmpfs tmpfs /var/lib",
+            f"mkdir -p {inside}",
+            f"mount --bind '{host_dir}' {inside}",
+            'exec "$@"',
+        ]
+    )
+    env = compiles.env(SANDBOXED_COMPILES_HOST_DIR_COMPILES=str(host_dir))
+    del env["SHARELATEX_INIT_COMPILES_DIR"]  # the product's default path
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         sys.executable, "-m", "init.compile_cmd", f"{inside}/sib", "--json"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["pdf"] == f"{inside}/sib/output.pdf"
+    # Made by the compile container through the host path: there on the host.
+    assert (host_dir / "sib" / "output.pdf").read_bytes().startswith(b"%PDF")

@@ -1,0 +1,122 @@
+"""A module-scoped TeX Live engine for the compile runner's tests: conftest's `engine` (a
+private dockerd, socket group www-data) with `scripts/build-images --only texlive` built into
+it, and a compiles root under its short base dir.
+
+A test module takes the fixtures by name: `texlive = texlive_engine.texlive` and
+`compiles = texlive_engine.compiles` at its top.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.conftest import CLEAN_ENV, COMPILE_LABEL, HostEngine, require, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_IMAGES = REPO / "scripts" / "build-images"
+TEXLIVE = "sharelatex-init/texlive:bookworm"
+WWW_DATA = 33  # the services' user in the ShareLaTeX image: compile dirs are its own
+# Small limits, so each attack ends fast; IDLE short, so leftovers show within seconds.
+LIMITS = {
+    "SHARELATEX_INIT_COMPILE_TIMEOUT": "15",
+    "SHARELATEX_INIT_COMPILE_MEMORY": "256m",
+    "SHARELATEX_INIT_COMPILE_PIDS": "64",
+    "SHARELATEX_INIT_COMPILE_OUTPUT_SIZE": "8m",
+    "SHARELATEX_INIT_COMPILE_TMPFS": "64m",
+    "SHARELATEX_INIT_COMPILE_IDLE": "2",
+    "SHARELATEX_INIT_COMPILE_CONCURRENCY": "4",
+}
+
+
+@pytest.fixture(scope="module")
+def texlive(engine: HostEngine) -> HostEngine:
+    """The engine with the TeX Live image in it (cached by content: ~1 min cold, 0.3 s hot)."""
+    require(shutil.which("debootstrap") is not None, "needs debootstrap (scripts/setup)")
+    done = subprocess.run(
+        [str(BUILD_IMAGES), "--engine", f"unix://{engine.socket}", "--only", "texlive"],
+        capture_output=True, text=True, timeout=900, env=dict(os.environ),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return engine
+
+
+@dataclass
+class Compiles:
+    """The compiles root on the test engine's machine and how to run the runner on it."""
+
+    engine: HostEngine
+    root: Path
+    run_dir: Path
+    status_file: Path
+
+    def project(self, name: str, files: dict[str, str | bytes]) -> Path:
+        directory = self.root / name
+        directory.mkdir(parents=True, exist_ok=True)
+        for relative, content in files.items():
+            path = directory / relative
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                path.write_bytes(content)
+            else:
+                path.write_text(content)
+        chown_tree(directory, WWW_DATA)
+        return directory
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return {
+            **CLEAN_ENV,
+            "DOCKER_HOST": f"unix://{self.engine.socket}",
+            "SHARELATEX_INIT_COMPILES_DIR": str(self.root),
+            "SHARELATEX_INIT_COMPILE_RUN_DIR": str(self.run_dir),
+            "SHARELATEX_INIT_STATUS_FILE": str(self.status_file),
+            **LIMITS,
+            **extra,
+        }
+
+    def compile(
+        self, directory: Path, *args: str, timeout: float = 120, **env: str
+    ) -> tuple[int, dict[str, Any], str]:
+        """`python -m init.compile_cmd DIR --json ARGS`: (exit status, the JSON, stderr)."""
+        import json
+
+        done = subprocess.run(
+            [sys.executable, "-m", "init.compile_cmd", str(directory), "--json", *args],
+            capture_output=True, text=True, timeout=timeout, env=self.env(**env), cwd=REPO,
+        )  # fmt: skip
+        lines = done.stdout.strip().splitlines()
+        assert lines, f"no JSON on stdout; stderr:\n{done.stderr}"
+        return done.returncode, json.loads(lines[-1]), done.stderr
+
+    def containers(self) -> str:
+        return self.engine.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}")
+
+    def wait_no_containers(self, timeout: float = 20) -> None:
+        wait_for(lambda: self.containers() == "", timeout, "no compile container left")
+
+
+def chown_tree(directory: Path, uid: int) -> None:
+    for root, dirs, files in os.walk(directory):
+        os.chown(root, uid, uid)
+        for name in dirs + files:
+            os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
+
+
+@pytest.fixture(scope="module")
+def compiles(texlive: HostEngine) -> Iterator[Compiles]:
+    base = texlive.base / "site"
+    root = base / "compiles"
+    root.mkdir(parents=True)
+    os.chmod(base, 0o755)
+    made = Compiles(texlive, root, base / "run", base / "status.json")
+    yield made
+    for container in made.containers().split():
+        texlive.docker("rm", "-f", container)
