@@ -9,6 +9,8 @@ and a restart on the same volume that is ready again with nothing to install.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def test_a_document_compiles_in_the_inner_engine(dind: Site, cold: Container) ->
     project = dind.data_dir() / "data" / "compiles" / "e2e-project"
     project.mkdir()
     (project / "main.tex").write_text(DOCUMENT)
-    project.chmod(0o777)  # the compile container's user writes its output there
+    os.chown(project, 33, 33)  # www-data's: the compile runs as the dir's owner, never root
     # The compile step: `sharelatex-init compile DIR` (issue 6) runs what the compile
     # service's latexmk shim runs, in a sandbox container of the inner engine.
     done = cold.exec("sharelatex-init", "compile", f"{COMPILES}/e2e-project", "--json", timeout=180)
@@ -85,6 +87,20 @@ def test_a_document_compiles_in_the_inner_engine(dind: Site, cold: Container) ->
     result = json.loads(done.stdout)
     assert result["status"] == "ok", result
     assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
+    # And as an operator or the demo does it: the compile service in the container.
+    client = (
+        "import sys, urllib.request\n"
+        "r = urllib.request.Request('http://127.0.0.1:8090/compile', data=sys.stdin.buffer.read(),"
+        " headers={'Content-Type': 'text/x-tex'})\n"
+        "sys.stdout.buffer.write(urllib.request.urlopen(r, timeout=170).read())\n"
+    )
+    posted = subprocess.run(
+        ["docker", "-H", cold.engine.url, "exec", "-i", cold.id,
+         "/opt/sharelatex-init/bin/python", "-c", client],
+        input=DOCUMENT.encode(), capture_output=True, timeout=180,
+    )  # fmt: skip
+    assert posted.returncode == 0, posted.stderr.decode(errors="replace")
+    assert posted.stdout.startswith(b"%PDF")
 
 
 def test_docker_stop_exits_0_in_time_and_leaves_nothing(

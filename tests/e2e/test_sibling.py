@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from tests.e2e.conftest import COMPILE_LABEL, Container, OuterEngine, Site, lines_with
+from tests.integration.conftest import wait_for
 
 READY_TIMEOUT = 90.0
 COMPILES = "/var/lib/sharelatex/data/compiles"
@@ -59,14 +60,15 @@ def test_a_document_compiles_as_a_sibling(
     site: Site, outer: OuterEngine, texlive_image: str
 ) -> None:
     data = site.data_dir()
-    container = run_sibling(site, data)
+    # The project's warm compile container ends 2 s after its last compile (default 120 s).
+    container = run_sibling(site, data, SHARELATEX_INIT_COMPILE_IDLE="2")
     container.wait_ready(READY_TIMEOUT)
     project = data / "data" / "compiles" / "e2e-sibling"
     project.mkdir()
     (project / "main.tex").write_text(
         "\\documentclass{article}\\begin{document}Sibling.\\end{document}\n"
     )
-    project.chmod(0o777)
+    os.chown(project, 33, 33)  # www-data's: the compile runs as the dir's owner, never root
     # The compile step: `sharelatex-init compile DIR` (issue 6): the compile container runs on
     # the outer engine, bound from the host path the init derived.
     done = container.exec(
@@ -74,7 +76,12 @@ def test_a_document_compiles_as_a_sibling(
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
-    assert outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == ""
+    assert (project / "output.pdf").stat().st_uid == 33
+    wait_for(
+        lambda: outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == "",
+        30,
+        "the project's compile container to end by itself",
+    )
 
 
 def test_host_dir_unset_is_derived_from_the_mounts(site: Site, texlive_image: str) -> None:
