@@ -518,3 +518,36 @@ def test_a_second_sigterm_cuts_the_grace_short(start: Start, layout: Layout) -> 
     assert init.wait(10) == 0
     assert time.monotonic() - began < 3.0
     assert "SIGTERM again; cutting the grace period short" in init.log()
+
+
+def test_the_optional_http_endpoint_serves_the_probes_and_stops_with_the_init(
+    start: Start, layout: Layout
+) -> None:
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:  # a free loopback port (the init's own namespace shares the net)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    layout.service("web", WAIT_FOREVER)
+    init = boot(start, layout, SHARELATEX_INIT_HTTP_ADDRESS=f"127.0.0.1:{port}")
+    init.wait_service("web", "up")
+
+    def get(path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as answer:
+                return answer.status, answer.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except OSError:
+            return 0, b""
+
+    wait_for(lambda: get("/healthz")[0] == 200, 10, "the endpoint")
+    assert get("/readyz") == (200, b"ready: yes: running (compiles not sandboxed)\n")
+    status, body = get("/status")
+    assert status == 200 and {s["name"] for s in json.loads(body)["services"]} >= {"web"}
+    assert init.service("http-status")["state"] == "up"
+    init.signal(signal.SIGTERM)
+    assert init.wait() == 0
+    assert get("/healthz")[0] == 0  # nothing listens any more
