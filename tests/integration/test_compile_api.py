@@ -13,7 +13,6 @@ import io
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import PYTHON, REPO, require, wait_for
+from tests.integration.conftest import PYTHON, REPO, free_port, require, wait_for
 from tests.integration.texlive_engine import WWW_DATA, Compiles, compiles, texlive  # noqa: F401
 
 pytestmark = pytest.mark.root
@@ -50,13 +49,6 @@ def www_data_python() -> tuple[str, dict[str, str]]:
     system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
     require(system.exists(), f"www-data cannot run {real} and there is no {system}")
     return str(system), {"PYTHONPATH": f"{REPO}:{sysconfig.get_paths()['purelib']}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -27,6 +27,7 @@ from tests.integration.conftest import (
     Running,
     cmdlines,
     descendants,
+    free_port,
     wait_for,
     write_script,
 )
@@ -523,13 +524,10 @@ def test_a_second_sigterm_cuts_the_grace_short(start: Start, layout: Layout) -> 
 def test_the_optional_http_endpoint_serves_the_probes_and_stops_with_the_init(
     start: Start, layout: Layout
 ) -> None:
-    import socket
     import urllib.error
     import urllib.request
 
-    with socket.socket() as s:  # a free loopback port (the init's own namespace shares the net)
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # the init's namespace shares the network with the test
     layout.service("web", WAIT_FOREVER)
     init = boot(start, layout, SHARELATEX_INIT_HTTP_ADDRESS=f"127.0.0.1:{port}")
     init.wait_service("web", "up")

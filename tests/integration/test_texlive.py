@@ -37,6 +37,7 @@ from tests.integration.conftest import (
     REPO,
     HostEngine,
     busybox_tar,
+    free_port,
     require,
     wait_for,
 )
@@ -45,13 +46,6 @@ pytestmark = pytest.mark.root
 
 REGISTRY = "/usr/bin/docker-registry"
 PADDING = 60_000_000  # random, so gzip cannot shrink it: the pull moves this many bytes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
