@@ -59,7 +59,9 @@ class InnerEngine(ServiceHooks):
 
     # -- preflight -----------------------------------------------------------------------
 
-    def prepare(self, storage_opt_in: str | None, images: tuple[str, ...]) -> ServiceSpec | None:
+    def prepare(
+        self, storage_opt_in: str | None, images: tuple[str, ...], service_user: str = "www-data"
+    ) -> ServiceSpec | None:
         """Everything before dockerd may start; its service spec, or None when refused.
 
         No privileges is a configuration error (exit 78); a layered data root only keeps
@@ -83,7 +85,11 @@ class InnerEngine(ServiceHooks):
             self.log.warning("storage", verdict.message)
         else:
             self.log.info("storage", verdict.message)
-        args = (*storage.dockerd_args(choice), *DOCKERD_SHUTDOWN_TIMEOUT)
+        args = (
+            *storage.dockerd_args(choice),
+            *DOCKERD_SHUTDOWN_TIMEOUT,
+            *dockerd.socket_group_args(self.layout, service_user),
+        )
         return dockerd.service_spec(self.layout, tuple(args))
 
     # -- hooks around each start of dockerd ----------------------------------------------

@@ -126,6 +126,21 @@ def command(layout: EngineLayout, storage_args: tuple[str, ...] = ()) -> tuple[s
     )
 
 
+def socket_group_args(layout: EngineLayout, service_user: str) -> tuple[str, ...]:
+    """`--group GID`: the socket in the services' user's primary group (mode 0660), so the
+    compile service (www-data) can run compile containers; dockerd's own default group,
+    `docker`, does not exist in the ShareLaTeX image and leaves the socket root's only. Nothing
+    when the operator chose a group in SHARELATEX_INIT_DOCKERD_ARGS or the user is unknown."""
+    import pwd
+
+    if any(a in ("-G", "--group") or a.startswith("--group=") for a in layout.extra_args):
+        return ()
+    try:
+        return ("--group", str(pwd.getpwnam(service_user).pw_gid))
+    except KeyError:
+        return ()
+
+
 def service_spec(layout: EngineLayout, storage_args: tuple[str, ...] = ()) -> ServiceSpec:
     return ServiceSpec(
         name=SERVICE_NAME,

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from init import children, sibling
-from init.config import HOST_DIR_OUTPUT, Settings
+from init.config import HOST_DIR_OUTPUT, SERVICE_USER, Settings
 from init.errors import ConfigError, EngineError, SpawnError
 from init.log import Log
 from init.loop import EventLoop
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
     from typing import Any
 
 CONTAINER_ID = "SHARELATEX_INIT_CONTAINER_ID"  # when /proc cannot tell (tests, odd runtimes)
-SERVICE_USER = "SHARELATEX_INIT_SERVICE_USER"
 CHECK_DEADLINE = 5.0  # seconds for the host's engine to answer
 
 

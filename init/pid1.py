@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from init import container_env, dockerd, process, services, status
-from init.config import Mode, Settings
+from init.config import DEFAULT_SERVICE_USER, SERVICE_USER, Mode, Settings
 from init.errors import SpawnError
 from init.log import Level, Log
 from init.loop import EventLoop
@@ -159,7 +159,10 @@ class Init:
         )
         self.environ["DOCKER_HOST"] = layout.docker_host
         self.prepare_compiles(settings, layout.docker_host)
-        return self.engine.prepare(self.options.storage_opt_in, settings.all_texlive_images)
+        service_user = self.environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER
+        return self.engine.prepare(
+            self.options.storage_opt_in, settings.all_texlive_images, service_user
+        )
 
     def prepare_compiles(self, settings: Settings, docker_host: str) -> None:
         """The TeX Live installer's job, and what the services need to compile sandboxed: the

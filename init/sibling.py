@@ -24,13 +24,13 @@ from typing import Any
 
 from init import mountinfo
 from init.checks import Check, Status
+from init.config import DEFAULT_SERVICE_USER as DEFAULT_SERVICE_USER  # sibling.DEFAULT_...
 from init.config import HOST_DIR, HOST_DIR_COMPILES, HOST_DIR_OUTPUT, PREFIXES
 from init.errors import EngineError
 
 DEFAULT_SOCKET = Path("/var/run/docker.sock")
 SOCKET_VOLUME = "-v /var/run/docker.sock:/var/run/docker.sock"
 # The ShareLaTeX image runs its services as www-data.
-DEFAULT_SERVICE_USER = "www-data"
 # Docker 20.10's API: the oldest engine the compile runner is written and tested against.
 MIN_API_VERSION = "1.41"
 # The product's own example of the data volume.

@@ -7,6 +7,7 @@ would: ready, storage driver, a container runs, restarts after kill -9, a clean 
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import shutil
@@ -247,6 +248,10 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     engine = init.wait_engine("ready")
     assert engine["driver"] == "overlay2"
     assert engine["ready"] is True
+    # The services (www-data) may use the engine: its socket is in their group.
+    socket_stat = init.socket.stat()
+    assert socket_stat.st_gid == grp.getgrnam("www-data").gr_gid
+    assert socket_stat.st_mode & 0o777 == 0o660
     # The installer loads the compile image from its tarball once dockerd answers.
     wait_for(lambda: init.status()["texlive"]["state"] == "done", 30, "the installer done")
     assert init.status()["texlive"]["ready"] is True

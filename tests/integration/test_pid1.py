@@ -313,7 +313,8 @@ def test_container_environment_is_exported_and_grows_from_startup_scripts(
     env_dir = layout.env
     write_script(layout.startup / "10-secret", f"printf 's3cret value' > {env_dir}/NEW_SECRET\n")
     write_script(layout.startup / "20-sees", f'printf "%s" "$NEW_SECRET" > {m}/seen\n')
-    layout.service("web", f"env > {m}/web.env\n{WAIT_FOREVER}")
+    # Written whole, then renamed: the test may look the moment the file appears.
+    layout.service("web", f"env > {m}/web.tmp && mv {m}/web.tmp {m}/web.env\n{WAIT_FOREVER}")
     init = boot(start, layout, GREETING="hello world")
     wait_for((m / "web.env").exists, 10, "the service")
 

@@ -126,3 +126,14 @@ def test_ready_timeout_must_be_positive_seconds(value: str) -> None:
 def test_ready_timeout_from_env() -> None:
     assert dockerd.layout_from_env({dockerd.READY_TIMEOUT: "2.5"}).ready_timeout == 2.5
     assert dockerd.layout_from_env({}).ready_timeout == 60.0
+
+
+def test_the_socket_goes_to_the_service_users_group_unless_the_operator_chose_one() -> None:
+    import pwd
+
+    root_gid = str(pwd.getpwnam("root").pw_gid)
+    assert dockerd.socket_group_args(EngineLayout(), "root") == ("--group", root_gid)
+    assert dockerd.socket_group_args(EngineLayout(), "no-such-user-here") == ()
+    chosen = EngineLayout(extra_args=("--group=staff",))
+    assert dockerd.socket_group_args(chosen, "root") == ()
+    assert dockerd.socket_group_args(EngineLayout(extra_args=("-G", "x")), "root") == ()
