@@ -400,10 +400,13 @@ def watchdog_command(limits: Limits) -> list[str]:
     """The container's PID 1: exits (ending the container) once only it has run there for
     `idle` seconds, or at the container's lifetime. Its children are reaped by the shell."""
     step = 1 if limits.idle < 10 else 2
+    # SIGTERM (docker stop, dockerd stopping with the site) ends it at once: the sleep runs in
+    # the background so the trap is not held up by it.
     script = (
+        "trap 'exit 0' TERM INT; "
         f"end=$(( $(date +%s) + {int(limits.lifetime)} )); quiet=0; "
         'while [ "$(date +%s)" -lt "$end" ]; do '
-        f"sleep {step}; set -- /proc/[0-9]*; "
+        f"sleep {step} & wait $!; set -- /proc/[0-9]*; "
         f'if [ "$#" -gt 1 ]; then quiet=0; else quiet=$((quiet + {step})); '
         f'[ "$quiet" -ge {max(int(limits.idle), step)} ] && exit 0; fi; '
         "done"

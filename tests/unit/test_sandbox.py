@@ -454,3 +454,18 @@ def test_the_queue_holds_a_second_compile_of_a_project_or_past_the_slots(
         assert not entered.wait(0.3), "a second compile ran while the first held its turn"
     assert entered.wait(5), "the queued compile never ran"
     thread.join(5)
+
+
+def test_the_containers_pid1_ends_at_once_on_sigterm(tmp_path: Path) -> None:
+    """docker stop, or the inner dockerd stopping with the site, must not wait out a sleep."""
+    import signal
+    import subprocess
+    import time
+
+    _, limits = job(tmp_path, timeout=60.0)
+    watchdog = subprocess.Popen(sandbox.watchdog_command(limits))
+    time.sleep(0.3)
+    began = time.monotonic()
+    watchdog.send_signal(signal.SIGTERM)
+    assert watchdog.wait(5) == 0
+    assert time.monotonic() - began < 0.5
