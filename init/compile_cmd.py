@@ -79,8 +79,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The `compile` command: its exit status; the result on stdout (text or JSON)."""
-    from init import sandbox
+    from init import compile_env, sandbox, status
 
+    try:  # inside the site's container: compile as its services do
+        document = status.read(status.status_path(environ, getattr(options, "status_file", None)))
+        environ = compile_env.with_init_environment(environ, document)
+    except (OSError, ValueError):
+        pass  # no init running here: by hand on a host
     project = options.project
     compile_id = ""
     try:

@@ -23,6 +23,26 @@ DOCKER_RUNNERS = (
     Path("var/www/sharelatex/clsi/app/js/DockerRunner.js"),
 )
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What a compile needs of the services' environment, also for `sharelatex-init compile` run by
+# hand in the container (`docker exec`), which the init's environment never reaches.
+SHARED_VARIABLES = (
+    "DOCKER_HOST",
+    "SANDBOXED_COMPILES_HOST_DIR_COMPILES",
+    "SANDBOXED_COMPILES_HOST_DIR_OUTPUT",
+    "TEX_LIVE_DOCKER_IMAGE",
+    "ALL_TEX_LIVE_DOCKER_IMAGES",
+)
+
+
+def with_init_environment(
+    environ: Mapping[str, str], document: Mapping[str, object]
+) -> dict[str, str]:
+    """`environ` with what the running init gave its services for compiling (from its status
+    document) wherever `environ` does not say otherwise."""
+    given = document.get("compile_environment")
+    merged = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
+    merged.update(environ)
+    return merged
 
 
 def choose_runner(settings: Settings, root: Path = Path("/")) -> str:

@@ -102,6 +102,9 @@ class Init:
         self.engine: InnerEngine | None = None
         self.host_engine: HostEngine | None = None
         self.texlive: TexLiveJob | None = None
+        # What the services were given to compile with: kept in the status so that a `docker
+        # exec ... sharelatex-init compile` by an operator compiles the same way.
+        self.compile_environment: dict[str, str] = {}
         for signum in STOP_SIGNALS:
             self.loop.on_signal(signum, self._on_stop_signal)
         for signum in FORWARDED_SIGNALS:
@@ -184,6 +187,9 @@ class Init:
         if runner == "shim":
             compile_env.write_shims(shim_dir, sys.executable)
         self.environ.update(compile_env.environment(settings, self.environ, runner, shim_dir))
+        self.compile_environment = {
+            k: self.environ[k] for k in compile_env.SHARED_VARIABLES if k in self.environ
+        }
         how = f"the sandboxing latexmk in {shim_dir}" if runner == "shim" else "their docker runner"
         self.log.info("init", f"the services compile through {how}")
 
@@ -399,6 +405,7 @@ class Init:
             "services": self.supervisor.snapshot() if self.supervisor else [],
             "engine": self._engine_summary(),
             "texlive": self.texlive.summary() if self.texlive is not None else None,
+            "compile_environment": self.compile_environment,
         }
         try:
             status.write(self.options.status_file, document)

@@ -208,6 +208,7 @@ class Site:
         data = self.dir("sharelatex_data")
         for sub in ("data/compiles", "data/output"):
             (data / sub).mkdir(parents=True, exist_ok=True)
+            os.chown(data / sub, 33, 33)  # www-data's, as ShareLaTeX's startup scripts do
         return data
 
     def run(self, *options: str, env: dict[str, str] | None = None, **kwargs: Any) -> Container:

@@ -218,6 +218,10 @@ def test_the_proof_runs_again_once_the_installer_has_the_image(site: Site) -> No
         wait_for(proved, 60, "the proof after the install")
         document = json.loads((base / "status.json").read_text())
         assert document["texlive"]["state"] == "done"
+        # What `docker exec ... sharelatex-init compile` picks up: the services' view.
+        shared = document["compile_environment"]
+        assert shared["SANDBOXED_COMPILES_HOST_DIR_COMPILES"] == f"{data}/data/compiles"
+        assert shared["DOCKER_HOST"] == "unix:///var/run/docker.sock"
         code = stop(proc)
     finally:
         if proc.poll() is None:
