@@ -11,6 +11,7 @@ import pytest
 from init import sandbox
 from init.errors import ConfigError
 from init.sandbox import Limit, Limits, Places, Ran, Status
+from tests.integration.conftest import require
 
 OWNER = 33
 
@@ -140,8 +141,8 @@ def test_a_dir_outside_the_root_is_kept_by_hand_and_refused_with_siblings(
         sandbox.host_path(Path("/home/me/paper"), sibling)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to a non-root owner needs root")
 def test_compile_dir_resolves_and_takes_the_owner(places: Places) -> None:
+    require(os.geteuid() == 0, "chown to a non-root owner needs root")
     directory = project_dir(places.compiles, "p1")
     found = sandbox.compile_dir(directory, places)
     assert (found.path, found.source, found.project) == (directory, directory, "p1")
@@ -149,8 +150,8 @@ def test_compile_dir_resolves_and_takes_the_owner(places: Places) -> None:
     assert sandbox.compile_dir(directory, places, "other").project == "other"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="chown to a non-root owner needs root")
 def test_a_link_out_of_the_compiles_root_is_refused(places: Places, tmp_path: Path) -> None:
+    require(os.geteuid() == 0, "chown to a non-root owner needs root")
     project_dir(places.compiles, "p1")
     outside = project_dir(tmp_path, "elsewhere")
     (places.compiles / "sneaky").symlink_to(outside)
@@ -163,8 +164,7 @@ def test_a_link_out_of_the_compiles_root_is_refused(places: Places, tmp_path: Pa
 def test_a_root_owned_dir_is_refused(places: Places) -> None:
     directory = places.compiles / "p1"
     directory.mkdir(parents=True)
-    if os.geteuid() != 0:
-        pytest.skip("only root makes root-owned dirs")
+    require(os.geteuid() == 0, "only root makes root-owned dirs")
     with pytest.raises(ConfigError, match="owned by root"):
         sandbox.compile_dir(directory, places)
 
