@@ -71,7 +71,7 @@ class HostEngine:
         if environ.get(CONTAINER_ID):
             args += ["--container-id", environ[CONTAINER_ID]]
         self._args = args
-        result = self._run_check(args)
+        result = self._run_check()
         self.result = result
         for note in result.get("notes", []):
             self.log.info("sibling", note)
@@ -97,7 +97,6 @@ class HostEngine:
     def prove_again(self) -> None:
         """Once the compile image is present (the proof at boot is skipped without it): run the
         check again in the background; a failure now keeps compiles off and says why."""
-        result_file = self.run_dir / "sibling-proof.json"
 
         def done(result: dict[str, Any]) -> None:
             proof = result.get("proof") or {}
@@ -112,26 +111,28 @@ class HostEngine:
             self.on_change()
 
         try:
-            children.start(
-                self.loop, self.log, "sibling", "init.sibling_check",
-                (*self._args, "--result", str(result_file)), result_file, done,
-            )  # fmt: skip
+            self._start_check("sibling-proof.json", done)
         except SpawnError as e:
             self.log.error("sibling", f"cannot prove the host path: {e}")
 
-    def _run_check(self, args: list[str]) -> dict[str, Any]:
+    def _run_check(self) -> dict[str, Any]:
         """Run the check child to its end under the loop (signals and reaping go on)."""
-        result_file = self.run_dir / "sibling-check.json"
         results: list[dict[str, Any]] = []
         try:
-            children.start(
-                self.loop, self.log, "sibling", "init.sibling_check",
-                (*args, "--result", str(result_file)), result_file, results.append,
-            )  # fmt: skip
+            self._start_check("sibling-check.json", results.append)
         except SpawnError as e:
             raise ConfigError([f"sibling check: {e}"]) from e
         self.loop.run_until(lambda: bool(results))
         return results[0]
+
+    def _start_check(self, result_name: str, on_done: Callable[[dict[str, Any]], None]) -> None:
+        """`init.sibling_check` with the arguments `prepare` worked out; SpawnError if it
+        cannot start."""
+        result_file = self.run_dir / result_name
+        children.start(
+            self.loop, self.log, "sibling", "init.sibling_check",
+            (*self._args, "--result", str(result_file)), result_file, on_done,
+        )  # fmt: skip
 
     @property
     def ready(self) -> bool:

@@ -182,3 +182,17 @@ def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def engine_answers(sock: Path, path: str = "/_ping") -> bool:
+    """GET `path` on a Docker engine's unix socket answered 200 (stdlib only, no SDK)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(1)
+            s.connect(str(sock))
+            s.sendall(f"GET {path} HTTP/1.0\r\nHost: docker\r\n\r\n".encode())
+            return b" 200 " in s.recv(64)
+    except OSError:
+        return False
