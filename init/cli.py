@@ -9,8 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from init import __version__
+from init.core.log import Level, Log, level_from_env
 from init.errors import EX_CONFIG, EX_USAGE, ConfigError, InitError
-from init.log import Level, Log, level_from_env
 
 DESCRIPTION = "PID 1 for ShareLaTeX / Overleaf containers with sandboxed compiles."
 EPILOG = """\
@@ -57,7 +57,7 @@ def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
     if command == "doctor":
         return _doctor(options, env)
     if command == "compile":
-        from init import compile_cmd
+        from init.compiles import command as compile_cmd
 
         return compile_cmd.run(options, _merged_environment(options, env))
     if command == "texlive":
@@ -86,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
         help="for probes: exit 0 when healthy (the init and its services run) or ready "
         "(compiles can run), else 1 with the reason",
     )
-    from init import compile_cmd  # its parser only: the runner is imported when it runs
+    from init.compiles import (
+        command as compile_cmd,  # its parser only: the runner is imported when it runs
+    )
 
     compile_cmd.add_parser(sub)
     tl = sub.add_parser("texlive", help="install the TeX Live image(s) now, with progress")
@@ -150,13 +152,14 @@ def _texlive(options: argparse.Namespace, env: dict[str, str]) -> int:
             file=sys.stderr,
         )
         return EX_USAGE
-    from init.texlive import install_command  # the Docker SDK: never in PID 1
+    from init.texlive.install import install_command  # the Docker SDK: never in PID 1
 
     return install_command(options.texlive_args[1:], _merged_environment(options, env))
 
 
 def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
-    from init import doctor, status
+    from init import doctor
+    from init.core import status
 
     merged = _merged_environment(options, env)
     checks = doctor.run_checks(merged, status.status_path(merged, options.status_file))
@@ -165,8 +168,10 @@ def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
-    from init import config, container_env, dockerd, services, status
-    from init.pid1 import BootOptions, Init, Shutdown
+    from init import config
+    from init.core import container_env, services, status
+    from init.core.pid1 import BootOptions, Init, Shutdown
+    from init.engine import dockerd
 
     _configure_log(log, options)
     opt = vars(options)
@@ -230,7 +235,7 @@ def _configure_log(log: Log, options: argparse.Namespace) -> None:
 def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
     import json
 
-    from init import status
+    from init.core import status
 
     path = status.status_path(env, options.status_file)
     try:
@@ -253,7 +258,7 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _wrap(before: list[str], command: list[str], env: dict[str, str], log: Log) -> int:
-    from init import wrap
+    from init.core import wrap
 
     parser = argparse.ArgumentParser(
         prog="sharelatex-init [options] --", description="Run CMD as the only child."

@@ -11,9 +11,11 @@ from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from init import cgroups, config, dockerd, privilege, status, storage
+from init import config
 from init.checks import Check, Status
 from init.config import Mode, Settings
+from init.core import status
+from init.engine import cgroups, dockerd, privilege, storage
 from init.errors import ConfigError, InitError
 
 ENGINE_ANSWER_DEADLINE = 3.0
@@ -51,7 +53,7 @@ def run_checks(
 
 def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
     """How the services' compiles will run, with sandboxed compiles on."""
-    from init import compile_env
+    from init.compiles import service_env as compile_env
 
     if compile_env.choose_runner(settings, root) == "docker":
         return Check(
@@ -69,7 +71,10 @@ def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
 
 def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:
     """The socket, who may use it, the engine's API, the host dirs and the marker proof."""
-    from init import sibling, sibling_check  # the Docker SDK: only here, never in PID 1
+    from init.engine import (
+        sibling,
+        sibling_check,  # the Docker SDK: only here, never in PID 1
+    )
 
     request = sibling_check.Request(
         result=Path("/dev/null"),
@@ -131,7 +136,7 @@ def engine_checks(
     layout: dockerd.EngineLayout, settings: Settings, status_file: Path
 ) -> list[Check]:
     """Whether the inner dockerd answers, and on which storage driver."""
-    from init import engine_check  # the Docker SDK: only here, never in PID 1
+    from init.engine import ready as engine_check  # the Docker SDK: only here, never in PID 1
 
     reported: dict[str, Any] = {}
     try:

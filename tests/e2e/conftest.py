@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from init.texlive import tarball_name
+from init.texlive.install import tarball_name
 from tests.integration.conftest import require, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -431,7 +431,7 @@ class Site:
         sock_source: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """`python -m init.sibling_check` in a private mount namespace with the product's view.
+        """`python -m init.engine.sibling_check` in a private mount namespace with the product's view.
 
         `sock`: bound (the engine's socket, or `sock_source`), missing, or directory. Only the
         namespace sees the tmpfs over /var/lib and /run: the host's stay untouched.
@@ -449,7 +449,7 @@ class Site:
         result = self.base / f"result-{len(list(self.base.glob('result-*')))}.json"
         done = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(steps),
-             "sh", PYTHON, "-m", "init.sibling_check", "--result", str(result), *args],
+             "sh", PYTHON, "-m", "init.engine.sibling_check", "--result", str(result), *args],
             env={**CLEAN_ENV, **(env or {})}, capture_output=True, timeout=60,
         )  # fmt: skip
         assert result.exists(), done.stderr.decode(errors="replace")

@@ -20,8 +20,8 @@ from typing import Any
 
 import pytest
 
-from init import cgroups
-from init.cgroups import EnableControllers, MoveProcs, Plan, Version
+from init.engine import cgroups
+from init.engine.cgroups import EnableControllers, MoveProcs, Plan, Version
 from tests.integration.conftest import require
 
 pytestmark = pytest.mark.root
@@ -42,7 +42,7 @@ def _needs_root_and_unshare() -> None:
     require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
 
 
-# -- what the kernel shows, read independently of init.cgroups -----------------------------------
+# -- what the kernel shows, read independently of init.engine.cgroups -----------------------------------
 
 
 def proc_cgroups() -> list[tuple[str, int, bool]]:

@@ -1,5 +1,5 @@
-"""The compile API for real: `python -m init.compile_api` as www-data (as its run script starts
-it) on a loopback port, running the real `sharelatex-init compile` (init.compile_cmd) against a
+"""The compile API for real: `python -m init.compiles.api` as www-data (as its run script starts
+it) on a loopback port, running the real `sharelatex-init compile` (init.compiles.command) against a
 private dockerd holding the TeX Live image that scripts/build-images makes.
 
 Each test posts what an operator would (curl --data-binary) and checks the answer, that the
@@ -109,7 +109,7 @@ def start_api(compiles: Compiles, site: Path, name: str, **env: str) -> Api:  # 
     )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [*AS_WWW_DATA, python, "-m", "init.compile_api", "--listen", f"127.0.0.1:{port}",
+            [*AS_WWW_DATA, python, "-m", "init.compiles.api", "--listen", f"127.0.0.1:{port}",
              "--max-timeout", "60"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=environment,
             cwd=REPO, start_new_session=True,

@@ -1,5 +1,5 @@
-"""The HTTP status endpoint for real: `python -m init.http_status` on a loopback port, over a
-status file written with init.status.write as PID 1 writes it; probes change as the file does,
+"""The HTTP status endpoint for real: `python -m init.httpd.status` on a loopback port, over a
+status file written with init.core.status.write as PID 1 writes it; probes change as the file does,
 a file that cannot be read is a 503 with the reason, SIGTERM ends it at once with status 0."""
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from init import status
+from init.core import status
 from tests.integration.conftest import CLEAN_ENV, INIT, PYTHON, require, wait_for
 
-HTTP_STATUS = (PYTHON, "-m", "init.http_status")
+HTTP_STATUS = (PYTHON, "-m", "init.httpd.status")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -336,7 +336,7 @@ def test_sigterm_ends_a_running_compile_and_its_container(compiles: Compiles, ot
 
     project = compiles.project("stopped", {"main.tex": HELLO.replace("Hello", r"\def\x{\x}\x")})
     proc = subprocess.Popen(
-        [sys.executable, "-m", "init.compile_cmd", str(project), "--json"],
+        [sys.executable, "-m", "init.compiles.command", str(project), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=compiles.env(),
     )  # fmt: skip
     from tests.integration.conftest import wait_for
@@ -357,7 +357,7 @@ def test_twenty_projects_at_once_all_compile(compiles: Compiles, other: Path) ->
     projects = [compiles.project(f"many{i}", {"main.tex": HELLO}) for i in range(20)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "init.compile_cmd", str(p), "--json"],
+            [sys.executable, "-m", "init.compiles.command", str(p), "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             env=compiles.env(),
@@ -394,7 +394,7 @@ def test_sibling_mode_binds_the_host_path(compiles: Compiles, other: Path) -> No
     del env["SHARELATEX_INIT_COMPILES_DIR"]  # the product's default path
     done = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
-         sys.executable, "-m", "init.compile_cmd", f"{inside}/sib", "--json"],
+         sys.executable, "-m", "init.compiles.command", f"{inside}/sib", "--json"],
         capture_output=True, text=True, timeout=120, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr

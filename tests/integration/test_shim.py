@@ -42,7 +42,9 @@ def shim_dir(tmp_path: Path) -> Path:
     """The wrapper scripts PID 1 writes, first on PATH."""
     directory = tmp_path / "shim"
     for command in ("latexmk", "pdflatex", "lualatex"):
-        write_script(directory / command, f'exec {sys.executable} -m init.shim {command} "$@"\n')
+        write_script(
+            directory / command, f'exec {sys.executable} -m init.compiles.shim {command} "$@"\n'
+        )
     return directory
 
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from init import storage
 from init.checks import Status
+from init.engine import storage
 from tests.integration.conftest import require
 
 pytestmark = pytest.mark.root
@@ -29,7 +29,7 @@ SNIPPET = """
 import json, subprocess, sys
 from dataclasses import asdict
 from pathlib import Path
-from init import storage
+from init.engine import storage
 
 base = Path(sys.argv[1])
 for name in ("lower", "upper", "work", "merged", "memory"):

@@ -31,7 +31,7 @@ from typing import Any, cast
 import docker
 import pytest
 
-from init import texlive
+from init.texlive import install as texlive
 from tests.integration.conftest import (
     CLEAN_ENV,
     REPO,
@@ -168,7 +168,7 @@ class World:
     ) -> subprocess.Popen[bytes]:
         log = (self.base / "installer.log").open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "init.texlive", "--socket", str(self.engine.socket),
+            [sys.executable, "-m", "init.texlive.install", "--socket", str(self.engine.socket),
              "--status", str(self.status_path), "--images", images or self.image, *args],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env={**CLEAN_ENV, **(env or {})}, start_new_session=True,
@@ -398,7 +398,7 @@ def on_a_terminal(argv: list[str], timeout: float) -> tuple[int, str]:
 
 
 def install_argv(world: World, *args: str) -> list[str]:
-    return [sys.executable, "-m", "init.texlive", "install",
+    return [sys.executable, "-m", "init.texlive.install", "install",
             "--engine", f"unix://{world.engine.socket}", *args]  # fmt: skip
 
 

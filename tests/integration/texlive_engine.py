@@ -85,11 +85,11 @@ class Compiles:
     def compile(
         self, directory: Path, *args: str, timeout: float = 120, **env: str
     ) -> tuple[int, dict[str, Any], str]:
-        """`python -m init.compile_cmd DIR --json ARGS`: (exit status, the JSON, stderr)."""
+        """`python -m init.compiles.command DIR --json ARGS`: (exit status, the JSON, stderr)."""
         import json
 
         done = subprocess.run(
-            [sys.executable, "-m", "init.compile_cmd", str(directory), "--json", *args],
+            [sys.executable, "-m", "init.compiles.command", str(directory), "--json", *args],
             capture_output=True, text=True, timeout=timeout, env=self.env(**env), cwd=REPO,
         )  # fmt: skip
         lines = done.stdout.strip().splitlines()

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from init.backoff import SERVICE_RESTART, Backoff
+from init.core.backoff import SERVICE_RESTART, Backoff
 
 
 def test_delay_doubles_up_to_the_cap() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from init import cgroups
-from init.cgroups import (
+from init.engine import cgroups
+from init.engine.cgroups import (
     EnableControllers,
     MountHierarchy,
     MountTmpfs,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from init import compile_env, config
+from init import config
+from init.compiles import service_env as compile_env
 
 
 def settings(**environ: str) -> config.Settings:
@@ -55,7 +56,7 @@ def test_the_shim_scripts_run_the_shim_module_with_their_name(tmp_path: Path) ->
     out = subprocess.run(
         [tmp_path / "shim" / "latexmk", "-pdf", "a b.tex"], capture_output=True, text=True
     )
-    assert out.stdout == "-m init.shim latexmk -pdf a b.tex\n"
+    assert out.stdout == "-m init.compiles.shim latexmk -pdf a b.tex\n"
 
 
 def test_a_compile_by_hand_in_the_container_gets_what_the_services_got() -> None:

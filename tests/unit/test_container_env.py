@@ -6,8 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
-from init import container_env
-from init.container_env import EnvFiles
+from init.core import container_env
+from init.core.container_env import EnvFiles
 
 
 def test_export_writes_dir_sh_and_json(tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from init import dockerd
-from init.dockerd import EngineLayout
+from init.engine import dockerd
+from init.engine.dockerd import EngineLayout
 from init.errors import ConfigError
 
 

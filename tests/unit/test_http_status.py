@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
-from init import compile_api, http_status, httpserve
-from init.compile_api import Limits, Options, Outcome, Refusal
+from init.compiles import api as compile_api
+from init.compiles.api import Limits, Options, Outcome, Refusal
 from init.config import parse_address
+from init.core.log import Log
 from init.errors import ConfigError
-from init.httpserve import App, Body, Request, Response
-from init.log import Log
+from init.httpd import server as httpserve
+from init.httpd import status as http_status
+from init.httpd.server import App, Body, Request, Response
 
 # -- addresses -------------------------------------------------------------------------------
 
@@ -116,7 +118,7 @@ def running(pid: int) -> dict[str, Any]:
 
 
 def test_probes_read_the_file_each_time_and_answer_200_or_503(tmp_path: Path) -> None:
-    from init import status
+    from init.core import status
 
     path = tmp_path / "status.json"
     app = http_status.app(path, Log(io.StringIO()))
@@ -133,7 +135,7 @@ def test_probes_read_the_file_each_time_and_answer_200_or_503(tmp_path: Path) ->
 
 
 def test_status_is_the_merged_document_and_a_bad_file_is_503(tmp_path: Path) -> None:
-    from init import status
+    from init.core import status
 
     path = tmp_path / "status.json"
     status.write(path, {**running(os.getpid()), "texlive": {"ready": False, "default": "tl"}})
@@ -148,7 +150,7 @@ def test_status_is_the_merged_document_and_a_bad_file_is_503(tmp_path: Path) -> 
 
 
 def test_a_dead_init_is_not_healthy(tmp_path: Path) -> None:
-    from init import status
+    from init.core import status
 
     path = tmp_path / "status.json"
     status.write(path, running(2**22 + 1))  # above pid_max's default: never a live pid
@@ -315,7 +317,7 @@ def test_content_types() -> None:
 
 
 def test_project_ids_are_what_the_runner_accepts() -> None:
-    from init import sandbox
+    from init.compiles import sandbox
 
     ids = {compile_api.new_project_id() for _ in range(50)}
     assert len(ids) == 50

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from init import privilege
 from init.checks import Status
+from init.engine import privilege
 
 FULL = "000001ffffffffff"
 # This VM's: no CAP_SYS_RESOURCE in the bounding set, yet `--privileged` works under dockerd 26.

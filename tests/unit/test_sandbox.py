@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from init import sandbox
+from init.compiles import sandbox
+from init.compiles.sandbox import Limit, Limits, Places, Ran, Status
 from init.errors import ConfigError
-from init.sandbox import Limit, Limits, Places, Ran, Status
 from tests.integration.conftest import require
 
 OWNER = 33
@@ -392,7 +392,7 @@ def test_the_queue_takes_a_free_slot_and_the_projects_turn(tmp_path: Path) -> No
 
 
 def test_the_commands_engines_are_the_runners() -> None:
-    from init import compile_cmd
+    from init.compiles import command as compile_cmd
 
     assert tuple(sandbox.ENGINES) == compile_cmd.ENGINES
 
@@ -402,7 +402,7 @@ def run_compile(
 ) -> tuple[int, dict[str, object]]:
     import argparse
 
-    from init import compile_cmd
+    from init.compiles import command as compile_cmd
 
     parser = argparse.ArgumentParser()
     compile_cmd.add_parser(parser.add_subparsers(dest="command"))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from init import services
+from init.core import services
 from init.errors import ConfigError
 
 

@@ -9,10 +9,10 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
-from init import sibling
 from init.checks import Status
+from init.engine import sibling
+from init.engine.sibling import Mount, ServiceUser, SocketFacts
 from init.errors import EngineError
-from init.sibling import Mount, ServiceUser, SocketFacts
 
 ID = "7567a89398ce907d106521b802488ff001716c4c8fcac4ff8357c476f3a6f34d"
 OTHER = "0123456789abcdef" * 4

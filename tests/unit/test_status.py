@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from init import status
+from init.core import status
 
 
 def test_write_then_read_round_trips_and_leaves_no_temp_file(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_text_shows_the_engine_and_each_image() -> None:
 
 
 def test_a_build_shows_its_steps_where_a_pull_shows_bytes() -> None:
-    from init import progress
+    from init.texlive import progress
 
     building = {
         "image": "t:1",

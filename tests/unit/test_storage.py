@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from init import storage
 from init.checks import Status
+from init.engine import storage
 from init.errors import ConfigError, EngineError
 
 GB = 10**9

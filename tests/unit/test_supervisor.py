@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from init.backoff import Backoff
+from init.core.backoff import Backoff
+from init.core.log import Log
+from init.core.loop import EventLoop
+from init.core.process import SpawnSpec
+from init.core.services import ServiceSpec
+from init.core.states import State, TransitionError, check_transition
+from init.core.supervisor import Supervisor
 from init.errors import SpawnError
-from init.log import Log
-from init.loop import EventLoop
-from init.process import SpawnSpec
-from init.services import ServiceSpec
-from init.states import State, TransitionError, check_transition
-from init.supervisor import Supervisor
 
 
 class FakeClock:

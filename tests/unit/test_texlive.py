@@ -10,10 +10,12 @@ from typing import Any
 
 import pytest
 
-from init import progress, texlive, texlive_build
-from init.progress import percent
-from init.texlive import Board, PullProgress, RateMeter, Reason, State
-from init.texlive_build import BuildOptions, BuildProgress
+from init.texlive import build as texlive_build
+from init.texlive import install as texlive
+from init.texlive import progress
+from init.texlive.build import BuildOptions, BuildProgress
+from init.texlive.install import Board, PullProgress, RateMeter, Reason, State
+from init.texlive.progress import percent
 
 
 def test_progress_sums_layers_and_finishes_them() -> None:
@@ -260,8 +262,8 @@ def test_child_arguments_take_the_build_source() -> None:
 def test_the_recipe_is_the_one_scripts_build_images_reads() -> None:
     repo = Path(__file__).resolve().parents[2]
     script = (repo / "scripts" / "build-images").read_text()
-    assert 'TEXLIVE_RECIPES = SCRIPT.parents[1] / "init" / "recipes"' in script
-    recipe = repo / "init" / "recipes" / "texlive.Dockerfile"
+    assert 'TEXLIVE_RECIPES = SCRIPT.parents[1] / "init" / "texlive" / "recipes"' in script
+    recipe = repo / "init" / "texlive" / "recipes" / "texlive.Dockerfile"
     assert recipe == texlive_build.DOCKERFILE
     assert not (repo / "scripts" / "images" / "texlive.Dockerfile").exists()  # one recipe
 

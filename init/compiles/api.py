@@ -1,0 +1,683 @@
+"""The compile API: POST a .tex file or a tar of a project, get the PDF or a JSON error.
+
+`python -m init.compiles.api --listen ADDR` (the `compile-api` service) puts each upload in a
+fresh project dir of its own under the compiles root, runs `sharelatex-init compile DIR
+--project ID --json` on it (the sandbox, its limits and its queue are that command's), answers
+with what it said, and removes the dir. Used by the demo and by operators checking a site:
+
+    curl --data-binary @main.tex -H 'Content-Type: text/x-tex' \\
+         -o out.pdf http://127.0.0.1:8090/compile
+    tar -C project -cz . | curl --data-binary @- -H 'Content-Type: application/x-tar' \\
+         'http://127.0.0.1:8090/compile?main=paper.tex&engine=xelatex&timeout=120'
+
+Answers:
+  200 application/pdf   the compile made a PDF (exit 0)
+  400                   a bad query parameter; a broken or unsafe archive (an absolute path,
+                        `..`, a link out, a device)
+  411, 413              no Content-Length; too big: the upload, or the archive's files
+                        (reason upload_size, extracted_size, members)
+  413                   the document hit a sandbox limit (exit 2: timeout, memory, processes,
+                        output size; the reason says which). 413, not 408 or 429, which
+                        clients may retry by themselves: the same document hits the same limit
+  415                   neither a .tex nor a tar
+  422                   a LaTeX error (exit 1): the first error lines and the log's tail
+  429 + Retry-After     more uploads at once than --max-pending
+  503 + Retry-After     TeX Live is still installing (exit 75): its message, as is; the engine
+                        cannot be reached (exit 69); the runner was stopped (limit "stopped")
+  500                   anything else (configuration, exit 78; the command failing)
+
+Errors are JSON: {status, reason, message, log_tail, errors, exit_status, project, compile_id}:
+status is the compile command's word (latex_error, limit, not_ready, config, engine) or this
+service's (refused, busy); reason the limit that was hit (timeout, memory, processes, output
+size), the refusal's (upload_size, unsafe_archive, ...), else the status; message one line for
+a person. The engine `latex` answers application/x-dvi.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from init.config import DEFAULT_COMPILES_DIR
+from init.core.log import Log
+from init.errors import EX_CONFIG, EX_TEMPFAIL
+from init.httpd import server as httpserve
+from init.httpd.server import App, Request, Response
+
+NAME = "compile-api"
+ADDRESS_VARIABLE = "SHARELATEX_INIT_COMPILE_API_ADDRESS"
+DEFAULT_ADDRESS = "127.0.0.1:8090"
+COMPILES_DIR_VARIABLE = "SHARELATEX_INIT_COMPILES_DIR"
+
+# `sharelatex-init compile` exit statuses (init.compiles.command), and its status words.
+EXIT_PDF, EXIT_LATEX, EXIT_LIMIT = 0, 1, 2
+EX_UNAVAILABLE = 69  # the engine cannot be reached
+EXIT_WORDS = {
+    EXIT_PDF: "no_pdf",
+    EXIT_LATEX: "latex_error",
+    EXIT_LIMIT: "limit",
+    EX_TEMPFAIL: "not_ready",
+    EX_UNAVAILABLE: "engine",
+    EX_CONFIG: "config",
+}
+ENGINES = ("pdflatex", "xelatex", "lualatex", "latex")
+TEX_TYPES = ("text/x-tex", "application/x-tex", "text/plain")
+TAR_TYPES = (
+    "application/x-tar",
+    "application/tar",
+    "application/gzip",
+    "application/x-gzip",
+    "application/x-gtar",
+    "application/tar+gzip",
+)
+_MAIN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*(/[A-Za-z0-9_][A-Za-z0-9_.+-]*)*\.tex$")
+LOG_TAIL_LINES = 40
+RETRY_AFTER_NOT_READY = 30  # seconds: a TeX Live install moves in minutes, not seconds
+RETRY_AFTER_BUSY = 5
+RETRY_AFTER_ENGINE = 10  # an inner dockerd restarting
+QUEUE_ALLOWANCE = 300.0  # seconds a compile may wait in the compile command's queue
+CHUNK = 1 << 16
+STOP_GRACE = 15.0  # seconds the running compiles get to end their containers on SIGTERM
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_upload: int = 50 * 1024 * 1024  # bytes of the request body
+    max_extracted: int = 200 * 1024 * 1024  # bytes of the files in an archive
+    max_members: int = 5000
+    default_timeout: float = 60.0  # seconds, the compile's own (--timeout)
+    max_timeout: float = 600.0
+    max_pending: int = 16  # uploads being compiled or queued at once
+
+
+@dataclass(frozen=True)
+class Refusal(Exception):
+    """An upload this service will not compile, as the answer to give."""
+
+    status: int
+    reason: str
+    message: str
+
+    def response(self, project: str = "") -> Response:
+        return error_response(self.status, "refused", self.reason, self.message, project=project)
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the query asks for, validated."""
+
+    main: str | None  # None: main.tex, or the one .tex at the top of an archive
+    engine: str
+    timeout: float
+    keep: bool
+
+
+def parse_options(query: Mapping[str, str], limits: Limits) -> Options:
+    """The query's main, engine, timeout and keep; Refusal(400) naming the one that is wrong."""
+    unknown = sorted(set(query) - {"main", "engine", "timeout", "keep"})
+    if unknown:
+        raise Refusal(
+            400, "query", f"unknown parameter {unknown[0]!r}; use main, engine, timeout, keep"
+        )
+    main = query.get("main") or None
+    if main is not None and not (
+        len(main) <= 255 and _MAIN.match(main) and ".." not in main.split("/")
+    ):
+        raise Refusal(400, "query", f"main={main!r}: give a relative path to a .tex file, no '..'")
+    engine = query.get("engine") or "pdflatex"
+    if engine not in ENGINES:
+        raise Refusal(400, "query", f"engine={engine!r}: use one of {', '.join(ENGINES)}")
+    try:
+        timeout = float(query.get("timeout") or limits.default_timeout)
+    except ValueError:
+        timeout = -1.0
+    if not 1 <= timeout <= limits.max_timeout:
+        raise Refusal(
+            400,
+            "query",
+            f"timeout={query.get('timeout')!r}: give seconds from 1 to {limits.max_timeout:g}",
+        )
+    keep = query.get("keep", "0")
+    if keep not in ("0", "1"):
+        raise Refusal(400, "query", f"keep={keep!r}: use 1 to keep the project dir, or 0")
+    return Options(main, engine, timeout, keep == "1")
+
+
+def upload_kind(content_type: str) -> str:
+    """`tex` or `tar` from the Content-Type; Refusal(415) for anything else."""
+    media = content_type.split(";")[0].strip().lower()
+    if media in TEX_TYPES:
+        return "tex"
+    if media in TAR_TYPES:
+        return "tar"
+    raise Refusal(
+        415,
+        "content_type",
+        f"Content-Type {media or '(none)'!r}: send text/x-tex for a .tex file or "
+        "application/x-tar (gzip too) for a project",
+    )
+
+
+def new_project_id() -> str:
+    """24 hex digits: the shape of the site's own project ids (a MongoDB ObjectId)."""
+    return secrets.token_hex(12)
+
+
+# -- archives ------------------------------------------------------------------------------
+
+
+def member_problem(member: tarfile.TarInfo) -> str:
+    """Why this archive member may not be extracted into a project, or "" when it may.
+
+    Links may only point down from their own dir (relative, no `..`): then no chain of links
+    can leave the project, whatever order the members come in."""
+    name = member.name
+    if not name or "\0" in name:
+        return "a member with an empty or NUL name"
+    if name.startswith("/"):
+        return f"{name!r} is an absolute path"
+    if ".." in PurePosixPath(name).parts:
+        return f"{name!r} goes up with '..'"
+    if member.issym() or member.islnk():
+        target = member.linkname
+        kind = "symlink" if member.issym() else "hard link"
+        if not target or target.startswith("/") or ".." in PurePosixPath(target).parts:
+            return f"{kind} {name!r} -> {target!r} points out of the project"
+        return ""
+    if member.isreg() or member.isdir():
+        return ""
+    return f"{name!r} is a device, fifo or other special file"
+
+
+def check_archive(members: Any, limits: Limits) -> list[tarfile.TarInfo]:
+    """The members of an archive, each checked, as they are read (so a bomb stops at the first
+    member past a limit, not after reading it all); Refusal otherwise."""
+    accepted: list[tarfile.TarInfo] = []
+    total = 0
+    for member in members:
+        if len(accepted) >= limits.max_members:
+            raise Refusal(413, "members", f"more than {limits.max_members} files in the archive")
+        problem = member_problem(member)
+        if problem:
+            raise Refusal(400, "unsafe_archive", problem)
+        if member.isreg():
+            total += member.size
+        if total > limits.max_extracted:
+            raise Refusal(
+                413,
+                "extracted_size",
+                f"the archive's files add up to more than {_megabytes(limits.max_extracted)}",
+            )
+        accepted.append(member)
+    return accepted
+
+
+def extract(archive: IO[bytes], dest: Path, limits: Limits) -> int:
+    """Extract a (gzipped) tar into `dest` after `check_archive`; the number of members.
+    Where the stdlib has it (3.11.4 on), its "data" filter checks again as it writes."""
+    filter_error = getattr(tarfile, "FilterError", None)
+    try:
+        with tarfile.open(fileobj=archive, mode="r:*") as tar:
+            members = [plain(m) for m in check_archive(tar, limits)]
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(dest, members=members, filter="data")
+            else:  # Debian bookworm's 3.11.2: the checks above are the whole guard
+                tar.extractall(dest, members=members)
+    except Refusal:
+        raise
+    except (tarfile.TarError, EOFError, OSError) as e:
+        if filter_error is not None and isinstance(e, filter_error):
+            raise Refusal(400, "unsafe_archive", str(e)) from e
+        raise Refusal(400, "bad_archive", f"not a readable tar archive: {e}") from e
+    return len(members)
+
+
+def plain(member: tarfile.TarInfo) -> tarfile.TarInfo:
+    """The member as this service's own file: no set-id bits, no owner from the archive (which
+    extracting as root would apply)."""
+    copy = tarfile.TarInfo(member.name)
+    for name in ("size", "mtime", "type", "linkname", "offset", "offset_data", "sparse"):
+        setattr(copy, name, getattr(member, name))
+    copy.mode = 0o755 if member.isdir() or member.mode & 0o100 else 0o644
+    copy.uid, copy.gid, copy.uname, copy.gname = os.geteuid(), os.getegid(), "", ""
+    return copy
+
+
+def find_main(project: Path, asked: str | None) -> str:
+    """The main file: the one asked for, else main.tex, else the only .tex at the top."""
+    if asked is not None:
+        if not (project / asked).is_file():
+            raise Refusal(400, "main", f"main={asked!r} is not a file in the project")
+        return asked
+    if (project / "main.tex").is_file():
+        return "main.tex"
+    top = sorted(p.name for p in project.glob("*.tex") if p.is_file())
+    if len(top) == 1:
+        return top[0]
+    raise Refusal(
+        400,
+        "main",
+        "no main.tex and "
+        + (f"{len(top)} .tex files at the top" if top else "no .tex file at the top")
+        + ": say which with ?main=FILE.tex",
+    )
+
+
+# -- answers from the compile command --------------------------------------------------------
+
+
+def error_response(
+    status: int,
+    outcome: str,
+    reason: str,
+    message: str,
+    *,
+    log_tail: str = "",
+    exit_status: int | None = None,
+    project: str = "",
+    retry_after: int | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Response:
+    document: dict[str, Any] = {
+        **(extra or {}),
+        "status": outcome,
+        "reason": reason,
+        "message": message,
+        "log_tail": log_tail,
+        "exit_status": exit_status,
+        "project": project,
+    }
+    headers = (("Retry-After", str(retry_after)),) if retry_after is not None else ()
+    return Response.json(status, document, headers=headers)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the compile command ended: its exit status, its --json document, its stderr."""
+
+    exit_status: int
+    result: Mapping[str, Any] = field(default_factory=dict)
+    stderr: str = ""
+
+
+def status_for(outcome: Outcome) -> tuple[int, int | None]:
+    """(HTTP status, Retry-After or None) for a compile that made no PDF."""
+    if outcome.result.get("limit") == "stopped":
+        # The runner was stopped (it then dies of the signal), not the document: try later.
+        return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_BUSY
+    if outcome.exit_status == EXIT_LATEX:
+        return HTTPStatus.UNPROCESSABLE_ENTITY, None
+    if outcome.exit_status == EXIT_LIMIT:
+        return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, None
+    if outcome.exit_status == EX_TEMPFAIL:
+        return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_NOT_READY
+    if outcome.exit_status == EX_UNAVAILABLE:
+        return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_ENGINE
+    return HTTPStatus.INTERNAL_SERVER_ERROR, None
+
+
+def failure_response(outcome: Outcome, project: str) -> Response:
+    """The JSON error for a compile that made no PDF, from what the command printed: its
+    status word, the limit (or the status) as the reason, its own line as the message."""
+    result = outcome.result
+    code, retry_after = status_for(outcome)
+    status = str(result.get("status") or EXIT_WORDS.get(outcome.exit_status, "failed"))
+    message = str(result.get("reason") or "")
+    if not message:
+        message = _tail(outcome.stderr, 5) or (
+            f"the compile command exited with status {outcome.exit_status} and said nothing"
+        )
+    errors = result.get("errors")
+    return error_response(
+        code,
+        status,
+        str(result.get("limit") or status),
+        message,
+        log_tail=log_tail(result) or _tail(outcome.stderr, LOG_TAIL_LINES),
+        exit_status=outcome.exit_status,
+        project=project,
+        retry_after=retry_after,
+        extra={
+            "errors": [str(e) for e in errors] if isinstance(errors, list) else [],
+            "compile_id": result.get("compile_id"),
+        },
+    )
+
+
+def log_tail(result: Mapping[str, Any]) -> str:
+    """The last lines of the compile's log: its "log" is a path to it, or its text."""
+    log = result.get("log")
+    if not isinstance(log, str) or not log:
+        return ""
+    if "\n" not in log and log.startswith("/"):
+        try:
+            with open(log, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 64 * 1024))
+                return _tail(f.read().decode(errors="replace"), LOG_TAIL_LINES)
+        except OSError:
+            return ""
+    return _tail(log, LOG_TAIL_LINES)
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.rstrip("\n").splitlines()[-lines:])
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / (1024 * 1024):g} MiB" if size >= 1 << 20 else f"{size} bytes"
+
+
+# -- the service -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Service:
+    """Where projects go, what runs them, and the limits."""
+
+    compiles_dir: Path
+    command: tuple[str, ...] = (sys.executable, "-m", "init.compiles.command")
+    limits: Limits = Limits()
+
+
+class Compiles:
+    """The uploads in flight: their count (for --max-pending) and the compile processes, so
+    that SIGTERM can end them and wait for their answers and cleanup."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self.stopping = False
+        self.processes: set[subprocess.Popen[bytes]] = set()
+        self.changed = threading.Condition()
+
+    def enter(self) -> bool:
+        with self.changed:
+            if self.stopping or self.active >= self.limit:
+                return False
+            self.active += 1
+            return True
+
+    def leave(self) -> None:
+        with self.changed:
+            self.active -= 1
+            self.changed.notify_all()
+
+    def stop(self, grace: float) -> None:
+        """Refuse new uploads, SIGTERM every running compile command (each ends its own
+        container), and wait up to `grace` for the requests to finish."""
+        deadline = time.monotonic() + grace
+        with self.changed:
+            self.stopping = True
+            for proc in self.processes:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+            while self.active and (left := deadline - time.monotonic()) > 0:
+                self.changed.wait(left)
+
+
+def run_compile(
+    service: Service, compiles: Compiles, project_dir: Path, project: str, options: Options
+) -> Outcome:
+    argv = [
+        *service.command, str(project_dir), "--project", project, "--json",
+        "--main", options.main or "main.tex", "--engine", options.engine,
+        "--timeout", f"{options.timeout:g}",
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
+        )
+        with compiles.changed:
+            compiles.processes.add(proc)
+        try:
+            try:
+                exit_status = proc.wait(options.timeout + QUEUE_ALLOWANCE)
+            except subprocess.TimeoutExpired:
+                exit_status = _end(proc)
+                allowed = options.timeout + QUEUE_ALLOWANCE
+                return Outcome(
+                    exit_status,
+                    {
+                        "status": "stuck",
+                        "reason": f"the compile command did not end within {allowed:g} s "
+                        "(its timeout and the time it may queue); it was stopped",
+                    },
+                )
+        finally:
+            with compiles.changed:
+                compiles.processes.discard(proc)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read(4 * 1024 * 1024).decode(errors="replace")
+        stderr = err.read(1024 * 1024).decode(errors="replace")
+    return Outcome(exit_status, _last_json(stdout), stderr)
+
+
+def _end(proc: subprocess.Popen[bytes]) -> int:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        return proc.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        return proc.wait()
+
+
+def _last_json(stdout: str) -> dict[str, Any]:
+    """The --json document: the last line of stdout that is a JSON object."""
+    for line in reversed(stdout.strip().splitlines()):
+        try:
+            document = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(document, dict):
+            return document
+    try:  # printed with indentation
+        whole = json.loads(stdout)
+    except ValueError:
+        return {}
+    return whole if isinstance(whole, dict) else {}
+
+
+def receive(request: Request, sink: IO[bytes], limits: Limits) -> None:
+    """Copy the request body into `sink`; Refusal when it is missing or too big."""
+    length = request.content_length
+    if length is None:
+        raise Refusal(411, "length", "send the body with a Content-Length")
+    if length > limits.max_upload:
+        raise Refusal(413, "upload_size", f"the upload is over {_megabytes(limits.max_upload)}")
+    while chunk := request.body.read(CHUNK):
+        sink.write(chunk)
+    if request.body.remaining:
+        raise Refusal(400, "length", "the body ended before its Content-Length")
+    sink.flush()
+
+
+def handle_compile(service: Service, compiles: Compiles, log: Log, request: Request) -> Response:
+    """POST /compile: the PDF, or the JSON error."""
+    try:
+        options = parse_options(request.query, service.limits)
+        kind = upload_kind(request.headers.get("content-type", ""))
+    except Refusal as e:
+        return e.response()
+    if not compiles.enter():
+        return error_response(
+            429,
+            "busy",
+            "pending",
+            f"{compiles.limit} uploads are being compiled already; try again shortly",
+            retry_after=RETRY_AFTER_BUSY,
+        )
+    project = new_project_id()
+    project_dir = service.compiles_dir / project
+    try:
+        try:
+            project_dir.mkdir(mode=0o755)
+        except OSError as e:
+            log.error(NAME, f"cannot make {project_dir}: {e.strerror}")
+            return error_response(
+                500,
+                "error",
+                "compiles_dir",
+                f"cannot make a project dir in {service.compiles_dir}: {e.strerror}; "
+                f"check {COMPILES_DIR_VARIABLE} and that the dir is writable by this service",
+            )
+        try:
+            return _compile_upload(service, compiles, request, project_dir, project, options, kind)
+        finally:
+            if not options.keep:
+                remove_project_dir(service.compiles_dir, project_dir, log)
+    finally:
+        compiles.leave()
+
+
+def _compile_upload(
+    service: Service,
+    compiles: Compiles,
+    request: Request,
+    project_dir: Path,
+    project: str,
+    options: Options,
+    kind: str,
+) -> Response:
+    try:
+        if kind == "tex":
+            main = options.main or "main.tex"
+            (project_dir / main).parent.mkdir(parents=True, exist_ok=True)
+            with open(project_dir / main, "wb") as f:
+                receive(request, f, service.limits)
+        else:
+            with tempfile.TemporaryFile() as upload:
+                receive(request, upload, service.limits)
+                upload.seek(0)
+                extract(upload, project_dir, service.limits)
+            main = find_main(project_dir, options.main)
+    except Refusal as e:
+        return e.response(project)
+    started = time.monotonic()
+    outcome = run_compile(service, compiles, project_dir, project, _with_main(options, main))
+    if outcome.exit_status == EXIT_PDF:
+        pdf = _pdf_path(outcome.result, project_dir, main)
+        try:
+            body = pdf.read_bytes()
+        except OSError as e:
+            return failure_response(
+                Outcome(EXIT_PDF, {"reason": f"exit 0 but no PDF at {pdf}: {e.strerror}"}),
+                project,
+            )
+        seconds = outcome.result.get("seconds") or time.monotonic() - started
+        return Response(
+            200,
+            body,
+            "application/x-dvi" if pdf.suffix == ".dvi" else "application/pdf",
+            headers=(
+                ("X-Compile-Project", project),
+                ("X-Compile-Seconds", f"{float(seconds):.3f}"),
+            ),
+        )
+    return failure_response(outcome, project)
+
+
+def _with_main(options: Options, main: str) -> Options:
+    return Options(main, options.engine, options.timeout, options.keep)
+
+
+def _pdf_path(result: Mapping[str, Any], project_dir: Path, main: str) -> Path:
+    pdf = result.get("pdf")
+    if isinstance(pdf, str) and pdf:
+        return Path(pdf) if Path(pdf).is_absolute() else project_dir / pdf
+    return project_dir / "output.pdf"
+
+
+def remove_project_dir(compiles_dir: Path, project_dir: Path, log: Log) -> None:
+    """Remove a project dir this service made, and nothing else: it must be a direct child of
+    the compiles root and not a link (rmtree does not follow the links inside)."""
+    if project_dir.parent != compiles_dir or project_dir.is_symlink():
+        log.error(NAME, f"not removing {project_dir}: not a project dir of {compiles_dir}")
+        return
+    try:
+        shutil.rmtree(project_dir)
+    except OSError as e:
+        log.error(NAME, f"cannot remove {project_dir}: {e}")
+
+
+def app(service: Service, compiles: Compiles, log: Log) -> App:
+    def healthz(request: Request) -> Response:
+        return Response.text(200, f"compile-api: up, {compiles.active} compiling")
+
+    def compile_(request: Request) -> Response:
+        return handle_compile(service, compiles, log, request)
+
+    return App(NAME, {"/healthz": {"GET": healthz}, "/compile": {"POST": compile_}}, log)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    parser = argparse.ArgumentParser(
+        prog="python -m init.compiles.api",
+        description="POST /compile a .tex file or a tar of a project; get the PDF or a JSON error.",
+    )
+    parser.add_argument(
+        "--listen",
+        help=f"HOST:PORT or [IPv6]:PORT (default ${ADDRESS_VARIABLE}, else {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument(
+        "--compiles-dir",
+        type=Path,
+        help=f"where project dirs go (${COMPILES_DIR_VARIABLE}, else {DEFAULT_COMPILES_DIR})",
+    )
+    parser.add_argument("--max-upload-mb", type=float, default=Limits.max_upload / 2**20)
+    parser.add_argument("--max-extracted-mb", type=float, default=Limits.max_extracted / 2**20)
+    parser.add_argument("--max-members", type=int, default=Limits.max_members)
+    parser.add_argument("--max-timeout", type=float, default=Limits.max_timeout)
+    parser.add_argument("--max-pending", type=int, default=Limits.max_pending)
+    options = parser.parse_args(argv)
+    log = Log()
+    if options.listen is not None:
+        text, source = options.listen, "--listen"
+    elif env.get(ADDRESS_VARIABLE, "").strip():
+        text, source = env[ADDRESS_VARIABLE], ADDRESS_VARIABLE
+    else:
+        text, source = DEFAULT_ADDRESS, "--listen"
+    compiles_dir = options.compiles_dir or Path(
+        env.get(COMPILES_DIR_VARIABLE) or DEFAULT_COMPILES_DIR
+    )
+    limits = Limits(
+        max_upload=int(options.max_upload_mb * 2**20),
+        max_extracted=int(options.max_extracted_mb * 2**20),
+        max_members=options.max_members,
+        default_timeout=min(Limits.default_timeout, options.max_timeout),
+        max_timeout=options.max_timeout,
+        max_pending=options.max_pending,
+    )
+    service = Service(compiles_dir.absolute(), limits=limits)
+    compiles = Compiles(limits.max_pending)
+    served = app(service, compiles, log)
+    return httpserve.run(
+        served,
+        lambda: httpserve.listen(served, text, source),
+        on_stop=lambda: compiles.stop(STOP_GRACE + 5),
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

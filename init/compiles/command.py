@@ -1,0 +1,187 @@
+"""`sharelatex-init compile DIR`: compile one project in its sandbox, and say how it went.
+
+  sharelatex-init compile DIR [--main main.tex] [--engine pdflatex|xelatex|lualatex|latex]
+                              [--image IMAGE] [--timeout S] [--project ID] [--json]
+
+Runs `latexmk -cd -jobname=output -auxdir=DIR -outdir=DIR ... DIR/MAIN` (what Community
+Edition's compile service runs) in the project's sandbox container (init.compiles.sandbox); the PDF and
+the log are left in DIR as `output.pdf` and `output.log`. DIR under the compiles root
+(SHARELATEX_INIT_COMPILES_DIR, default /var/lib/sharelatex/data/compiles) is bound from the
+sibling host dir when SANDBOXED_COMPILES_HOST_DIR_COMPILES is set; any other DIR is bound as it
+is (by hand, with DOCKER_HOST an engine on the same machine). The project id is --project, else
+DIR's name.
+
+Exit status:
+  0   the PDF is there
+  1   LaTeX error (the first error lines of the log follow)
+  2   a sandbox limit was hit: timeout, memory, processes or output size (named)
+  75  the TeX Live image is not in the engine yet (the installer's progress, when it has some)
+  78  configuration (one line: the variable or option, the value, the fix)
+
+With --json, one JSON object on stdout, always, whatever the exit status; these keys are
+stable (machine callers, e.g. the HTTP compile service, rely on them):
+
+  status       "ok" | "latex_error" | "limit" | "not_ready" | "config" | "engine"
+  exit_status  the process's exit status (0, 1, 2, 75, 78; 69 when the engine is unreachable)
+  reason       one line for a person: what happened and, for a problem, the fix
+  limit        "timeout" | "memory" | "processes" | "output size" | "stopped" | null
+  pdf          absolute path of output.pdf (a regular file, never a link) or null
+  log          absolute path of output.log or null
+  seconds      wall-clock seconds of the compile itself (0 when it did not run)
+  errors       list of the first error lines of the log (empty when none)
+  project      the project id used
+  compile_id   this compile's id (also the container label sharelatex-init.compile-id)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from init.errors import EX_CONFIG, ConfigError, EngineError, InitError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI imports this)
+if TYPE_CHECKING:
+    from typing import Any
+
+    from init.compiles import sandbox
+
+EX_UNAVAILABLE = 69  # sysexits: the engine cannot be reached
+# init.compiles.sandbox.ENGINES' keys; named here so that building the CLI's parser imports no runner.
+ENGINES = ("pdflatex", "xelatex", "lualatex", "latex")
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """`compile` under the CLI's subcommands."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "compile",
+        help="compile a project dir in its sandbox (exit 0 PDF, 1 LaTeX error, 2 limit, "
+        "75 not ready, 78 config)",
+    )
+    configure(parser)
+    return parser
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", type=Path, metavar="DIR", help="the project's compile dir")
+    parser.add_argument("--main", default="main.tex", help="the root file (default main.tex)")
+    parser.add_argument("--engine", choices=ENGINES, default="pdflatex", help="TeX engine")
+    parser.add_argument("--image", help="a TeX Live image of ALL_TEX_LIVE_DOCKER_IMAGES")
+    parser.add_argument("--timeout", type=float, help="seconds (default: the configured limit)")
+    parser.add_argument("--project", help="the project id (default: DIR's name)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (see docs)")
+
+
+def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
+    """The `compile` command: its exit status; the result on stdout (text or JSON)."""
+    from init.compiles import sandbox
+    from init.compiles import service_env as compile_env
+    from init.core import status
+
+    try:  # inside the site's container: compile as its services do
+        document = status.read(status.status_path(environ, getattr(options, "status_file", None)))
+        environ = compile_env.with_init_environment(environ, document)
+    except (OSError, ValueError):
+        pass  # no init running here: by hand on a host
+    project = options.project
+    compile_id = ""
+    try:
+        settings = sandbox.settings_from_env(environ)
+        if options.timeout is not None:
+            if options.timeout < 1:
+                raise ConfigError([f"--timeout {options.timeout:g}: give at least 1 second"])
+            limits = dataclasses.replace(settings.limits, timeout=options.timeout)
+            settings = dataclasses.replace(settings, limits=limits)
+        image = sandbox.check_image(options.image, settings)
+        directory = sandbox.compile_dir(options.directory, settings.places, options.project)
+        project = directory.project
+        command = sandbox.latexmk_command(directory.path, options.main, options.engine)
+        job = sandbox.Job(directory, command, image, environ)
+        compile_id = job.compile_id
+        outcome, stopped_by = _compile(settings, job, options.json)
+    except ConfigError as e:
+        return _report(options, _failure(sandbox.Status.CONFIG, "\n".join(e.problems)), project)
+    except sandbox.NotReady as e:
+        return _report(options, _failure(sandbox.Status.NOT_READY, str(e)), project)
+    except EngineError as e:
+        outcome = _failure(sandbox.Status.CONFIG, str(e))
+        return _report(options, outcome, project, compile_id, EX_UNAVAILABLE, "engine")
+    code = _report(options, outcome, project, compile_id)
+    if stopped_by is not None:
+        sys.stdout.flush()
+        sandbox.die_of(stopped_by)
+    return code
+
+
+def _compile(
+    settings: sandbox.Settings, job: sandbox.Job, quiet: bool
+) -> tuple[sandbox.Outcome, int | None]:
+    from init.compiles import sandbox
+    from init.engine.api import DockerBackend
+
+    def warn(line: str) -> None:
+        print(f"compile: warning: {line}", file=sys.stderr)
+
+    backend = DockerBackend(settings.engine_url, settings.limits)
+    try:
+        runner = sandbox.Runner(settings, backend, warn)
+        ran = runner.run(job)
+    finally:
+        backend.close()
+    return sandbox.classify(ran, job, settings.limits), ran.stopped_by
+
+
+def _failure(status: sandbox.Status, reason: str) -> sandbox.Outcome:
+    from init.compiles import sandbox
+
+    return sandbox.Outcome(status, reason)
+
+
+def _report(
+    options: argparse.Namespace,
+    outcome: sandbox.Outcome,
+    project: str | None,
+    compile_id: str = "",
+    exit_status: int | None = None,
+    status_name: str | None = None,
+) -> int:
+    from init.compiles import sandbox
+
+    code = int(outcome.status) if exit_status is None else exit_status
+    if options.json:
+        document = outcome.document()
+        document.update(project=project, compile_id=compile_id or None, exit_status=code)
+        if status_name is not None:
+            document["status"] = status_name
+        print(json.dumps(document))
+        return code
+    stream = sys.stdout if outcome.status is sandbox.Status.OK else sys.stderr
+    for line in outcome.reason.splitlines():
+        print(f"compile: {line}", file=stream)
+    if outcome.status is sandbox.Status.OK and outcome.pdf is not None:
+        print(f"compile: {outcome.pdf} ({outcome.seconds:.2f} s)", file=stream)
+    for line in outcome.errors if outcome.status is not sandbox.Status.OK else ():
+        print(f"  {line}", file=stream)
+    if outcome.log is not None and outcome.status is not sandbox.Status.OK:
+        print(f"compile: the log is {outcome.log}", file=stream)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m init.compiles.command")
+    configure(parser)
+    options = parser.parse_args(argv)
+    try:
+        return run(options, os.environ)
+    except InitError as e:
+        print(f"compile: {e}", file=sys.stderr)
+        return e.exit_status if e.exit_status else EX_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""How the services' compiles reach the sandbox: the shim on their PATH, or their own runner.
+
+Community Edition's compile service runs `latexmk` from its PATH, unsandboxed, and refuses to
+start when it sees `SANDBOXED_COMPILES=true` or `DOCKER_RUNNER=true` (its docker runner is not
+in the public code). So, by default, the init writes a sandboxing `latexmk` (and the engines)
+into a dir of its own and puts that dir first on the services' PATH: an unmodified Community
+Edition image then compiles every project in a container. A Server Pro style image that has
+its own docker runner gets the variables that runner reads instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from init.config import SIBLING, Mode, Settings
+
+SHIM_COMMANDS = ("latexmk", "pdflatex", "xelatex", "lualatex", "latex")
+# Where a Server Pro style image keeps its compile service's docker runner.
+DOCKER_RUNNERS = (
+    Path("overleaf/services/clsi/app/js/DockerRunner.js"),
+    Path("var/www/sharelatex/clsi/app/js/DockerRunner.js"),
+)
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What a compile needs of the services' environment, also for `sharelatex-init compile` run by
+# hand in the container (`docker exec`), which the init's environment never reaches.
+SHARED_VARIABLES = (
+    "DOCKER_HOST",
+    "SANDBOXED_COMPILES_HOST_DIR_COMPILES",
+    "SANDBOXED_COMPILES_HOST_DIR_OUTPUT",
+    "TEX_LIVE_DOCKER_IMAGE",
+    "ALL_TEX_LIVE_DOCKER_IMAGES",
+)
+
+
+def with_init_environment(
+    environ: Mapping[str, str], document: Mapping[str, object]
+) -> dict[str, str]:
+    """`environ` with what the running init gave its services for compiling (from its status
+    document) wherever `environ` does not say otherwise."""
+    given = document.get("compile_environment")
+    merged = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
+    merged.update(environ)
+    return merged
+
+
+def choose_runner(settings: Settings, root: Path = Path("/")) -> str:
+    """`shim` or `docker`: the configured one, or for `auto` the services' own docker runner
+    when the image has one."""
+    if settings.compile_runner != "auto":
+        return settings.compile_runner
+    return "docker" if any((root / p).is_file() for p in DOCKER_RUNNERS) else "shim"
+
+
+def shim_script(python: str, command: str) -> str:
+    return f'#!/bin/sh\nexec {python} -m init.compiles.shim {command} "$@"\n'
+
+
+def write_shims(directory: Path, python: str) -> None:
+    """One small script per command in `directory` (replaced whole: never half-written)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for command in SHIM_COMMANDS:
+        target = directory / command
+        tmp = directory / f".{command}.tmp"
+        tmp.write_text(shim_script(python, command))
+        tmp.chmod(0o755)
+        os.replace(tmp, target)
+
+
+def environment(
+    settings: Settings, environ: Mapping[str, str], runner: str, shim_dir: Path
+) -> dict[str, str]:
+    """What the services' environment gains for sandboxed compiles (on top of DOCKER_HOST and
+    the host dirs, which the engine side sets)."""
+    images = settings.all_texlive_images
+    env = {
+        "TEX_LIVE_DOCKER_IMAGE": settings.texlive_image,
+        "ALL_TEX_LIVE_DOCKER_IMAGES": ",".join(images),
+    }
+    if runner == "docker":
+        # What a docker runner of the compile service reads; ALLOWED_IMAGES is space-separated.
+        env["DOCKER_RUNNER"] = "true"
+        env["SANDBOXED_COMPILES"] = "true"
+        env["ALLOWED_IMAGES"] = " ".join(images)
+        if settings.mode is Mode.SIBLING:
+            env[SIBLING] = "true"
+        return env
+    env["PATH"] = f"{shim_dir}:{environ.get('PATH') or DEFAULT_PATH}"
+    return env

@@ -1,0 +1,154 @@
+"""PID 1's event loop: signals through a wakeup fd, children reaped on SIGCHLD, timers, fds.
+
+Signal handlers do nothing; the signal number arrives as a byte on the wakeup fd and is acted
+on here, in one place (tini's and Supervisor's rule: no handler does work, so nothing races).
+With no timer pending the loop blocks in `select` with no timeout: an idle PID 1 never wakes.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import os
+import selectors
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from init.core.log import Log
+from init.core.process import Exit, reap, signal_name
+
+ChildCallback = Callable[[Exit], None]
+SignalCallback = Callable[[int], None]
+
+
+@dataclass(order=True)
+class Timer:
+    when: float
+    seq: int
+    callback: Callable[[], None] = field(compare=False)
+    cancelled: bool = field(default=False, compare=False)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+def _record(signum: int, frame: object) -> None:
+    """Installed for every handled signal so the C handler writes the wakeup fd; no work here."""
+
+
+class EventLoop:
+    """One loop for the init's whole life; `run_until(condition, deadline)` drives it."""
+
+    def __init__(
+        self, log: Log, signals: Iterable[int], clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.log = log
+        self.clock = clock
+        self._selector = selectors.DefaultSelector()
+        # A pipe, not a socketpair: the socket module alone costs PID 1 0.75 MiB.
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
+        self._selector.register(self._wake_read, selectors.EVENT_READ, self._on_wakeup)
+        self._timers: list[Timer] = []
+        self._seq = itertools.count()
+        self._children: dict[int, ChildCallback] = {}
+        self._signal_callbacks: dict[int, SignalCallback] = {}
+        self._handled = sorted({*signals, signal.SIGCHLD})
+        for signum in self._handled:
+            signal.signal(signum, _record)
+
+    # -- registration ------------------------------------------------------------------
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(self.clock() + max(0.0, delay), next(self._seq), callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def watch_child(self, pid: int, callback: ChildCallback) -> None:
+        """Call `callback(exit)` once when child `pid` has been reaped."""
+        self._children[pid] = callback
+
+    def on_signal(self, signum: int, callback: SignalCallback) -> None:
+        self._signal_callbacks[signum] = callback
+
+    def add_reader(self, fd: int, callback: Callable[[], None]) -> None:
+        self._selector.register(fd, selectors.EVENT_READ, callback)
+
+    def remove_reader(self, fd: int) -> None:
+        try:
+            self._selector.unregister(fd)
+        except (KeyError, ValueError):
+            pass
+
+    # -- running -------------------------------------------------------------------------
+
+    def run_until(self, condition: Callable[[], bool], deadline: float | None = None) -> bool:
+        """Handle events until `condition()` holds (True) or `deadline` passes (False)."""
+        while not condition():
+            now = self.clock()
+            if deadline is not None and now >= deadline:
+                return False
+            timeout = self._timeout(now, deadline)
+            for key, _events in self._selector.select(timeout):
+                key.data()
+            self._run_due_timers()
+        return True
+
+    def run_once(self, timeout: float = 0.0) -> None:
+        """Handle what is pending now (tests, and draining output at exit)."""
+        for key, _events in self._selector.select(timeout):
+            key.data()
+        self._run_due_timers()
+
+    def close(self) -> None:
+        for signum in self._handled:
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        self._selector.close()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+    def _timeout(self, now: float, deadline: float | None) -> float | None:
+        while self._timers and self._timers[0].cancelled:
+            heapq.heappop(self._timers)
+        first_timer = self._timers[0].when if self._timers else None
+        ends = [t for t in (first_timer, deadline) if t is not None]
+        return max(0.0, min(ends) - now) if ends else None
+
+    def _run_due_timers(self) -> None:
+        now = self.clock()
+        while self._timers and (self._timers[0].cancelled or self._timers[0].when <= now):
+            timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback()
+
+    def _on_wakeup(self) -> None:
+        try:
+            data = os.read(self._wake_read, 4096)
+        except BlockingIOError:
+            data = b""
+        # Reap on every wake-up, not just on a SIGCHLD byte: bytes can be coalesced or dropped
+        # when the buffer is full, and a waitpid that finds nothing costs one syscall.
+        self.reap_children()
+        for signum in data:
+            if signum == signal.SIGCHLD:
+                continue
+            callback = self._signal_callbacks.get(signum)
+            if callback is not None:
+                callback(signum)
+            else:
+                self.log.debug("init", f"ignored {signal_name(signum)}")
+
+    def reap_children(self) -> None:
+        for pid, exit_ in reap():
+            callback = self._children.pop(pid, None)
+            if callback is None:
+                self.log.debug("init", f"reaped unknown pid {pid} ({exit_.describe()})")
+            else:
+                callback(exit_)
+
+
+def pid_is_one() -> bool:
+    return os.getpid() == 1
