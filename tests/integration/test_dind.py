@@ -229,14 +229,14 @@ def test_compiles_are_not_ready_while_the_image_cannot_be_installed_and_status_s
     (short_tmp / "empty").mkdir()
     init = start_init(SHARELATEX_INIT_TEXLIVE_TARBALL_DIR=str(short_tmp / "empty"))
     init.wait_engine("ready")
-    wait_for(lambda: init.core.status().get("texlive", {}).get("state") == "failed", 30, "failed")
+    wait_for(lambda: init.status().get("texlive", {}).get("state") == "failed", 30, "failed")
     code, line = init.probe("ready")
     assert code == 1
     assert line.startswith("ready: no: compiles cannot run yet: TeX Live image busybox:test")
     assert f"no tarball for busybox:test at {short_tmp}/empty/busybox_test.tar" in line
     assert "docker save busybox:test" in line
     assert init.probe("healthy")[0] == 0  # the site itself is up
-    services = {s["name"]: s for s in init.core.status()["services"]}
+    services = {s["name"]: s for s in init.status()["services"]}
     assert services["texlive"]["state"] == "down"  # finished, not restarted in a loop
     assert services["texlive"]["restarts"] == 0
 
@@ -253,16 +253,16 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     assert socket_stat.st_gid == grp.getgrnam("www-data").gr_gid
     assert socket_stat.st_mode & 0o777 == 0o660
     # The installer loads the compile image from its tarball once dockerd answers.
-    wait_for(lambda: init.core.status()["texlive"]["state"] == "done", 30, "the installer done")
-    assert init.core.status()["texlive"]["ready"] is True
-    assert "texlive: busybox:test present (load)" in init.core.log()
+    wait_for(lambda: init.status()["texlive"]["state"] == "done", 30, "the installer done")
+    assert init.status()["texlive"]["ready"] is True
+    assert "texlive: busybox:test present (load)" in init.log()
     shown = init.cli("status")
     assert "texlive: busybox:test  present (load) (default)" in shown.stdout
     ran = init.docker("run", "--rm", "--network", "none", "busybox:test", "/bin/busybox", "echo",
                       "hello from the inner engine")  # fmt: skip
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip() == "hello from the inner engine"
-    assert "dockerd: ready in" in init.core.log()
+    assert "dockerd: ready in" in init.log()
     assert init.probe("ready") == (0, "ready: yes: compiles can run")
     assert init.probe("healthy")[0] == 0
     code, checks = init.doctor()
@@ -275,7 +275,7 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     code, took = init.stop()
     assert code == 0
     assert took < 8
-    log = init.core.log()
+    log = init.log()
     assert "dockerd: stopped: exited with status 0" in log, log[-2000:]
     # dockerd started first and stops last, after the services.
     assert log.index("dockerd: started") < log.index("web: started")
@@ -292,8 +292,8 @@ def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
     # In a real container the data root is /var/lib/docker; here it is under tmp_path.
     fix = f"-v /var/sharelatex/docker-images:{init.socket.parent / 'data'}"
     assert engine["fix"].startswith(fix)
-    assert init.engine.dockerd() is None
-    assert fix in init.core.log()
+    assert init.dockerd() is None
+    assert fix in init.log()
     code, said = init.probe("ready")
     assert code == 1 and "dind engine is not ready" in said
     code, checks = init.doctor()
@@ -308,7 +308,7 @@ def test_overlayfs_with_the_vfs_opt_in_runs_on_vfs(start_init: Callable[..., Run
     init = start_init(overlay=True, SANDBOXED_COMPILES_STORAGE_DRIVER="vfs")
     engine = init.wait_engine("ready")
     assert engine["driver"] == "vfs"
-    assert "vfs" in init.core.log() and "disk" in init.core.log()
+    assert "vfs" in init.log() and "disk" in init.log()
     code, _ = init.stop()
     assert code == 0
 
@@ -318,14 +318,14 @@ def test_dockerd_killed_comes_back_ready_within_ten_seconds(
 ) -> None:
     init = start_init()
     init.wait_engine("ready")
-    first = init.engine.dockerd()
+    first = init.dockerd()
     assert first is not None
     killed_at = time.monotonic()
     first.kill()
     init.wait_engine("down", timeout=5)
     init.wait_engine("ready", timeout=10)
     assert time.monotonic() - killed_at < 10
-    second = init.engine.dockerd()
+    second = init.dockerd()
     assert second is not None and second.pid != first.pid
     assert init.docker("version").returncode == 0
     code, _ = init.stop()
