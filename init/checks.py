@@ -35,3 +35,17 @@ class Check:
             "message": self.message,
             "fix": self.fix,
         }
+
+    @classmethod
+    def from_dict(cls, document: dict[str, object]) -> Check:
+        """A check as `as_dict` wrote it (an unknown status reads as a failure)."""
+        try:
+            status = Status(document.get("status"))
+        except ValueError:
+            status = Status.FAIL
+        return cls(
+            str(document.get("name", "?")),
+            status,
+            str(document.get("message", "")),
+            str(document.get("fix", "")),
+        )

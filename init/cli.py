@@ -138,7 +138,7 @@ def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dic
 
     opt = vars(options)
     config_dir = opt.get("config_dir") or Path(
-        env.get("SHARELATEX_INIT_CONFIG_DIR") or config.DEFAULT_CONFIG_DIR
+        env.get(config.CONFIG_DIR_VARIABLE) or config.DEFAULT_CONFIG_DIR
     )
     file_values = config.read_env_files(config_dir, opt.get("env_file") or ())
     return config.merge_environment(env, file_values)
@@ -159,18 +159,21 @@ def _texlive(options: argparse.Namespace, env: dict[str, str]) -> int:
 
 def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
     from init import doctor
-    from init.core import status
+    from init.core.status_file import status_path
 
     merged = _merged_environment(options, env)
-    checks = doctor.run_checks(merged, status.status_path(merged, options.status_file))
+    checks = doctor.run_checks(merged, status_path(merged, options.status_file))
     print(doctor.report(checks, options.json))
     return doctor.exit_status(checks)
 
 
 def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
-    from init import config
-    from init.core import container_env, services, status
+    import functools
+
+    from init import boot, config
+    from init.core import container_env, services
     from init.core.pid1 import BootOptions, Init, Shutdown
+    from init.core.status_file import status_path
     from init.engine import dockerd
 
     _configure_log(log, options)
@@ -181,26 +184,27 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
         log.warning("config", warning)
     log.info("config", f"sandboxed compiles: {settings.mode.value}")
     shutdown = Shutdown(
-        grace=_seconds(opt, "grace", merged, "KILL_PROCESS_TIMEOUT", Shutdown.grace),
+        grace=_seconds(opt, "grace", merged, config.KILL_PROCESS_TIMEOUT, Shutdown.grace),
         kill_all=_seconds(
-            opt, "kill_all_timeout", merged, "KILL_ALL_PROCESSES_TIMEOUT", Shutdown.kill_all
+            opt, "kill_all_timeout", merged, config.KILL_ALL_PROCESSES_TIMEOUT, Shutdown.kill_all
         ),
     )
-    boot = BootOptions(
+    status_file = status_path(merged, opt.get("status_file"))
+    layout = dockerd.layout_from_env(merged)
+    options_ = BootOptions(
         startup_dir=opt.get("startup_dir", services.DEFAULT_STARTUP_DIR),
         pre_shutdown_dir=opt.get("pre_shutdown_dir", services.DEFAULT_PRE_SHUTDOWN_DIR),
         post_shutdown_dir=opt.get("post_shutdown_dir", services.DEFAULT_POST_SHUTDOWN_DIR),
         service_dir=opt.get("service_dir", services.DEFAULT_SERVICE_DIR),
         env_files=container_env.EnvFiles(opt.get("container_env", container_env.DEFAULT_DIR)),
-        status_file=status.status_path(merged, opt.get("status_file")),
+        status_file=status_file,
         shutdown=shutdown,
         skip_startup_files=bool(opt.get("skip_startup_files", False)),
         kill_all_on_exit=not opt.get("no_kill_all_on_exit", False),
-        settings=settings,
-        engine_layout=dockerd.layout_from_env(merged),
-        storage_opt_in=settings.storage_driver,
+        docker_side=functools.partial(boot.docker_side, settings, layout, merged, status_file),
+        own_services=boot.http_status_service(settings.http_address, status_file),
     )
-    return Init(boot, log, config.service_environment(merged)).run()
+    return Init(options_, log, config.service_environment(merged)).run()
 
 
 def _seconds(
@@ -235,7 +239,7 @@ def _configure_log(log: Log, options: argparse.Namespace) -> None:
 def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
     import json
 
-    from init.core import status
+    from init import status
 
     path = status.status_path(env, options.status_file)
     try:
@@ -247,11 +251,12 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
         print(f"status: cannot read {path}: {e}", file=sys.stderr)
         return 3
     if options.check:
-        passes, why = status.check(document, options.check, status.pid_alive(document.get("pid")))
+        alive = status.pid_alive(document.document.pid)
+        passes, why = status.check(document, options.check, alive)
         print(f"{options.check}: {'yes' if passes else 'no'}: {why}")
         return 0 if passes else 1
     if options.json:
-        print(json.dumps(document, indent=2, sort_keys=True))
+        print(json.dumps(document.to_json(), indent=2, sort_keys=True))
     else:
         print(status.format_text(document))
     return 0

@@ -9,13 +9,13 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
-from typing import Any
 
 from init import config
 from init.checks import Check, Status
 from init.config import Mode, Settings
-from init.core import status
+from init.core import status_file as status_files
 from init.engine import cgroups, dockerd, privilege, storage
+from init.engine.side import EngineStatus
 from init.errors import ConfigError, InitError
 
 ENGINE_ANSWER_DEADLINE = 3.0
@@ -76,22 +76,22 @@ def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check
         sibling_check,  # the Docker SDK: only here, never in PID 1
     )
 
-    request = sibling_check.Request(
+    request = sibling_check.SiblingRequest(
         result=Path("/dev/null"),
-        service_user=environ.get("SHARELATEX_INIT_SERVICE_USER") or sibling.DEFAULT_SERVICE_USER,
+        service_user=environ.get(config.SERVICE_USER) or config.DEFAULT_SERVICE_USER,
         compiles_dir=settings.compiles_dir,
         output_dir=settings.output_dir,
         host_dir_compiles=_posix(settings.host_dir_compiles),
         host_dir_output=_posix(settings.host_dir_output),
         compiles_variable=sibling.configured_variable(environ, "compiles"),
         output_variable=sibling.configured_variable(environ, "output"),
-        container_id=environ.get("SHARELATEX_INIT_CONTAINER_ID", ""),
+        container_id=environ.get(config.CONTAINER_ID, ""),
         image=settings.texlive_image,
     )
-    report = sibling_check.check(request, dict(environ))
-    checks = list(report.checks)
-    if report.proof["status"] == "skipped":  # a proof that ran is among the checks already
-        checks.append(Check("proof", Status.WARN, f"not run: {report.proof['message']}"))
+    result = sibling_check.check(request, dict(environ))
+    checks = list(result.checks)
+    if result.proof.status == "skipped":  # a proof that ran is among the checks already
+        checks.append(Check("proof", Status.WARN, f"not run: {result.proof.message}"))
     return checks
 
 
@@ -135,18 +135,17 @@ def cgroups_check(root: Path) -> Check:
 def engine_checks(
     layout: dockerd.EngineLayout, settings: Settings, status_file: Path
 ) -> list[Check]:
-    """Whether the inner dockerd answers, and on which storage driver."""
-    from init.engine import ready as engine_check  # the Docker SDK: only here, never in PID 1
+    """Whether the inner dockerd answers, and on which storage driver. Asking never sweeps: a
+    compile may be running in a container of ours right now."""
+    from init.engine import ready  # the Docker SDK: only here, never in PID 1
 
-    reported: dict[str, Any] = {}
-    try:
-        reported = status.read(status_file).get("engine") or {}
-    except (OSError, ValueError):
-        pass
-    if reported.get("state") == "refused":
-        return [Check("dockerd", Status.FAIL, reported.get("reason", ""), reported.get("fix", ""))]
+    reported = _reported_engine(status_file)
+    if reported is not None and reported.state == "refused":
+        return [Check("dockerd", Status.FAIL, reported.reason, reported.fix)]
     if not layout.socket.exists():
-        why = reported.get("reason") or "dockerd is not running (is the init running?)"
+        why = (
+            reported.reason if reported else ""
+        ) or "dockerd is not running (is the init running?)"
         return [
             Check(
                 "dockerd",
@@ -156,9 +155,10 @@ def engine_checks(
                 "`sharelatex-init status` shows the engine's state",
             )
         ]
-    result = engine_check.check(layout.socket, ENGINE_ANSWER_DEADLINE)
-    if not result["ready"]:
-        why = reported.get("reason") or result.get("error", "")
+    request = ready.ReadyRequest(layout.socket, Path("/dev/null"), ENGINE_ANSWER_DEADLINE)
+    result = ready.check(request)
+    if not result.ready:
+        why = (reported.reason if reported else "") or result.error
         return [
             Check(
                 "dockerd",
@@ -171,11 +171,10 @@ def engine_checks(
         Check(
             "dockerd",
             Status.OK,
-            f"answering on {layout.socket}, engine {result.get('server_version', '?')}",
+            f"answering on {layout.socket}, engine {result.server_version or '?'}",
         )
     ]
-    driver = result.get("driver", "")
-    if driver == "vfs" and settings.storage_driver != "vfs":
+    if result.driver == "vfs" and settings.storage_driver != "vfs":
         checks.append(
             Check(
                 "storage driver",
@@ -185,8 +184,16 @@ def engine_checks(
             )
         )
     else:
-        checks.append(Check("storage driver", Status.OK, f"dockerd uses {driver}"))
+        checks.append(Check("storage driver", Status.OK, f"dockerd uses {result.driver}"))
     return checks
+
+
+def _reported_engine(status_file: Path) -> EngineStatus | None:
+    """The engine as the running init last reported it, if it did."""
+    try:
+        return EngineStatus.from_json(status_files.read(status_file).engine)
+    except (OSError, ValueError):
+        return None
 
 
 def _posix(path: Path | None) -> PurePosixPath | None:

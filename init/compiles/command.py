@@ -81,11 +81,12 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The `compile` command: its exit status; the result on stdout (text or JSON)."""
     from init.compiles import sandbox
     from init.compiles import service_env as compile_env
-    from init.core import status
+    from init.core import status_file
 
     try:  # inside the site's container: compile as its services do
-        document = status.read(status.status_path(environ, getattr(options, "status_file", None)))
-        environ = compile_env.with_init_environment(environ, document)
+        path = status_file.status_path(environ, getattr(options, "status_file", None))
+        document = status_file.read(path)
+        environ = compile_env.with_init_environment(environ, document.compile_environment)
     except (OSError, ValueError):
         pass  # no init running here: by hand on a host
     project = options.project

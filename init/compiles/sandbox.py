@@ -209,7 +209,7 @@ class Settings:
 
 def settings_from_env(environ: Mapping[str, str]) -> Settings:
     """The runner's settings; ConfigError (exit 78) naming each bad variable."""
-    from init.core import status
+    from init.core import status_file as status
 
     product = config.load(environ)
     problems: list[str] = []
@@ -701,16 +701,14 @@ def classify(ran: Ran, job: Job, limits: Limits) -> Outcome:
 
 def not_ready_message(image: str, status_file: Path) -> str:
     """Why `image` cannot be used yet: the TeX Live installer's status, or how to get it."""
-    from init.core import status
+    from init.core.status_file import texlive_status_path
+    from init.texlive.contract import InstallerStatus
     from init.texlive.progress import still_installing
 
-    try:
-        document = status.read(status.texlive_status_path(status_file))
-    except (OSError, ValueError):
-        document = {}
-    for entry in document.get("images", []):
-        if isinstance(entry, dict) and entry.get("image") == image:
-            return still_installing(image, entry)
+    installer = InstallerStatus.read(texlive_status_path(status_file))
+    entry = installer.entry(image) if installer is not None else None
+    if entry is not None:
+        return still_installing(image, entry)
     return (
         f"TeX Live image {image} is not in the engine; the init installs it in the background "
         f"(see `sharelatex-init status`), or build it with `scripts/build-images --only texlive`"

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from init.config import SIBLING, Mode, Settings
+from init.engine.side import CompileWiring
 
 SHIM_COMMANDS = ("latexmk", "pdflatex", "xelatex", "lualatex", "latex")
 # Where a Server Pro style image keeps its compile service's docker runner.
@@ -34,15 +35,10 @@ SHARED_VARIABLES = (
 )
 
 
-def with_init_environment(
-    environ: Mapping[str, str], document: Mapping[str, object]
-) -> dict[str, str]:
-    """`environ` with what the running init gave its services for compiling (from its status
-    document) wherever `environ` does not say otherwise."""
-    given = document.get("compile_environment")
-    merged = {str(k): str(v) for k, v in given.items()} if isinstance(given, dict) else {}
-    merged.update(environ)
-    return merged
+def with_init_environment(environ: Mapping[str, str], given: Mapping[str, str]) -> dict[str, str]:
+    """`environ` with what the running init gave its services for compiling (its status
+    document's `compile_environment`) wherever `environ` does not say otherwise."""
+    return {**given, **environ}
 
 
 def choose_runner(settings: Settings, root: Path = Path("/")) -> str:
@@ -88,3 +84,26 @@ def environment(
         return env
     env["PATH"] = f"{shim_dir}:{environ.get('PATH') or DEFAULT_PATH}"
     return env
+
+
+class ServicesCompile(CompileWiring):
+    """The services' way to compile sandboxed, as the engine side wires it in: the shim first
+    on their PATH, or the variables of their own docker runner."""
+
+    shared = SHARED_VARIABLES
+
+    def __init__(self, settings: Settings, shim_dir: Path, python: str, root: Path = Path("/")):
+        self.settings = settings
+        self.shim_dir = shim_dir
+        self.python = python
+        self.runner = choose_runner(settings, root)
+
+    def environment(self, environ: Mapping[str, str]) -> dict[str, str]:
+        if self.runner == "shim":
+            write_shims(self.shim_dir, self.python)
+        return environment(self.settings, environ, self.runner, self.shim_dir)
+
+    def describe(self) -> str:
+        if self.runner == "shim":
+            return f"the sandboxing latexmk in {self.shim_dir}"
+        return "their docker runner"

@@ -77,6 +77,8 @@ class Log:
 
 
 def level_from_env(environ: Mapping[str, str], default: Level = Level.INFO) -> Level:
-    """SHARELATEX_INIT_LOG_LEVEL=debug|info|warning|error, else `default`."""
-    word = environ.get("SHARELATEX_INIT_LOG_LEVEL", "").strip().upper()
+    """The log level variable's debug|info|warning|error, else `default`."""
+    from init.config import LOG_LEVEL
+
+    word = environ.get(LOG_LEVEL, "").strip().upper()
     return Level[word] if word in Level.__members__ else default

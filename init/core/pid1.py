@@ -9,30 +9,28 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from init.config import DEFAULT_SERVICE_USER, SERVICE_USER, Mode, Settings
-from init.core import container_env, process, services, status
+from init.core import container_env, process, services, status_file
+from init.core.docker_side import DockerSide
 from init.core.log import Level, Log
 from init.core.loop import EventLoop
 from init.core.output import OutputPipe
 from init.core.process import Exit, SpawnSpec
 from init.core.services import ServiceSpec
+from init.core.status_file import ServiceStatus, StatusDocument
 from init.core.supervisor import Supervisor
-from init.engine import dockerd
 from init.errors import SpawnError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
 if TYPE_CHECKING:
-    from typing import Any
+    from collections.abc import Callable
 
-    from init.engine.dind import InnerEngine
-    from init.engine.host import HostEngine
-    from init.texlive.job import TexLiveJob
+    # Made by init.boot once the loop exists: (loop, log, on_change) -> the mode's side.
+    SideFactory = Callable[[EventLoop, Log, Callable[[], None]], DockerSide]
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # What the init passes on to its services. Not the synchronous fault signals (SEGV, BUS, FPE,
@@ -77,13 +75,13 @@ class BootOptions:
     post_shutdown_dir: Path = services.DEFAULT_POST_SHUTDOWN_DIR
     service_dir: Path = services.DEFAULT_SERVICE_DIR
     env_files: container_env.EnvFiles = field(default_factory=container_env.EnvFiles)
-    status_file: Path = status.DEFAULT_STATUS_FILE
+    status_file: Path = status_file.DEFAULT_STATUS_FILE
     shutdown: Shutdown = field(default_factory=Shutdown)
     skip_startup_files: bool = False
     kill_all_on_exit: bool = True
-    settings: Settings | None = None  # None: no sandboxed compiles (the plain init)
-    engine_layout: dockerd.EngineLayout = field(default_factory=dockerd.EngineLayout)
-    storage_opt_in: str | None = None  # SANDBOXED_COMPILES_STORAGE_DRIVER
+    docker_side: SideFactory | None = None  # None: no sandboxed compiles (the plain init)
+    # The init's own services beside the engine (the optional HTTP status endpoint).
+    own_services: tuple[ServiceSpec, ...] = ()
 
 
 class Init:
@@ -100,12 +98,10 @@ class Init:
         self.deadline: float | None = None
         self.loop = EventLoop(log, (*STOP_SIGNALS, *FORWARDED_SIGNALS))
         self.supervisor: Supervisor | None = None
-        self.engine: InnerEngine | None = None
-        self.host_engine: HostEngine | None = None
-        self.texlive: TexLiveJob | None = None
-        # What the services were given to compile with: kept in the status so that a `docker
-        # exec ... sharelatex-init compile` by an operator compiles the same way.
-        self.compile_environment: dict[str, str] = {}
+        make_side = options.docker_side
+        self.docker = (
+            DockerSide() if make_side is None else make_side(self.loop, log, self.write_status)
+        )
         for signum in STOP_SIGNALS:
             self.loop.on_signal(signum, self._on_stop_signal)
         for signum in FORWARDED_SIGNALS:
@@ -117,8 +113,8 @@ class Init:
         """Boot, serve until asked to stop, shut down; the exit status."""
         self.become_reaper()
         services.discover(self.options.service_dir)  # a bad service dir: exit 78 before anything
-        engine_spec = self.prepare_docker_side()
-        self.start_engine(engine_spec)  # comes up while the rest of the boot runs
+        self.prepare_docker_side()
+        self.start_engine()  # comes up while the rest of the boot runs
         self.export_environment()
         if not self.run_startup_scripts():
             failed = EXIT_STARTUP_FAILED if self.stop_signal is None else 0
@@ -132,78 +128,10 @@ class Init:
         if os.getpid() != 1 and not process.become_subreaper():
             self.log.warning("init", "not PID 1 and cannot be a subreaper: orphans go elsewhere")
 
-    def prepare_docker_side(self) -> ServiceSpec | None:
-        """The Docker side before anything else: the inner dockerd's spec, or None.
-
-        dind: privileges, cgroups and storage checked. Sibling: the host's socket and the host
-        dirs checked, and the services' environment set from them.
-        """
-        settings = self.options.settings
-        if settings is not None and settings.mode is Mode.SIBLING:
-            from init.engine.host import HostEngine  # only sibling mode pays for its imports
-
-            self.host_engine = HostEngine(
-                self.loop, self.log, self.options.status_file.parent, on_change=self.write_status
-            )
-            self.environ.update(self.host_engine.prepare(settings, self.environ))
-            self.prepare_compiles(settings, self.environ["DOCKER_HOST"])
-            return None
-        if settings is None or settings.mode is not Mode.DIND:
-            return None
-        from init.engine.dind import InnerEngine  # only dind mode pays for its imports
-
-        layout = self.options.engine_layout
-        self.engine = InnerEngine(
-            self.loop,
-            self.log,
-            layout,
-            run_dir=self.options.status_file.parent,
-            on_change=self.write_status,
-            on_ready=self.start_texlive,
-        )
-        self.environ["DOCKER_HOST"] = layout.docker_host
-        self.prepare_compiles(settings, layout.docker_host)
-        service_user = self.environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER
-        return self.engine.prepare(
-            self.options.storage_opt_in, settings.all_texlive_images, service_user
-        )
-
-    def prepare_compiles(self, settings: Settings, docker_host: str) -> None:
-        """The TeX Live installer's job, and what the services need to compile sandboxed: the
-        shim first on their PATH, or the variables of their own docker runner."""
-        from init.compiles import service_env as compile_env
-        from init.texlive.job import TexLiveJob
-
-        run_dir = self.options.status_file.parent
-        self.texlive = TexLiveJob(
-            self.log,
-            settings,
-            docker_host.removeprefix("unix://"),
-            self.options.status_file,
-            on_change=self.write_status,
-            on_done=self._on_images_present,
-        )
-        runner = compile_env.choose_runner(settings)
-        shim_dir = run_dir / "shim"
-        if runner == "shim":
-            compile_env.write_shims(shim_dir, sys.executable)
-        self.environ.update(compile_env.environment(settings, self.environ, runner, shim_dir))
-        self.compile_environment = {
-            k: self.environ[k] for k in compile_env.SHARED_VARIABLES if k in self.environ
-        }
-        how = f"the sandboxing latexmk in {shim_dir}" if runner == "shim" else "their docker runner"
-        self.log.info("init", f"the services compile through {how}")
-
-    def start_texlive(self) -> None:
-        """The installer, once the engine answers (dind: dockerd's first readiness)."""
-        job = self.texlive
-        if job is None or job.launched or self.supervisor is None or self.supervisor.stopping:
-            return
-        self.supervisor.start([job.spec()], {job.spec().name: job})
-
-    def _on_images_present(self) -> None:
-        if self.host_engine is not None:
-            self.host_engine.prove_again()
+    def prepare_docker_side(self) -> None:
+        """The Docker side before anything else (dind: privileges, cgroups, storage; sibling:
+        the host's socket and dirs): the services' environment gains what it says."""
+        self.environ.update(self.docker.prepare(self.environ))
 
     def export_environment(self) -> None:
         self.environ = container_env.export(self.options.env_files, self.environ)
@@ -225,39 +153,31 @@ class Init:
             self.environ = container_env.reimport(self.options.env_files, self.environ)
         return True
 
-    def start_engine(self, engine_spec: ServiceSpec | None) -> None:
-        """The inner dockerd, first of all services, so that it is the last to stop."""
+    def start_engine(self) -> None:
+        """The inner dockerd, first of all services, so that it is the last to stop; then what
+        the Docker side runs beside it (the TeX Live installer, once the engine answers)."""
         self.supervisor = Supervisor(self.loop, self.log, self.environ, on_change=self.write_status)
-        if engine_spec is not None and self.engine is not None:
-            self.supervisor.start([engine_spec], {engine_spec.name: self.engine})
-        if self.host_engine is not None:
-            self.start_texlive()  # the host's engine answered already
-        settings = self.options.settings
-        if settings is not None and settings.http_address is not None:
-            self.supervisor.start([self._http_spec(settings.http_address)])
-
-    def _http_spec(self, address: tuple[str, int]) -> ServiceSpec:
-        """The optional /healthz /readyz /status endpoint: a child, so PID 1 serves nothing."""
-        host, port = address
-        listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        argv = (
-            sys.executable, "-m", "init.httpd.status",
-            "--listen", listen, "--status-file", str(self.options.status_file),
-        )  # fmt: skip
-        return ServiceSpec(name="http-status", directory=Path("/"), argv=argv)
+        engine = self.docker.engine_service()
+        if engine is not None:
+            spec, hooks = engine
+            self.supervisor.start([spec], {spec.name: hooks})
+        self.docker.start(self.supervisor)
+        if self.options.own_services:
+            self.supervisor.start(list(self.options.own_services))
 
     def start_services(self) -> None:
         """The services of the service dir in name order, with the environment as it is now."""
         if self.supervisor is None:
             raise RuntimeError("start_engine makes the supervisor; call it first")
         specs = services.discover(self.options.service_dir)
-        if self.engine is not None and any(s.name == dockerd.SERVICE_NAME for s in specs):
+        engine = self.docker.engine_service()
+        if engine is not None and any(s.name == engine[0].name for s in specs):
+            name = engine[0].name
             self.log.warning(
                 "init",
-                f"{self.options.service_dir}/{dockerd.SERVICE_NAME} ignored: "
-                "the init runs the inner dockerd itself",
+                f"{self.options.service_dir}/{name} ignored: the init runs the inner {name} itself",
             )
-            specs = [s for s in specs if s.name != dockerd.SERVICE_NAME]
+            specs = [s for s in specs if s.name != name]
         self.supervisor.environ = dict(self.environ)
         self.phase = "running"
         self.log.info("init", f"starting {len(specs)} services from {self.options.service_dir}")
@@ -284,10 +204,7 @@ class Init:
             self.end_all_processes(limits.kill_all)
         if self.supervisor is not None:
             self.supervisor.close_outputs()
-        if self.engine is not None:
-            self.engine.mark_stopped()
-        if self.texlive is not None:
-            self.texlive.mark_stopped()
+        self.docker.mark_stopped()
         self.phase = "stopped"
         self.write_status()
         self.log.info("init", f"exiting with status {exit_status}")
@@ -366,13 +283,6 @@ class Init:
         _kill_all(signal.SIGKILL)
         self.loop.run_until(lambda: not process.has_children(), self.loop.clock() + 5.0)
 
-    def _engine_summary(self) -> dict[str, Any] | None:
-        if self.engine is not None:
-            return self.engine.summary()
-        if self.host_engine is not None:
-            return self.host_engine.summary()
-        return None
-
     def _deadline(self) -> float:
         return self.deadline if self.deadline is not None else self.loop.clock()
 
@@ -398,18 +308,21 @@ class Init:
             self.supervisor.forward(signum)
 
     def write_status(self) -> None:
-        document: dict[str, Any] = {
-            "pid": os.getpid(),
-            "phase": self.phase,
-            "started_at": round(self.started_at, 3),
-            "message": self.message,
-            "services": self.supervisor.snapshot() if self.supervisor else [],
-            "engine": self._engine_summary(),
-            "texlive": self.texlive.summary() if self.texlive is not None else None,
-            "compile_environment": self.compile_environment,
-        }
+        document = StatusDocument(
+            pid=os.getpid(),
+            phase=self.phase,
+            started_at=self.started_at,
+            message=self.message,
+            services=tuple(
+                ServiceStatus.from_json(s)
+                for s in (self.supervisor.snapshot() if self.supervisor else [])
+            ),
+            engine=self.docker.engine_status(),
+            texlive=self.docker.texlive_status(),
+            compile_environment=self.docker.compile_environment(),
+        )
         try:
-            status.write(self.options.status_file, document)
+            status_file.write(self.options.status_file, document)
         except OSError as e:
             self.log.warning("init", f"cannot write {self.options.status_file}: {e.strerror}")
 

@@ -2,25 +2,29 @@
 
 The steps in order: the privilege check (refuse with the fix), cgroups set up, the storage
 choice (refuse a layered data root with the fix), then dockerd as the first service. Each time
-dockerd starts, a child (`init.engine.ready`) waits for its API, sweeps compile containers an
-earlier run left, and reports the storage driver; until it reports, compiles are not ready.
+dockerd starts, a child (`init.engine.ready`) waits for its API, sweeps the compile containers an
+earlier run left (the engine has just started: nothing of ours runs there yet), and reports the
+storage driver; until it reports, compiles are not ready.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from init.checks import Status
+from init.config import Mode, Settings
 from init.core import children
+from init.core.component import Component, Phase
 from init.core.log import Log
 from init.core.loop import EventLoop
 from init.core.process import Exit
 from init.core.services import ServiceSpec
 from init.core.supervisor import Service, ServiceHooks
 from init.engine import cgroups, dockerd, privilege, storage
+from init.engine.ready import MODULE as READY_CHECK
+from init.engine.ready import ReadyRequest, ReadyResult
+from init.engine.side import CompileWiring, EngineStatus, Installer, OnChange, SandboxSide
 from init.errors import ConfigError, SpawnError
 
 # dockerd stops its containers on SIGTERM and waits this long for each (default 15 s): compile
@@ -28,46 +32,45 @@ from init.errors import ConfigError, SpawnError
 DOCKERD_SHUTDOWN_TIMEOUT = ("--shutdown-timeout", "2")
 
 
-class InnerEngine(ServiceHooks):
+class InnerDocker(SandboxSide, ServiceHooks):
     """The inner dockerd as PID 1 sees it: preflight, hooks around its starts, its state."""
+
+    mode = Mode.DIND.value
 
     def __init__(
         self,
         loop: EventLoop,
         log: Log,
+        settings: Settings,
         layout: dockerd.EngineLayout,
         run_dir: Path,
-        on_change: Callable[[], None] = lambda: None,
+        installer: Installer,
+        wiring: CompileWiring,
+        service_user: str = "www-data",
+        on_change: OnChange = lambda: None,
         root: Path = Path("/"),
-        on_ready: Callable[[], None] = lambda: None,
     ) -> None:
+        super().__init__(log, installer, wiring)
         self.loop = loop
-        self.on_change = on_change
-        self.on_ready = on_ready
-        self.log = log
+        self.settings = settings
         self.layout = layout
         self.run_dir = run_dir
+        self.service_user = service_user
         self.root = root
-        self.state = "starting"
-        self.reason = ""
-        self.fix = ""
+        self.state = Component(Phase.STARTING, on_change=on_change)
         self.driver = ""
-        self.since = time.time()
         self.ready_seconds: float | None = None
         self._checking = False
         self._service: Service | None = None
-        self._storage_opt_in: str | None = None
+        self._spec: ServiceSpec | None = None
+        installer.use_socket(str(layout.socket))
 
     # -- preflight -----------------------------------------------------------------------
 
-    def prepare(
-        self, storage_opt_in: str | None, images: tuple[str, ...], service_user: str = "www-data"
-    ) -> ServiceSpec | None:
-        """Everything before dockerd may start; its service spec, or None when refused.
-
-        No privileges is a configuration error (exit 78); a layered data root only keeps
-        compiles off, so the site still comes up and says why.
-        """
+    def prepare(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """Everything before dockerd may start. No privileges is a configuration error (exit
+        78); a layered data root only keeps compiles off, so the site still comes up and says
+        why."""
         verdict = privilege.check(self.root)
         if verdict.status is Status.FAIL:
             raise ConfigError([f"{verdict.message}; {verdict.fix}"])
@@ -75,23 +78,25 @@ class InnerEngine(ServiceHooks):
         for line in cgroups.describe(plan):
             self.log.info("cgroups", line)
         cgroups.apply(plan, self.root)
-        self._storage_opt_in = storage_opt_in
-        need = storage.bytes_needed(images)
-        choice = storage.plan(self.layout.data_root, storage_opt_in, need_bytes=need)
+        need = storage.bytes_needed(self.settings.all_texlive_images)
+        choice = storage.plan(self.layout.data_root, self.settings.storage_driver, need_bytes=need)
         verdict = storage.check(choice)
         if verdict.status is Status.FAIL:
             self._refuse(verdict.message, verdict.fix)
-            return None
-        if verdict.status is Status.WARN:
-            self.log.warning("storage", verdict.message)
         else:
-            self.log.info("storage", verdict.message)
-        args = (
-            *storage.dockerd_args(choice),
-            *DOCKERD_SHUTDOWN_TIMEOUT,
-            *dockerd.socket_group_args(self.layout, service_user),
-        )
-        return dockerd.service_spec(self.layout, tuple(args))
+            (self.log.warning if verdict.status is Status.WARN else self.log.info)(
+                "storage", verdict.message
+            )
+            args = (
+                *storage.dockerd_args(choice),
+                *DOCKERD_SHUTDOWN_TIMEOUT,
+                *dockerd.socket_group_args(self.layout, self.service_user),
+            )
+            self._spec = dockerd.service_spec(self.layout, tuple(args))
+        return self.with_compiles(environ, {"DOCKER_HOST": self.layout.docker_host})
+
+    def engine_service(self) -> tuple[ServiceSpec, ServiceHooks] | None:
+        return (self._spec, self) if self._spec is not None else None
 
     # -- hooks around each start of dockerd ----------------------------------------------
 
@@ -103,12 +108,12 @@ class InnerEngine(ServiceHooks):
 
     def started(self, service: Service) -> None:
         self._service = service
-        self._set("starting", "")
+        self.state.set(Phase.STARTING)
         self._start_check()
 
     def exited(self, service: Service, exit_: Exit) -> None:
-        if self.state != "refused":
-            self._set("down", f"dockerd {exit_.describe()}")
+        if not self.state.is_(Phase.REFUSED):
+            self.state.set(Phase.DOWN, f"dockerd {exit_.describe()}")
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -116,33 +121,36 @@ class InnerEngine(ServiceHooks):
         if self._checking:
             return  # the running check keeps asking; it will see the new dockerd
         started = self.loop.clock()
+        request = ReadyRequest(
+            socket=self.layout.socket,
+            result=self.run_dir / "engine-check.json",
+            deadline=self.layout.ready_timeout,
+            sweep=True,  # dockerd has just started: what carries our label is left over
+        )
 
-        def done(result: dict[str, Any]) -> None:
+        def done(document: object) -> None:
             self._checking = False
-            self._on_check_done(result, self.loop.clock() - started)
+            self._on_check_done(ReadyResult.from_json(document), self.loop.clock() - started)
 
-        args = ("--socket", str(self.layout.socket), "--deadline", str(self.layout.ready_timeout))
-        result_file = self.run_dir / "engine-check.json"
         try:
             children.start(
-                self.loop, self.log, "engine", "init.engine.ready",
-                (*args, "--result", str(result_file)), result_file, done,
-            )  # fmt: skip
+                self.loop, self.log, "engine", READY_CHECK, request.argv(), request.result, done
+            )
         except SpawnError as e:
-            self._set("failed", f"cannot check the engine: {e}")
+            self.state.set(Phase.FAILED, f"cannot check the engine: {e}")
             return
         self._checking = True
 
-    def _on_check_done(self, result: dict[str, Any], seconds: float) -> None:
-        if self.state in ("refused", "stopped"):
+    def _on_check_done(self, result: ReadyResult, seconds: float) -> None:
+        if self.state.is_(Phase.REFUSED, Phase.STOPPED):
             return
-        if not result.get("ready"):
+        if not result.ready:
             tail = " | ".join(list(self._service.recent)[-5:]) if self._service else ""
-            self._set("failed", f"{result.get('error', 'not ready')}; dockerd said: {tail}")
-            self.log.error("dockerd", self.reason)
+            self.state.set(Phase.FAILED, f"{result.error}; dockerd said: {tail}")
+            self.log.error("dockerd", self.state.reason)
             return
-        self.driver = str(result.get("driver", ""))
-        if self.driver == "vfs" and self._storage_opt_in != "vfs":
+        self.driver = result.driver
+        if self.driver == "vfs" and self.settings.storage_driver != "vfs":
             # dockerd falls back to vfs by itself when overlay2 cannot work: every layer a
             # full copy, the trap users of the old images hit without a word.
             self._refuse(
@@ -152,43 +160,36 @@ class InnerEngine(ServiceHooks):
             )
             return
         self.ready_seconds = round(seconds, 3)
-        swept = result.get("swept") or []
-        self._set("ready", "")
+        self.state.set(Phase.READY)
+        swept = f"; removed {len(result.swept)} leftover compile containers" if result.swept else ""
         self.log.info(
             "dockerd",
             f"ready in {seconds:.2f} s, storage driver {self.driver}, "
-            f"engine {result.get('server_version', '?')}"
-            + (f"; removed {len(swept)} leftover compile containers" if swept else ""),
+            f"engine {result.server_version or '?'}{swept}",
         )
-        self.on_ready()
+        self.start_installer()
 
     def _refuse(self, message: str, fix: str) -> None:
-        self.fix = fix
-        self._set("refused", message)
+        self.state.set(Phase.REFUSED, message, fix)
         self.log.error("dockerd", f"{message}; {fix}" if fix else message)
 
-    def _set(self, state: str, reason: str) -> None:
-        self.state = state
-        self.reason = reason
-        self.since = time.time()
-        self.on_change()
-
     def mark_stopped(self) -> None:
-        self._set("stopped", "")
+        super().mark_stopped()
+        self.state.set(Phase.STOPPED)
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state.is_(Phase.READY)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "mode": "dind",
-            "state": self.state,
-            "ready": self.ready,
-            "reason": self.reason,
-            "fix": self.fix,
-            "driver": self.driver,
-            "socket": str(self.layout.socket),
-            "since": round(self.since, 3),
-            "ready_seconds": self.ready_seconds,
-        }
+    def status(self) -> EngineStatus:
+        return EngineStatus(
+            mode=self.mode,
+            state=self.state.phase.value,
+            ready=self.ready,
+            reason=self.state.reason,
+            fix=self.state.fix,
+            since=round(self.state.since, 3),
+            socket=str(self.layout.socket),
+            driver=self.driver,
+            ready_seconds=self.ready_seconds,
+        )

@@ -15,16 +15,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from init.config import (
+    DOCKER_DATA_ROOT,
+    DOCKER_EXEC_ROOT,
+    DOCKER_SOCKET,
+    DOCKERD_ARGS,
+    DOCKERD_BINARY,
+    DOCKERD_READY_TIMEOUT,
+)
 from init.core.services import ServiceSpec
 from init.errors import ConfigError
 
 SERVICE_NAME = "dockerd"
-DATA_ROOT = "SHARELATEX_INIT_DOCKER_DATA_ROOT"
-EXEC_ROOT = "SHARELATEX_INIT_DOCKER_EXEC_ROOT"
-SOCKET = "SHARELATEX_INIT_DOCKER_SOCKET"
-EXTRA_ARGS = "SHARELATEX_INIT_DOCKERD_ARGS"
-BINARY = "SHARELATEX_INIT_DOCKERD"
-READY_TIMEOUT = "SHARELATEX_INIT_DOCKERD_READY_TIMEOUT"
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 # Flags that would open the engine to the network or move what we manage: refused in
 # SHARELATEX_INIT_DOCKERD_ARGS. dockerd on TCP without verified TLS also sleeps ~16 s at start.
@@ -69,34 +71,39 @@ def layout_from_env(environ: Mapping[str, str]) -> EngineLayout:
         return Path(value)
 
     try:
-        extra = tuple(shlex.split(environ.get(EXTRA_ARGS, "")))
+        extra = tuple(shlex.split(environ.get(DOCKERD_ARGS, "")))
     except ValueError as e:
-        problems.append(f"{EXTRA_ARGS}: cannot split it ({e}); quote it as a shell would")
+        problems.append(f"{DOCKERD_ARGS}: cannot split it ({e}); quote it as a shell would")
         extra = ()
     for arg in extra:
         flag = arg.split("=", 1)[0]
         if flag in _REFUSED_FLAGS:
             problems.append(
-                f"{EXTRA_ARGS}: {arg!r} is managed by sharelatex-init (unix socket only, "
-                f"never TCP); remove it, or set {DATA_ROOT} / {EXEC_ROOT} / {SOCKET}"
+                f"{DOCKERD_ARGS}: {arg!r} is managed by sharelatex-init (unix socket only, "
+                f"never TCP); remove it, or set {DOCKER_DATA_ROOT} / {DOCKER_EXEC_ROOT} / {DOCKER_SOCKET}"
             )
-    timeout_text = environ.get(READY_TIMEOUT, "")
+    timeout_text = environ.get(DOCKERD_READY_TIMEOUT, "")
     try:
         ready_timeout = float(timeout_text) if timeout_text else default.ready_timeout
     except ValueError:
         ready_timeout = -1.0
     if ready_timeout <= 0:
-        problems.append(f"{READY_TIMEOUT}={timeout_text!r} is not a number of seconds; e.g. 60")
+        problems.append(
+            f"{DOCKERD_READY_TIMEOUT}={timeout_text!r} is not a number of seconds; e.g. 60"
+        )
         ready_timeout = default.ready_timeout
     layout = EngineLayout(
-        data_root=path(DATA_ROOT, default.data_root),
-        exec_root=path(EXEC_ROOT, default.exec_root),
-        socket=path(SOCKET, default.socket),
-        binary=environ.get(BINARY) or default.binary,
+        data_root=path(DOCKER_DATA_ROOT, default.data_root),
+        exec_root=path(DOCKER_EXEC_ROOT, default.exec_root),
+        socket=path(DOCKER_SOCKET, default.socket),
+        binary=environ.get(DOCKERD_BINARY) or default.binary,
         extra_args=extra,
         ready_timeout=ready_timeout,
     )
-    for name, sock in ((SOCKET, layout.socket), (EXEC_ROOT, layout.containerd_socket)):
+    for name, sock in (
+        (DOCKER_SOCKET, layout.socket),
+        (DOCKER_EXEC_ROOT, layout.containerd_socket),
+    ):
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
             # containerd, started by dockerd under the exec root, cannot listen on a longer
             # path and dockerd only retries its connection forever.

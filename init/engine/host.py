@@ -3,153 +3,182 @@
 Before the services start, a child (`init.engine.sibling_check`) checks the socket, inspects this
 container through it, and works out the host paths behind the compile and output dirs (the
 value users most often get wrong); a problem there is a configuration error (exit 78). The
-services then get the socket and the resolved host paths in their environment.
+services then get the socket and the resolved host paths in their environment. Once the TeX Live
+installer has the compile image on the host engine, the check runs again to prove the mapping.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections.abc import Callable, Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from init.config import HOST_DIR_OUTPUT, SERVICE_USER, Settings
+from init.config import (
+    CONTAINER_ID,
+    DEFAULT_SERVICE_USER,
+    HOST_DIR,
+    HOST_DIR_COMPILES,
+    HOST_DIR_OUTPUT,
+    SERVICE_USER,
+    Mode,
+    Settings,
+)
 from init.core import children
+from init.core.component import Component, Phase
 from init.core.log import Log
 from init.core.loop import EventLoop
+from init.core.supervisor import Supervisor
 from init.engine import sibling
+from init.engine.sibling_check import MODULE as SIBLING_CHECK
+from init.engine.sibling_check import SiblingRequest, SiblingResult
+from init.engine.side import (
+    CompileWiring,
+    EngineStatus,
+    Installer,
+    OnChange,
+    Proof,
+    SandboxSide,
+)
 from init.errors import ConfigError, EngineError, SpawnError
 
-TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
-if TYPE_CHECKING:
-    from typing import Any
-
-CONTAINER_ID = "SHARELATEX_INIT_CONTAINER_ID"  # when /proc cannot tell (tests, odd runtimes)
 CHECK_DEADLINE = 5.0  # seconds for the host's engine to answer
 
 
-class HostEngine:
-    """The host's engine as PID 1 sees it: checked once at boot, then handed to the services."""
+class HostDocker(SandboxSide):
+    """The host's engine as PID 1 sees it: checked at boot, then handed to the services."""
+
+    mode = Mode.SIBLING.value
 
     def __init__(
         self,
         loop: EventLoop,
         log: Log,
+        settings: Settings,
         run_dir: Path,
-        on_change: Callable[[], None] = lambda: None,
+        installer: Installer,
+        wiring: CompileWiring,
+        on_change: OnChange = lambda: None,
     ) -> None:
+        super().__init__(log, installer, wiring)
         self.loop = loop
-        self.log = log
+        self.settings = settings
         self.run_dir = run_dir
         self.on_change = on_change
-        self._args: list[str] = []
-        self.state = "checking"
-        self.reason = ""
-        self.since = time.time()
-        self.result: dict[str, Any] = {}
+        self.state = Component(Phase.CHECKING, on_change=on_change)
+        self.request: SiblingRequest | None = None
+        self.result = SiblingResult()
+        installer.on_done = self.prove_again
 
-    def prepare(self, settings: Settings, environ: Mapping[str, str]) -> dict[str, str]:
+    def prepare(self, environ: Mapping[str, str]) -> dict[str, str]:
         """Check the socket and the host dirs; the environment the services need. Exit 78 on
         a problem, with every problem's fix."""
         try:
             socket = sibling.socket_path(environ)
         except EngineError as e:
             raise ConfigError([str(e)]) from e
-        args = [
-            "--socket", str(socket),
-            "--service-user", environ.get(SERVICE_USER) or sibling.DEFAULT_SERVICE_USER,
-            "--compiles-dir", str(settings.compiles_dir),
-            "--output-dir", str(settings.output_dir),
-            "--host-dir-compiles-variable", sibling.configured_variable(environ, "compiles"),
-            "--host-dir-output-variable", sibling.configured_variable(environ, "output"),
-            "--image", settings.texlive_image,
-            "--deadline", str(CHECK_DEADLINE),
-            "--grant-group",
-        ]  # fmt: skip
-        if settings.host_dir_compiles is not None:
-            args += ["--host-dir-compiles", str(settings.host_dir_compiles)]
-        if settings.host_dir_output is not None:
-            args += ["--host-dir-output", str(settings.host_dir_output)]
-        if environ.get(CONTAINER_ID):
-            args += ["--container-id", environ[CONTAINER_ID]]
-        self._args = args
-        result = self._run_check()
+        settings = self.settings
+        self.request = SiblingRequest(
+            result=self.run_dir / "sibling-check.json",
+            socket=socket,
+            service_user=environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER,
+            compiles_dir=settings.compiles_dir,
+            output_dir=settings.output_dir,
+            host_dir_compiles=_posix(settings.host_dir_compiles),
+            host_dir_output=_posix(settings.host_dir_output),
+            compiles_variable=sibling.configured_variable(environ, "compiles"),
+            output_variable=sibling.configured_variable(environ, "output"),
+            container_id=environ.get(CONTAINER_ID, ""),
+            image=settings.texlive_image,
+            deadline=CHECK_DEADLINE,
+            grant_group=True,
+        )
+        result = self._run_check(self.request)
         self.result = result
-        for note in result.get("notes", []):
+        for note in result.notes:
             self.log.info("sibling", note)
-        for warning in result.get("warnings", []):
+        for warning in result.warnings:
             self.log.warning("sibling", warning)
-        if not result.get("ok"):
-            self.state = "failed"
-            self.reason = "; ".join(result.get("problems") or [str(result.get("error"))])
-            raise ConfigError(result.get("problems") or [f"sibling check: {result.get('error')}"])
-        self.state = "ready"
-        self.since = time.time()
-        compiles, output = result.get("host_dir_compiles"), result.get("host_dir_output")
-        how = "derived from this container's mounts" if result.get("derived") else "checked"
+        if not result.ok:
+            self.state.set(Phase.FAILED, "; ".join(result.problems))
+            raise ConfigError(result.problems)
+        self.state.set(Phase.READY)
+        compiles, output = result.host_dir_compiles, result.host_dir_output
+        how = "derived from this container's mounts" if result.derived else "checked"
         self.log.info("sibling", f"host compile dir {compiles}, output dir {output} ({how})")
-        env = {"DOCKER_HOST": f"unix://{socket}"}
+        self.installer.use_socket(str(socket))
+        engine_env = {"DOCKER_HOST": f"unix://{socket}"}
         if compiles:
-            env["SANDBOXED_COMPILES_HOST_DIR_COMPILES"] = str(compiles)
-            env["SANDBOXED_COMPILES_HOST_DIR"] = str(compiles)
+            engine_env[HOST_DIR_COMPILES] = compiles
+            engine_env[HOST_DIR] = compiles
         if output:
-            env[HOST_DIR_OUTPUT] = str(output)
-        return env
+            engine_env[HOST_DIR_OUTPUT] = output
+        return self.with_compiles(environ, engine_env)
+
+    def start(self, supervisor: Supervisor) -> None:
+        super().start(supervisor)
+        self.start_installer()  # the host's engine answered already
 
     def prove_again(self) -> None:
         """Once the compile image is present (the proof at boot is skipped without it): run the
         check again in the background; a failure now keeps compiles off and says why."""
+        if self.request is None:
+            return
 
-        def done(result: dict[str, Any]) -> None:
-            proof = result.get("proof") or {}
-            self.result["proof"] = proof
-            if result.get("ok") and proof.get("status") != "failed":
-                self.log.info("sibling", f"proof: {proof.get('message', proof.get('status'))}")
+        def done(document: object) -> None:
+            result = SiblingResult.from_json(document)
+            self.result = dataclasses.replace(self.result, proof=result.proof)
+            if result.ok and result.proof.status != "failed":
+                self.log.info("sibling", f"proof: {result.proof.message or result.proof.status}")
+                self.on_change()
             else:
-                self.state = "failed"
-                self.reason = "; ".join(result.get("problems") or [str(result.get("error"))])
-                self.since = time.time()
-                self.log.error("sibling", f"compiles cannot run: {self.reason}")
-            self.on_change()
+                self.state.set(Phase.FAILED, "; ".join(result.problems))
+                self.log.error("sibling", f"compiles cannot run: {self.state.reason}")
 
+        request = dataclasses.replace(
+            self.request, result=self.run_dir / "sibling-proof.json", grant_group=False
+        )
         try:
-            self._start_check("sibling-proof.json", done)
+            self._start_check(request, done)
         except SpawnError as e:
             self.log.error("sibling", f"cannot prove the host path: {e}")
 
-    def _run_check(self) -> dict[str, Any]:
+    def _run_check(self, request: SiblingRequest) -> SiblingResult:
         """Run the check child to its end under the loop (signals and reaping go on)."""
-        results: list[dict[str, Any]] = []
+        results: list[SiblingResult] = []
         try:
-            self._start_check("sibling-check.json", results.append)
+            self._start_check(request, lambda doc: results.append(SiblingResult.from_json(doc)))
         except SpawnError as e:
             raise ConfigError([f"sibling check: {e}"]) from e
         self.loop.run_until(lambda: bool(results))
         return results[0]
 
-    def _start_check(self, result_name: str, on_done: Callable[[dict[str, Any]], None]) -> None:
-        """`init.engine.sibling_check` with the arguments `prepare` worked out; SpawnError if it
-        cannot start."""
-        result_file = self.run_dir / result_name
+    def _start_check(self, request: SiblingRequest, on_done: Callable[[object], None]) -> None:
+        """`init.engine.sibling_check` with `request`; SpawnError if it cannot start."""
         children.start(
-            self.loop, self.log, "sibling", "init.engine.sibling_check",
-            (*self._args, "--result", str(result_file)), result_file, on_done,
-        )  # fmt: skip
+            self.loop, self.log, "sibling", SIBLING_CHECK, request.argv(), request.result, on_done
+        )
 
     @property
     def ready(self) -> bool:
-        return self.state == "ready"
+        return self.state.is_(Phase.READY)
 
-    def summary(self) -> dict[str, Any]:
-        return {
-            "mode": "sibling",
-            "state": self.state,
-            "ready": self.ready,
-            "reason": self.reason,
-            "socket": (self.result.get("socket") or {}).get("path"),
-            "host_dir_compiles": self.result.get("host_dir_compiles"),
-            "host_dir_output": self.result.get("host_dir_output"),
-            "derived": self.result.get("derived"),
-            "api_version": self.result.get("api_version"),
-            "proof": self.result.get("proof"),
-            "since": round(self.since, 3),
-        }
+    def status(self) -> EngineStatus:
+        result = self.result
+        return EngineStatus(
+            mode=self.mode,
+            state=self.state.phase.value,
+            ready=self.ready,
+            reason=self.state.reason,
+            fix=self.state.fix,
+            since=round(self.state.since, 3),
+            socket=result.socket,
+            host_dir_compiles=result.host_dir_compiles,
+            host_dir_output=result.host_dir_output,
+            derived=result.derived,
+            api_version=result.api_version,
+            proof=Proof(result.proof.status, result.proof.message),
+        )
+
+
+def _posix(path: Path | None) -> PurePosixPath | None:
+    return PurePosixPath(path) if path is not None else None

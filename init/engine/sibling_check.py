@@ -10,116 +10,271 @@ status is 0 when nothing failed, 1 otherwise. The Docker SDK lives here, never i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import secrets
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import docker
-import docker.errors
-import requests.exceptions
-import tenacity
-from docker.types import Mount as DockerMount
-
 from init.checks import Check, Status
 from init.config import DEFAULT_COMPILES_DIR, DEFAULT_OUTPUT_DIR, HOST_DIR, HOST_DIR_OUTPUT
 from init.engine import sibling
-from init.engine.ready import COMPILE_LABEL
+from init.engine.client import COMPILE_LABEL, Engine, EngineUnreachable, ImageMissing, NotFound
 from init.errors import EngineError
 
+MODULE = "init.engine.sibling_check"
 # The host's engine is up before this container; a short patience covers a busy engine only.
-ENGINE_ANSWER = tenacity.Retrying(
-    wait=tenacity.wait_exponential(multiplier=0.05, min=0.05, max=1.0),
-    retry=tenacity.retry_if_exception_type(
-        (docker.errors.DockerException, requests.exceptions.RequestException, OSError)
-    ),
-)
 PROOF_DEADLINE = 30  # seconds for the marker container to start, write and exit
 PROOF_PREFIX = ".sharelatex-init-proof-"
 
 
 @dataclass(frozen=True)
-class Request:
-    """What to check: the command line, as a value."""
+class SiblingRequest:
+    """What to check; PID 1 (init.engine.host) and `doctor` make it, the child reads it back from
+    its command line."""
 
     result: Path
-    socket: Path | None = None
+    socket: Path | None = None  # None: DOCKER_HOST, else the default
     service_user: str = sibling.DEFAULT_SERVICE_USER
     compiles_dir: Path = DEFAULT_COMPILES_DIR
     output_dir: Path = DEFAULT_OUTPUT_DIR
     host_dir_compiles: PurePosixPath | None = None
     host_dir_output: PurePosixPath | None = None
-    compiles_variable: str = HOST_DIR
+    compiles_variable: str = HOST_DIR  # the names the operator used, for the messages
     output_variable: str = HOST_DIR_OUTPUT
     container_id: str = ""
-    image: str = ""
+    image: str = ""  # the compile image for the proof; empty: no proof
     deadline: float = 5.0
     grant_group: bool = False  # the init at boot: add the user to the socket's group it was given
 
+    def argv(self) -> tuple[str, ...]:
+        args = [
+            "--result", str(self.result),
+            "--service-user", self.service_user,
+            "--compiles-dir", str(self.compiles_dir),
+            "--output-dir", str(self.output_dir),
+            "--host-dir-compiles-variable", self.compiles_variable,
+            "--host-dir-output-variable", self.output_variable,
+            "--deadline", f"{self.deadline:g}",
+        ]  # fmt: skip
+        for flag, value in (
+            ("--socket", self.socket),
+            ("--host-dir-compiles", self.host_dir_compiles),
+            ("--host-dir-output", self.host_dir_output),
+            ("--container-id", self.container_id),
+            ("--image", self.image),
+        ):
+            if value:
+                args += [flag, str(value)]
+        if self.grant_group:
+            args.append("--grant-group")
+        return tuple(args)
 
-@dataclass
-class Report:
-    """The result being gathered; `as_json` is the file PID 1 and doctor read."""
+    @classmethod
+    def from_argv(cls, argv: Sequence[str]) -> SiblingRequest:
+        import argparse
 
-    checks: list[Check] = field(default_factory=list)
-    socket: dict[str, Any] | None = None
+        parser = argparse.ArgumentParser(prog=f"python -m {MODULE}")
+        parser.add_argument("--result", type=Path, required=True)
+        parser.add_argument("--socket", type=Path, help="default: DOCKER_HOST, else the default")
+        parser.add_argument("--service-user", default=sibling.DEFAULT_SERVICE_USER)
+        parser.add_argument("--compiles-dir", type=Path, default=DEFAULT_COMPILES_DIR)
+        parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+        parser.add_argument("--host-dir-compiles", type=PurePosixPath)
+        parser.add_argument("--host-dir-output", type=PurePosixPath)
+        parser.add_argument("--host-dir-compiles-variable", default=HOST_DIR)
+        parser.add_argument("--host-dir-output-variable", default=HOST_DIR_OUTPUT)
+        parser.add_argument("--container-id", default="")
+        parser.add_argument("--image", default="")
+        parser.add_argument("--deadline", type=float, default=5.0)
+        parser.add_argument("--grant-group", action="store_true", help="see grant_group")
+        args = parser.parse_args(list(argv))
+        return cls(
+            result=args.result,
+            socket=args.socket,
+            service_user=args.service_user,
+            compiles_dir=args.compiles_dir,
+            output_dir=args.output_dir,
+            host_dir_compiles=args.host_dir_compiles,
+            host_dir_output=args.host_dir_output,
+            compiles_variable=args.host_dir_compiles_variable,
+            output_variable=args.host_dir_output_variable,
+            container_id=args.container_id,
+            image=args.image,
+            deadline=args.deadline,
+            grant_group=args.grant_group,
+        )
+
+
+@dataclass(frozen=True)
+class Proof:
+    """Whether a container of the host engine wrote through the host path and we saw it."""
+
+    status: str  # passed, failed, skipped
+    message: str
+
+    @classmethod
+    def from_json(cls, document: object) -> Proof:
+        if not isinstance(document, dict):
+            return cls("skipped", "no proof reported")
+        return cls(str(document.get("status", "skipped")), str(document.get("message", "")))
+
+
+@dataclass(frozen=True)
+class SiblingResult:
+    """What the check found: every check with its verdict, and the host dirs to use."""
+
+    checks: tuple[Check, ...] = ()
+    socket: str = ""  # the socket's path as checked
+    socket_facts: dict[str, Any] | None = None
     service_user: dict[str, Any] | None = None
-    api_version: str | None = None
-    server_version: str | None = None
-    container_id: str | None = None
-    container_id_source: str | None = None
-    host_dir_compiles: str | None = None
-    host_dir_output: str | None = None
-    derived: bool = False
-    proof: dict[str, str] = field(
-        default_factory=lambda: {"status": "skipped", "message": "an earlier check failed"}
-    )
-
-    def add(self, check: Check) -> Check:
-        self.checks.append(check)
-        return check
+    api_version: str = ""
+    server_version: str = ""
+    container_id: str = ""
+    container_id_source: str = ""
+    host_dir_compiles: str = ""  # what the compile containers must bind; "" when unknown
+    host_dir_output: str = ""
+    derived: bool = False  # worked out from this container's mounts, not given
+    proof: Proof = Proof("skipped", "an earlier check failed")
 
     @property
     def ok(self) -> bool:
         return not any(c.status is Status.FAIL for c in self.checks)
 
-    def as_json(self) -> dict[str, Any]:
+    @property
+    def problems(self) -> list[str]:
+        return sibling.problems(self.checks)
+
+    @property
+    def warnings(self) -> list[str]:
+        return sibling.warnings(self.checks)
+
+    @property
+    def notes(self) -> list[str]:
+        return [f"{c.name}: {c.message}" for c in self.checks if c.status is Status.OK]
+
+    def to_json(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
-            "problems": sibling.problems(self.checks),
-            "warnings": sibling.warnings(self.checks),
-            "notes": [f"{c.name}: {c.message}" for c in self.checks if c.status is Status.OK],
+            "problems": self.problems,
+            "warnings": self.warnings,
+            "notes": self.notes,
             "checks": [c.as_dict() for c in self.checks],
-            "socket": self.socket,
+            "socket": self.socket_facts,
             "service_user": self.service_user,
             "api_version": self.api_version,
             "server_version": self.server_version,
             "container_id": self.container_id,
             "container_id_source": self.container_id_source,
-            "host_dir_compiles": self.host_dir_compiles,
-            "host_dir_output": self.host_dir_output,
+            "host_dir_compiles": self.host_dir_compiles or None,
+            "host_dir_output": self.host_dir_output or None,
             "derived": self.derived,
-            "proof": self.proof,
+            "proof": {"status": self.proof.status, "message": self.proof.message},
         }
 
+    @classmethod
+    def from_json(cls, document: object) -> SiblingResult:
+        """The result a check wrote; any other shape is a failed check saying what came."""
+        if not isinstance(document, dict) or not isinstance(document.get("checks"), list):
+            error = document.get("error") if isinstance(document, dict) else None
+            return cls(
+                checks=(
+                    Check("sibling check", Status.FAIL, str(error or f"no result: {document}")),
+                )
+            )
+        facts = document.get("socket")
+        return cls(
+            checks=tuple(Check.from_dict(c) for c in document["checks"] if isinstance(c, dict)),
+            socket=str(facts.get("path", "")) if isinstance(facts, dict) else "",
+            socket_facts=facts if isinstance(facts, dict) else None,
+            service_user=document.get("service_user"),
+            api_version=str(document.get("api_version") or ""),
+            server_version=str(document.get("server_version") or ""),
+            container_id=str(document.get("container_id") or ""),
+            container_id_source=str(document.get("container_id_source") or ""),
+            host_dir_compiles=str(document.get("host_dir_compiles") or ""),
+            host_dir_output=str(document.get("host_dir_output") or ""),
+            derived=document.get("derived") is True,
+            proof=Proof.from_json(document.get("proof")),
+        )
 
-def check(request: Request, environ: dict[str, str]) -> Report:
-    """Every check in order; each failure that makes the next ones meaningless stops there."""
+    def write(self, path: Path) -> None:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(self.to_json(), indent=2))
+        os.replace(tmp, path)
+
+
+@dataclass
+class Report:
+    """The result being gathered, check by check; `result()` is the value that leaves."""
+
+    checks: list[Check] = field(default_factory=list)
+    socket: str = ""
+    socket_facts: dict[str, Any] | None = None
+    service_user: dict[str, Any] | None = None
+    api_version: str = ""
+    server_version: str = ""
+    container_id: str = ""
+    container_id_source: str = ""
+    host_dir_compiles: str = ""
+    host_dir_output: str = ""
+    derived: bool = False
+    proof: Proof = Proof("skipped", "an earlier check failed")
+
+    def add(self, check: Check) -> Check:
+        self.checks.append(check)
+        return check
+
+    def result(self) -> SiblingResult:
+        return SiblingResult(
+            checks=tuple(self.checks),
+            socket=self.socket,
+            socket_facts=self.socket_facts,
+            service_user=self.service_user,
+            api_version=self.api_version,
+            server_version=self.server_version,
+            container_id=self.container_id,
+            container_id_source=self.container_id_source,
+            host_dir_compiles=self.host_dir_compiles,
+            host_dir_output=self.host_dir_output,
+            derived=self.derived,
+            proof=self.proof,
+        )
+
+
+def check(request: SiblingRequest, environ: dict[str, str]) -> SiblingResult:
+    """Every check in order; a failure that makes the next ones meaningless stops there. An
+    engine that fails in the middle is one more failed check, never an exception."""
     report = Report()
+    try:
+        _check(request, environ, report)
+    except EngineError as e:
+        report.add(
+            Check(
+                "engine",
+                Status.FAIL,
+                f"the host's engine failed in the middle of the check: {e}",
+                "see the host's Docker log (`journalctl -u docker`)",
+            )
+        )
+    return report.result()
+
+
+def _check(request: SiblingRequest, environ: dict[str, str], report: Report) -> None:
     try:
         path = request.socket or sibling.socket_path(environ)
     except EngineError as e:
         report.add(Check("docker socket", Status.FAIL, e.message, e.fix))
-        return report
+        return
     facts = sibling.read_socket(path)
-    report.socket = facts.as_dict()
+    report.socket = str(path)
+    report.socket_facts = facts.as_dict()
     if report.add(sibling.socket_check(facts)).status is Status.FAIL:
-        return report
+        return
     report.add(Check("socket security", Status.WARN, sibling.SECURITY_WARNING.format(path=path)))
     user = sibling.service_user(request.service_user)
     if user is not None and request.grant_group:
@@ -133,40 +288,36 @@ def check(request: Request, environ: dict[str, str]) -> Report:
     report.service_user = user.as_dict() if user is not None else None
     report.add(sibling.access_check(facts, user, request.service_user))
 
-    client = connect(path, request.deadline, report)
-    if client is None:
-        return report
-    version = client.version()
-    report.api_version = str(version.get("ApiVersion", ""))
-    report.server_version = str(version.get("Version", ""))
-    report.add(sibling.api_version_check(report.api_version))
-
-    compiles = map_host_dirs(client, request, report)
-    if compiles is not None and request.image:
-        report.proof = prove(client, request, compiles, path, report)
-    elif request.image:
-        report.proof = {"status": "skipped", "message": "no host compiles dir to prove"}
-    else:
-        report.proof = {"status": "skipped", "message": "no compile image given"}
-    return report
-
-
-def connect(path: Path, deadline: float, report: Report) -> docker.APIClient | None:
-    """An API client once the engine answers; None (and the reason reported) by the deadline."""
+    engine = connect(path, request.deadline, report)
+    if engine is None:
+        return
     try:
-        for attempt in ENGINE_ANSWER.copy(stop=tenacity.stop_after_delay(deadline)):
-            with attempt:
-                client = docker.APIClient(base_url=f"unix://{path}", version="auto", timeout=10)
-                client.ping()
-                return client
-    except tenacity.RetryError as e:
+        info = engine.info()
+        report.api_version = info.api_version
+        report.server_version = info.server_version
+        report.add(sibling.api_version_check(report.api_version))
+        compiles = map_host_dirs(engine, request, report)
+        if compiles is not None and request.image:
+            report.proof = prove(engine, request, compiles, path, report)
+        elif request.image:
+            report.proof = Proof("skipped", "no host compiles dir to prove")
+        else:
+            report.proof = Proof("skipped", "no compile image given")
+    finally:
+        engine.close()
+
+
+def connect(path: Path, deadline: float, report: Report) -> Engine | None:
+    """The engine once it answers; None (and the reason reported) by the deadline."""
+    try:
+        return Engine.connect(f"unix://{path}", deadline, first_wait=0.05)
+    except EngineError as e:
         verdict = sibling.probe_socket(path)
         if verdict.status is Status.OK:
-            last = e.last_attempt.exception()
             verdict = Check(
                 "engine",
                 Status.FAIL,
-                f"{path} accepts connections but no Docker API answers there ({last})",
+                f"{path} accepts connections but no Docker API answers there ({e})",
                 f"mount the host's Docker socket: `{sibling.SOCKET_VOLUME}`",
             )
         report.add(verdict)
@@ -174,10 +325,10 @@ def connect(path: Path, deadline: float, report: Report) -> docker.APIClient | N
 
 
 def map_host_dirs(
-    client: docker.APIClient, request: Request, report: Report
+    engine: Engine, request: SiblingRequest, report: Report
 ) -> sibling.HostDir | None:
     """The host dirs behind ours, from this container's inspect data, checked against settings."""
-    mounts, why = inspect_self(client, request, report)
+    mounts, why = inspect_self(engine, request, report)
     chosen: sibling.HostDir | None = None
     for kind, container_dir, variable, configured in (
         ("compiles", request.compiles_dir, request.compiles_variable, request.host_dir_compiles),
@@ -188,7 +339,7 @@ def map_host_dirs(
             found = sibling.host_path(PurePosixPath(container_dir), mounts, os.path.realpath)
         host_dir, verdict = sibling.resolve_host_dir(kind, variable, configured, found, why)
         report.add(verdict)
-        use = str(host_dir.use) if host_dir.use is not None else None
+        use = str(host_dir.use) if host_dir.use is not None else ""
         if kind == "compiles":
             report.host_dir_compiles = use
             chosen = host_dir if verdict.status is not Status.FAIL else None
@@ -199,7 +350,7 @@ def map_host_dirs(
 
 
 def inspect_self(
-    client: docker.APIClient, request: Request, report: Report
+    engine: Engine, request: SiblingRequest, report: Report
 ) -> tuple[tuple[sibling.Mount, ...] | None, str]:
     """This container's mounts as the host engine knows them; None and why when it cannot say."""
     if request.container_id:
@@ -214,56 +365,55 @@ def inspect_self(
     container_id, source = found
     report.container_id_source = source
     try:
-        data = client.inspect_container(container_id)
-    except docker.errors.NotFound:
+        data = engine.inspect_container(container_id)
+    except NotFound:
         report.container_id = container_id
         return None, (
             f"the engine behind the socket knows no container {container_id[:12]} (the id in "
             f"{source}): is this the socket of the host this container runs on?"
         )
-    except docker.errors.APIError as e:
+    except EngineUnreachable:
+        raise
+    except EngineError as e:
         report.container_id = container_id
-        return None, f"inspecting {container_id[:12]} failed: {e.explanation or e}"
+        return None, f"inspecting {container_id[:12]} failed: {e}"
     report.container_id = str(data.get("Id", container_id))
     return sibling.mounts_from_inspect(data), ""
 
 
 def prove(
-    client: docker.APIClient,
-    request: Request,
+    engine: Engine,
+    request: SiblingRequest,
     compiles: sibling.HostDir,
     socket_path: Path,
     report: Report,
-) -> dict[str, str]:
+) -> Proof:
     """A container on the host engine writes a marker through the host path; we read it here."""
     here = request.compiles_dir
     host = compiles.use
     if host is None:
-        return {"status": "skipped", "message": "no host compiles dir to prove"}
+        return Proof("skipped", "no host compiles dir to prove")
     if not here.is_dir():
-        return {
-            "status": "skipped",
-            "message": f"{here} does not exist yet (the startup scripts make it); "
-            "the proof runs once it does",
-        }
-    try:
-        client.inspect_image(request.image)
-    except docker.errors.ImageNotFound:
-        return {
-            "status": "skipped",
-            "message": f"the compile image {request.image} is not on the host engine yet; "
+        return Proof(
+            "skipped",
+            f"{here} does not exist yet (the startup scripts make it); the proof runs once it does",
+        )
+    if not engine.image_present(request.image):
+        return Proof(
+            "skipped",
+            f"the compile image {request.image} is not on the host engine yet; "
             "the proof runs once it is",
-        }
+        )
     marker = PROOF_PREFIX + secrets.token_hex(8)
     token = secrets.token_hex(16)
     seen = here / marker
     written = run_in_compile_dir(
-        client, request.image, host, here, 'printf %s "$1" > "$2"', token, str(seen)
+        engine, request.image, host, here, 'printf %s "$1" > "$2"', token, str(seen)
     )
     if written is not None:
         failure = f"a container on the host engine could not write into {host}: {written}"
         report.add(Check("proof", Status.FAIL, failure, _proof_fix(compiles, here, socket_path)))
-        return {"status": "failed", "message": failure}
+        return Proof("failed", failure)
     try:
         content = seen.read_text()
     except OSError:
@@ -274,19 +424,19 @@ def prove(
             f"a container on the host engine wrote {host}/{marker}; it appeared here as {seen}"
         )
         report.add(Check("proof", Status.OK, message))
-        return {"status": "passed", "message": message}
+        return Proof("passed", message)
     # Only our own marker, through the same host path it was written by.
-    run_in_compile_dir(client, request.image, host, here, 'rm -f "$1"', str(seen))
+    run_in_compile_dir(engine, request.image, host, here, 'rm -f "$1"', str(seen))
     failure = (
         f"a container on the host engine wrote {marker} into {host} on the host, but it did not "
         f"appear here in {here}: {host} is not this container's {here}"
     )
     report.add(Check("proof", Status.FAIL, failure, _proof_fix(compiles, here, socket_path)))
-    return {"status": "failed", "message": failure}
+    return Proof("failed", failure)
 
 
 def run_in_compile_dir(
-    client: docker.APIClient,
+    engine: Engine,
     image: str,
     host: PurePosixPath,
     here: Path,
@@ -296,36 +446,24 @@ def run_in_compile_dir(
     """Run `sh -c script` with `host` bound at `here`, no network; None, or what went wrong."""
     # A `type=bind` mount, unlike `-v`, refuses a missing source instead of creating it empty
     # on the host: the very trap being checked for.
-    host_config = client.create_host_config(
-        mounts=[DockerMount(target=str(here), source=str(host), type="bind")],
-        network_mode="none",
-    )
-    container_id = ""
     try:
-        container = client.create_container(
+        ran = engine.run_once(
             image,
-            entrypoint=["/bin/sh", "-c", script, "proof", *arguments],
+            ("/bin/sh", "-c", script, "proof", *arguments),
+            binds=[(str(host), str(here))],
             user="0",
             labels={COMPILE_LABEL: "proof"},
-            host_config=host_config,
+            deadline=PROOF_DEADLINE,
         )
-        container_id = container["Id"]
-        client.start(container_id)
-        exit_status = client.wait(container_id, timeout=PROOF_DEADLINE)["StatusCode"]
-        if exit_status != 0:
-            said = client.logs(container_id).decode(errors="replace").strip()
-            return f"the marker container exited with status {exit_status}: {said}"
-        return None
-    except docker.errors.APIError as e:
-        return str(e.explanation or e)
-    except requests.exceptions.RequestException as e:
+    except ImageMissing as e:
+        return str(e)
+    except EngineUnreachable as e:
         return f"no answer in {PROOF_DEADLINE} s ({e})"
-    finally:
-        if container_id:
-            try:
-                client.remove_container(container_id, force=True)
-            except docker.errors.NotFound:
-                pass
+    except EngineError as e:
+        return str(e)
+    if ran.exit_status != 0:
+        return f"the marker container exited with status {ran.exit_status}: {ran.output}"
+    return None
 
 
 def _proof_fix(compiles: sibling.HostDir, here: Path, socket_path: Path) -> str:
@@ -342,58 +480,11 @@ def _proof_fix(compiles: sibling.HostDir, here: Path, socket_path: Path) -> str:
     )
 
 
-def parse(argv: list[str] | None) -> Request:
-    parser = argparse.ArgumentParser(prog="python -m init.engine.sibling_check")
-    parser.add_argument("--result", type=Path, required=True)
-    parser.add_argument("--socket", type=Path, help="default: DOCKER_HOST, else the default")
-    parser.add_argument("--service-user", default=sibling.DEFAULT_SERVICE_USER)
-    parser.add_argument("--compiles-dir", type=Path, default=DEFAULT_COMPILES_DIR)
-    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--host-dir-compiles", type=PurePosixPath)
-    parser.add_argument("--host-dir-output", type=PurePosixPath)
-    parser.add_argument("--host-dir-compiles-variable", default=HOST_DIR)
-    parser.add_argument("--host-dir-output-variable", default=HOST_DIR_OUTPUT)
-    parser.add_argument("--container-id", default="")
-    parser.add_argument("--image", default="")
-    parser.add_argument("--deadline", type=float, default=5.0)
-    parser.add_argument("--grant-group", action="store_true", help="see Request.grant_group")
-    args = parser.parse_args(argv)
-    return Request(
-        result=args.result,
-        socket=args.socket,
-        service_user=args.service_user,
-        compiles_dir=args.compiles_dir,
-        output_dir=args.output_dir,
-        host_dir_compiles=args.host_dir_compiles,
-        host_dir_output=args.host_dir_output,
-        compiles_variable=args.host_dir_compiles_variable,
-        output_variable=args.host_dir_output_variable,
-        container_id=args.container_id,
-        image=args.image,
-        deadline=args.deadline,
-        grant_group=args.grant_group,
-    )
-
-
-def main(argv: list[str] | None = None) -> int:
-    request = parse(argv)
-    try:
-        report = check(request, dict(os.environ))
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as e:
-        report = Report()
-        report.add(
-            Check(
-                "engine",
-                Status.FAIL,
-                f"the host's engine failed in the middle of the check: {e}",
-                "see the host's Docker log (`journalctl -u docker`)",
-            )
-        )
-    result = report.as_json()
-    tmp = request.result.with_name(request.result.name + f".{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, request.result)
-    return 0 if result["ok"] else 1
+def main(argv: Sequence[str] | None = None) -> int:
+    request = SiblingRequest.from_argv(sys.argv[1:] if argv is None else argv)
+    result = check(request, dict(os.environ))
+    result.write(request.result)
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

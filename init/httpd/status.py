@@ -18,11 +18,12 @@ if __name__ == "__main__":
 import argparse
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
+from init import status
 from init.config import HTTP_ADDRESS
-from init.core import status
 from init.core.log import Log
 from init.httpd import server as httpserve
 from init.httpd.server import App, Request, Response
@@ -30,15 +31,29 @@ from init.httpd.server import App, Request, Response
 NAME = "http-status"
 
 
-def probe(document: dict[str, object] | None, error: str, what: str) -> tuple[bool, str]:
+MODULE = "init.httpd.status"
+
+
+@dataclass(frozen=True)
+class StatusServerRequest:
+    """Where to listen and which status file to answer from (PID 1 starts this child with it)."""
+
+    listen: str  # HOST:PORT or [IPv6]:PORT
+    status_file: Path
+
+    def argv(self) -> tuple[str, ...]:
+        return ("--listen", self.listen, "--status-file", str(self.status_file))
+
+
+def probe(document: status.Status | None, error: str, what: str) -> tuple[bool, str]:
     """(passes, why) for `what` (healthy or ready), from the status document or the reason it
     could not be read."""
     if document is None:
         return False, error
-    return status.check(document, what, status.pid_alive(document.get("pid")))
+    return status.check(document, what, status.pid_alive(document.document.pid))
 
 
-def load(path: Path) -> tuple[dict[str, object] | None, str]:
+def load(path: Path) -> tuple[status.Status | None, str]:
     """The merged status document, or None and why it cannot be had (the init not running, a
     file it cannot read)."""
     try:
@@ -69,7 +84,7 @@ def app(status_file: Path, log: Log) -> App:
         document, error = load(status_file)
         if document is None:
             return Response.json(HTTPStatus.SERVICE_UNAVAILABLE, {"error": error})
-        return Response.json(HTTPStatus.OK, document)
+        return Response.json(HTTPStatus.OK, document.to_json())
 
     return App(
         NAME,

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import errno
-import io
 import json
 import os
 import shutil
@@ -36,17 +34,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import docker
-import docker.errors
-import docker.utils
-import requests.exceptions
 import tenacity
 
+from init.engine.client import Engine, EngineRefused
+from init.errors import EngineError
 from init.texlive import build as texlive_build
 from init.texlive.build import BuildOptions, BuildProgress
+from init.texlive.contract import SOURCES, ImageState, ImageStatus, InstallerStatus, InstallRequest
 from init.texlive.progress import format_eta, format_rate, format_sizes, percent
 
-SOURCES = ("pull", "load", "build")
 # A pull of a few GB takes minutes and registries come back within minutes: start at a few
 # seconds, back off to five minutes, jitter so many sites do not retry in step.
 IMAGE_INSTALL = tenacity.Retrying(
@@ -63,13 +59,6 @@ TARBALL_CHUNK = 1 << 20
 BUILD_READ_TIMEOUT = 1800.0
 BAR_INTERVAL = 0.2  # seconds between redraws of the terminal's progress bar
 DEFAULT_ENGINE = "unix:///var/run/docker.sock"
-
-
-class State(enum.Enum):
-    PRESENT = "present"
-    INSTALLING = "installing"
-    RETRYING = "retrying"
-    FAILED = "failed"
 
 
 class Reason(enum.Enum):
@@ -230,21 +219,6 @@ def registry_of(image: str) -> str:
 # -- the status board: shared by the installing thread and the main one -------------------------
 
 
-@dataclass
-class ImageStatus:
-    image: str
-    state: str = State.INSTALLING.value
-    source: str = ""
-    percent: float = 0.0
-    bytes_done: int = 0
-    bytes_total: int = 0
-    rate: float = 0.0
-    eta_seconds: float | None = None
-    reason: str = ""
-    next_try_at: str = ""
-    note: str = ""  # a build's progress in words (it moves no bytes): `step 8/13, apt: ...`
-
-
 class Board:
     """The status of every image; writes F atomically, on change at once, else at a low rate."""
 
@@ -266,7 +240,7 @@ class Board:
         self.last_log: dict[str, float] = {}
         self.note = ""  # how the run ended, once it has
 
-    def change(self, image: str, state: State, **values: Any) -> None:
+    def change(self, image: str, state: ImageState, **values: Any) -> None:
         """A state change: logged in one line, written at once."""
         with self.lock:
             entry = self.images[image]
@@ -279,7 +253,7 @@ class Board:
     def progress(self, image: str, done: int, total: int, rate: float, note: str = "") -> None:
         with self.lock:
             entry = self.images[image]
-            if note != entry.reason and entry.state == State.INSTALLING.value:
+            if note != entry.reason and entry.state == ImageState.INSTALLING.value:
                 if note and not entry.reason:  # one line, not one per second of countdown
                     self.log(f"texlive: {image}: the download broke off; the engine says {note}")
                 entry.reason = note
@@ -319,34 +293,34 @@ class Board:
             if self.dirty and (force or time.monotonic() - self.last_write >= STATUS_INTERVAL):
                 self._write()
 
-    def document(self) -> dict[str, Any]:
-        return {
-            "ready": self.images[self.default].state == State.PRESENT.value,
-            "default": self.default,
-            "pid": os.getpid(),
-            "updated_at": time.time(),
-            "note": self.note,
-            "images": [asdict(entry) for entry in self.images.values()],
-        }
+    def document(self) -> InstallerStatus:
+        return InstallerStatus(
+            default=self.default,
+            images=tuple(ImageStatus(**asdict(e)) for e in self.images.values()),
+            pid=os.getpid(),
+            updated_at=time.time(),
+            note=self.note,
+            ready=self.images[self.default].state == ImageState.PRESENT.value,
+        )
 
     def _write(self) -> None:
         if self.path is None:
             self.dirty = False
             return
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(self.document(), indent=1))
+        tmp.write_text(json.dumps(self.document().to_json(), indent=1))
         os.replace(tmp, self.path)
         self.dirty = False
         self.last_write = time.monotonic()
 
     @staticmethod
     def _describe(entry: ImageStatus) -> str:
-        if entry.state == State.PRESENT.value:
+        if entry.state == ImageState.PRESENT.value:
             how = f" ({entry.source})" if entry.source else " (already in the engine)"
             return f"texlive: {entry.image} present{how}"
-        if entry.state == State.RETRYING.value:
+        if entry.state == ImageState.RETRYING.value:
             return f"texlive: {entry.image}: {entry.reason}; next try at {entry.next_try_at}"
-        if entry.state == State.FAILED.value:
+        if entry.state == ImageState.FAILED.value:
             return f"texlive: {entry.image} failed: {entry.reason}"
         return f"texlive: {entry.image}: installing ({entry.source})"
 
@@ -354,21 +328,19 @@ class Board:
 # -- the engine side ----------------------------------------------------------------------------
 
 
-def is_present(client: docker.APIClient, image: str) -> bool:
+def is_present(engine: Engine, image: str) -> bool:
     try:
-        client.inspect_image(image)
-    except docker.errors.ImageNotFound:
-        return False
-    return True
+        return engine.image_present(image)
+    except EngineError as e:
+        raise engine_error(e, image) from e
 
 
-def pull(client: docker.APIClient, image: str, board: Board) -> None:
+def pull(engine: Engine, image: str, board: Board) -> None:
     """Pull `image`, reporting progress; InstallError by meaning."""
-    repository, tag = docker.utils.parse_repository_tag(image)
     progress, meter = PullProgress(), RateMeter()
     registry = registry_of(image)
     try:
-        for event in client.pull(repository, tag=tag or "latest", stream=True, decode=True):
+        for event in engine.pull(image):
             if "error" in event:
                 raise classify(str(event["error"]), "pull", image, registry)
             progress.update(event)
@@ -377,13 +349,13 @@ def pull(client: docker.APIClient, image: str, board: Board) -> None:
             board.progress(
                 image, progress.bytes_done, progress.bytes_total, meter.rate(), progress.retry_note
             )
-    except docker.errors.APIError as e:
-        raise classify(str(e.explanation or e), "pull", image, registry) from e
-    except (requests.exceptions.RequestException, OSError) as e:
+    except EngineRefused as e:
+        raise classify(str(e), "pull", image, registry) from e
+    except EngineError as e:
         raise engine_error(e, image) from e
 
 
-def load(client: docker.APIClient, image: str, tarball_dir: Path | None, board: Board) -> None:
+def load(engine: Engine, image: str, tarball_dir: Path | None, board: Board) -> None:
     """Load `image` from its `docker save` tarball in `tarball_dir`; InstallError by meaning."""
     if tarball_dir is None:
         raise InstallError(Reason.NO_TARBALL, f"no tarball dir for {image}: pass --tarball-dir")
@@ -408,16 +380,14 @@ def load(client: docker.APIClient, image: str, tarball_dir: Path | None, board: 
                 yield chunk
 
     try:
-        for event in client.load_image(chunks()):
+        for event in engine.load(chunks()):
             if isinstance(event, dict) and "error" in event:
                 raise classify(str(event["error"]), "load", image)
-    except docker.errors.APIError as e:
-        raise classify(str(e.explanation or e), "load", image) from e
-    except (requests.exceptions.RequestException, OSError) as e:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise classify("no space left on device", "load", image) from e
+    except EngineRefused as e:
+        raise classify(str(e), "load", image) from e
+    except EngineError as e:
         raise engine_error(e, image) from e
-    if not is_present(client, image):
+    if not is_present(engine, image):
         raise InstallError(
             Reason.BROKEN_TARBALL,
             f"the tarball {path} loaded but holds no {image}: save that exact name and tag",
@@ -425,7 +395,7 @@ def load(client: docker.APIClient, image: str, tarball_dir: Path | None, board: 
 
 
 def build(
-    client: docker.APIClient,
+    engine: Engine,
     image: str,
     options: BuildOptions,
     board: Board,
@@ -433,7 +403,7 @@ def build(
 ) -> None:
     """Build `image` offline from Debian's TeX Live on `options.base_image`; InstallError by
     meaning (the base missing is permanent and says how to make it)."""
-    if not is_present(client, options.base_image):
+    if not is_present(engine, options.base_image):
         raise InstallError(
             Reason.NO_BASE,
             f"cannot build {image}: the base image {options.base_image} is not in the engine; "
@@ -450,8 +420,8 @@ def build(
             f"reinstall sharelatex-init with its package data (init/texlive/recipes)",
         ) from e
     try:
-        networks = [str(n.get("Name")) for n in client.networks()]
-    except (docker.errors.APIError, requests.exceptions.RequestException) as e:
+        networks = engine.networks()
+    except EngineError as e:
         raise engine_error(e, image) from e
     plan = texlive_build.plan(image, options, environ, networks)
     progress = BuildProgress(
@@ -459,9 +429,9 @@ def build(
     )
     board.steps(image, 0.0, progress.note, f"base {plan.base_image}, scheme {plan.scheme}")
     try:
-        events = client.build(
-            fileobj=io.BytesIO(context),
-            custom_context=True,
+        events = engine.build(
+            context,
+            BUILD_READ_TIMEOUT,
             tag=image,
             buildargs=plan.buildargs,
             labels=plan.labels,
@@ -469,8 +439,6 @@ def build(
             rm=True,
             forcerm=True,  # no intermediate container left by a failed step
             pull=False,  # the base is local; there is no registry to ask
-            decode=True,
-            timeout=BUILD_READ_TIMEOUT,
         )
         for event in events:
             if "error" in event:
@@ -478,13 +446,11 @@ def build(
             if "stream" in event:
                 for line in progress.feed(str(event["stream"])):
                     board.steps(image, progress.percent, progress.note, line)
-    except docker.errors.APIError as e:
-        raise build_failure(str(e.explanation or e), progress.tail, image, plan) from e
-    except (requests.exceptions.RequestException, OSError) as e:
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise build_failure("no space left on device", [], image, plan) from e
+    except EngineRefused as e:
+        raise build_failure(str(e), progress.tail, image, plan) from e
+    except EngineError as e:
         raise engine_error(e, image) from e
-    if not is_present(client, image):
+    if not is_present(engine, image):
         raise InstallError(Reason.OTHER, f"the build of {image} ended without the image")
 
 
@@ -509,11 +475,14 @@ def build_failure(
 
 
 def engine_error(e: BaseException, image: str) -> InstallError:
+    """An engine that went away, or a disk that filled up under the transfer (ENOSPC)."""
+    if "no space left" in str(e).lower():
+        return classify(str(e), "install", image)
     return InstallError(Reason.ENGINE, f"the Docker engine stopped answering during {image}: {e}")
 
 
 def install_once(
-    client: docker.APIClient,
+    engine: Engine,
     image: str,
     sources: Sequence[str],
     tarball_dir: Path | None,
@@ -525,14 +494,16 @@ def install_once(
     # Without a tarball dir, `load` is not configured rather than failing (the default list).
     usable = [s for s in sources if s != "load" or tarball_dir is not None] or list(sources)
     for source in usable:
-        board.change(image, State.INSTALLING, source=source, reason="", next_try_at="", note="")
+        board.change(
+            image, ImageState.INSTALLING, source=source, reason="", next_try_at="", note=""
+        )
         try:
             if source == "pull":
-                pull(client, image, board)
+                pull(engine, image, board)
             elif source == "build":
-                build(client, image, build_options or BuildOptions(), board)
+                build(engine, image, build_options or BuildOptions(), board)
             else:
-                load(client, image, tarball_dir, board)
+                load(engine, image, tarball_dir, board)
         except InstallError as e:
             failures.append(e)
             continue
@@ -546,7 +517,7 @@ def install_once(
 
 
 def install(
-    client: docker.APIClient,
+    engine: Engine,
     image: str,
     sources: Sequence[str],
     tarball_dir: Path | None,
@@ -555,8 +526,8 @@ def install(
     build_options: BuildOptions | None = None,
 ) -> bool:
     """Make `image` present under IMAGE_INSTALL; whether it is."""
-    if is_present(client, image):
-        board.change(image, State.PRESENT, percent=100.0, source="")
+    if is_present(engine, image):
+        board.change(image, ImageState.PRESENT, percent=100.0, source="")
         return True
 
     def before_sleep(retry_state: tenacity.RetryCallState) -> None:
@@ -565,7 +536,7 @@ def install(
         at = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(time.time() + delay))
         board.change(
             image,
-            State.RETRYING,
+            ImageState.RETRYING,
             reason=str(error),
             next_try_at=at,
             rate=0.0,
@@ -582,20 +553,20 @@ def install(
     try:
         for attempt in policy:
             with attempt:
-                source = install_once(client, image, sources, tarball_dir, board, build_options)
+                source = install_once(engine, image, sources, tarball_dir, board, build_options)
     except tenacity.RetryError as e:
         error = e.last_attempt.exception()
-        board.change(image, State.FAILED, reason=str(error), rate=0.0, eta_seconds=None)
+        board.change(image, ImageState.FAILED, reason=str(error), rate=0.0, eta_seconds=None)
         return False
     except InstallError as e:
-        board.change(image, State.FAILED, reason=e.message, rate=0.0, eta_seconds=None)
+        board.change(image, ImageState.FAILED, reason=e.message, rate=0.0, eta_seconds=None)
         return False
     with board.lock:
         entry = board.images[image]
         total = entry.bytes_total
     board.change(
         image,
-        State.PRESENT,
+        ImageState.PRESENT,
         source=source,
         percent=100.0,
         bytes_done=total,
@@ -615,10 +586,14 @@ def install_all(
     once: bool,
     build_options: BuildOptions | None = None,
 ) -> bool:
-    client = docker.APIClient(base_url=base_url, version="auto", timeout=60)
-    results = [
-        install(client, image, sources, tarball_dir, board, once, build_options) for image in images
-    ]
+    engine = Engine(base_url, timeout=60)
+    try:
+        results = [
+            install(engine, image, sources, tarball_dir, board, once, build_options)
+            for image in images
+        ]
+    finally:
+        engine.close()
     return all(results)
 
 
@@ -629,10 +604,10 @@ def progress_bar(entry: Mapping[str, Any], width: int) -> str:
     """One image's line for a terminal `width` columns wide (at most width - 1, so it never
     wraps): `IMG [=====>    ] 43% 1.2/2.8 GB 12.3 MB/s ETA 3 min`; a build shows its step."""
     image, state = str(entry.get("image", "?")), entry.get("state")
-    if state != State.INSTALLING.value:
-        if state == State.PRESENT.value:
+    if state != ImageState.INSTALLING.value:
+        if state == ImageState.PRESENT.value:
             text = f"{image}: present" + (f" ({entry['source']})" if entry.get("source") else "")
-        elif state == State.RETRYING.value:
+        elif state == ImageState.RETRYING.value:
             text = f"{image}: retrying at {entry.get('next_try_at', '?')}: {entry.get('reason')}"
         else:
             text = f"{image}: {state}: {entry.get('reason', '')}"
@@ -667,7 +642,7 @@ def _fit(text: str, width: int) -> str:
 
 def current(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
     """The entry a progress bar follows: the first image still on its way."""
-    waiting = (State.INSTALLING.value, State.RETRYING.value)
+    waiting = (ImageState.INSTALLING.value, ImageState.RETRYING.value)
     return next((e for e in entries if e.get("state") in waiting), None)
 
 
@@ -775,44 +750,28 @@ def _check_sources(parser: argparse.ArgumentParser, sources: Sequence[str]) -> N
             parser.error(f"--source {source!r}: choose from {', '.join(SOURCES)}")
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m init.texlive.install")
-    parser.add_argument("--socket", type=Path, required=True)
-    parser.add_argument("--status", type=Path, required=True)
-    parser.add_argument("--images", required=True, help="comma list; the first is the default")
-    _add_source_arguments(parser)
-    parser.add_argument("--once", action="store_true", help="one round, no retries")
-    args = parser.parse_args(argv)
-    args.images = _comma_list(args.images)
-    args.source = _comma_list(args.source or "pull,load")
-    if not args.images:
-        parser.error("--images: give at least one image")
-    _check_sources(parser, args.source)
-    return args
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The child of PID 1 (see the module's docstring); `install ...` is the operator's command."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["install"]:
         return install_command(argv[1:], os.environ)
-    args = parse_args(argv)
-    board = Board(args.status, args.images, _log)
+    request = InstallRequest.from_argv(argv)
+    board = Board(request.status, request.images, _log)
     board.dirty = True
     board.flush(force=True)
     options = BuildOptions(
-        base_image=args.base_image or texlive_build.DEFAULT_BASE_IMAGE,
-        scheme=args.scheme or "small",
+        base_image=request.base_image or texlive_build.DEFAULT_BASE_IMAGE,
+        scheme=request.scheme,
     )
     return run_installer(
         board,
         lambda: install_all(
-            f"unix://{args.socket}",
-            args.images,
-            args.source,
-            args.tarball_dir,
+            f"unix://{request.socket}",
+            request.images,
+            request.sources,
+            request.tarball_dir,
             board,
-            args.once,
+            request.once,
             options,
         ),
         STATUS_INTERVAL,

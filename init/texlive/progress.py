@@ -1,15 +1,13 @@
 """How an image install's progress reads, for the log, `status`, a compile asked for too early,
 and a terminal's progress bar. Pure functions of the installer's per-image status entries
-(`init.texlive.install`'s status file): no clocks, no I/O, stdlib only (PID 1's `status` uses them).
+(`init.texlive.contract.ImageStatus`): no clocks, no I/O, stdlib only (PID 1's `status` uses them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
 if TYPE_CHECKING:
-    from typing import Any
+    from init.texlive.contract import ImageStatus
 
 _UNITS = (("GB", 1e9), ("MB", 1e6), ("kB", 1e3))
 
@@ -49,55 +47,55 @@ def format_eta(seconds: float | None) -> str:
     return f"{minutes // 60} h {minutes % 60} min"
 
 
-def still_installing(image: str, entry: Mapping[str, Any]) -> str:
+def still_installing(image: str, entry: ImageStatus | None) -> str:
     """What a compile asked for too early is told, from the image's status entry:
     `TeX Live image X is still installing: 43% (1.2 of 2.8 GB), about 3 min left`."""
-    state = entry.get("state")
+    if entry is None:
+        return f"TeX Live image {image} is still installing"
+    state = entry.state
     if state == "failed":
-        return f"TeX Live image {image} failed to install: {entry.get('reason', '')}"
+        return f"TeX Live image {image} failed to install: {entry.reason}"
     if state == "retrying":
         return (
-            f"TeX Live image {image} is not installed yet: {entry.get('reason', '')}; "
-            f"next try at {entry.get('next_try_at', '')}"
+            f"TeX Live image {image} is not installed yet: {entry.reason}; "
+            f"next try at {entry.next_try_at}"
         )
     if state == "waiting":
         return f"TeX Live image {image} is waiting for the engine to answer"
-    done, total = int(entry.get("bytes_done") or 0), int(entry.get("bytes_total") or 0)
+    done, total = entry.bytes_done, entry.bytes_total
     if total <= 0:  # a build: steps, not bytes
-        pct = float(entry.get("percent") or 0)
-        note = entry.get("note") or entry.get("reason")
-        done_part = f"{pct:.0f}%" if pct else ""
+        note = entry.note or entry.reason
+        done_part = f"{entry.percent:.0f}%" if entry.percent else ""
         detail = ", ".join(str(x) for x in (done_part, note) if x)
         return f"TeX Live image {image} is still installing" + (f": {detail}" if detail else "")
     message = (
         f"TeX Live image {image} is still installing: "
         f"{percent(done, total):.0f}% ({format_sizes(done, total, ' of ')})"
     )
-    left = format_eta(entry.get("eta_seconds"))
+    left = format_eta(entry.eta_seconds)
     return f"{message}, about {left} left" if left else message
 
 
-def image_line(entry: Mapping[str, Any]) -> str:
+def image_line(entry: ImageStatus) -> str:
     """One image in `sharelatex-init status`: `present (pull)`, `installing 43% (1.2/2.8 GB),
     12.3 MB/s, ~3 min left`, `retrying at T: reason`, `failed: reason`."""
-    state = entry.get("state", "?")
+    state = entry.state
     if state == "present":
-        return f"present ({entry['source']})" if entry.get("source") else "present"
+        return f"present ({entry.source})" if entry.source else "present"
     if state == "retrying":
-        return f"retrying at {entry.get('next_try_at', '?')}: {entry.get('reason', '')}"
+        return f"retrying at {entry.next_try_at or '?'}: {entry.reason}"
     if state == "failed":
-        return f"failed: {entry.get('reason', '')}"
+        return f"failed: {entry.reason}"
     if state != "installing":
         return str(state)
-    done, total = int(entry.get("bytes_done") or 0), int(entry.get("bytes_total") or 0)
-    how = f" by {entry['source']}" if entry.get("source") else ""
+    done, total = entry.bytes_done, entry.bytes_total
+    how = f" by {entry.source}" if entry.source else ""
     if total <= 0:  # a build: steps, not bytes
-        pct = float(entry.get("percent") or 0)
-        note = entry.get("note") or ""
+        pct, note = entry.percent, entry.note
         return f"installing{how}" + (f" {pct:.0f}%" if pct else "") + (f": {note}" if note else "")
     parts = [f"installing{how} {percent(done, total):.0f}% ({format_sizes(done, total)})"]
-    if rate := format_rate(float(entry.get("rate") or 0)):
+    if rate := format_rate(entry.rate):
         parts.append(rate)
-    if left := format_eta(entry.get("eta_seconds")):
+    if left := format_eta(entry.eta_seconds):
         parts.append(f"~{left} left")
     return ", ".join(parts)

@@ -1,5 +1,5 @@
 """The HTTP status endpoint for real: `python -m init.httpd.status` on a loopback port, over a
-status file written with init.core.status.write as PID 1 writes it; probes change as the file does,
+status file written whole as PID 1 writes it; probes change as the file does,
 a file that cannot be read is a 503 with the reason, SIGTERM ends it at once with status 0."""
 
 from __future__ import annotations
@@ -18,10 +18,16 @@ from typing import Any
 
 import pytest
 
-from init.core import status
 from tests.integration.conftest import CLEAN_ENV, INIT, PYTHON, require, wait_for
 
 HTTP_STATUS = (PYTHON, "-m", "init.httpd.status")
+
+
+def write(path: Path, document: dict[str, Any]) -> None:
+    """As PID 1 and the installer write their files: whole, in one step (rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(path)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -102,12 +108,12 @@ def test_probes_follow_the_status_file(tmp_path: Path, endpoint: Callable[..., E
     )
 
     engine = {"mode": "dind", "ready": False, "state": "starting", "reason": "dockerd starting"}
-    status.write(path, document(os.getpid(), phase="starting", engine=engine))
+    write(path, document(os.getpid(), phase="starting", engine=engine))
     assert server.get("/healthz")[0] == 200
     code, _, body = server.get("/readyz")
     assert code == 503 and body == b"ready: no: the init is still starting\n"
 
-    status.write(path, document(os.getpid(), engine=engine))
+    write(path, document(os.getpid(), engine=engine))
     code, headers, body = server.get("/readyz", headers={"Accept": "application/json"})
     assert code == 503 and headers["Content-Type"] == "application/json"
     assert json.loads(body) == {
@@ -115,7 +121,7 @@ def test_probes_follow_the_status_file(tmp_path: Path, endpoint: Callable[..., E
         "reason": "compiles cannot run yet: the dind engine is not ready (dockerd starting)",
     }
 
-    status.write(path, document(os.getpid(), engine={**engine, "ready": True, "state": "ready"}))
+    write(path, document(os.getpid(), engine={**engine, "ready": True, "state": "ready"}))
     assert server.get("/readyz") == (
         200,
         server.get("/readyz")[1],
@@ -123,7 +129,7 @@ def test_probes_follow_the_status_file(tmp_path: Path, endpoint: Callable[..., E
     )
 
     crashing = {"name": "web", "state": "backoff", "reason": "exited with status 1"}
-    status.write(path, document(os.getpid(), services=[crashing]))
+    write(path, document(os.getpid(), services=[crashing]))
     code, _, body = server.get("/healthz")
     assert (code, body) == (503, b"healthy: no: web is backoff: exited with status 1\n")
     assert server.get("/readyz")[0] == 503
@@ -133,7 +139,7 @@ def test_a_dead_init_fails_both_probes(tmp_path: Path, endpoint: Callable[..., E
     gone = subprocess.Popen(["true"])
     gone.wait()
     path = tmp_path / "status.json"
-    status.write(path, document(gone.pid))
+    write(path, document(gone.pid))
     server = endpoint(path)
     for probe in ("/healthz", "/readyz"):
         code, _, body = server.get(probe)
@@ -143,14 +149,15 @@ def test_a_dead_init_fails_both_probes(tmp_path: Path, endpoint: Callable[..., E
 def test_status_is_the_merged_json(tmp_path: Path, endpoint: Callable[..., Endpoint]) -> None:
     path = tmp_path / "status.json"
     texlive = {"ready": False, "default": "tl:1", "state": "running"}
-    status.write(path, document(os.getpid(), texlive=texlive))
+    write(path, document(os.getpid(), texlive=texlive))
     entry = {"image": "tl:1", "state": "installing", "bytes_done": 5, "bytes_total": 10}
-    status.write(status.texlive_status_path(path), {"images": [entry]})
+    write(path.with_name("texlive.json"), {"default": "tl:1", "images": [entry]})
     server = endpoint(path)
     code, headers, body = server.get("/status")
     assert code == 200 and headers["Content-Type"] == "application/json"
     shown = json.loads(body)
-    assert shown["texlive"]["images"] == [entry] and shown["pid"] == os.getpid()
+    (image,) = shown["texlive"]["images"]
+    assert {k: image[k] for k in entry} == entry and shown["pid"] == os.getpid()
     # The probes see the merged document too: the installer's progress is the reason.
     code, _, body = server.get("/readyz")
     assert code == 503 and b"tl:1" in body
@@ -174,7 +181,7 @@ def test_an_unreadable_status_is_503_with_the_reason(
 
 def test_methods_paths_and_head(tmp_path: Path, endpoint: Callable[..., Endpoint]) -> None:
     path = tmp_path / "status.json"
-    status.write(path, document(os.getpid()))
+    write(path, document(os.getpid()))
     server = endpoint(path)
     code, headers, body = server.get("/healthz", method="HEAD")
     assert code == 200 and body == b"" and int(headers["Content-Length"]) > 0
@@ -188,7 +195,7 @@ def test_methods_paths_and_head(tmp_path: Path, endpoint: Callable[..., Endpoint
 def test_ipv6_loopback(tmp_path: Path, endpoint: Callable[..., Endpoint]) -> None:
     require(socket.has_ipv6 and Path("/proc/net/if_inet6").exists(), "needs IPv6 on loopback")
     path = tmp_path / "status.json"
-    status.write(path, document(os.getpid()))
+    write(path, document(os.getpid()))
     server = endpoint(path, "::1")
     assert server.get("/healthz")[0] == 200
     assert f"listening on [::1]:{server.port}" in server.log()
@@ -198,7 +205,7 @@ def test_sigterm_ends_it_promptly_with_status_0(
     tmp_path: Path, endpoint: Callable[..., Endpoint]
 ) -> None:
     path = tmp_path / "status.json"
-    status.write(path, document(os.getpid()))
+    write(path, document(os.getpid()))
     server = endpoint(path)
     assert server.get("/healthz")[0] == 200
     rss_kib = int(
@@ -258,7 +265,7 @@ def test_the_init_cli_and_the_endpoint_agree(
 ) -> None:
     """The endpoint answers what `sharelatex-init status --check` answers, word for word."""
     path = tmp_path / "status.json"
-    status.write(path, document(os.getpid(), engine={"mode": "sibling", "ready": False}))
+    write(path, document(os.getpid(), engine={"mode": "sibling", "ready": False}))
     server = endpoint(path)
     for what in ("healthy", "ready"):
         cli = subprocess.run(

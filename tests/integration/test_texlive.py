@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-import docker
 import pytest
 
+from init.engine.client import Engine
 from init.texlive import install as texlive
 from tests.integration.conftest import (
     CLEAN_ENV,
@@ -269,12 +269,12 @@ def test_pull_reaches_100_percent_and_ready(world: World) -> None:
 def test_present_is_done_at_once(world: World) -> None:
     world.proxy.refuse = True  # no network: a try to reach the registry would fail
     try:
-        client = docker.APIClient(base_url=f"unix://{world.engine.socket}", version="auto")
+        engine = Engine(f"unix://{world.engine.socket}")
         board = texlive.Board(world.base / "direct.json", [world.image], lambda line: None)
         started = time.monotonic()
-        assert texlive.install(client, world.image, ["pull"], None, board, once=True)
+        assert texlive.install(engine, world.image, ["pull"], None, board, once=True)
         assert time.monotonic() - started < 0.5
-        assert board.document()["ready"] is True
+        assert board.document().ready is True
         assert world.finish(world.installer("--once"), 10) == 0
         assert "(already in the engine)" in world.log()
     finally:

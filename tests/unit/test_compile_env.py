@@ -60,13 +60,11 @@ def test_the_shim_scripts_run_the_shim_module_with_their_name(tmp_path: Path) ->
 
 
 def test_a_compile_by_hand_in_the_container_gets_what_the_services_got() -> None:
-    document = {
-        "compile_environment": {
-            "DOCKER_HOST": "unix:///var/run/docker.sock",
-            "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/data/sharelatex_data/data/compiles",
-        }
+    given = {
+        "DOCKER_HOST": "unix:///var/run/docker.sock",
+        "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/data/sharelatex_data/data/compiles",
     }
-    merged = compile_env.with_init_environment({"DOCKER_HOST": "unix:///other.sock"}, document)
+    merged = compile_env.with_init_environment({"DOCKER_HOST": "unix:///other.sock"}, given)
     assert merged == {
         "DOCKER_HOST": "unix:///other.sock",  # what the caller says wins
         "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/data/sharelatex_data/data/compiles",

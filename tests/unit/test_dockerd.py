@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from init import config
 from init.engine import dockerd
 from init.engine.dockerd import EngineLayout
 from init.errors import ConfigError
@@ -24,10 +25,10 @@ def test_defaults_listen_on_the_unix_socket_only() -> None:
 def test_layout_from_env_and_storage_args(tmp_path: Path) -> None:
     layout = dockerd.layout_from_env(
         {
-            dockerd.DATA_ROOT: str(tmp_path / "data"),
-            dockerd.EXEC_ROOT: str(tmp_path / "exec"),
-            dockerd.SOCKET: str(tmp_path / "d.sock"),
-            dockerd.EXTRA_ARGS: "--bridge=none --iptables=false",
+            config.DOCKER_DATA_ROOT: str(tmp_path / "data"),
+            config.DOCKER_EXEC_ROOT: str(tmp_path / "exec"),
+            config.DOCKER_SOCKET: str(tmp_path / "d.sock"),
+            config.DOCKERD_ARGS: "--bridge=none --iptables=false",
         }
     )
     assert layout.pidfile == tmp_path / "exec.pid"
@@ -42,13 +43,13 @@ def test_layout_from_env_and_storage_args(tmp_path: Path) -> None:
 )
 def test_extra_args_cannot_open_tcp_or_move_our_paths(arg: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        dockerd.layout_from_env({dockerd.EXTRA_ARGS: arg})
-    assert dockerd.EXTRA_ARGS in caught.value.problems[0]
+        dockerd.layout_from_env({config.DOCKERD_ARGS: arg})
+    assert config.DOCKERD_ARGS in caught.value.problems[0]
 
 
 def test_relative_paths_are_refused() -> None:
     with pytest.raises(ConfigError) as caught:
-        dockerd.layout_from_env({dockerd.DATA_ROOT: "var/lib/docker"})
+        dockerd.layout_from_env({config.DOCKER_DATA_ROOT: "var/lib/docker"})
     assert "absolute" in caught.value.problems[0]
 
 
@@ -111,20 +112,20 @@ def test_a_regular_file_at_the_socket_path_is_never_removed(tmp_path: Path) -> N
 
 def test_an_exec_root_too_long_for_containerds_socket_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
-        dockerd.layout_from_env({dockerd.EXEC_ROOT: "/tmp/" + "x" * 90})
+        dockerd.layout_from_env({config.DOCKER_EXEC_ROOT: "/tmp/" + "x" * 90})
     (problem,) = caught.value.problems
-    assert "longer than 107 bytes" in problem and dockerd.EXEC_ROOT in problem
+    assert "longer than 107 bytes" in problem and config.DOCKER_EXEC_ROOT in problem
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "soon"])
 def test_ready_timeout_must_be_positive_seconds(value: str) -> None:
     with pytest.raises(ConfigError) as caught:
-        dockerd.layout_from_env({dockerd.READY_TIMEOUT: value})
-    assert dockerd.READY_TIMEOUT in caught.value.problems[0]
+        dockerd.layout_from_env({config.DOCKERD_READY_TIMEOUT: value})
+    assert config.DOCKERD_READY_TIMEOUT in caught.value.problems[0]
 
 
 def test_ready_timeout_from_env() -> None:
-    assert dockerd.layout_from_env({dockerd.READY_TIMEOUT: "2.5"}).ready_timeout == 2.5
+    assert dockerd.layout_from_env({config.DOCKERD_READY_TIMEOUT: "2.5"}).ready_timeout == 2.5
     assert dockerd.layout_from_env({}).ready_timeout == 60.0
 
 

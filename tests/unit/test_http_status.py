@@ -117,43 +117,44 @@ def running(pid: int) -> dict[str, Any]:
     return {"pid": pid, "phase": "running", "services": [{"name": "web", "state": "up"}]}
 
 
-def test_probes_read_the_file_each_time_and_answer_200_or_503(tmp_path: Path) -> None:
-    from init.core import status
+def write(path: Path, document: dict[str, Any]) -> None:
+    """As PID 1 and the installer write their files: whole, in one step."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(document))
+    tmp.replace(path)
 
+
+def test_probes_read_the_file_each_time_and_answer_200_or_503(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     app = http_status.app(path, Log(io.StringIO()))
     missing = app.respond(request("GET", "/healthz"))
     assert missing.status == 503 and b"is the init running?" in missing.body
-    status.write(path, running(os.getpid()))
+    write(path, running(os.getpid()))
     assert app.respond(request("GET", "/healthz")).body == b"healthy: yes: the init is running\n"
     ready = app.respond(request("GET", "/readyz", headers={"accept": "application/json"}))
     assert ready.status == 200 and ready.content_type == "application/json"
     assert json.loads(ready.body) == {"ready": True, "reason": "running (compiles not sandboxed)"}
-    status.write(path, {**running(os.getpid()), "engine": {"mode": "dind", "ready": False}})
+    write(path, {**running(os.getpid()), "engine": {"mode": "dind", "ready": False}})
     assert app.respond(request("GET", "/readyz")).status == 503
     assert app.respond(request("GET", "/healthz")).status == 200
 
 
 def test_status_is_the_merged_document_and_a_bad_file_is_503(tmp_path: Path) -> None:
-    from init.core import status
-
     path = tmp_path / "status.json"
-    status.write(path, {**running(os.getpid()), "texlive": {"ready": False, "default": "tl"}})
-    status.write(
-        status.texlive_status_path(path), {"images": [{"image": "tl", "state": "present"}]}
-    )
+    write(path, {**running(os.getpid()), "texlive": {"ready": False, "default": "tl"}})
+    installer = {"ready": True, "default": "tl", "images": [{"image": "tl", "state": "present"}]}
+    write(path.with_name("texlive.json"), installer)
     shown = json.loads(http_status.app(path, Log()).respond(request("GET", "/status")).body)
-    assert shown["texlive"]["images"] == [{"image": "tl", "state": "present"}]
+    (image,) = shown["texlive"]["images"]
+    assert (image["image"], image["state"], shown["texlive"]["ready"]) == ("tl", "present", True)
     path.write_text("{not json")
     answer = http_status.app(path, Log()).respond(request("GET", "/status"))
     assert answer.status == 503 and "cannot read" in json.loads(answer.body)["error"]
 
 
 def test_a_dead_init_is_not_healthy(tmp_path: Path) -> None:
-    from init.core import status
-
     path = tmp_path / "status.json"
-    status.write(path, running(2**22 + 1))  # above pid_max's default: never a live pid
+    write(path, running(2**22 + 1))  # above pid_max's default: never a live pid
     answer = http_status.app(path, Log()).respond(request("GET", "/healthz"))
     assert answer.status == 503 and b"is not running" in answer.body
 

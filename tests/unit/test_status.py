@@ -1,22 +1,52 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from init.core import status
+import pytest
+
+from init import status
+from init.config import STATUS_FILE_VARIABLE
+from init.core import status_file
+from init.core.status_file import StatusDocument
+from init.texlive.contract import ImageStatus
+
+
+def view(document: dict[str, Any]) -> status.Status:
+    """A status document as the file holds it, read as every reader reads it."""
+    return status.Status.of(StatusDocument.from_json(document))
+
+
+def check(document: dict[str, Any], what: str, pid_alive: bool = True) -> tuple[bool, str]:
+    return status.check(view(document), what, pid_alive)
+
+
+def write(path: Path, document: dict[str, Any]) -> None:
+    path.write_text(json.dumps(document))
 
 
 def test_write_then_read_round_trips_and_leaves_no_temp_file(tmp_path: Path) -> None:
     path = tmp_path / "run" / "status.json"
-    status.write(path, {"phase": "running", "services": []})
-    assert status.read(path) == {"phase": "running", "services": []}
+    document = StatusDocument(pid=7, phase="running", started_at=1.0, message="hello")
+    status_file.write(path, document)
+    assert status_file.read(path) == document
     assert [p.name for p in path.parent.iterdir()] == ["status.json"]
+
+
+def test_a_status_file_of_the_wrong_shape_is_refused_with_a_reason(tmp_path: Path) -> None:
+    path = tmp_path / "status.json"
+    for wrong in ("[1, 2]", '{"phase": 3}', '{"phase": "running", "services": {"a": 1}}'):
+        path.write_text(wrong)
+        with pytest.raises(ValueError):
+            status.read_all(path)
 
 
 def test_status_path_precedence(tmp_path: Path) -> None:
     given = tmp_path / "given.json"
-    assert status.status_path({}, given) == given
-    assert status.status_path({status.STATUS_FILE_VARIABLE: "/x.json"}) == Path("/x.json")
-    assert status.status_path({}) == status.DEFAULT_STATUS_FILE
+    assert status_file.status_path({}, given) == given
+    assert status_file.status_path({STATUS_FILE_VARIABLE: "/x.json"}) == Path("/x.json")
+    assert status_file.status_path({}) == status_file.DEFAULT_STATUS_FILE
 
 
 def test_text_shows_each_service_state_and_crash_loops() -> None:
@@ -39,7 +69,7 @@ def test_text_shows_each_service_state_and_crash_loops() -> None:
             },
         ],
     }
-    text = status.format_text(document, now=now)
+    text = status.format_text(view(document), now=now)
     assert "init: running, pid 1, up 1 min 40 s" in text
     assert "web   up, pid 7, for 1 min 0 s" in text
     assert "clsi  backoff, 4 restarts, crash loop, next start in 4.0 s" in text
@@ -56,23 +86,23 @@ def running(**extra: object) -> dict[str, object]:
 
 
 def test_healthy_when_the_init_runs_and_its_services_are_up() -> None:
-    assert status.check(running(), "healthy") == (True, "the init is running")
-    assert status.check(running(), "healthy", pid_alive=False)[0] is False
-    assert status.check(running(phase="stopping"), "healthy") == (False, "the init is stopping")
+    assert check(running(), "healthy") == (True, "the init is running")
+    assert check(running(), "healthy", pid_alive=False)[0] is False
+    assert check(running(phase="stopping"), "healthy") == (False, "the init is stopping")
 
 
 def test_a_crash_looping_service_is_unhealthy_and_says_why() -> None:
     document = running(services=[{"name": "web", "state": "backoff", "reason": "exit 1"}])
-    assert status.check(document, "healthy") == (False, "web is backoff: exit 1")
+    assert check(document, "healthy") == (False, "web is backoff: exit 1")
 
 
 def test_ready_needs_the_engine_when_compiles_are_sandboxed() -> None:
     not_yet = running(engine={"mode": "dind", "ready": False, "state": "starting", "reason": ""})
-    passes, why = status.check(not_yet, "ready")
+    passes, why = check(not_yet, "ready")
     assert not passes and "dind engine is not ready (starting)" in why
-    assert status.check(running(engine={"mode": "dind", "ready": True}), "ready")[0]
-    assert status.check(running(), "ready") == (True, "running (compiles not sandboxed)")
-    assert status.check(running(phase="starting"), "ready")[0] is False
+    assert check(running(engine={"mode": "dind", "ready": True}), "ready")[0]
+    assert check(running(), "ready") == (True, "running (compiles not sandboxed)")
+    assert check(running(phase="starting"), "ready")[0] is False
 
 
 INSTALLING = {
@@ -92,31 +122,33 @@ def texlive(*entries: dict[str, object], ready: bool = False, **extra: object) -
 
 def test_ready_needs_the_default_image_and_says_how_far_it_is() -> None:
     engine = {"mode": "dind", "ready": True}
-    passes, why = status.check(running(engine=engine, texlive=texlive(INSTALLING)), "ready")
+    passes, why = check(running(engine=engine, texlive=texlive(INSTALLING)), "ready")
     assert not passes
     assert why == (
         "compiles cannot run yet: TeX Live image texlive/texlive:2024 is still installing: "
         "43% (1.2 of 2.8 GB), about 3 min left"
     )
     present = {**INSTALLING, "state": "present"}
-    assert status.check(running(engine=engine, texlive=texlive(present, ready=True)), "ready") == (
+    assert check(running(engine=engine, texlive=texlive(present, ready=True)), "ready") == (
         True,
         "compiles can run",
     )
     failed = texlive({"image": "texlive/texlive:2024", "state": "failed", "reason": "no such"})
-    assert "failed to install: no such" in status.check(running(texlive=failed), "ready")[1]
+    assert "failed to install: no such" in check(running(texlive=failed), "ready")[1]
     # healthy does not wait for TeX Live: the site is up while it installs
-    assert status.check(running(engine=engine, texlive=texlive(INSTALLING)), "healthy")[0]
+    assert check(running(engine=engine, texlive=texlive(INSTALLING)), "healthy")[0]
 
 
 def test_read_all_merges_the_installers_file_over_the_inits_summary(tmp_path: Path) -> None:
     path = tmp_path / "status.json"
     waiting = {"image": "texlive/texlive:2024", "state": "waiting"}
-    status.write(path, running(texlive=texlive(waiting, state="installing")))
-    assert status.read_all(path)["texlive"]["images"] == [waiting]
-    status.write(status.texlive_status_path(path), texlive(INSTALLING))
-    merged = status.read_all(path)["texlive"]
-    assert merged["images"] == [INSTALLING] and merged["state"] == "installing"
+    write(path, running(texlive=texlive(waiting, state="installing")))
+    before = status.read_all(path).texlive
+    assert before is not None and before.images == (ImageStatus.from_json(waiting),)
+    write(status_file.texlive_status_path(path), texlive(INSTALLING))
+    merged = status.read_all(path).texlive
+    assert merged is not None and merged.state == "installing"
+    assert merged.images == (ImageStatus.from_json(INSTALLING),)
 
 
 def test_text_shows_the_engine_and_each_image() -> None:
@@ -132,7 +164,7 @@ def test_text_shows_the_engine_and_each_image() -> None:
         engine={"mode": "dind", "state": "ready", "driver": "overlay2"},
         texlive=texlive(INSTALLING, retrying),
     )
-    text = status.format_text(document, now=10.0)
+    text = status.format_text(view(document), now=10.0)
     assert "engine: dind ready, storage driver overlay2" in text
     assert (
         "texlive: texlive/texlive:2024  installing by pull 43% (1.2/2.8 GB), 12.3 MB/s, "
@@ -144,13 +176,13 @@ def test_text_shows_the_engine_and_each_image() -> None:
 def test_a_build_shows_its_steps_where_a_pull_shows_bytes() -> None:
     from init.texlive import progress
 
-    building = {
-        "image": "t:1",
-        "state": "installing",
-        "source": "build",
-        "percent": 40.2,
-        "note": "step 8/17, apt: 31/58 packages set up",
-    }
+    building = ImageStatus(
+        image="t:1",
+        state="installing",
+        source="build",
+        percent=40.2,
+        note="step 8/17, apt: 31/58 packages set up",
+    )
     assert progress.image_line(building) == (
         "installing by build 40%: step 8/17, apt: 31/58 packages set up"
     )

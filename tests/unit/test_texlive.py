@@ -14,7 +14,9 @@ from init.texlive import build as texlive_build
 from init.texlive import install as texlive
 from init.texlive import progress
 from init.texlive.build import BuildOptions, BuildProgress
-from init.texlive.install import Board, PullProgress, RateMeter, Reason, State
+from init.texlive.contract import ImageState as State
+from init.texlive.contract import ImageStatus, InstallRequest
+from init.texlive.install import Board, PullProgress, RateMeter, Reason
 from init.texlive.progress import percent
 
 
@@ -99,19 +101,19 @@ def test_formats() -> None:
 
 
 def test_still_installing_message() -> None:
-    entry = {
-        "state": "installing",
-        "bytes_done": 1_200_000_000,
-        "bytes_total": 2_800_000_000,
-        "eta_seconds": 180.0,
-    }
+    entry = ImageStatus(
+        "X", state="installing", bytes_done=1_200_000_000, bytes_total=2_800_000_000,
+        eta_seconds=180.0,
+    )  # fmt: skip
     assert progress.still_installing("X", entry) == (
         "TeX Live image X is still installing: 43% (1.2 of 2.8 GB), about 3 min left"
     )
-    assert progress.still_installing("X", {"state": "installing"}) == (
+    assert progress.still_installing("X", ImageStatus("X", state="installing")) == (
         "TeX Live image X is still installing"
     )
-    failed = progress.still_installing("X", {"state": "failed", "reason": "X does not exist"})
+    failed = progress.still_installing(
+        "X", ImageStatus("X", state="failed", reason="X does not exist")
+    )
     assert failed == "TeX Live image X failed to install: X does not exist"
 
 
@@ -245,15 +247,23 @@ def test_terminal_puts_log_lines_above_the_bar() -> None:
 
 
 def test_child_arguments_take_the_build_source() -> None:
-    args = texlive.parse_args(
+    request = InstallRequest.from_argv(
         ["--socket", "/s", "--status", "/f", "--images", "a:1,b:1", "--source", "pull,build",
          "--scheme", "full", "--base-image", "my/base:1"]
     )  # fmt: skip
-    assert (args.source, args.scheme, args.base_image) == (["pull", "build"], "full", "my/base:1")
-    assert texlive.parse_args(["--socket", "/s", "--status", "/f", "--images", "a"]).source == [
-        "pull",
-        "load",
-    ]
+    assert (request.sources, request.scheme, request.base_image) == (
+        ("pull", "build"), "full", "my/base:1"
+    )  # fmt: skip
+    default = InstallRequest.from_argv(["--socket", "/s", "--status", "/f", "--images", "a"])
+    assert default.sources == ("pull", "load")
+
+
+def test_the_install_request_reads_back_what_it_writes() -> None:
+    request = InstallRequest(
+        socket=Path("/s"), status=Path("/f"), images=("a:1", "b:2"), sources=("load", "build"),
+        scheme="full", base_image="base:1", tarball_dir=Path("/t"), once=True,
+    )  # fmt: skip
+    assert InstallRequest.from_argv(request.argv()) == request
 
 
 # -- the build source: plan, progress, failures ---------------------------------------------------

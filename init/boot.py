@@ -1,0 +1,71 @@
+"""What `sharelatex-init run` assembles before PID 1's life begins: the Docker side for the mode.
+
+PID 1's lifecycle (init.core.pid1) knows one interface, `DockerSide`; this module picks the one
+the configuration asks for and hands it its parts: the engine side (init.engine.dind or
+init.engine.host), the TeX Live installer's job (init.texlive.job), and how the services reach
+the sandbox (init.compiles.service_env). It is the only module that sees all three, so that none
+of them imports another concern's modules. Each mode's modules load only when that mode runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from init.config import DEFAULT_SERVICE_USER, SERVICE_USER, Mode, Settings
+from init.core.docker_side import DockerSide
+from init.core.log import Log
+from init.core.loop import EventLoop
+from init.core.services import ServiceSpec
+from init.engine.dockerd import EngineLayout
+from init.engine.side import OnChange
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+def docker_side(
+    settings: Settings | None,
+    layout: EngineLayout,
+    environ: Mapping[str, str],
+    status_file: Path,
+    loop: EventLoop,
+    log: Log,
+    on_change: OnChange,
+) -> DockerSide:
+    """The Docker side for `settings.mode`, its parts wired together."""
+    if settings is None or settings.mode is Mode.OFF:
+        return DockerSide()
+    from init.compiles.service_env import ServicesCompile
+    from init.texlive.job import TexLiveJob
+
+    run_dir = status_file.parent
+    installer = TexLiveJob(log, settings, status_file, on_change=on_change)
+    wiring = ServicesCompile(settings, run_dir / "shim", sys.executable)
+    if settings.mode is Mode.DIND:
+        from init.engine.dind import InnerDocker
+
+        return InnerDocker(
+            loop, log, settings, layout, run_dir, installer, wiring,
+            service_user=environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER,
+            on_change=on_change,
+        )  # fmt: skip
+    from init.engine.host import HostDocker
+
+    return HostDocker(loop, log, settings, run_dir, installer, wiring, on_change=on_change)
+
+
+def http_status_service(
+    address: tuple[str, int] | None, status_file: Path
+) -> tuple[ServiceSpec, ...]:
+    """The optional /healthz /readyz /status endpoint: a child, so PID 1 serves nothing."""
+    if address is None:
+        return ()
+    from init.httpd.status import MODULE, StatusServerRequest
+
+    host, port = address
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = StatusServerRequest(listen, status_file)
+    argv = (sys.executable, "-m", MODULE, *request.argv())
+    return (ServiceSpec(name="http-status", directory=Path("/"), argv=argv),)

@@ -1,0 +1,172 @@
+"""What the two sandboxed modes share as PID 1's Docker side (init.core.docker_side).
+
+`SandboxSide` holds what docker-in-docker (init.engine.dind.InnerDocker) and sibling containers
+(init.engine.host.HostDocker) have in common: the TeX Live installer started once the engine
+answers, and the services' compile environment on top of the engine's own variables. The
+installer and the compile wiring come from other concerns, handed in by init.boot through the
+small interfaces here (`Installer`, `CompileWiring`). `EngineStatus` is the engine's part of the
+status document. Standard library only: PID 1 imports it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from init.core.docker_side import DockerSide
+from init.core.log import Log
+from init.core.services import ServiceSpec
+from init.core.supervisor import ServiceHooks, Supervisor
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
+if TYPE_CHECKING:
+    from typing import Any
+
+
+@dataclass(frozen=True)
+class Proof:
+    """Sibling mode: whether a container of the host engine wrote through the host path."""
+
+    status: str  # passed, failed, skipped
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """The engine's entry in the status document (both modes; unused fields stay empty)."""
+
+    mode: str  # dind or sibling
+    state: str
+    ready: bool
+    reason: str = ""
+    fix: str = ""
+    since: float = 0.0
+    socket: str = ""
+    driver: str = ""  # dind: the inner dockerd's storage driver
+    ready_seconds: float | None = None
+    host_dir_compiles: str = ""  # sibling: what the compile containers bind
+    host_dir_output: str = ""
+    derived: bool = False  # sibling: the host dirs were worked out, not given
+    api_version: str = ""
+    proof: Proof | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        document = dict(self.__dict__)
+        document["proof"] = None if self.proof is None else dict(self.proof.__dict__)
+        return document
+
+    @classmethod
+    def from_json(cls, document: object) -> EngineStatus | None:
+        if not isinstance(document, dict) or "mode" not in document:
+            return None
+        proof = document.get("proof")
+        return cls(
+            mode=str(document["mode"]),
+            state=str(document.get("state") or "?"),
+            ready=document.get("ready") is True,
+            reason=str(document.get("reason") or ""),
+            fix=str(document.get("fix") or ""),
+            since=float(document.get("since") or 0.0),
+            socket=str(document.get("socket") or ""),
+            driver=str(document.get("driver") or ""),
+            ready_seconds=_number(document.get("ready_seconds")),
+            host_dir_compiles=str(document.get("host_dir_compiles") or ""),
+            host_dir_output=str(document.get("host_dir_output") or ""),
+            derived=document.get("derived") is True,
+            api_version=str(document.get("api_version") or ""),
+            proof=Proof(str(proof.get("status", "")), str(proof.get("message", "")))
+            if isinstance(proof, dict)
+            else None,
+        )
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+OnChange = Callable[[], None]
+
+
+class Installer(ServiceHooks):
+    """What the sandboxed sides need of the TeX Live installer (init.texlive.job.TexLiveJob):
+    told the engine's socket, started as a service once the engine answers, shown in the
+    status, and calling `on_done` once every image is present."""
+
+    launched: bool
+    on_done: Callable[[], None]
+
+    def use_socket(self, socket: str) -> None:
+        raise NotImplementedError
+
+    def spec(self) -> ServiceSpec:
+        raise NotImplementedError
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def mark_stopped(self) -> None:
+        raise NotImplementedError
+
+
+class CompileWiring:
+    """What the services' environment gains for compiling, given the engine side's own part
+    (DOCKER_HOST, the host dirs): init.compiles.service_env's, wired in by init.boot."""
+
+    # The variables a compile run by hand (`docker exec ... sharelatex-init compile`) needs too.
+    shared: tuple[str, ...] = ()
+
+    def environment(self, environ: Mapping[str, str]) -> dict[str, str]:
+        return {}
+
+    def describe(self) -> str:
+        """How the services compile, for the log: `the sandboxing latexmk in DIR`."""
+        return "nothing"
+
+
+class SandboxSide(DockerSide):
+    """What docker-in-docker and sibling mode share: the installer and the services' compile
+    environment on top of the engine's own variables."""
+
+    def __init__(self, log: Log, installer: Installer, wiring: CompileWiring) -> None:
+        self.log = log
+        self.installer = installer
+        self.wiring = wiring
+        self._compile_environment: dict[str, str] = {}
+        self._supervisor: Supervisor | None = None
+
+    def with_compiles(
+        self, environ: Mapping[str, str], engine_env: Mapping[str, str]
+    ) -> dict[str, str]:
+        """`engine_env` plus what the services need to compile through it."""
+        merged = {**environ, **engine_env}
+        gained = {**engine_env, **self.wiring.environment(merged)}
+        merged.update(gained)
+        self._compile_environment = {k: merged[k] for k in self.wiring.shared if k in merged}
+        self.log.info("init", f"the services compile through {self.wiring.describe()}")
+        return gained
+
+    def start(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+
+    def start_installer(self) -> None:
+        """The installer, once the engine answers (at most once; never while stopping)."""
+        supervisor = self._supervisor
+        if self.installer.launched or supervisor is None or supervisor.stopping:
+            return
+        spec = self.installer.spec()
+        supervisor.start([spec], {spec.name: self.installer})
+
+    def texlive_status(self) -> dict[str, Any] | None:
+        return self.installer.status()
+
+    def engine_status(self) -> dict[str, Any] | None:
+        return self.status().to_json()
+
+    def status(self) -> EngineStatus:
+        raise NotImplementedError
+
+    def compile_environment(self) -> dict[str, str]:
+        return dict(self._compile_environment)
+
+    def mark_stopped(self) -> None:
+        self.installer.mark_stopped()
