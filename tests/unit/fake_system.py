@@ -51,6 +51,7 @@ class Child:
     exit: Exit | None = None
     ended: float | None = None
     reaped: bool = False
+    adopted: bool = False  # not spawned by the init: an orphan it inherited
 
 
 @dataclass(order=True)
@@ -105,12 +106,19 @@ class FakeSystem(System):
     # -- the script -----------------------------------------------------------------------
 
     def at(
-        self, when: float, *, signal_init: int | None = None, exit: tuple[str, int] | None = None
+        self,
+        when: float,
+        *,
+        signal_init: int | None = None,
+        exit: tuple[str, int] | None = None,
+        call: Callable[[], None] | None = None,
     ) -> None:
         """At `when`: the init gets `signal_init`, or the running child `exit[0]` exits with
-        status `exit[1]`."""
+        status `exit[1]`, or the test looks at something (`call`)."""
         if signal_init is not None:
             self._schedule(when, lambda: self._signal_init(signal_init))
+        if call is not None:
+            self._schedule(when, call)
         if exit is not None:
             name, status = exit
 
@@ -122,11 +130,18 @@ class FakeSystem(System):
 
             self._schedule(when, end)
 
+    def adopt(self, name: str, program: Program = FOREVER) -> Child:
+        """A process the init did not start but must reap: an orphan reparented to it."""
+        spec = SpawnSpec(argv=(name,))
+        child = Child(next(self._pids), name, spec, program, self.now, adopted=True)
+        self.children.append(child)
+        return child
+
     # -- what happened ----------------------------------------------------------------------
 
     def started(self) -> list[str]:
         """The names of the children spawned, in order."""
-        return [c.name for c in self.children]
+        return [c.name for c in self.children if not c.adopted]
 
     def starts_of(self, name: str) -> list[float]:
         return [c.started for c in self.children if c.name == name]
