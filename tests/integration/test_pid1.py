@@ -119,7 +119,7 @@ echo > {m}/{name}.ready
     assert (m / "a").read_text().split() == ["HUP", "USR1"]
     assert (m / "b").read_text().split() == ["HUP", "USR1"]
     assert init.proc.poll() is None, "a forwarded signal must not stop the init"
-    assert "passing SIGHUP to the services" in init.core.log()
+    assert "passing SIGHUP to the services" in init.log()
     init.signal(signal.SIGTERM)
     assert init.wait() == 0
 
@@ -174,7 +174,7 @@ def test_a_crashing_service_restarts_with_growing_delays(start: Start, layout: L
     assert len([t for t in stamps(starts) if t < first + 4.0]) <= 5
     cpu_after = psutil.Process(init.init_pid).cpu_times()
     assert (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system) < 0.3
-    assert "(crash loop)" in init.core.log()
+    assert "(crash loop)" in init.log()
     init.signal(signal.SIGTERM)
     assert init.wait() == 0
     assert init.service("crash")["state"] == "down"
@@ -243,7 +243,7 @@ def test_a_service_ignoring_sigterm_is_killed_inside_the_grace(
     took = time.monotonic() - began
     assert code == 0
     assert grace - 0.3 <= took <= grace + 1.0, f"stop took {took:.2f} s, grace {grace}"
-    log = init.core.log()
+    log = init.log()
     assert "a-stubborn: warning: did not stop in time; killing its process group" in log
     assert "killed after the grace period: a-stubborn" in log
     assert "b-polite: stopped: exited with status 0" in log
@@ -281,7 +281,7 @@ echo > {m}/ready
     assert leftover() == []
     # Ended by the init with SIGTERM first (the kernel's SIGKILL at PID 1's exit gives no chance).
     assert (m / "polite.term").exists()
-    assert "ending the remaining processes" in init.core.log()
+    assert "ending the remaining processes" in init.log()
 
 
 # -- startup ----------------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_a_failing_startup_script_stops_the_boot(start: Start, layout: Layout) -
     layout.service("web", f"echo > {m}/web\n{WAIT_FOREVER}")
     init = boot(start, layout)
     assert init.wait() == 1
-    log = init.core.log()
+    log = init.log()
     assert (m / "first").exists()
     assert not (m / "third").exists()
     assert not (m / "web").exists()
@@ -303,7 +303,7 @@ def test_a_failing_startup_script_stops_the_boot(start: Start, layout: Layout) -
     assert failure, log
     assert "not starting the services" in failure[0]
     assert "Traceback" not in log
-    assert "20-breaks exited with status 3" in init.core.status()["message"]
+    assert "20-breaks exited with status 3" in init.status()["message"]
 
 
 def test_container_environment_is_exported_and_grows_from_startup_scripts(
@@ -368,10 +368,10 @@ def test_the_pid1_path_imports_no_docker_or_requests(start: Start, layout: Layou
     argv = [PYTHON, "-c", SHOW_MODULES, *layout.run_argv(3)[3:]]
     init = start(argv, status_file=layout.status_file)
     assert init.wait() == 0
-    (line,) = [ln for ln in init.core.log().splitlines() if ln.startswith("MODULES ")]
+    (line,) = [ln for ln in init.log().splitlines() if ln.startswith("MODULES ")]
     report = json.loads(line.removeprefix("MODULES "))
     assert report["code"] == 0
-    assert "web: started" in init.core.log()
+    assert "web: started" in init.log()
     assert not {"docker", "requests", "urllib3", "tenacity"} & set(report["third_party"])
     assert set(report["third_party"]) <= {"psutil"}, report
 
@@ -412,14 +412,14 @@ def test_sigint_stops_with_status_0(start: Start, layout: Layout) -> None:
     wait_for((m / "ready").exists, 10, "the service")
     init.signal(signal.SIGINT)
     assert init.wait() == 0
-    assert "SIGINT received; stopping" in init.core.log()
+    assert "SIGINT received; stopping" in init.log()
 
 
 def test_bad_configuration_exits_78_with_one_line(start: Start, layout: Layout) -> None:
     layout.service("web", f"echo > {layout.marks}/web\n{WAIT_FOREVER}")
     init = boot(start, layout, SANDBOXED_COMPILES="maybe")
     assert init.wait() == 78
-    lines = [ln for ln in init.core.log().splitlines() if ln.strip()]
+    lines = [ln for ln in init.log().splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     assert "SANDBOXED_COMPILES" in lines[0]
     assert "maybe" in lines[0]
@@ -431,7 +431,7 @@ def test_a_bad_down_signal_exits_78_before_anything_starts(start: Start, layout:
     write_script(layout.startup / "10-mark", f"echo > {layout.marks}/startup")
     init = boot(start, layout)
     assert init.wait() == 78
-    log = init.core.log()
+    log = init.log()
     assert "SIGNOPE" in log and "down-signal" in log
     assert not (layout.marks / "web").exists()
     assert not (layout.marks / "startup").exists()
@@ -479,7 +479,7 @@ exit 7
     wait_for((m / "once.again").exists, 10, "once restarted")
     assert init.service("once")["restarts"] == 1
     assert (m / "once.finish").read_text().splitlines() == ["7 0"]
-    assert "once | hello from once" in init.core.log()
+    assert "once | hello from once" in init.log()
     assert init.service("idle")["state"] == "down"
     assert not (m / "idle").exists()
 
@@ -489,7 +489,7 @@ exit 7
     assert (m / "quitter").read_text() == "QUIT\n"
     # quitter's `sleep 1000 &` ignores SIGQUIT (sh's background jobs do): what a service leaves
     # behind in its group is told to stop with SIGTERM, not waited on for the whole grace.
-    assert time.monotonic() - began < 2.0, init.core.log()
+    assert time.monotonic() - began < 2.0, init.log()
     # The finish script runs after the stop too: killed by SIGTERM gives "-1 15".
     assert (m / "once.finish").read_text().splitlines() == ["7 0", "-1 15"]
 
@@ -505,7 +505,7 @@ def test_a_stop_signal_during_a_startup_script_ends_the_boot(start: Start, layou
     assert init.wait() == 0
     assert time.monotonic() - began < 2.0
     assert not (m / "web").exists()
-    assert "ending " in init.core.log()
+    assert "ending " in init.log()
 
 
 def test_a_second_sigterm_cuts_the_grace_short(start: Start, layout: Layout) -> None:
@@ -515,11 +515,11 @@ def test_a_second_sigterm_cuts_the_grace_short(start: Start, layout: Layout) -> 
     wait_for((m / "ready").exists, 10, "the service")
     began = time.monotonic()
     init.signal(signal.SIGTERM)
-    wait_for(lambda: "stubborn: stopping" in init.core.log(), 5, "the stop to begin")
+    wait_for(lambda: "stubborn: stopping" in init.log(), 5, "the stop to begin")
     init.signal(signal.SIGTERM)
     assert init.wait(10) == 0
     assert time.monotonic() - began < 3.0
-    assert "SIGTERM again; cutting the grace period short" in init.core.log()
+    assert "SIGTERM again; cutting the grace period short" in init.log()
 
 
 def test_the_optional_http_endpoint_serves_the_probes_and_stops_with_the_init(

@@ -133,7 +133,7 @@ exec sleep 1000
 def test_a_missing_command_exits_127_with_one_line(start: Start, as_pid1: bool) -> None:
     init = wrap(start, as_pid1, ["no-such-command-for-sharelatex-init"])
     assert init.wait() == 127
-    lines = [ln for ln in init.core.log().splitlines() if ln.strip()]
+    lines = [ln for ln in init.log().splitlines() if ln.strip()]
     assert len(lines) == 1, lines
     assert "no-such-command-for-sharelatex-init" in lines[0]
     assert "No such file or directory" in lines[0]
@@ -146,7 +146,7 @@ def test_the_child_runs_in_the_callers_directory(
     here.mkdir()
     init = wrap(start, as_pid1, ["sh", "-c", "pwd"], cwd=here)
     assert init.wait() == 0
-    assert init.core.log().splitlines() == [str(here)]
+    assert init.log().splitlines() == [str(here)]
 
 
 GROUP = """
