@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from init.core.loop import EventLoop
 from init.core.services import ServiceSpec
 from init.core.states import State, TransitionError, check_transition
 from init.core.supervisor import Supervisor
-from tests.unit.fake_system import FakeSystem
+from tests.unit.fake_system import FakeSystem, Program
 
 
 @pytest.fixture
@@ -125,3 +126,48 @@ def test_a_job_that_exits_with_a_done_status_is_finished_not_restarted() -> None
         assert "job: finished: exited with status 1 after" in log.getvalue()
     finally:
         loop.close()
+
+
+def test_forwarded_signals_reach_each_running_service_but_not_a_finish_script(
+    loop: EventLoop, tmp_path: Path
+) -> None:
+    finish = tmp_path / "svc" / "web" / "finish"
+    finish.parent.mkdir(parents=True)
+    finish.write_text("#!/bin/sh\n")
+    finish.chmod(0o755)
+    system = loop.system
+    assert isinstance(system, FakeSystem)
+    system.programs = {"web": [Program(runs_for=1.0, status=2)], "web/finish": [Program()]}
+    system.spawn_fails.clear()
+    supervisor = Supervisor(loop, Log(io.StringIO()), {})
+    web = ServiceSpec(
+        name="web", directory=finish.parent, argv=(str(finish.parent / "run"),), finish=finish
+    )
+    supervisor.start([web, spec("db")])
+    supervisor.forward(signal.SIGHUP)
+    loop.run_until(lambda: system.running("web/finish") is not None, 5.0)
+    supervisor.forward(signal.SIGUSR1)
+    assert system.signalled(signal.SIGHUP) == [(0.0, "web"), (0.0, "db")]
+    assert system.signalled(signal.SIGUSR1) == [(1.0, "db")]  # web is in its finish script
+
+
+def test_a_finish_script_that_cannot_run_does_not_hold_up_the_restart(
+    loop: EventLoop, tmp_path: Path
+) -> None:
+    finish = tmp_path / "web" / "finish"
+    finish.parent.mkdir()
+    finish.write_text("#!/bin/sh\n")
+    finish.chmod(0o755)
+    system = loop.system
+    assert isinstance(system, FakeSystem)
+    system.programs = {"web": [Program(runs_for=1.0, status=2)]}
+    system.spawn_fails = {"web/finish"}
+    log = io.StringIO()
+    supervisor = Supervisor(loop, Log(log), {})
+    web = ServiceSpec(
+        name="web", directory=finish.parent, argv=(str(finish.parent / "run"),), finish=finish
+    )
+    supervisor.start([web])
+    loop.run_until(lambda: len(system.starts_of("web")) == 2, 10.0)
+    assert system.starts_of("web") == [0.0, 1.5]
+    assert "web: error: finish: cannot execute" in log.getvalue()
