@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from init.core import process
 from init.core.log import Log
 from init.core.loop import EventLoop
 from init.core.output import OutputPipe
@@ -42,7 +41,7 @@ def start(
     output = OutputPipe(loop, log, name)
     stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        pid = process.spawn(
+        pid = loop.system.spawn(
             SpawnSpec(
                 argv=(sys.executable, "-m", module, *args),
                 env=dict(os.environ),

@@ -12,12 +12,12 @@ import itertools
 import os
 import selectors
 import signal
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from init.core import process
 from init.core.log import Log
-from init.core.process import Exit, reap, signal_name
+from init.core.process import Exit, signal_name
 
 ChildCallback = Callable[[Exit], None]
 SignalCallback = Callable[[int], None]
@@ -39,14 +39,19 @@ def _record(signum: int, frame: object) -> None:
 
 
 class EventLoop:
-    """One loop for the init's whole life; `run_until(condition, deadline)` drives it."""
+    """One loop for the init's whole life; `run_until(condition, deadline)` drives it.
+
+    Its clock, its selector and how it reaps come from `system`: a test's fake system runs a
+    scripted history through the same code, on its own clock.
+    """
 
     def __init__(
-        self, log: Log, signals: Iterable[int], clock: Callable[[], float] = time.monotonic
+        self, log: Log, signals: Iterable[int], system: process.System = process.REAL
     ) -> None:
         self.log = log
-        self.clock = clock
-        self._selector = selectors.DefaultSelector()
+        self.system = system
+        self.clock = system.clock
+        self._selector = system.selector()
         # A pipe, not a socketpair: the socket module alone costs PID 1 0.75 MiB.
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
@@ -56,8 +61,9 @@ class EventLoop:
         self._children: dict[int, ChildCallback] = {}
         self._signal_callbacks: dict[int, SignalCallback] = {}
         self._handled = sorted({*signals, signal.SIGCHLD})
-        for signum in self._handled:
-            signal.signal(signum, _record)
+        self._previous_handlers = {
+            signum: signal.signal(signum, _record) for signum in self._handled
+        }
 
     # -- registration ------------------------------------------------------------------
 
@@ -103,8 +109,8 @@ class EventLoop:
         self._run_due_timers()
 
     def close(self) -> None:
-        for signum in self._handled:
-            signal.signal(signum, signal.SIG_DFL)
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         signal.set_wakeup_fd(self._previous_wakeup_fd)
         self._selector.close()
         os.close(self._wake_read)
@@ -142,7 +148,7 @@ class EventLoop:
                 self.log.debug("init", f"ignored {signal_name(signum)}")
 
     def reap_children(self) -> None:
-        for pid, exit_ in reap():
+        for pid, exit_ in self.system.reap():
             callback = self._children.pop(pid, None)
             if callback is None:
                 self.log.debug("init", f"reaped unknown pid {pid} ({exit_.describe()})")

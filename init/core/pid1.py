@@ -7,9 +7,9 @@ export the environment ─► startup scripts ─► services ─► wait for a 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,20 +83,46 @@ class BootOptions:
     # The init's own services beside the engine (the optional HTTP status endpoint).
     own_services: tuple[ServiceSpec, ...] = ()
 
+    def absolute(self, base: Path) -> BootOptions:
+        """The same options with each relative path taken from `base` (the start directory)."""
+        return dataclasses.replace(
+            self,
+            startup_dir=base / self.startup_dir,
+            pre_shutdown_dir=base / self.pre_shutdown_dir,
+            post_shutdown_dir=base / self.post_shutdown_dir,
+            service_dir=base / self.service_dir,
+            env_files=container_env.EnvFiles(base / self.env_files.directory),
+            status_file=base / self.status_file,
+        )
+
 
 class Init:
-    """The init's state across its life: the loop, the services, whether a stop was asked."""
+    """The init's state across its life: the loop, the services, whether a stop was asked.
 
-    def __init__(self, options: BootOptions, log: Log, environ: Mapping[str, str]) -> None:
+    Everything it does to processes, and the clocks, go through `system` (process.System):
+    the real OS by default, a scripted fake in the unit tests.
+    """
+
+    def __init__(
+        self,
+        options: BootOptions,
+        log: Log,
+        environ: Mapping[str, str],
+        system: process.System = process.REAL,
+    ) -> None:
         self.options = options
         self.log = log
         self.environ = dict(environ)
-        self.started_at = time.time()
+        self.system = system
+        self.started_at = system.wall_clock()
+        # Where the init was started: its scripts run there, though the init itself does not
+        # stay (leave_start_directory).
+        self.start_dir: Path | None = None
         self.phase = "starting"
         self.message = ""
         self.stop_signal: int | None = None
         self.deadline: float | None = None
-        self.loop = EventLoop(log, (*STOP_SIGNALS, *FORWARDED_SIGNALS))
+        self.loop = EventLoop(log, (*STOP_SIGNALS, *FORWARDED_SIGNALS), system)
         self.supervisor: Supervisor | None = None
         make_side = options.docker_side
         self.docker = (
@@ -111,6 +137,7 @@ class Init:
 
     def run(self) -> int:
         """Boot, serve until asked to stop, shut down; the exit status."""
+        self.leave_start_directory()
         self.become_reaper()
         services.discover(self.options.service_dir)  # a bad service dir: exit 78 before anything
         self.prepare_docker_side()
@@ -124,8 +151,15 @@ class Init:
         self.wait_for_stop_signal()
         return self.shutdown(0, services_ran=True)
 
+    def leave_start_directory(self) -> None:
+        """Work from / so the init keeps no directory busy (dumb-init's rule); the paths it was
+        given keep their meaning, and its scripts still start where it was started."""
+        self.start_dir = self.system.leave_directory()
+        if self.start_dir is not None:
+            self.options = self.options.absolute(self.start_dir)
+
     def become_reaper(self) -> None:
-        if os.getpid() != 1 and not process.become_subreaper():
+        if self.system.getpid() != 1 and not self.system.become_subreaper():
             self.log.warning("init", "not PID 1 and cannot be a subreaper: orphans go elsewhere")
 
     def prepare_docker_side(self) -> None:
@@ -200,7 +234,7 @@ class Init:
             if killed:
                 self.log.warning("init", f"killed after the grace period: {', '.join(killed)}")
         self.run_scripts(self.options.post_shutdown_dir, "post-shutdown")
-        if os.getpid() == 1 and self.options.kill_all_on_exit:
+        if self.system.getpid() == 1 and self.options.kill_all_on_exit:
             self.end_all_processes(limits.kill_all)
         if self.supervisor is not None:
             self.supervisor.close_outputs()
@@ -229,10 +263,11 @@ class Init:
         output = OutputPipe(self.loop, self.log, f"{step} {script.name}")
         stdin = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            pid = process.spawn(
+            pid = self.system.spawn(
                 SpawnSpec(
                     argv=(str(script),),
                     env=self.environ,
+                    cwd=self.start_dir,  # where the scripts ran before the init left it
                     new_session=True,
                     stdin=stdin,
                     stdout=output.write_fd,
@@ -260,11 +295,11 @@ class Init:
         if not result:
             reason = "the init is stopping" if ends_on_stop_signal else "the grace period ran out"
             self.log.warning(step, f"ending {script}: {reason}")
-            process.signal_group(pid, signal.SIGTERM)
-            process.signal_group(pid, signal.SIGCONT)
+            self.system.signal_group(pid, signal.SIGTERM)
+            self.system.signal_group(pid, signal.SIGCONT)
             end = max(self._deadline(), self.loop.clock() + 0.5)
             if not self.loop.run_until(lambda: bool(result), end):
-                process.signal_group(pid, signal.SIGKILL)
+                self.system.signal_group(pid, signal.SIGKILL)
                 self.loop.run_until(lambda: bool(result))
         output.close()
         return result[0] if result and not (ends_on_stop_signal and self.stop_signal) else None
@@ -272,16 +307,17 @@ class Init:
     def end_all_processes(self, timeout: float) -> None:
         """As PID 1: SIGTERM everything left in the namespace, then SIGKILL at the timeout."""
         self.loop.reap_children()
-        if not process.has_children():
+        has_children = self.system.has_children
+        if not has_children():
             return
         self.log.info("init", "ending the remaining processes")
-        _kill_all(signal.SIGTERM)
-        _kill_all(signal.SIGCONT)
-        if self.loop.run_until(lambda: not process.has_children(), self.loop.clock() + timeout):
+        self.system.kill_all(signal.SIGTERM)
+        self.system.kill_all(signal.SIGCONT)
+        if self.loop.run_until(lambda: not has_children(), self.loop.clock() + timeout):
             return
         self.log.warning("init", f"processes left after {timeout:.1f} s; killing them")
-        _kill_all(signal.SIGKILL)
-        self.loop.run_until(lambda: not process.has_children(), self.loop.clock() + 5.0)
+        self.system.kill_all(signal.SIGKILL)
+        self.loop.run_until(lambda: not has_children(), self.loop.clock() + 5.0)
 
     def _deadline(self) -> float:
         return self.deadline if self.deadline is not None else self.loop.clock()
@@ -325,10 +361,3 @@ class Init:
             status_file.write(self.options.status_file, document)
         except OSError as e:
             self.log.warning("init", f"cannot write {self.options.status_file}: {e.strerror}")
-
-
-def _kill_all(signum: int) -> None:
-    try:
-        os.kill(-1, signum)
-    except ProcessLookupError:
-        pass

@@ -99,7 +99,6 @@ class Supervisor:
         environ: Mapping[str, str],
         on_change: Callable[[], None] = lambda: None,
         backoff: Backoff = SERVICE_RESTART,
-        spawn: Callable[[SpawnSpec], int] = process.spawn,
     ) -> None:
         self.loop = loop
         self.log = log
@@ -107,7 +106,9 @@ class Supervisor:
         self.environ = dict(environ)
         self.on_change = on_change
         self.backoff = backoff
-        self.spawn = spawn
+        # Spawning, signalling and the clocks go through the loop's system: a test's fake one
+        # runs the whole supervisor on a scripted history.
+        self.system = loop.system
         self.hooks: dict[str, ServiceHooks] = {}
         self.stopping = False
         self._started_order: list[Service] = []
@@ -122,7 +123,7 @@ class Supervisor:
     ) -> None:
         """Take on `specs` and start each without a `down` file, in the order given."""
         self.hooks.update(hooks or {})
-        added = [Service(spec) for spec in specs]
+        added = [Service(spec, since=self.system.wall_clock()) for spec in specs]
         self.services.extend(added)
         for service in added:
             if service.spec.start_at_boot:
@@ -147,7 +148,7 @@ class Supervisor:
             stderr=output.write_fd,
         )
         try:
-            pid = self.spawn(spec)
+            pid = self.system.spawn(spec)
         except SpawnError as e:
             output.close()
             self._fail(service, str(e))
@@ -184,11 +185,11 @@ class Supervisor:
     def _on_exit(self, service: Service, exit_: Exit) -> None:
         if service.output is not None:
             service.output.drain()
-        self._groups = {g for g in self._groups if process.signal_group(g, 0)}
+        self._groups = {g for g in self._groups if self.system.signal_group(g, 0)}
         uptime = self.loop.clock() - service.started_at
         service.pid = None
         service.last_exit = exit_
-        service.last_exit_at = round(time.time(), 3)
+        service.last_exit_at = round(self.system.wall_clock(), 3)
         if service.timer is not None:
             service.timer.cancel()
             service.timer = None
@@ -231,7 +232,7 @@ class Supervisor:
             stdin=_devnull(),
         )
         try:
-            pid = self.spawn(spec)
+            pid = self.system.spawn(spec)
         except SpawnError as e:
             self.log.error(service.name, f"finish: {e}")
             then()
@@ -256,7 +257,7 @@ class Supervisor:
         if self.stopping:
             self._move(service, State.DOWN)
             return
-        service.next_start_at = round(time.time() + delay, 3)
+        service.next_start_at = round(self.system.wall_clock() + delay, 3)
         self.on_change()
         service.timer = self.loop.call_later(delay, lambda: self._start(service))
 
@@ -265,7 +266,7 @@ class Supervisor:
             return
         check_transition(service.state, state)
         service.state = state
-        service.since = time.time()
+        service.since = self.system.wall_clock()
         self.on_change()
 
     # -- signals and stopping -----------------------------------------------------------
@@ -274,7 +275,7 @@ class Supervisor:
         """Send a signal the init received to every running service's process group."""
         for service in self.services:
             if service.pid is not None and not service.finishing:
-                process.signal_group(service.pid, signum)
+                self.system.signal_group(service.pid, signum)
 
     def stop_all(self, deadline: Callable[[], float]) -> list[str]:
         """Stop services in reverse start order by `deadline()`; return the names killed.
@@ -309,16 +310,16 @@ class Supervisor:
             self._move(service, State.STOPPING)
             name = process.signal_name(service.spec.stop_signal)
             self.log.info(service.name, f"stopping: {name} to process group {service.pid}")
-            process.signal_group(service.pid, service.spec.stop_signal)
+            self.system.signal_group(service.pid, service.spec.stop_signal)
             # A stopped (SIGSTOP'd) process only sees its stop signal once continued.
-            process.signal_group(service.pid, signal.SIGCONT)
+            self.system.signal_group(service.pid, signal.SIGCONT)
         gone_or_late = lambda: service.pid is None or self.loop.clock() >= deadline()  # noqa: E731
         self.loop.run_until(gone_or_late, until)
         if service.pid is None:
             return True
         self.log.warning(service.name, "did not stop in time; killing its process group")
         while service.pid is not None:
-            process.signal_group(service.pid, signal.SIGKILL)
+            self.system.signal_group(service.pid, signal.SIGKILL)
             self.loop.run_until(lambda: service.pid is None, self.loop.clock() + 1.0)
         return False
 
@@ -326,19 +327,19 @@ class Supervisor:
         """Processes a service left behind in its group (already sent its stop signal)."""
 
         def alive() -> list[int]:
-            return [g for g in sorted(self._groups) if process.signal_group(g, 0)]
+            return [g for g in sorted(self._groups) if self.system.signal_group(g, 0)]
 
         if not alive():
             return
         # The service's own stop signal may be one its leftovers ignore (sh's background jobs
         # ignore SIGINT and SIGQUIT): without a SIGTERM they would hold the stop to the deadline.
         for group in alive():
-            process.signal_group(group, signal.SIGTERM)
-            process.signal_group(group, signal.SIGCONT)
+            self.system.signal_group(group, signal.SIGTERM)
+            self.system.signal_group(group, signal.SIGCONT)
         self.loop.run_until(lambda: not alive() or self.loop.clock() >= deadline(), deadline())
         for group in alive():
             self.log.warning("init", f"killing what is left of process group {group}")
-            process.signal_group(group, signal.SIGKILL)
+            self.system.signal_group(group, signal.SIGKILL)
 
     def all_down(self) -> bool:
         return all(s.pid is None for s in self.services)

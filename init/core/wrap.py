@@ -4,7 +4,8 @@ Behaves as tini does: the child runs in its own process group (in the foreground
 a terminal), each catchable signal 1-31 but SIGCHLD is passed to it (or to its group with
 `--process-group`), and the init exits with the child's status, or 128+N when signal N ended
 it. Signals are blocked and taken with `sigtimedwait`, so a real fault in the init still kills
-it and no handler ever runs.
+it and no handler ever runs. The child starts in the caller's directory; the init itself moves
+to / first, so it keeps no directory busy (dumb-init's rule).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import signal
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from init.core import process
 from init.core.log import Log
@@ -39,7 +41,9 @@ def run(options: WrapOptions, environ: Mapping[str, str], log: Log) -> int:
         process.become_subreaper()
     previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, WAITED)
     try:
-        child = _start(options.argv, environ, log)
+        # Before the child starts, so that it never sees the init in its directory.
+        here = process.leave_directory()
+        child = _start(options.argv, environ, log, here)
         if child is None:
             return EXIT_CANNOT_RUN
         process.release_memory()
@@ -50,12 +54,15 @@ def run(options: WrapOptions, environ: Mapping[str, str], log: Log) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)
 
 
-def _start(argv: Sequence[str], environ: Mapping[str, str], log: Log) -> int | None:
+def _start(
+    argv: Sequence[str], environ: Mapping[str, str], log: Log, cwd: Path | None
+) -> int | None:
     try:
         return process.spawn(
             SpawnSpec(
                 argv=tuple(argv),
                 env=environ,
+                cwd=cwd,
                 new_group=True,
                 foreground=sys.stdin.isatty() if sys.stdin else False,
             )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import random
 import signal
 import subprocess
@@ -344,6 +345,32 @@ def test_container_environment_is_exported_and_grows_from_startup_scripts(
 
 def stat_mode(path: Path) -> int:
     return path.stat().st_mode & 0o777
+
+
+def test_the_init_works_from_root_and_its_scripts_from_the_callers_dir(
+    start: Start, layout: Layout
+) -> None:
+    m = layout.marks
+    write_script(
+        layout.startup / "10-where",
+        f"readlink /proc/$PPID/cwd > {m}/init-cwd\npwd > {m}/script-cwd\n",
+    )
+    layout.service("where", f"pwd > {m}/service-cwd\n{WAIT_FOREVER}")
+    # Every path relative to the caller's dir: each must keep its meaning after the init leaves.
+    argv = [
+        str(Path(a).relative_to(layout.base)) if a.startswith(f"{layout.base}/") else a
+        for a in layout.run_argv()
+    ]
+    assert "service" in argv and "run/status.json" in argv
+    init = start(argv, status_file=layout.status_file, cwd=layout.base)
+    init.wait_service("where", "up")
+    assert os.readlink(f"/proc/{init.init_pid}/cwd") == "/"
+    assert (m / "init-cwd").read_text().strip() == "/"
+    assert (m / "script-cwd").read_text().strip() == str(layout.base)
+    assert (m / "service-cwd").read_text().strip() == str(layout.services / "where")
+    init.signal(signal.SIGTERM)
+    assert init.wait() == 0
+    assert init.status()["phase"] == "stopped"
 
 
 # -- staying small and quiet -----------------------------------------------------------------

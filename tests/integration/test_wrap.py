@@ -6,6 +6,7 @@ and as a plain child of the test, where the init registers as child subreaper.
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -147,6 +148,22 @@ def test_the_child_runs_in_the_callers_directory(
     init = wrap(start, as_pid1, ["sh", "-c", "pwd"], cwd=here)
     assert init.wait() == 0
     assert init.log().splitlines() == [str(here)]
+
+
+def test_the_init_leaves_the_callers_directory_to_its_child(
+    start: Start, as_pid1: bool, tmp_path: Path
+) -> None:
+    """dumb-init's cwd test: the child starts where the init was started, the init is in /."""
+    here = tmp_path / "work dir"
+    here.mkdir()
+    ready = tmp_path / "ready"
+    report = f"readlink /proc/$PPID/cwd; pwd; touch '{ready}'; exec sleep 1000"
+    init = wrap(start, as_pid1, ["sh", "-c", report], cwd=here)
+    wait_for(ready.exists, 10, "the child's report")
+    assert os.readlink(f"/proc/{init.init_pid}/cwd") == "/"
+    assert init.log().splitlines() == ["/", str(here)]
+    init.signal(signal.SIGTERM)
+    assert init.wait() == 128 + signal.SIGTERM
 
 
 GROUP = """

@@ -1,9 +1,10 @@
-"""The supervisor's restart policy with a fault-injecting spawn and a fake clock: no processes."""
+"""The supervisor: restarts, stops and shares of the grace period, on a fake system and clock."""
 
 from __future__ import annotations
 
 import io
 import itertools
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,29 +13,22 @@ import pytest
 from init.core.backoff import Backoff
 from init.core.log import Log
 from init.core.loop import EventLoop
-from init.core.process import SpawnSpec
 from init.core.services import ServiceSpec
 from init.core.states import State, TransitionError, check_transition
 from init.core.supervisor import Supervisor
-from init.errors import SpawnError
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.unit.fake_system import FakeSystem, Program
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def system() -> FakeSystem:
+    fake = FakeSystem()
+    fake.spawn_fails.update({"web", "a", "b"})
+    return fake
 
 
 @pytest.fixture
-def loop(clock: FakeClock) -> Iterator[EventLoop]:
-    event_loop = EventLoop(Log(io.StringIO()), (), clock=clock)
+def loop(system: FakeSystem) -> Iterator[EventLoop]:
+    event_loop = EventLoop(Log(io.StringIO()), (), system)
     yield event_loop
     event_loop.close()
 
@@ -46,24 +40,19 @@ def spec(name: str = "web", start: bool = True) -> ServiceSpec:
 
 
 def test_a_service_that_cannot_be_executed_is_failed_and_retried_with_growing_delays(
-    loop: EventLoop, clock: FakeClock
+    loop: EventLoop, system: FakeSystem
 ) -> None:
-    attempts: list[float] = []
-
-    def broken_spawn(spawn_spec: SpawnSpec) -> int:
-        attempts.append(clock.now)
-        raise SpawnError(f"cannot execute {spawn_spec.argv[0]}: No such file or directory")
-
     log = io.StringIO()
     policy = Backoff(first=1.0, factor=2.0, cap=4.0, reset_after=10.0)
-    supervisor = Supervisor(loop, Log(log), {}, backoff=policy, spawn=broken_spawn)
+    supervisor = Supervisor(loop, Log(log), {}, backoff=policy)
     supervisor.start([spec()])
     (service,) = supervisor.services
     assert service.state is State.FAILED
     assert "No such file" in service.reason
     for _ in range(5):
-        clock.now += 10.0  # far past any delay: each due timer fires once
+        system.now += 10.0  # far past any delay: each due timer fires once
         loop.run_once()
+    attempts = [when for when, _name in system.failed_spawns]
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert len(attempts) == 6
     assert service.quick_exits == 6
@@ -72,52 +61,38 @@ def test_a_service_that_cannot_be_executed_is_failed_and_retried_with_growing_de
     assert all(gap >= 1.0 for gap in gaps)
 
 
-def test_retries_wait_for_their_delay(loop: EventLoop, clock: FakeClock) -> None:
-    attempts: list[float] = []
-
-    def broken_spawn(spawn_spec: SpawnSpec) -> int:
-        attempts.append(clock.now)
-        raise SpawnError("cannot execute")
-
+def test_retries_wait_for_their_delay(loop: EventLoop, system: FakeSystem) -> None:
     policy = Backoff(first=1.0, factor=2.0, cap=30.0, reset_after=10.0)
-    supervisor = Supervisor(loop, Log(io.StringIO()), {}, backoff=policy, spawn=broken_spawn)
+    supervisor = Supervisor(loop, Log(io.StringIO()), {}, backoff=policy)
     supervisor.start([spec()])
-    clock.now += 0.9
+    system.now += 0.9
     loop.run_once()
-    assert len(attempts) == 1  # 1.0 s not yet over
-    clock.now += 0.2
+    assert len(system.failed_spawns) == 1  # 1.0 s not yet over
+    system.now += 0.2
     loop.run_once()
-    assert len(attempts) == 2
-    clock.now += 1.9  # the next delay is 2.0 s
+    assert len(system.failed_spawns) == 2
+    system.now += 1.9  # the next delay is 2.0 s
     loop.run_once()
-    assert len(attempts) == 2
+    assert len(system.failed_spawns) == 2
 
 
-def test_a_down_file_keeps_a_service_down(loop: EventLoop) -> None:
-    calls: list[SpawnSpec] = []
-
-    def spawn(spawn_spec: SpawnSpec) -> int:
-        calls.append(spawn_spec)
-        raise SpawnError("x")
-
-    supervisor = Supervisor(loop, Log(io.StringIO()), {}, spawn=spawn)
+def test_a_down_file_keeps_a_service_down(loop: EventLoop, system: FakeSystem) -> None:
+    supervisor = Supervisor(loop, Log(io.StringIO()), {})
     supervisor.start([spec("mongo", start=False)])
     assert supervisor.services[0].state is State.DOWN
-    assert calls == []
+    assert system.children == []
 
 
 def test_stop_all_takes_failed_services_down_without_waiting(
-    loop: EventLoop, clock: FakeClock
+    loop: EventLoop, system: FakeSystem
 ) -> None:
-    def spawn(spawn_spec: SpawnSpec) -> int:
-        raise SpawnError("x")
-
-    supervisor = Supervisor(loop, Log(io.StringIO()), {}, spawn=spawn)
+    supervisor = Supervisor(loop, Log(io.StringIO()), {})
     supervisor.start([spec("a"), spec("b")])
-    killed = supervisor.stop_all(lambda: clock.now + 5)
+    killed = supervisor.stop_all(lambda: system.now + 5)
     assert killed == []
+    assert system.now == 0.0
     assert [s.state for s in supervisor.services] == [State.DOWN, State.DOWN]
-    clock.now += 100
+    system.now += 100
     loop.run_once()
     assert [s.state for s in supervisor.services] == [State.DOWN, State.DOWN]
 
@@ -151,3 +126,48 @@ def test_a_job_that_exits_with_a_done_status_is_finished_not_restarted() -> None
         assert "job: finished: exited with status 1 after" in log.getvalue()
     finally:
         loop.close()
+
+
+def test_forwarded_signals_reach_each_running_service_but_not_a_finish_script(
+    loop: EventLoop, tmp_path: Path
+) -> None:
+    finish = tmp_path / "svc" / "web" / "finish"
+    finish.parent.mkdir(parents=True)
+    finish.write_text("#!/bin/sh\n")
+    finish.chmod(0o755)
+    system = loop.system
+    assert isinstance(system, FakeSystem)
+    system.programs = {"web": [Program(runs_for=1.0, status=2)], "web/finish": [Program()]}
+    system.spawn_fails.clear()
+    supervisor = Supervisor(loop, Log(io.StringIO()), {})
+    web = ServiceSpec(
+        name="web", directory=finish.parent, argv=(str(finish.parent / "run"),), finish=finish
+    )
+    supervisor.start([web, spec("db")])
+    supervisor.forward(signal.SIGHUP)
+    loop.run_until(lambda: system.running("web/finish") is not None, 5.0)
+    supervisor.forward(signal.SIGUSR1)
+    assert system.signalled(signal.SIGHUP) == [(0.0, "web"), (0.0, "db")]
+    assert system.signalled(signal.SIGUSR1) == [(1.0, "db")]  # web is in its finish script
+
+
+def test_a_finish_script_that_cannot_run_does_not_hold_up_the_restart(
+    loop: EventLoop, tmp_path: Path
+) -> None:
+    finish = tmp_path / "web" / "finish"
+    finish.parent.mkdir()
+    finish.write_text("#!/bin/sh\n")
+    finish.chmod(0o755)
+    system = loop.system
+    assert isinstance(system, FakeSystem)
+    system.programs = {"web": [Program(runs_for=1.0, status=2)]}
+    system.spawn_fails = {"web/finish"}
+    log = io.StringIO()
+    supervisor = Supervisor(loop, Log(log), {})
+    web = ServiceSpec(
+        name="web", directory=finish.parent, argv=(str(finish.parent / "run"),), finish=finish
+    )
+    supervisor.start([web])
+    loop.run_until(lambda: len(system.starts_of("web")) == 2, 10.0)
+    assert system.starts_of("web") == [0.0, 1.5]
+    assert "web: error: finish: cannot execute" in log.getvalue()
