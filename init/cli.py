@@ -189,7 +189,7 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
             opt, "kill_all_timeout", merged, config.KILL_ALL_PROCESSES_TIMEOUT, Shutdown.kill_all
         ),
     )
-    status_file = status_path(merged, opt.get("status_file"))
+    status_file = status_path(merged, opt.get("status_file")).absolute()
     layout = dockerd.layout_from_env(merged)
     options_ = BootOptions(
         startup_dir=opt.get("startup_dir", services.DEFAULT_STARTUP_DIR),

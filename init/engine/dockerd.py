@@ -7,6 +7,7 @@ library's job and no library runs inside PID 1.
 
 from __future__ import annotations
 
+import errno
 import os
 import shlex
 import signal
@@ -213,14 +214,6 @@ def _is_dead_socket(path: Path) -> bool:
         return False
     if not stat.S_ISSOCK(st.st_mode):
         return False
-    import socket  # dind only: the module alone costs PID 1 0.75 MiB
+    from init.engine.client import connect_error
 
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(0.5)
-        try:
-            probe.connect(str(path))
-        except ConnectionRefusedError:
-            return True
-        except OSError:
-            return False
-    return False
+    return connect_error(path, 0.5) == errno.ECONNREFUSED

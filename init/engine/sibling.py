@@ -15,7 +15,6 @@ import grp
 import os
 import pwd
 import re
-import socket
 import stat
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -141,12 +140,11 @@ def socket_check(facts: SocketFacts) -> Check:
 
 def probe_socket(path: Path, timeout: float = 2.0) -> Check:
     """Whether something accepts a connection on `path`; if not, why, for an operator."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        try:
-            s.connect(str(path))
-        except OSError as e:
-            return connect_check(path, e.errno)
+    from init.engine.client import connect_error
+
+    error = connect_error(path, timeout)
+    if error is not None:
+        return connect_check(path, error)
     return Check("engine", Status.OK, f"something accepts connections on {path}")
 
 

@@ -203,7 +203,7 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
             command = ["sh", "-c", mount, "sh", *init]
         else:
             command = init
-        log_path = base / "init.core.log"
+        log_path = base / "init.log"
         proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private",
              *command],
@@ -282,6 +282,38 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     assert log.index("web: stopped") < log.index("dockerd: stopping")
     assert f"web | DOCKER_HOST=unix://{init.socket}" in log
     assert str(init.socket.parent) not in Path("/proc/self/mountinfo").read_text()
+
+
+def test_doctor_beside_a_running_compile_leaves_it_alone(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    """doctor asks the engine whether it answers; it never sweeps compile containers (a sweep
+    killed a compile in progress, reported to its user as a LaTeX error)."""
+    init = start_init()
+    init.wait_engine("ready")
+    wait_for(lambda: init.status()["texlive"]["state"] == "done", 30, "the installer done")
+    compile_ = init.docker(
+        "run", "-d", "--network", "none", "--label", "sharelatex-init.compile=1",
+        "busybox:test", "/bin/busybox", "sh", "-c", "sleep 4; exit 7",
+    )  # fmt: skip
+    assert compile_.returncode == 0, compile_.stderr
+    container = compile_.stdout.strip()
+    code, checks = init.doctor()
+    assert code == 0, checks
+    assert {c["name"]: c["status"] for c in checks}["dockerd"] == "ok"
+    # The compile ends on its own terms, with its own status, not killed (137) by doctor.
+    waited = init.docker("wait", container)
+    assert waited.stdout.strip() == "7", (waited.stdout, waited.stderr)
+    assert init.docker("inspect", container).returncode == 0  # still there: nobody swept it
+    # An engine that starts again sweeps what is left of ours: that is the only sweep.
+    ready_since = init.engine()["since"]
+    os.kill(init.dockerd().pid, signal.SIGKILL)  # type: ignore[union-attr]
+    wait_for(
+        lambda: init.engine().get("state") == "ready" and init.engine()["since"] > ready_since,
+        30,
+        "the engine ready again",
+    )
+    assert init.docker("ps", "-aq", "--filter", "label=sharelatex-init.compile").stdout == ""
 
 
 def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
