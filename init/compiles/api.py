@@ -55,7 +55,7 @@ from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from init.compiles.contract import ENGINES, Limit, Status
+from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Limit, Status
 from init.compiles.settings import Deadlines
 from init.config import COMPILE_API_ADDRESS, COMPILES_DIR, DEFAULT_COMPILES_DIR
 from init.core.log import Log
@@ -126,7 +126,7 @@ def parse_options(query: Mapping[str, str], limits: Limits) -> Options:
         len(main) <= 255 and _MAIN.match(main) and ".." not in main.split("/")
     ):
         raise Refusal(400, "query", f"main={main!r}: give a relative path to a .tex file, no '..'")
-    engine = query.get("engine") or "pdflatex"
+    engine = query.get("engine") or DEFAULT_ENGINE
     if engine not in ENGINES:
         raise Refusal(400, "query", f"engine={engine!r}: use one of {', '.join(ENGINES)}")
     try:

@@ -44,7 +44,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from init.compiles.contract import ENGINES, Status
+from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Status
 from init.errors import EX_CONFIG, ConfigError, EngineError, InitError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI imports this)
@@ -70,7 +70,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, metavar="DIR", help="the project's compile dir")
     parser.add_argument("--main", default="main.tex", help="the root file (default main.tex)")
-    parser.add_argument("--engine", choices=ENGINES, default="pdflatex", help="TeX engine")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE, help="TeX engine")
     parser.add_argument("--image", help="a TeX Live image of ALL_TEX_LIVE_DOCKER_IMAGES")
     parser.add_argument("--timeout", type=float, help="seconds (default: the configured limit)")
     parser.add_argument("--project", help="the project id (default: DIR's name)")

@@ -40,5 +40,6 @@ class Limit(enum.Enum):
 # Each engine and the latexmk flag that selects it (Community Edition's LatexRunner).
 ENGINE_FLAGS = {"pdflatex": "-pdf", "xelatex": "-xelatex", "lualatex": "-lualatex", "latex": "-dvi"}
 ENGINES = tuple(ENGINE_FLAGS)
+DEFAULT_ENGINE = "pdflatex"
 # What the shim runs in the sandbox, by the name it was called as.
 SHIMMED_COMMANDS = ("latexmk", *ENGINES)
