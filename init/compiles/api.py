@@ -55,29 +55,15 @@ from http import HTTPStatus
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from init.config import DEFAULT_COMPILES_DIR
+from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Limit, Status
+from init.compiles.settings import Deadlines
+from init.config import COMPILE_API_ADDRESS, COMPILES_DIR, DEFAULT_COMPILES_DIR
 from init.core.log import Log
-from init.errors import EX_CONFIG, EX_TEMPFAIL
 from init.httpd import server as httpserve
 from init.httpd.server import App, Request, Response
 
 NAME = "compile-api"
-ADDRESS_VARIABLE = "SHARELATEX_INIT_COMPILE_API_ADDRESS"
 DEFAULT_ADDRESS = "127.0.0.1:8090"
-COMPILES_DIR_VARIABLE = "SHARELATEX_INIT_COMPILES_DIR"
-
-# `sharelatex-init compile` exit statuses (init.compiles.command), and its status words.
-EXIT_PDF, EXIT_LATEX, EXIT_LIMIT = 0, 1, 2
-EX_UNAVAILABLE = 69  # the engine cannot be reached
-EXIT_WORDS = {
-    EXIT_PDF: "no_pdf",
-    EXIT_LATEX: "latex_error",
-    EXIT_LIMIT: "limit",
-    EX_TEMPFAIL: "not_ready",
-    EX_UNAVAILABLE: "engine",
-    EX_CONFIG: "config",
-}
-ENGINES = ("pdflatex", "xelatex", "lualatex", "latex")
 TEX_TYPES = ("text/x-tex", "application/x-tex", "text/plain")
 TAR_TYPES = (
     "application/x-tar",
@@ -92,7 +78,6 @@ LOG_TAIL_LINES = 40
 RETRY_AFTER_NOT_READY = 30  # seconds: a TeX Live install moves in minutes, not seconds
 RETRY_AFTER_BUSY = 5
 RETRY_AFTER_ENGINE = 10  # an inner dockerd restarting
-QUEUE_ALLOWANCE = 300.0  # seconds a compile may wait in the compile command's queue
 CHUNK = 1 << 16
 STOP_GRACE = 15.0  # seconds the running compiles get to end their containers on SIGTERM
 
@@ -141,7 +126,7 @@ def parse_options(query: Mapping[str, str], limits: Limits) -> Options:
         len(main) <= 255 and _MAIN.match(main) and ".." not in main.split("/")
     ):
         raise Refusal(400, "query", f"main={main!r}: give a relative path to a .tex file, no '..'")
-    engine = query.get("engine") or "pdflatex"
+    engine = query.get("engine") or DEFAULT_ENGINE
     if engine not in ENGINES:
         raise Refusal(400, "query", f"engine={engine!r}: use one of {', '.join(ENGINES)}")
     try:
@@ -319,18 +304,28 @@ class Outcome:
 
 def status_for(outcome: Outcome) -> tuple[int, int | None]:
     """(HTTP status, Retry-After or None) for a compile that made no PDF."""
-    if outcome.result.get("limit") == "stopped":
+    if outcome.result.get("limit") == Limit.STOPPED.value:
         # The runner was stopped (it then dies of the signal), not the document: try later.
         return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_BUSY
-    if outcome.exit_status == EXIT_LATEX:
+    if outcome.exit_status == Status.LATEX_ERROR:
         return HTTPStatus.UNPROCESSABLE_ENTITY, None
-    if outcome.exit_status == EXIT_LIMIT:
+    if outcome.exit_status == Status.LIMIT:
         return HTTPStatus.REQUEST_ENTITY_TOO_LARGE, None
-    if outcome.exit_status == EX_TEMPFAIL:
+    if outcome.exit_status == Status.NOT_READY:
         return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_NOT_READY
-    if outcome.exit_status == EX_UNAVAILABLE:
+    if outcome.exit_status == Status.ENGINE:
         return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_ENGINE
     return HTTPStatus.INTERNAL_SERVER_ERROR, None
+
+
+def status_word(exit_status: int) -> str:
+    """The compile command's status word for an exit status, when its JSON gave none."""
+    if exit_status == Status.OK:
+        return "no_pdf"  # exit 0, and yet no PDF to send
+    try:
+        return Status(exit_status).word
+    except ValueError:
+        return "failed"
 
 
 def failure_response(outcome: Outcome, project: str) -> Response:
@@ -338,7 +333,7 @@ def failure_response(outcome: Outcome, project: str) -> Response:
     status word, the limit (or the status) as the reason, its own line as the message."""
     result = outcome.result
     code, retry_after = status_for(outcome)
-    status = str(result.get("status") or EXIT_WORDS.get(outcome.exit_status, "failed"))
+    status = str(result.get("status") or status_word(outcome.exit_status))
     message = str(result.get("reason") or "")
     if not message:
         message = _tail(outcome.stderr, 5) or (
@@ -447,12 +442,12 @@ def run_compile(
         )
         with compiles.changed:
             compiles.processes.add(proc)
+        allowed = Deadlines.from_timeout(options.timeout).command
         try:
             try:
-                exit_status = proc.wait(options.timeout + QUEUE_ALLOWANCE)
+                exit_status = proc.wait(allowed)
             except subprocess.TimeoutExpired:
                 exit_status = _end(proc)
-                allowed = options.timeout + QUEUE_ALLOWANCE
                 return Outcome(
                     exit_status,
                     {
@@ -539,7 +534,7 @@ def handle_compile(service: Service, compiles: Compiles, log: Log, request: Requ
                 "error",
                 "compiles_dir",
                 f"cannot make a project dir in {service.compiles_dir}: {e.strerror}; "
-                f"check {COMPILES_DIR_VARIABLE} and that the dir is writable by this service",
+                f"check {COMPILES_DIR} and that the dir is writable by this service",
             )
         try:
             return _compile_upload(service, compiles, request, project_dir, project, options, kind)
@@ -575,13 +570,13 @@ def _compile_upload(
         return e.response(project)
     started = time.monotonic()
     outcome = run_compile(service, compiles, project_dir, project, _with_main(options, main))
-    if outcome.exit_status == EXIT_PDF:
+    if outcome.exit_status == Status.OK:
         pdf = _pdf_path(outcome.result, project_dir, main)
         try:
             body = pdf.read_bytes()
         except OSError as e:
             return failure_response(
-                Outcome(EXIT_PDF, {"reason": f"exit 0 but no PDF at {pdf}: {e.strerror}"}),
+                Outcome(int(Status.OK), {"reason": f"exit 0 but no PDF at {pdf}: {e.strerror}"}),
                 project,
             )
         seconds = outcome.result.get("seconds") or time.monotonic() - started
@@ -638,12 +633,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     )
     parser.add_argument(
         "--listen",
-        help=f"HOST:PORT or [IPv6]:PORT (default ${ADDRESS_VARIABLE}, else {DEFAULT_ADDRESS})",
+        help=f"HOST:PORT or [IPv6]:PORT (default ${COMPILE_API_ADDRESS}, else {DEFAULT_ADDRESS})",
     )
     parser.add_argument(
         "--compiles-dir",
         type=Path,
-        help=f"where project dirs go (${COMPILES_DIR_VARIABLE}, else {DEFAULT_COMPILES_DIR})",
+        help=f"where project dirs go (${COMPILES_DIR}, else {DEFAULT_COMPILES_DIR})",
     )
     parser.add_argument("--max-upload-mb", type=float, default=Limits.max_upload / 2**20)
     parser.add_argument("--max-extracted-mb", type=float, default=Limits.max_extracted / 2**20)
@@ -654,13 +649,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     log = Log()
     if options.listen is not None:
         text, source = options.listen, "--listen"
-    elif env.get(ADDRESS_VARIABLE, "").strip():
-        text, source = env[ADDRESS_VARIABLE], ADDRESS_VARIABLE
+    elif env.get(COMPILE_API_ADDRESS, "").strip():
+        text, source = env[COMPILE_API_ADDRESS], COMPILE_API_ADDRESS
     else:
         text, source = DEFAULT_ADDRESS, "--listen"
-    compiles_dir = options.compiles_dir or Path(
-        env.get(COMPILES_DIR_VARIABLE) or DEFAULT_COMPILES_DIR
-    )
+    compiles_dir = options.compiles_dir or Path(env.get(COMPILES_DIR) or DEFAULT_COMPILES_DIR)
     limits = Limits(
         max_upload=int(options.max_upload_mb * 2**20),
         max_extracted=int(options.max_extracted_mb * 2**20),

@@ -4,17 +4,18 @@
                               [--image IMAGE] [--timeout S] [--project ID] [--json]
 
 Runs `latexmk -cd -jobname=output -auxdir=DIR -outdir=DIR ... DIR/MAIN` (what Community
-Edition's compile service runs) in the project's sandbox container (init.compiles.sandbox); the PDF and
-the log are left in DIR as `output.pdf` and `output.log`. DIR under the compiles root
+Edition's compile service runs) in the project's sandbox container (init.compiles.runner); the
+PDF and the log are left in DIR as `output.pdf` and `output.log`. DIR under the compiles root
 (SHARELATEX_INIT_COMPILES_DIR, default /var/lib/sharelatex/data/compiles) is bound from the
 sibling host dir when SANDBOXED_COMPILES_HOST_DIR_COMPILES is set; any other DIR is bound as it
 is (by hand, with DOCKER_HOST an engine on the same machine). The project id is --project, else
 DIR's name.
 
-Exit status:
+Exit status (init.compiles.contract.Status):
   0   the PDF is there
   1   LaTeX error (the first error lines of the log follow)
   2   a sandbox limit was hit: timeout, memory, processes or output size (named)
+  69  the engine cannot be reached
   75  the TeX Live image is not in the engine yet (the installer's progress, when it has some)
   78  configuration (one line: the variable or option, the value, the fix)
 
@@ -22,7 +23,7 @@ With --json, one JSON object on stdout, always, whatever the exit status; these 
 stable (machine callers, e.g. the HTTP compile service, rely on them):
 
   status       "ok" | "latex_error" | "limit" | "not_ready" | "config" | "engine"
-  exit_status  the process's exit status (0, 1, 2, 75, 78; 69 when the engine is unreachable)
+  exit_status  the process's exit status (0, 1, 2, 69, 75, 78)
   reason       one line for a person: what happened and, for a problem, the fix
   limit        "timeout" | "memory" | "processes" | "output size" | "stopped" | null
   pdf          absolute path of output.pdf (a regular file, never a link) or null
@@ -43,17 +44,16 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Status
 from init.errors import EX_CONFIG, ConfigError, EngineError, InitError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI imports this)
 if TYPE_CHECKING:
     from typing import Any
 
-    from init.compiles import sandbox
-
-EX_UNAVAILABLE = 69  # sysexits: the engine cannot be reached
-# init.compiles.sandbox.ENGINES' keys; named here so that building the CLI's parser imports no runner.
-ENGINES = ("pdflatex", "xelatex", "lualatex", "latex")
+    from init.compiles.outcome import Outcome
+    from init.compiles.profile import Job
+    from init.compiles.settings import CompileSettings
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -70,7 +70,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, metavar="DIR", help="the project's compile dir")
     parser.add_argument("--main", default="main.tex", help="the root file (default main.tex)")
-    parser.add_argument("--engine", choices=ENGINES, default="pdflatex", help="TeX engine")
+    parser.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE, help="TeX engine")
     parser.add_argument("--image", help="a TeX Live image of ALL_TEX_LIVE_DOCKER_IMAGES")
     parser.add_argument("--timeout", type=float, help="seconds (default: the configured limit)")
     parser.add_argument("--project", help="the project id (default: DIR's name)")
@@ -79,8 +79,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The `compile` command: its exit status; the result on stdout (text or JSON)."""
-    from init.compiles import sandbox
     from init.compiles import service_env as compile_env
+    from init.compiles.outcome import NotReady
+    from init.compiles.paths import compile_dir
+    from init.compiles.profile import Job, latexmk_command
+    from init.compiles.runner import die_of
+    from init.compiles.settings import check_image, settings_from_env
     from init.core import status_file
 
     try:  # inside the site's container: compile as its services do
@@ -92,37 +96,35 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     project = options.project
     compile_id = ""
     try:
-        settings = sandbox.settings_from_env(environ)
+        settings = settings_from_env(environ)
         if options.timeout is not None:
             if options.timeout < 1:
                 raise ConfigError([f"--timeout {options.timeout:g}: give at least 1 second"])
             limits = dataclasses.replace(settings.limits, timeout=options.timeout)
             settings = dataclasses.replace(settings, limits=limits)
-        image = sandbox.check_image(options.image, settings)
-        directory = sandbox.compile_dir(options.directory, settings.places, options.project)
+        image = check_image(options.image, settings)
+        directory = compile_dir(options.directory, settings.places, options.project)
         project = directory.project
-        command = sandbox.latexmk_command(directory.path, options.main, options.engine)
-        job = sandbox.Job(directory, command, image, environ)
+        command = latexmk_command(directory.path, options.main, options.engine)
+        job = Job(directory, command, image, environ)
         compile_id = job.compile_id
         outcome, stopped_by = _compile(settings, job, options.json)
     except ConfigError as e:
-        return _report(options, _failure(sandbox.Status.CONFIG, "\n".join(e.problems)), project)
-    except sandbox.NotReady as e:
-        return _report(options, _failure(sandbox.Status.NOT_READY, str(e)), project)
+        return _report(options, _failure(Status.CONFIG, "\n".join(e.problems)), project)
+    except NotReady as e:
+        return _report(options, _failure(Status.NOT_READY, str(e)), project)
     except EngineError as e:
-        outcome = _failure(sandbox.Status.CONFIG, str(e))
-        return _report(options, outcome, project, compile_id, EX_UNAVAILABLE, "engine")
+        return _report(options, _failure(Status.ENGINE, str(e)), project, compile_id)
     code = _report(options, outcome, project, compile_id)
     if stopped_by is not None:
         sys.stdout.flush()
-        sandbox.die_of(stopped_by)
+        die_of(stopped_by)
     return code
 
 
-def _compile(
-    settings: sandbox.Settings, job: sandbox.Job, quiet: bool
-) -> tuple[sandbox.Outcome, int | None]:
-    from init.compiles import sandbox
+def _compile(settings: CompileSettings, job: Job, quiet: bool) -> tuple[Outcome, int | None]:
+    from init.compiles.outcome import classify
+    from init.compiles.runner import Runner
     from init.engine.api import DockerBackend
 
     def warn(line: str) -> None:
@@ -130,45 +132,36 @@ def _compile(
 
     backend = DockerBackend(settings.engine_url, settings.limits)
     try:
-        runner = sandbox.Runner(settings, backend, warn)
+        runner = Runner(settings, backend, warn)
         ran = runner.run(job)
     finally:
         backend.close()
-    return sandbox.classify(ran, job, settings.limits), ran.stopped_by
+    return classify(ran, job, settings.limits), ran.stopped_by
 
 
-def _failure(status: sandbox.Status, reason: str) -> sandbox.Outcome:
-    from init.compiles import sandbox
+def _failure(status: Status, reason: str) -> Outcome:
+    from init.compiles.outcome import Outcome
 
-    return sandbox.Outcome(status, reason)
+    return Outcome(status, reason)
 
 
 def _report(
-    options: argparse.Namespace,
-    outcome: sandbox.Outcome,
-    project: str | None,
-    compile_id: str = "",
-    exit_status: int | None = None,
-    status_name: str | None = None,
+    options: argparse.Namespace, outcome: Outcome, project: str | None, compile_id: str = ""
 ) -> int:
-    from init.compiles import sandbox
-
-    code = int(outcome.status) if exit_status is None else exit_status
+    code = int(outcome.status)
     if options.json:
         document = outcome.document()
         document.update(project=project, compile_id=compile_id or None, exit_status=code)
-        if status_name is not None:
-            document["status"] = status_name
         print(json.dumps(document))
         return code
-    stream = sys.stdout if outcome.status is sandbox.Status.OK else sys.stderr
+    stream = sys.stdout if outcome.status is Status.OK else sys.stderr
     for line in outcome.reason.splitlines():
         print(f"compile: {line}", file=stream)
-    if outcome.status is sandbox.Status.OK and outcome.pdf is not None:
+    if outcome.status is Status.OK and outcome.pdf is not None:
         print(f"compile: {outcome.pdf} ({outcome.seconds:.2f} s)", file=stream)
-    for line in outcome.errors if outcome.status is not sandbox.Status.OK else ():
+    for line in outcome.errors if outcome.status is not Status.OK else ():
         print(f"  {line}", file=stream)
-    if outcome.log is not None and outcome.status is not sandbox.Status.OK:
+    if outcome.log is not None and outcome.status is not Status.OK:
         print(f"compile: the log is {outcome.log}", file=stream)
     return code
 

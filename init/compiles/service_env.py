@@ -14,10 +14,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from init.compiles.contract import SHIMMED_COMMANDS
 from init.config import SIBLING, Mode, Settings
 from init.engine.side import CompileWiring
 
-SHIM_COMMANDS = ("latexmk", "pdflatex", "xelatex", "lualatex", "latex")
 # Where a Server Pro style image keeps its compile service's docker runner.
 DOCKER_RUNNERS = (
     Path("overleaf/services/clsi/app/js/DockerRunner.js"),
@@ -56,7 +56,7 @@ def shim_script(python: str, command: str) -> str:
 def write_shims(directory: Path, python: str) -> None:
     """One small script per command in `directory` (replaced whole: never half-written)."""
     directory.mkdir(parents=True, exist_ok=True)
-    for command in SHIM_COMMANDS:
+    for command in SHIMMED_COMMANDS:
         target = directory / command
         tmp = directory / f".{command}.tmp"
         tmp.write_text(shim_script(python, command))

@@ -5,15 +5,16 @@ Community Edition's compile service (services/clsi, LocalCommandRunner) spawns
 `latexmk -cd -jobname=output -auxdir=DIR -outdir=DIR ... DIR/main.tex` by name from PATH, with
 the compile dir as its cwd, in its own process group; on timeout it SIGTERMs the group, and it
 treats exit status 1 specially. This runs exactly that command in the project's sandbox
-container (init.compiles.sandbox), with the cwd bound at the same absolute path (in sibling mode from
-the host path), its output copied to ours, and its exit status passed back as is.
+container (init.compiles.runner), with the cwd bound at the same absolute path (in sibling mode
+from the host path), its output copied to ours, and its exit status passed back as is.
 
 Ending: SIGTERM, SIGINT or SIGHUP removes the container, then the shim dies of that signal (the
 service checks for SIGTERM). The caller's death is noticed through PR_SET_PDEATHSIG (a SIGTERM
 when the parent goes), and a SIGKILLed shim cannot clean up at all, so the container does not
 rely on it: the compile runs under `timeout -s KILL` inside it, and its PID 1 ends it after the
-idle time (init.compiles.sandbox). The shim never runs the command unsandboxed: no engine, no image or a
-bad setting is a message on stderr and exit 75 (try again later) or 78 (configuration).
+idle time (init.compiles.profile). The shim never runs the command unsandboxed: no engine, no
+image or a bad setting is a message on stderr and exit 75 (try again later) or 78
+(configuration).
 """
 
 from __future__ import annotations
@@ -24,10 +25,14 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from init.compiles import sandbox
+from init.compiles.contract import SHIMMED_COMMANDS
+from init.compiles.outcome import NotReady
+from init.compiles.paths import compile_dir
+from init.compiles.profile import Job
+from init.compiles.runner import Runner, die_of
+from init.compiles.settings import settings_from_env
 from init.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, EngineError
 
-COMMANDS = ("latexmk", "pdflatex", "xelatex", "lualatex", "latex")
 PR_SET_PDEATHSIG = 1
 
 
@@ -52,20 +57,17 @@ def warn(line: str) -> None:
 
 def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
     """Run `argv` (a shimmed command and its arguments) in the sandbox; its exit status."""
-    if not argv or os.path.basename(argv[0]) not in COMMANDS:
-        return fail(
-            f"usage: python -m init.compiles.shim {{{','.join(COMMANDS)}}} ARGS...", EX_CONFIG
-        )
+    if not argv or os.path.basename(argv[0]) not in SHIMMED_COMMANDS:
+        usage = f"python -m init.compiles.shim {{{','.join(SHIMMED_COMMANDS)}}} ARGS..."
+        return fail(f"usage: {usage}", EX_CONFIG)
     try:
-        settings = sandbox.settings_from_env(environ)
-        directory = sandbox.compile_dir(Path(cwd), settings.places)
-        job = sandbox.Job(
-            directory, (os.path.basename(argv[0]), *argv[1:]), settings.image, environ
-        )
+        settings = settings_from_env(environ)
+        directory = compile_dir(Path(cwd), settings.places)
+        job = Job(directory, (os.path.basename(argv[0]), *argv[1:]), settings.image, environ)
         from init.engine.api import DockerBackend
 
         backend = DockerBackend(settings.engine_url, settings.limits, environ)
-        runner = sandbox.Runner(settings, backend, warn)
+        runner = Runner(settings, backend, warn)
         out = sys.stdout.buffer
 
         def copy(chunk: bytes) -> None:
@@ -78,12 +80,12 @@ def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
         ran = runner.run(job, copy)
     except ConfigError as e:
         return fail("; ".join(e.problems) + " (the command was not run)", EX_CONFIG)
-    except sandbox.NotReady as e:
+    except NotReady as e:
         return fail(f"{e} (the command was not run; try again later)", EX_TEMPFAIL)
     except EngineError as e:
         return fail(f"{e} (the command was not run: never outside the sandbox)", EX_TEMPFAIL)
     if ran.stopped_by is not None:
-        sandbox.die_of(ran.stopped_by)
+        die_of(ran.stopped_by)
     if ran.timed_out:
         fail(f"timeout: stopped after {settings.limits.timeout:g} s", 0)
     elif ran.oom_killed:

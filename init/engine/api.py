@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from init.compiles.sandbox import COMPILE_LABEL, EXPIRES_LABEL, KILL_GRACE, ContainerSpec, Limits
+from init.compiles.profile import COMPILE_LABEL, EXPIRES_LABEL, ContainerSpec
+from init.compiles.settings import KILL_GRACE, Limits
 from init.errors import ConfigError, EngineError
 
 API_VERSION = "1.41"
@@ -201,7 +202,7 @@ class DockerBackend:
     def __init__(self, url: str, limits: Limits, environ: Mapping[str, str] | None = None) -> None:
         self.url = url
         self._connect = connector(url, os.environ if environ is None else environ)
-        self.timeout = limits.timeout + 3 * KILL_GRACE
+        self.timeout = limits.deadlines.engine_call
 
     def _error(self, e: BaseException) -> EngineError:
         return EngineError(

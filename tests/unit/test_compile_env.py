@@ -7,6 +7,7 @@ from pathlib import Path
 
 from init import config
 from init.compiles import service_env as compile_env
+from init.compiles.contract import SHIMMED_COMMANDS
 
 
 def settings(**environ: str) -> config.Settings:
@@ -50,9 +51,7 @@ def test_the_shim_scripts_run_the_shim_module_with_their_name(tmp_path: Path) ->
     fake_python.write_text('#!/bin/sh\necho "$@"\n')
     fake_python.chmod(0o755)
     compile_env.write_shims(tmp_path / "shim", str(fake_python))
-    assert sorted(p.name for p in (tmp_path / "shim").iterdir()) == sorted(
-        compile_env.SHIM_COMMANDS
-    )
+    assert sorted(p.name for p in (tmp_path / "shim").iterdir()) == sorted(SHIMMED_COMMANDS)
     out = subprocess.run(
         [tmp_path / "shim" / "latexmk", "-pdf", "a b.tex"], capture_output=True, text=True
     )

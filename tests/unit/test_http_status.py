@@ -318,11 +318,11 @@ def test_content_types() -> None:
 
 
 def test_project_ids_are_what_the_runner_accepts() -> None:
-    from init.compiles import sandbox
+    from init.compiles.paths import check_project_id
 
     ids = {compile_api.new_project_id() for _ in range(50)}
     assert len(ids) == 50
-    assert all(sandbox.check_project_id(i) == i and len(i) == 24 for i in ids)
+    assert all(check_project_id(i) == i and len(i) == 24 for i in ids)
 
 
 # -- answers from the compile command's exit ---------------------------------------------------
@@ -457,7 +457,7 @@ def test_a_missing_compiles_dir_says_which_variable(tmp_path: Path) -> None:
     service = compile_api.Service(tmp_path / "missing")
     answer = post(service, b"x", "text/x-tex")
     assert answer.status == 500
-    assert compile_api.COMPILES_DIR_VARIABLE in json.loads(answer.body)["message"]
+    assert "SHARELATEX_INIT_COMPILES_DIR" in json.loads(answer.body)["message"]
 
 
 def test_removal_never_leaves_the_compiles_root(tmp_path: Path) -> None:

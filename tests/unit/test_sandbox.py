@@ -8,8 +8,28 @@ from pathlib import Path
 
 import pytest
 
-from init.compiles import sandbox
-from init.compiles.sandbox import Limit, Limits, Places, Ran, Status
+from init.compiles.contract import ENGINES, Limit, Status
+from init.compiles.outcome import Ran, classify, first_errors, not_ready_message, read_text_nofollow
+from init.compiles.paths import CompileDir, check_project_id, compile_dir, host_path
+from init.compiles.profile import (
+    Job,
+    compile_environment,
+    container_name,
+    container_spec,
+    exec_command,
+    latexmk_command,
+    load_seccomp,
+    watchdog_command,
+)
+from init.compiles.queue import Queue
+from init.compiles.settings import (
+    Limits,
+    Places,
+    check_image,
+    limits_from_env,
+    parse_size,
+    settings_from_env,
+)
 from init.errors import ConfigError
 from tests.integration.conftest import require
 
@@ -33,8 +53,8 @@ def places(tmp_path: Path) -> Places:
 
 
 def test_limits_default_and_from_the_environment() -> None:
-    assert sandbox.limits_from_env({}) == Limits()
-    limits = sandbox.limits_from_env(
+    assert limits_from_env({}) == Limits()
+    limits = limits_from_env(
         {
             "SHARELATEX_INIT_COMPILE_MEMORY": "512m",
             "SHARELATEX_INIT_COMPILE_PIDS": "100",
@@ -56,7 +76,7 @@ def test_limits_default_and_from_the_environment() -> None:
 
 def test_every_bad_limit_is_named_with_its_fix() -> None:
     with pytest.raises(ConfigError) as caught:
-        sandbox.limits_from_env(
+        limits_from_env(
             {
                 "SHARELATEX_INIT_COMPILE_MEMORY": "lots",
                 "SHARELATEX_INIT_COMPILE_PIDS": "3",
@@ -76,11 +96,11 @@ def test_every_bad_limit_is_named_with_its_fix() -> None:
     [("4096", 4096), ("1k", 1024), ("512m", 512 << 20), ("1.5g", 3 << 29), ("2GiB", 2 << 30)],
 )
 def test_sizes(text: str, size: int) -> None:
-    assert sandbox.parse_size(text) == size
+    assert parse_size(text) == size
 
 
 def test_settings_take_the_product_variables_and_our_own(tmp_path: Path) -> None:
-    settings = sandbox.settings_from_env(
+    settings = settings_from_env(
         {
             "TEX_LIVE_DOCKER_IMAGE": "texlive/texlive:2024",
             "ALL_TEX_LIVE_DOCKER_IMAGES": "texlive/texlive:2024,texlive/texlive:2023",
@@ -95,15 +115,15 @@ def test_settings_take_the_product_variables_and_our_own(tmp_path: Path) -> None
     assert settings.places.compiles == Path("/data/compiles")
     assert settings.places.host_compiles == Path("/srv/data/compiles")
     assert settings.engine_url == "unix:///tmp/d.sock"
-    assert sandbox.check_image("texlive/texlive:2023", settings) == "texlive/texlive:2023"
-    assert sandbox.check_image(None, settings) == "texlive/texlive:2024"
+    assert check_image("texlive/texlive:2023", settings) == "texlive/texlive:2023"
+    assert check_image(None, settings) == "texlive/texlive:2024"
     with pytest.raises(ConfigError, match="not an allowed TeX Live image"):
-        sandbox.check_image("evil:latest", settings)
+        check_image("evil:latest", settings)
 
 
 def test_a_relative_compiles_dir_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="SHARELATEX_INIT_COMPILES_DIR='data'"):
-        sandbox.settings_from_env({"SHARELATEX_INIT_COMPILES_DIR": "data"})
+        settings_from_env({"SHARELATEX_INIT_COMPILES_DIR": "data"})
 
 
 # -- ids and paths --------------------------------------------------------------------------
@@ -113,7 +133,7 @@ def test_a_relative_compiles_dir_is_a_config_error() -> None:
     "good", ["p1", "5f1e2a3b4c5d6e7f8a9b0c1d-5f1e2a3b4c5d6e7f8a9b0c1e", "a_b-C", "x" * 64]
 )
 def test_good_project_ids(good: str) -> None:
-    assert sandbox.check_project_id(good) == good
+    assert check_project_id(good) == good
 
 
 @pytest.mark.parametrize(
@@ -121,33 +141,33 @@ def test_good_project_ids(good: str) -> None:
 )
 def test_bad_project_ids(bad: str) -> None:
     with pytest.raises(ConfigError, match="project id"):
-        sandbox.check_project_id(bad)
+        check_project_id(bad)
 
 
 def test_a_dir_under_the_compiles_root_maps_to_the_sibling_host_dir(places: Places) -> None:
     sibling = Places(places.compiles, places.output, Path("/host/compiles"), Path("/host/out"))
     path = places.compiles / "p1"
-    assert sandbox.host_path(path, sibling) == Path("/host/compiles/p1")
-    assert sandbox.host_path(places.output / "p1" / "x", sibling) == Path("/host/out/p1/x")
-    assert sandbox.host_path(path, places) == path  # no host dir: dind or by hand
+    assert host_path(path, sibling) == Path("/host/compiles/p1")
+    assert host_path(places.output / "p1" / "x", sibling) == Path("/host/out/p1/x")
+    assert host_path(path, places) == path  # no host dir: dind or by hand
 
 
 def test_a_dir_outside_the_root_is_kept_by_hand_and_refused_with_siblings(
     places: Places,
 ) -> None:
-    assert sandbox.host_path(Path("/home/me/paper"), places) == Path("/home/me/paper")
+    assert host_path(Path("/home/me/paper"), places) == Path("/home/me/paper")
     sibling = Places(places.compiles, places.output, Path("/host/compiles"))
     with pytest.raises(ConfigError, match="outside the compiles dir"):
-        sandbox.host_path(Path("/home/me/paper"), sibling)
+        host_path(Path("/home/me/paper"), sibling)
 
 
 def test_compile_dir_resolves_and_takes_the_owner(places: Places) -> None:
     require(os.geteuid() == 0, "chown to a non-root owner needs root")
     directory = project_dir(places.compiles, "p1")
-    found = sandbox.compile_dir(directory, places)
+    found = compile_dir(directory, places)
     assert (found.path, found.source, found.project) == (directory, directory, "p1")
     assert (found.uid, found.gid) == (OWNER, OWNER)
-    assert sandbox.compile_dir(directory, places, "other").project == "other"
+    assert compile_dir(directory, places, "other").project == "other"
 
 
 def test_a_link_out_of_the_compiles_root_is_refused(places: Places, tmp_path: Path) -> None:
@@ -156,9 +176,9 @@ def test_a_link_out_of_the_compiles_root_is_refused(places: Places, tmp_path: Pa
     outside = project_dir(tmp_path, "elsewhere")
     (places.compiles / "sneaky").symlink_to(outside)
     with pytest.raises(ConfigError, match="leads out of"):
-        sandbox.compile_dir(places.compiles / "sneaky", places)
+        compile_dir(places.compiles / "sneaky", places)
     with pytest.raises(ConfigError, match="leads out of"):
-        sandbox.compile_dir(places.compiles / "p1" / ".." / "sneaky", places)
+        compile_dir(places.compiles / "p1" / ".." / "sneaky", places)
 
 
 def test_a_root_owned_dir_is_refused(places: Places) -> None:
@@ -166,38 +186,38 @@ def test_a_root_owned_dir_is_refused(places: Places) -> None:
     directory.mkdir(parents=True)
     require(os.geteuid() == 0, "only root makes root-owned dirs")
     with pytest.raises(ConfigError, match="owned by root"):
-        sandbox.compile_dir(directory, places)
+        compile_dir(directory, places)
 
 
 def test_a_missing_dir_is_named(places: Places) -> None:
     with pytest.raises(ConfigError, match="give an existing dir"):
-        sandbox.compile_dir(places.compiles / "nope", places)
+        compile_dir(places.compiles / "nope", places)
 
 
 # -- the command and the profile ------------------------------------------------------------
 
 
-def job(tmp_path: Path, **limits: object) -> tuple[sandbox.Job, Limits]:
-    directory = sandbox.CompileDir(tmp_path / "c" / "p1", Path("/host/c/p1"), "p1", OWNER, OWNER)
-    command = sandbox.latexmk_command(directory.path, "main.tex", "pdflatex")
-    return sandbox.Job(directory, command, "img:1", {}, compile_id="c1"), Limits(**limits)  # type: ignore[arg-type]
+def job(tmp_path: Path, **limits: object) -> tuple[Job, Limits]:
+    directory = CompileDir(tmp_path / "c" / "p1", Path("/host/c/p1"), "p1", OWNER, OWNER)
+    command = latexmk_command(directory.path, "main.tex", "pdflatex")
+    return Job(directory, command, "img:1", {}, compile_id="c1"), Limits(**limits)  # type: ignore[arg-type]
 
 
 def test_the_command_is_community_editions(tmp_path: Path) -> None:
     d = tmp_path / "p"
-    assert sandbox.latexmk_command(d, "main.tex", "lualatex") == (
+    assert latexmk_command(d, "main.tex", "lualatex") == (
         "latexmk", "-cd", "-jobname=output", f"-auxdir={d}", f"-outdir={d}", "-synctex=1",
         "-interaction=batchmode", "-time", "-halt-on-error", "-lualatex", f"{d}/main.tex",
     )  # fmt: skip
     with pytest.raises(ConfigError, match="--main"):
-        sandbox.latexmk_command(d, "../x.tex", "pdflatex")
+        latexmk_command(d, "../x.tex", "pdflatex")
     with pytest.raises(ConfigError, match="--engine"):
-        sandbox.latexmk_command(d, "main.tex", "context")
+        latexmk_command(d, "main.tex", "context")
 
 
 def test_the_compile_is_killed_inside_the_container_at_the_timeout(tmp_path: Path) -> None:
     the_job, limits = job(tmp_path, timeout=30.0)
-    shell, flag, script, seconds, *command = sandbox.exec_command(the_job, limits)
+    shell, flag, script, seconds, *command = exec_command(the_job, limits)
     assert (shell, flag, seconds, command) == ("sh", "-c", "30", list(the_job.command))
     assert script.startswith('timeout -s KILL "$0" "$@";')  # $0 is the timeout
     assert "kill -KILL -1" in script  # then whatever the compile left running
@@ -205,7 +225,7 @@ def test_the_compile_is_killed_inside_the_container_at_the_timeout(tmp_path: Pat
 
 def test_the_profile_is_stricter_than_overleafs_on_every_point(tmp_path: Path) -> None:
     the_job, limits = job(tmp_path, memory=1 << 30, pids=128, cpus=1.0, timeout=60.0)
-    spec = sandbox.container_spec(the_job, limits, seccomp='{"x":1}', now=1000.0)
+    spec = container_spec(the_job, limits, seccomp='{"x":1}', now=1000.0)
     host = spec.host_config
     assert host["NetworkMode"] == "none"
     assert spec.create_body()["NetworkDisabled"] is True
@@ -230,7 +250,7 @@ def test_the_profile_is_stricter_than_overleafs_on_every_point(tmp_path: Path) -
         "sharelatex-init.compile": "1",
         "sharelatex-init.project": "p1",
         "sharelatex-init.compile-id": "c1",
-        "sharelatex-init.expires": f"{1000 + limits.lifetime:.0f}",
+        "sharelatex-init.expires": f"{1000 + limits.deadlines.lifetime:.0f}",
     }
     assert spec.environment["shell_escape"] == "f"
     assert spec.environment["HOME"] == "/tmp"
@@ -239,29 +259,29 @@ def test_the_profile_is_stricter_than_overleafs_on_every_point(tmp_path: Path) -
 
 def test_without_seccomp_the_engines_default_applies(tmp_path: Path) -> None:
     the_job, limits = job(tmp_path)
-    spec = sandbox.container_spec(the_job, limits, seccomp=None)
+    spec = container_spec(the_job, limits, seccomp=None)
     assert spec.host_config["SecurityOpt"] == ["no-new-privileges"]
 
 
 def test_a_changed_limit_or_image_gets_another_container(tmp_path: Path) -> None:
     the_job, limits = job(tmp_path)
-    name = sandbox.container_name(the_job.directory, "img:1", limits)
+    name = container_name(the_job.directory, "img:1", limits)
     assert name.startswith("sharelatex-init-compile-p1-")
-    assert name == sandbox.container_name(the_job.directory, "img:1", Limits())
-    assert name != sandbox.container_name(the_job.directory, "img:2", limits)
-    assert name != sandbox.container_name(the_job.directory, "img:1", Limits(pids=99))
+    assert name == container_name(the_job.directory, "img:1", Limits())
+    assert name != container_name(the_job.directory, "img:2", limits)
+    assert name != container_name(the_job.directory, "img:1", Limits(pids=99))
 
 
 def test_restricted_shell_escape_is_an_opt_in() -> None:
-    assert sandbox.compile_environment(Limits(), {})["shell_escape"] == "f"
-    assert sandbox.compile_environment(Limits(shell_escape="restricted"), {})["shell_escape"] == "p"
-    env = sandbox.compile_environment(Limits(), {"SOURCE_DATE_EPOCH": "1", "AWS_SECRET": "x"})
+    assert compile_environment(Limits(), {})["shell_escape"] == "f"
+    assert compile_environment(Limits(shell_escape="restricted"), {})["shell_escape"] == "p"
+    env = compile_environment(Limits(), {"SOURCE_DATE_EPOCH": "1", "AWS_SECRET": "x"})
     assert env["SOURCE_DATE_EPOCH"] == "1" and "AWS_SECRET" not in env
 
 
 def test_our_seccomp_profile_allows_no_socket_call() -> None:
     warnings: list[str] = []
-    text = sandbox.load_seccomp(warnings.append)
+    text = load_seccomp(warnings.append)
     assert text is not None and warnings == []
     profile = json.loads(text)
     assert profile["defaultAction"] == "SCMP_ACT_ERRNO"
@@ -292,33 +312,33 @@ l.3 \undefinedcommand
 
 
 def test_first_errors_take_the_first_error_up_to_its_line() -> None:
-    assert sandbox.first_errors(LOG) == ("! Undefined control sequence.", r"l.3 \undefinedcommand")
-    assert sandbox.first_errors("./main.tex:3: Undefined control sequence.\nl.3 x\n") == (
+    assert first_errors(LOG) == ("! Undefined control sequence.", r"l.3 \undefinedcommand")
+    assert first_errors("./main.tex:3: Undefined control sequence.\nl.3 x\n") == (
         "./main.tex:3: Undefined control sequence.",
         "l.3 x",
     )
-    assert sandbox.first_errors("no errors here\n") == ()
+    assert first_errors("no errors here\n") == ()
 
 
-def compiled(tmp_path: Path, files: dict[str, bytes]) -> sandbox.Job:
+def compiled(tmp_path: Path, files: dict[str, bytes]) -> Job:
     directory = tmp_path / "p1"
     directory.mkdir()
     for name, data in files.items():
         (directory / name).write_bytes(data)
-    compile_dir = sandbox.CompileDir(directory, directory, "p1", OWNER, OWNER)
-    return sandbox.Job(compile_dir, ("latexmk",), "img:1", {})
+    the_dir = CompileDir(directory, directory, "p1", OWNER, OWNER)
+    return Job(the_dir, ("latexmk",), "img:1", {})
 
 
 def test_a_pdf_is_ok(tmp_path: Path) -> None:
     the_job = compiled(tmp_path, {"output.pdf": b"%PDF-1.5", "output.log": b"fine\n"})
-    outcome = sandbox.classify(Ran(0, 1.0), the_job, Limits())
+    outcome = classify(Ran(0, 1.0), the_job, Limits())
     assert outcome.status is Status.OK and outcome.pdf == the_job.directory.path / "output.pdf"
     assert outcome.document()["status"] == "ok"
 
 
 def test_a_latex_error_is_1_with_its_lines(tmp_path: Path) -> None:
     the_job = compiled(tmp_path, {"output.log": LOG.encode()})
-    outcome = sandbox.classify(Ran(12, 1.0), the_job, Limits())
+    outcome = classify(Ran(12, 1.0), the_job, Limits())
     assert outcome.status is Status.LATEX_ERROR
     assert outcome.reason == "LaTeX error: Undefined control sequence."
     assert outcome.errors[0] == "! Undefined control sequence."
@@ -337,7 +357,7 @@ def test_a_latex_error_is_1_with_its_lines(tmp_path: Path) -> None:
 )
 def test_limits_are_named(tmp_path: Path, ran: Ran, files: dict[str, bytes], limit: Limit) -> None:
     the_job = compiled(tmp_path, files)
-    outcome = sandbox.classify(ran, the_job, Limits(output=1 << 20))
+    outcome = classify(ran, the_job, Limits(output=1 << 20))
     assert outcome.status is Status.LIMIT
     assert outcome.limit is limit
     assert outcome.reason.startswith(limit.value)
@@ -349,10 +369,10 @@ def test_a_linked_pdf_or_log_is_never_taken(tmp_path: Path) -> None:
     the_job = compiled(tmp_path, {})
     (the_job.directory.path / "output.pdf").symlink_to(secret)
     (the_job.directory.path / "output.log").symlink_to(secret)
-    outcome = sandbox.classify(Ran(0, 1.0), the_job, Limits())
+    outcome = classify(Ran(0, 1.0), the_job, Limits())
     assert outcome.status is Status.LATEX_ERROR
     assert outcome.pdf is None and outcome.log is None
-    assert sandbox.read_text_nofollow(the_job.directory.path / "output.log") == ""
+    assert read_text_nofollow(the_job.directory.path / "output.log") == ""
 
 
 def test_not_ready_uses_the_installers_status(tmp_path: Path) -> None:
@@ -374,14 +394,14 @@ def test_not_ready_uses_the_installers_status(tmp_path: Path) -> None:
             }
         )
     )
-    assert sandbox.not_ready_message("img:1", status_file) == (
+    assert not_ready_message("img:1", status_file) == (
         "TeX Live image img:1 is still installing: 50% (5 of 10 B), about 40 s left"
     )
-    assert "is not in the engine" in sandbox.not_ready_message("img:2", status_file)
+    assert "is not in the engine" in not_ready_message("img:2", status_file)
 
 
 def test_the_queue_takes_a_free_slot_and_the_projects_turn(tmp_path: Path) -> None:
-    queue = sandbox.Queue(tmp_path / "run", slots=2)
+    queue = Queue(tmp_path / "run", slots=2)
     with queue.turn("p1"), queue.turn("p2"):
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
             "project-p1.lock", "project-p2.lock", "slot-0.lock", "slot-1.lock",
@@ -394,7 +414,7 @@ def test_the_queue_takes_a_free_slot_and_the_projects_turn(tmp_path: Path) -> No
 def test_the_commands_engines_are_the_runners() -> None:
     from init.compiles import command as compile_cmd
 
-    assert tuple(sandbox.ENGINES) == compile_cmd.ENGINES
+    assert tuple(ENGINES) == compile_cmd.ENGINES
 
 
 def run_compile(
@@ -439,13 +459,13 @@ def test_the_queue_holds_a_second_compile_of_a_project_or_past_the_slots(
 ) -> None:
     import threading
 
-    queue = sandbox.Queue(tmp_path / "run", slots=slots)
+    queue = Queue(tmp_path / "run", slots=slots)
     entered = threading.Event()
 
     def other() -> None:
         # flock locks belong to open files: another open in this process waits like another
         # process would.
-        with sandbox.Queue(tmp_path / "run", slots=slots).turn(second):
+        with Queue(tmp_path / "run", slots=slots).turn(second):
             entered.set()
 
     with queue.turn("p1"):
@@ -463,7 +483,7 @@ def test_the_containers_pid1_ends_at_once_on_sigterm(tmp_path: Path) -> None:
     import time
 
     _, limits = job(tmp_path, timeout=60.0)
-    watchdog = subprocess.Popen(sandbox.watchdog_command(limits))
+    watchdog = subprocess.Popen(watchdog_command(limits))
     time.sleep(0.3)
     began = time.monotonic()
     watchdog.send_signal(signal.SIGTERM)

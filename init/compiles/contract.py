@@ -1,0 +1,45 @@
+"""What callers of `sharelatex-init compile` rely on: its exit statuses and their words, the
+limits it names, and the TeX engines it takes.
+
+Defined here once for the command, the shim and the HTTP compile service. The CLI builds its
+parser from this module, so it imports nothing but `enum`: no runner, no engine client.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Status(enum.IntEnum):
+    """How a compile ended: the exit status of `sharelatex-init compile`, and its `--json`
+    status word (the member's name in lower case)."""
+
+    OK = 0  # the PDF is there
+    LATEX_ERROR = 1  # a LaTeX error (the first error lines follow)
+    LIMIT = 2  # a sandbox limit was hit (named by Limit)
+    ENGINE = 69  # sysexits EX_UNAVAILABLE: the engine cannot be reached
+    NOT_READY = 75  # sysexits EX_TEMPFAIL: the TeX Live image is not in the engine yet
+    CONFIG = 78  # sysexits EX_CONFIG: a variable or option is wrong
+
+    @property
+    def word(self) -> str:
+        """`ok`, `latex_error`, `limit`, `engine`, `not_ready`, `config`."""
+        return self.name.lower()
+
+
+class Limit(enum.Enum):
+    """Which sandbox limit a compile hit: the `limit` of `--json`."""
+
+    TIMEOUT = "timeout"
+    MEMORY = "memory"
+    PROCESSES = "processes"
+    OUTPUT_SIZE = "output size"
+    STOPPED = "stopped"  # SIGTERM/SIGINT/SIGHUP to the runner
+
+
+# Each engine and the latexmk flag that selects it (Community Edition's LatexRunner).
+ENGINE_FLAGS = {"pdflatex": "-pdf", "xelatex": "-xelatex", "lualatex": "-lualatex", "latex": "-dvi"}
+ENGINES = tuple(ENGINE_FLAGS)
+DEFAULT_ENGINE = "pdflatex"
+# What the shim runs in the sandbox, by the name it was called as.
+SHIMMED_COMMANDS = ("latexmk", *ENGINES)

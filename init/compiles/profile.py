@@ -1,0 +1,257 @@
+"""A compile's container as plain values: the job, the command, its environment, the
+container's profile and name, checked by the unit tests and sent by init.engine.api.
+
+Speed: each project gets one long-lived container (its compile dir bound, the whole profile
+applied, an idle watchdog as its PID 1) and each compile is a `docker exec` into it: about two
+engine round trips instead of create, start, wait and remove. The container ends by itself:
+every compile runs under `timeout -s KILL` inside it, and its PID 1 exits once nothing else has
+run there for the idle time (or at its maximum lifetime), so a runner or shim that is SIGKILLed
+leaves nothing running past the compile's timeout plus the idle time. `--auto-remove` then
+removes it.
+
+Profile, against Overleaf's last public docker runner (DockerRunner.js: no network, CapDrop ALL,
+no-new-privileges, an optional seccomp file, a CPU-time ulimit, Memory of 1 TiB, a writable root
+unless `Readonly`, log driver none, a configurable user): network none; every capability
+dropped; no-new-privileges; our own seccomp allow-list with no socket call (the engine's default
+if it cannot be loaded, with a warning); read-only root; /tmp (also HOME and TEXMFVAR) a
+nosuid, nodev, noexec tmpfs of a fixed size; the compile dir's owner as uid:gid, never root;
+memory with swap equal to it; a process limit; a CPU limit; RLIMIT_FSIZE, RLIMIT_NOFILE,
+RLIMIT_CPU and no core files; a wall-clock limit that kills the compile; `shell_escape=f`
+(kpathsea reads it from the environment, so it holds whatever flags latexmk passes; `p`,
+restricted, is an opt-in); the image in the allow-list; log driver none; a private IPC
+namespace. A project's `latexmkrc` is Perl and runs: the container, not TeX, is the fence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from init.compiles.contract import ENGINE_FLAGS, ENGINES
+from init.compiles.paths import CompileDir
+from init.compiles.settings import SHELL_ESCAPE, Limits
+from init.errors import ConfigError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
+if TYPE_CHECKING:
+    from typing import Any
+
+# The label PID 1's engine check sweeps by; project and compile id beside it.
+COMPILE_LABEL = "sharelatex-init.compile"
+PROJECT_LABEL = "sharelatex-init.project"
+COMPILE_ID_LABEL = "sharelatex-init.compile-id"
+EXPIRES_LABEL = "sharelatex-init.expires"
+
+JOBNAME = "output"
+# What a compile sees of the caller's environment: the variables TeX and chktex honour.
+PASSED_VARIABLES = ("SOURCE_DATE_EPOCH", "FORCE_SOURCE_DATE", "CHKTEX_OPTIONS",
+                    "CHKTEX_EXIT_ON_ERROR", "CHKTEX_ULIMIT_OPTIONS", "CHKTEX_VALIDATE")  # fmt: skip
+SECCOMP_PROFILE = Path(__file__).with_name("seccomp.json")  # package data beside this module
+
+
+@dataclass(frozen=True)
+class Job:
+    """One compile: the command, where it runs, in what image."""
+
+    directory: CompileDir
+    command: tuple[str, ...]
+    image: str
+    environment: Mapping[str, str] = field(default_factory=dict)
+    compile_id: str = field(default_factory=lambda: os.urandom(8).hex())
+
+
+def latexmk_command(directory: Path, main: str, engine: str) -> tuple[str, ...]:
+    """What Community Edition's LatexRunner runs, for `sharelatex-init compile`."""
+    if engine not in ENGINES:
+        raise ConfigError([f"--engine {engine}: use one of {', '.join(ENGINES)}"])
+    if Path(main).is_absolute() or ".." in Path(main).parts:
+        raise ConfigError([f"--main {main}: give a file name inside the project, e.g. main.tex"])
+    return (
+        "latexmk", "-cd", f"-jobname={JOBNAME}", f"-auxdir={directory}", f"-outdir={directory}",
+        "-synctex=1", "-interaction=batchmode", "-time", "-halt-on-error", ENGINE_FLAGS[engine],
+        str(directory / main),
+    )  # fmt: skip
+
+
+def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, str]:
+    """The compile's environment: HOME and the font caches on the tmpfs, shell escape off."""
+    env = {k: caller[k] for k in PASSED_VARIABLES if k in caller}
+    env.update(
+        HOME="/tmp",
+        TEXMFVAR="/tmp/texmf-var",
+        VARTEXFONTS="/tmp/texfonts",
+        LANG="C.UTF-8",
+        # kpathsea takes texmf.cnf variables from the environment first: this holds for every
+        # TeX run, whatever flags a caller (or a project's latexmkrc) passes.
+        shell_escape=SHELL_ESCAPE[limits.shell_escape],
+        openout_any="p",
+    )
+    return env
+
+
+# After each compile, whatever it left running (a daemon a latexmkrc forked, in a session of
+# its own) is killed: `kill -1` reaches every process of the container but its PID 1 and itself.
+_END_LEFTOVERS = 'timeout -s KILL "$0" "$@"; status=$?; kill -KILL -1 2>/dev/null; exit $status'
+
+
+def exec_command(job: Job, limits: Limits) -> list[str]:
+    """The compile inside the container: killed with its whole process group at the timeout,
+    by the container itself, so a runner that dies cannot leave it running; and then whatever
+    it started that is still there, so the project's next compile finds nothing of it."""
+    return ["sh", "-c", _END_LEFTOVERS, f"{limits.timeout:g}", *job.command]
+
+
+def watchdog_command(limits: Limits) -> list[str]:
+    """The container's PID 1: exits (ending the container) once only it has run there for
+    `idle` seconds, or at the container's lifetime. Its children are reaped by the shell."""
+    step = 1 if limits.idle < 10 else 2
+    # SIGTERM (docker stop, dockerd stopping with the site) ends it at once: the sleep runs in
+    # the background so the trap is not held up by it.
+    script = (
+        "trap 'exit 0' TERM INT; "
+        f"end=$(( $(date +%s) + {int(limits.deadlines.lifetime)} )); quiet=0; "
+        'while [ "$(date +%s)" -lt "$end" ]; do '
+        f"sleep {step} & wait $!; set -- /proc/[0-9]*; "
+        f'if [ "$#" -gt 1 ]; then quiet=0; else quiet=$((quiet + {step})); '
+        f'[ "$quiet" -ge {max(int(limits.idle), step)} ] && exit 0; fi; '
+        "done"
+    )
+    return ["sh", "-c", script]
+
+
+def container_name(directory: CompileDir, image: str, limits: Limits) -> str:
+    """One container per project and profile: a changed image or limit gets a new one."""
+    fingerprint = zlib.crc32(
+        json.dumps(
+            [
+                str(directory.path),
+                str(directory.source),
+                image,
+                directory.uid,
+                directory.gid,
+                limits.memory,
+                limits.pids,
+                limits.cpus,
+                limits.timeout,
+                limits.tmpfs,
+                limits.output,
+                limits.nofile,
+                limits.shell_escape,
+            ]
+        ).encode()
+    )
+    return f"sharelatex-init-compile-{directory.project}-{fingerprint:08x}"
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """What the engine is asked to create: plain values, checked by the unit tests."""
+
+    name: str
+    image: str
+    command: list[str]
+    user: str
+    working_dir: str
+    environment: dict[str, str]
+    labels: dict[str, str]
+    host_config: dict[str, Any]  # the Engine API's HostConfig
+    expires: float
+
+    def create_body(self) -> dict[str, Any]:
+        """The body of `POST /containers/create`."""
+        return {
+            "Image": self.image,
+            "Cmd": self.command,
+            "User": self.user,
+            "WorkingDir": self.working_dir,
+            "Env": [f"{k}={v}" for k, v in self.environment.items()],
+            "Labels": self.labels,
+            "NetworkDisabled": True,
+            "AttachStdin": False,
+            "AttachStdout": False,
+            "AttachStderr": False,
+            "Tty": False,
+            "HostConfig": self.host_config,
+        }
+
+
+def container_spec(
+    job: Job, limits: Limits, seccomp: str | None, now: float | None = None
+) -> ContainerSpec:
+    """The profile of a project's container (see the module docstring for each choice)."""
+    now = time.time() if now is None else now
+    security = ["no-new-privileges"]
+    if seccomp is not None:
+        security.append(f"seccomp={seccomp}")
+    deadlines = limits.deadlines
+    expires = now + deadlines.lifetime
+    return ContainerSpec(
+        name=container_name(job.directory, job.image, limits),
+        image=job.image,
+        command=watchdog_command(limits),
+        user=f"{job.directory.uid}:{job.directory.gid}",
+        working_dir=str(job.directory.path),
+        environment=compile_environment(limits, {}),
+        labels={
+            COMPILE_LABEL: "1",
+            PROJECT_LABEL: job.directory.project,
+            COMPILE_ID_LABEL: job.compile_id,
+            EXPIRES_LABEL: f"{expires:.0f}",
+        },
+        host_config={
+            # The compile dir at the same absolute path as here (latexmk's arguments name it);
+            # a bind mount of a missing source fails rather than making an empty dir.
+            "Mounts": [
+                {
+                    "Type": "bind",
+                    "Source": str(job.directory.source),
+                    "Target": str(job.directory.path),
+                    "ReadOnly": False,
+                    "BindOptions": {"Propagation": "rprivate"},
+                }
+            ],
+            "NetworkMode": "none",
+            "CapDrop": ["ALL"],
+            "SecurityOpt": security,
+            "ReadonlyRootfs": True,
+            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={limits.tmpfs},mode=1777"},
+            "Memory": limits.memory,
+            "MemorySwap": limits.memory,
+            "PidsLimit": limits.pids,
+            "NanoCpus": int(limits.cpus * 1e9),
+            "Ulimits": [
+                {"Name": "fsize", "Soft": limits.output, "Hard": limits.output},
+                {"Name": "nofile", "Soft": limits.nofile, "Hard": limits.nofile},
+                {"Name": "cpu", "Soft": deadlines.cpu_soft, "Hard": deadlines.cpu_hard},
+                {"Name": "core", "Soft": 0, "Hard": 0},
+            ],
+            "LogConfig": {"Type": "none", "Config": {}},
+            "IpcMode": "private",
+            "AutoRemove": True,
+            "Privileged": False,
+            "Init": False,
+        },
+        expires=expires,
+    )
+
+
+def load_seccomp(warn: Callable[[str], None]) -> str | None:
+    """Our seccomp allow-list as the JSON text the engine takes; None (the engine's default
+    profile) with a warning when it cannot be read."""
+    try:
+        text = SECCOMP_PROFILE.read_text(encoding="utf-8")
+        document = json.loads(text)
+        if document.get("defaultAction") != "SCMP_ACT_ERRNO":
+            raise ValueError("not an allow-list")
+    except (OSError, ValueError) as e:
+        warn(
+            f"cannot load init/compiles/seccomp.json ({e}); "
+            "using the engine's default seccomp profile"
+        )
+        return None
+    return json.dumps(document, separators=(",", ":"))

@@ -1,0 +1,227 @@
+"""The compile runner: a job queued, then run by `docker exec` in its project's container,
+waited for with the stop signals as events, and the container replaced when it may not be
+reused. `init.compiles.command` (the `compile` subcommand) and `init.compiles.shim` (the
+`latexmk` on the services' PATH) are its two callers; every engine call goes through the
+backend they give it (init.engine.api).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from init.compiles.outcome import NotReady, Ran, not_ready_message
+from init.compiles.profile import (
+    Job,
+    compile_environment,
+    container_name,
+    container_spec,
+    exec_command,
+    load_seccomp,
+)
+from init.compiles.queue import Queue, read_record, write_record
+from init.compiles.settings import CompileSettings
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
+if TYPE_CHECKING:
+    from typing import Any
+
+# latexmk's and TeX's own exits (ok, error, latexmk's "errors in the run"): the project's
+# container is kept for the next compile; after any other it is replaced.
+CLEAN_EXITS = (0, 1, 12)
+
+# -- signals while a compile runs ------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class StopSignals:
+    """SIGTERM/SIGINT/SIGHUP recorded, not acted on: the handler only notes the signal and the
+    wakeup fd wakes the runner's select; the runner stops the container and then re-raises the
+    signal on itself so its caller sees it die of it (Community Edition checks for SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._previous: dict[int, Any] = {}
+        self._previous_fd = -1
+
+    def __enter__(self) -> StopSignals:
+        self._previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
+        for signum in STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+
+    def wait(self, done_fd: int, timeout: float) -> bool:
+        """Until `done_fd` is readable (True), a stop signal, or the timeout (False)."""
+        deadline = time.monotonic() + timeout
+        while self.received is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                ready, _, _ = select.select([done_fd, self.read_fd], [], [], left)
+            except InterruptedError:
+                continue
+            if done_fd in ready:
+                return True
+            if self.read_fd in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self.read_fd, 64)
+        return False
+
+
+def die_of(signum: int) -> None:
+    """End this process by `signum`, as if it had never been caught."""
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+
+
+# -- the runner -----------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs jobs in their project's container through an engine backend."""
+
+    def __init__(
+        self,
+        settings: CompileSettings,
+        backend: Any,  # init.engine.api.DockerBackend (kept out of this module's imports)
+        warn: Callable[[str], None],
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.warn = warn
+        self.deadlines = settings.limits.deadlines
+        self.queue = Queue(settings.places.run_dir, settings.limits.slots)
+        self._seccomp: str | None = None
+        self._seccomp_loaded = False
+
+    @property
+    def seccomp(self) -> str | None:
+        if not self._seccomp_loaded:
+            self._seccomp = load_seccomp(self.warn)
+            self._seccomp_loaded = True
+        return self._seccomp
+
+    def run(self, job: Job, output: Callable[[bytes], None] = lambda chunk: None) -> Ran:
+        """Queue, then run `job` in its project's container; the signal that stopped it is in
+        `Ran.stopped_by` (the caller decides to die of it)."""
+        with self.queue.turn(job.directory.project), StopSignals() as signals:
+            if signals.received is not None:
+                return Ran(None, 0.0, stopped_by=signals.received)
+            container = self._container(job)
+            return self._exec(container, job, signals, output)
+
+    def _container(self, job: Job) -> str:
+        """The project's running container: the one noted in the run dir while it has time
+        left for a whole compile, else a new one (NotReady when the image is missing)."""
+        limits = self.settings.limits
+        record_path = self.queue.record_path(container_name(job.directory, job.image, limits))
+        record = read_record(record_path)
+        left = float(record.get("expires", 0)) - time.time()
+        if record.get("id") and left > self.deadlines.reuse:
+            return str(record["id"])  # no engine call: the exec says if it is gone
+        if record.get("id"):
+            self.backend.remove(str(record["id"]))
+        spec = container_spec(job, limits, self.seccomp)
+        try:
+            container_id = self.backend.start(spec)
+        except self.backend.ImageMissing as e:
+            raise NotReady(not_ready_message(job.image, self.settings.status_file)) from e
+        write_record(record_path, {"id": container_id, "expires": spec.expires})
+        return str(container_id)
+
+    def _forget(self, job: Job) -> None:
+        """Drop the note of the project's container (it is gone or being removed)."""
+        limits = self.settings.limits
+        self.queue.record_path(container_name(job.directory, job.image, limits)).unlink(
+            missing_ok=True
+        )
+
+    def _exec(
+        self, container: str, job: Job, signals: StopSignals, output: Callable[[bytes], None]
+    ) -> Ran:
+        limits = self.settings.limits
+        env = {**compile_environment(limits, job.environment)}
+        command = exec_command(job, limits)
+        started, began = time.monotonic(), time.time()
+        try:
+            execution = self.backend.exec(
+                container, command, f"{job.directory.uid}:{job.directory.gid}",
+                str(job.directory.path), env,
+            )  # fmt: skip
+        except self.backend.Gone:
+            # It ended (idle, lifetime, the engine restarted): start another, once.
+            self._forget(job)
+            container = self._container(job)
+            execution = self.backend.exec(
+                container, command, f"{job.directory.uid}:{job.directory.gid}",
+                str(job.directory.path), env,
+            )  # fmt: skip
+        done_r, done_w = os.pipe2(os.O_CLOEXEC)
+        tail = bytearray()
+
+        def pump() -> None:
+            try:
+                for chunk in execution.stream():
+                    output(chunk)
+                    tail.extend(chunk)
+                    del tail[: max(0, len(tail) - 65536)]
+            except Exception as e:  # the stream ends with the container; the exit says why
+                tail.extend(f"\n(stream ended: {e})".encode())
+            finally:
+                os.write(done_w, b"x")
+
+        reader = threading.Thread(target=pump, name="compile-output", daemon=True)
+        reader.start()
+        try:
+            finished = signals.wait(done_r, self.deadlines.wait)
+        finally:
+            os.close(done_r)
+        seconds = time.monotonic() - started
+        if not finished:
+            # A stop signal, or the in-container timeout did not end it: remove the container.
+            self.backend.remove(container)
+            self._forget(job)
+            reader.join(5)
+            if not reader.is_alive():  # else it still writes to it: the fd goes with the process
+                os.close(done_w)
+            return Ran(
+                None,
+                seconds,
+                timed_out=signals.received is None,
+                stopped_by=signals.received,
+                output=tail.decode(errors="replace"),
+            )
+        reader.join()
+        os.close(done_w)
+        exit_code = execution.exit_code()
+        text = tail.decode(errors="replace")
+        timed_out = exit_code == 128 + signal.SIGKILL and seconds >= self.deadlines.timed_out_after
+        oom = False
+        if exit_code not in (0, None) and not timed_out:
+            oom = self.backend.oom_killed(container, began)
+        if oom or timed_out or limits.idle == 0 or exit_code not in CLEAN_EXITS:
+            # A fresh container for the next compile: an OOM flag stays on a container, and
+            # an odd exit may have left processes behind (a fork bomb's sleepers).
+            self.backend.remove(container)
+            self._forget(job)
+        return Ran(exit_code, seconds, timed_out=timed_out, oom_killed=oom, output=text)

@@ -1,0 +1,215 @@
+"""The compile runner's settings: its limits, the deadlines that follow from the timeout, where
+compile dirs live, and the image, all read from the environment at once.
+
+Every bad value is found in one pass and reported together as a ConfigError (exit 78), each
+line naming the variable, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from init import config
+from init.errors import ConfigError
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
+if TYPE_CHECKING:
+    from typing import Any
+
+# kpathsea's shell_escape value for each setting of SHARELATEX_INIT_COMPILE_SHELL_ESCAPE.
+SHELL_ESCAPE = {"off": "f", "restricted": "p"}
+DEFAULT_IDLE = 120.0  # seconds a project's container waits for its next compile
+KILL_GRACE = 5.0  # seconds past the in-container timeout before the runner removes the container
+QUEUE_ALLOWANCE = 300.0  # seconds a compile may wait in the compile command's queue
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Every time bound that follows from a compile's timeout, in seconds: computed here once,
+    so that the runner, the container's profile, the engine client and the HTTP service agree.
+    Each later bound leaves the one before it KILL_GRACE to act first."""
+
+    timeout: float  # the compile's wall clock: `timeout -s KILL` inside the container
+    timed_out_after: float  # a SIGKILLed compile that ran this long was the timeout's
+    wait: float  # the runner waits this long, then removes the container itself
+    reuse: float  # a project's container is reused only with this much of its life left
+    engine_call: float  # an engine request (the exec's output stream too) gives up after this
+    cpu_soft: int  # RLIMIT_CPU: a backstop under the wall clock, never before it
+    cpu_hard: int
+    lifetime: float  # at most this long a project's container lives, whatever runs in it
+    command: float  # a caller waits this long for the `compile` command: compile and queue
+
+    @classmethod
+    def from_timeout(cls, timeout: float, idle: float = DEFAULT_IDLE) -> Deadlines:
+        return cls(
+            timeout=timeout,
+            timed_out_after=timeout - 0.5,
+            wait=timeout + KILL_GRACE,
+            reuse=timeout + 2 * KILL_GRACE,
+            engine_call=timeout + 3 * KILL_GRACE,
+            cpu_soft=int(timeout) + 10,
+            cpu_hard=int(timeout) + 15,
+            lifetime=max(4 * timeout, timeout + idle) + KILL_GRACE,
+            command=timeout + QUEUE_ALLOWANCE,
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The resource limits of one compile container (SHARELATEX_INIT_COMPILE_*)."""
+
+    memory: int = 1 << 30  # bytes; swap is held to the same (memswap = memory)
+    pids: int = 256
+    cpus: float = 1.0
+    timeout: float = 240.0  # seconds of wall clock per compile (Community Edition's default)
+    tmpfs: int = 256 << 20  # bytes of /tmp (HOME, TEXMFVAR)
+    output: int = 512 << 20  # bytes: RLIMIT_FSIZE, the largest file a compile may write
+    nofile: int = 1024
+    concurrency: int = 0  # compiles at once over every runner process; 0: the CPU count
+    idle: float = DEFAULT_IDLE
+    shell_escape: str = "off"
+
+    @property
+    def slots(self) -> int:
+        return self.concurrency or os.cpu_count() or 1
+
+    @property
+    def deadlines(self) -> Deadlines:
+        return Deadlines.from_timeout(self.timeout, self.idle)
+
+
+_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`512m`, `1g`, `1.5GiB`, `4096` (bytes) -> bytes; ValueError otherwise."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(text)
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def limits_from_env(environ: Mapping[str, str]) -> Limits:
+    """The limits from config.COMPILE_MEMORY ... COMPILE_SHELL_ESCAPE; every bad value at once
+    as a ConfigError naming the fix."""
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+
+    def read(name: str, key: str, parse: Callable[[str], Any], example: str, low: float) -> None:
+        raw = environ.get(name, "").strip()
+        if not raw:
+            return
+        try:
+            value = parse(raw)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            problems.append(f"{name}={raw!r} is not valid; write e.g. {example}")
+        else:
+            values[key] = value
+
+    read(config.COMPILE_MEMORY, "memory", parse_size, "1g (at least 64m)", 64 << 20)
+    read(config.COMPILE_PIDS, "pids", int, "256 (at least 16)", 16)
+    read(config.COMPILE_CPUS, "cpus", float, "1.5 (at least 0.1)", 0.1)
+    read(config.COMPILE_TIMEOUT, "timeout", float, "240 (seconds, at least 1)", 1)
+    read(config.COMPILE_TMPFS, "tmpfs", parse_size, "256m (at least 16m)", 16 << 20)
+    read(config.COMPILE_OUTPUT_SIZE, "output", parse_size, "512m (at least 1m)", 1 << 20)
+    read(config.COMPILE_CONCURRENCY, "concurrency", int, "4 (0: one per CPU)", 0)
+    read(
+        config.COMPILE_IDLE, "idle", float,
+        "120 (seconds; 0 ends each container after its compile)", 0,
+    )  # fmt: skip
+    escape = environ.get(config.COMPILE_SHELL_ESCAPE, "").strip().lower()
+    if escape:
+        if escape in SHELL_ESCAPE:
+            values["shell_escape"] = escape
+        else:
+            problems.append(
+                f"{config.COMPILE_SHELL_ESCAPE}={escape!r} is not valid; use off or restricted"
+            )
+    if problems:
+        raise ConfigError(problems)
+    return Limits(**values)
+
+
+@dataclass(frozen=True)
+class Places:
+    """Where compile dirs live as seen here, and behind them on the engine's host."""
+
+    compiles: Path = config.DEFAULT_COMPILES_DIR
+    output: Path = config.DEFAULT_OUTPUT_DIR
+    host_compiles: Path | None = None  # sibling mode: the bind source of `compiles`
+    host_output: Path | None = None
+    run_dir: Path = Path("/tmp")
+
+
+@dataclass(frozen=True)
+class CompileSettings:
+    """Everything a compile needs from the environment (the product's own settings are
+    config.Settings; these are the runner's)."""
+
+    places: Places
+    limits: Limits
+    image: str
+    images: tuple[str, ...]
+    engine_url: str
+    status_file: Path
+
+
+def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
+    """The runner's settings; ConfigError (exit 78) naming each bad variable."""
+    from init.core import status_file as status
+
+    product = config.load(environ)
+    problems: list[str] = []
+    try:
+        limits = limits_from_env(environ)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        limits = Limits()
+    paths: dict[str, Path] = {}
+    for name, default in (
+        (config.COMPILES_DIR, config.DEFAULT_COMPILES_DIR),
+        (config.OUTPUT_DIR, config.DEFAULT_OUTPUT_DIR),
+        (config.COMPILE_RUN_DIR, Path(f"/tmp/sharelatex-init-compile-{os.geteuid()}")),
+    ):
+        raw = environ.get(name, "").strip()
+        if raw and not raw.startswith("/"):
+            problems.append(f"{name}={raw!r} is not an absolute path; give e.g. {default}")
+        paths[name] = Path(raw) if raw.startswith("/") else default
+    if problems:
+        raise ConfigError(problems)
+    places = Places(
+        compiles=paths[config.COMPILES_DIR],
+        output=paths[config.OUTPUT_DIR],
+        host_compiles=product.host_dir_compiles,
+        host_output=product.host_dir_output,
+        run_dir=paths[config.COMPILE_RUN_DIR],
+    )
+    return CompileSettings(
+        places=places,
+        limits=limits,
+        image=product.texlive_image,
+        images=product.all_texlive_images,
+        engine_url=environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+        status_file=status.status_path(environ),
+    )
+
+
+def check_image(image: str | None, settings: CompileSettings) -> str:
+    """The image to use: the default, or one of the allow-list (else ConfigError)."""
+    if not image:
+        return settings.image
+    if image not in settings.images:
+        raise ConfigError(
+            [
+                f"--image {image} is not an allowed TeX Live image; choose one of "
+                f"{', '.join(settings.images)} or add it to {config.ALL_TEXLIVE_IMAGES}"
+            ]
+        )
+    return image
