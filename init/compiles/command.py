@@ -124,13 +124,12 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
 
 def _compile(settings: CompileSettings, job: Job, quiet: bool) -> tuple[Outcome, int | None]:
     from init.compiles.outcome import classify
-    from init.compiles.runner import Runner
-    from init.engine.api import DockerBackend
+    from init.compiles.runner import Runner, engine_backend
 
     def warn(line: str) -> None:
         print(f"compile: warning: {line}", file=sys.stderr)
 
-    backend = DockerBackend(settings.engine_url, settings.limits)
+    backend = engine_backend(settings)
     try:
         runner = Runner(settings, backend, warn)
         ran = runner.run(job)

@@ -1,5 +1,6 @@
 """A compile's container as plain values: the job, the command, its environment, the
-container's profile and name, checked by the unit tests and sent by init.engine.api.
+container's profile and name, checked by the unit tests and sent by
+init.engine.client.DockerBackend.
 
 Speed: each project gets one long-lived container (its compile dir bound, the whole profile
 applied, an idle watchdog as its PID 1) and each compile is a `docker exec` into it: about two
@@ -35,17 +36,15 @@ from pathlib import Path
 from init.compiles.contract import ENGINE_FLAGS, ENGINES
 from init.compiles.paths import CompileDir
 from init.compiles.settings import SHELL_ESCAPE, Limits
+
+# The labels every compile container carries (the engine's sweeps go by them).
+from init.engine.client import COMPILE_ID_LABEL, COMPILE_LABEL, EXPIRES_LABEL, PROJECT_LABEL
 from init.errors import ConfigError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
 if TYPE_CHECKING:
     from typing import Any
 
-# The label PID 1's engine check sweeps by; project and compile id beside it.
-COMPILE_LABEL = "sharelatex-init.compile"
-PROJECT_LABEL = "sharelatex-init.project"
-COMPILE_ID_LABEL = "sharelatex-init.compile-id"
-EXPIRES_LABEL = "sharelatex-init.expires"
 
 JOBNAME = "output"
 # What a compile sees of the caller's environment: the variables TeX and chktex honour.

@@ -2,7 +2,7 @@
 waited for with the stop signals as events, and the container replaced when it may not be
 reused. `init.compiles.command` (the `compile` subcommand) and `init.compiles.shim` (the
 `latexmk` on the services' PATH) are its two callers; every engine call goes through the
-backend they give it (init.engine.api).
+backend they give it (init.engine.client.DockerBackend).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import select
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 from init.compiles.outcome import NotReady, Ran, not_ready_message
 from init.compiles.profile import (
@@ -25,7 +25,8 @@ from init.compiles.profile import (
     load_seccomp,
 )
 from init.compiles.queue import Queue, read_record, write_record
-from init.compiles.settings import CompileSettings
+from init.compiles.settings import KILL_GRACE, CompileSettings
+from init.engine.client import ContainerGone, DockerBackend, ImageMissing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ class Runner:
     def __init__(
         self,
         settings: CompileSettings,
-        backend: Any,  # init.engine.api.DockerBackend (kept out of this module's imports)
+        backend: Any,  # init.engine.client.DockerBackend, or a fake in the unit tests
         warn: Callable[[str], None],
     ) -> None:
         self.settings = settings
@@ -143,8 +144,8 @@ class Runner:
             self.backend.remove(str(record["id"]))
         spec = container_spec(job, limits, self.seccomp)
         try:
-            container_id = self.backend.start(spec)
-        except self.backend.ImageMissing as e:
+            container_id = self.backend.start(spec.name, spec.create_body())
+        except ImageMissing as e:
             raise NotReady(not_ready_message(job.image, self.settings.status_file)) from e
         write_record(record_path, {"id": container_id, "expires": spec.expires})
         return str(container_id)
@@ -168,7 +169,7 @@ class Runner:
                 container, command, f"{job.directory.uid}:{job.directory.gid}",
                 str(job.directory.path), env,
             )  # fmt: skip
-        except self.backend.Gone:
+        except ContainerGone:
             # It ended (idle, lifetime, the engine restarted): start another, once.
             self._forget(job)
             container = self._container(job)
@@ -225,3 +226,12 @@ class Runner:
             self.backend.remove(container)
             self._forget(job)
         return Ran(exit_code, seconds, timed_out=timed_out, oom_killed=oom, output=text)
+
+
+def engine_backend(
+    settings: CompileSettings, environ: Mapping[str, str] | None = None
+) -> DockerBackend:
+    """The engine the services' compiles run on (DOCKER_HOST), with the runner's deadlines."""
+    return DockerBackend(
+        settings.engine_url, settings.limits.deadlines.engine_call, KILL_GRACE, environ
+    )

@@ -29,7 +29,7 @@ from init.compiles.contract import SHIMMED_COMMANDS
 from init.compiles.outcome import NotReady
 from init.compiles.paths import compile_dir
 from init.compiles.profile import Job
-from init.compiles.runner import Runner, die_of
+from init.compiles.runner import Runner, die_of, engine_backend
 from init.compiles.settings import settings_from_env
 from init.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, EngineError
 
@@ -64,9 +64,7 @@ def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
         settings = settings_from_env(environ)
         directory = compile_dir(Path(cwd), settings.places)
         job = Job(directory, (os.path.basename(argv[0]), *argv[1:]), settings.image, environ)
-        from init.engine.api import DockerBackend
-
-        backend = DockerBackend(settings.engine_url, settings.limits, environ)
+        backend = engine_backend(settings, environ)
         runner = Runner(settings, backend, warn)
         out = sys.stdout.buffer
 

@@ -69,14 +69,7 @@ class ServiceStatus:
             restarts=int(document.get("restarts") or 0),
             quick_exits=int(document.get("quick_exits") or 0),
             since=float(document.get("since") or 0.0),
-            last_exit=LastExit(
-                last.get("code"),
-                last.get("signal"),
-                str(last.get("description", "")),
-                last.get("at"),
-            )
-            if isinstance(last, dict)
-            else None,  # fmt: skip
+            last_exit=_last_exit(last),
             reason=str(document.get("reason") or ""),
             next_start_at=document.get("next_start_at"),
         )
@@ -90,17 +83,21 @@ class ServiceStatus:
             "restarts": self.restarts,
             "quick_exits": self.quick_exits,
             "since": self.since,
-            "last_exit": None
-            if last is None
-            else {
-                "code": last.code,
-                "signal": last.signal,
-                "description": last.description,
-                "at": last.at,
-            },  # fmt: skip
+            "last_exit": None if last is None else dict(last.__dict__),
             "reason": self.reason,
             "next_start_at": self.next_start_at,
         }
+
+
+def _last_exit(document: object) -> LastExit | None:
+    if not isinstance(document, dict):
+        return None
+    return LastExit(
+        document.get("code"),
+        document.get("signal"),
+        str(document.get("description", "")),
+        document.get("at"),
+    )
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,8 @@ def layout_from_env(environ: Mapping[str, str]) -> EngineLayout:
         if flag in _REFUSED_FLAGS:
             problems.append(
                 f"{DOCKERD_ARGS}: {arg!r} is managed by sharelatex-init (unix socket only, "
-                f"never TCP); remove it, or set {DOCKER_DATA_ROOT} / {DOCKER_EXEC_ROOT} / {DOCKER_SOCKET}"
+                f"never TCP); remove it, or set {DOCKER_DATA_ROOT} / {DOCKER_EXEC_ROOT} / "
+                f"{DOCKER_SOCKET}"
             )
     timeout_text = environ.get(DOCKERD_READY_TIMEOUT, "")
     try:

@@ -1,6 +1,7 @@
 """A child of PID 1 that checks sibling-containers mode against the host's engine, and reports.
 
-`python -m init.engine.sibling_check --socket S --result F [...]` checks the mounted socket (a socket,
+`python -m init.engine.sibling_check --socket S --result F [...]` checks the mounted socket (a
+socket,
 usable by the services' user, an engine new enough), inspects this container to find the host
 paths behind the compiles and output dirs, compares them with `SANDBOXED_COMPILES_HOST_DIR*`,
 and, given `--image`, proves the mapping: a tiny container on the host engine writes a marker

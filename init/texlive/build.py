@@ -1,8 +1,10 @@
 """The installer's `build` source, as values: what to build and how far a build has got.
 
-The recipe is `init/texlive/recipes/texlive.Dockerfile` with `texlive-<scheme>.packages`, the same files
+The recipe is `init/texlive/recipes/texlive.Dockerfile` with `texlive-<scheme>.packages`, the same
+files
 `scripts/build-images` builds from: Debian's TeX Live packages on a base image already in the
-engine (debootstrap + `docker import`, no registry). Pure: no engine, no clock; `init.texlive.install`
+engine (debootstrap + `docker import`, no registry). Pure: no engine, no clock;
+`init.texlive.install`
 runs the build and maps its failures to reasons.
 """
 

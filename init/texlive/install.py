@@ -13,7 +13,8 @@ twice a second otherwise; `ready` is true once the default image is present. Exi
 image is present, 1 when one failed, 143 on SIGTERM (finished layers stay in the engine for
 next time; the engine cancels a build whose client went away).
 
-`python -m init.texlive.install install [IMAGE...]` (`install_command`) is the same for an operator at
+`python -m init.texlive.install install [IMAGE...]` (`install_command`) is the same for an
+operator at
 a terminal: a one-line progress bar on a TTY, plain lines at LOG_INTERVAL otherwise.
 """
 

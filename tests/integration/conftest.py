@@ -431,7 +431,8 @@ class Site:
         sock_source: Path | None = None,
         env: dict[str, str] | None = None,
     ) -> tuple[int, dict[str, Any]]:
-        """`python -m init.engine.sibling_check` in a private mount namespace with the product's view.
+        """`python -m init.engine.sibling_check` in a private mount namespace with the product's
+        view.
 
         `sock`: bound (the engine's socket, or `sock_source`), missing, or directory. Only the
         namespace sees the tmpfs over /var/lib and /run: the host's stay untouched.

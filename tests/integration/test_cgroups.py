@@ -42,7 +42,7 @@ def _needs_root_and_unshare() -> None:
     require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
 
 
-# -- what the kernel shows, read independently of init.engine.cgroups -----------------------------------
+# -- what the kernel shows, read independently of init.engine.cgroups ----------------------------
 
 
 def proc_cgroups() -> list[tuple[str, int, bool]]:

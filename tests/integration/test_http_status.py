@@ -25,6 +25,7 @@ HTTP_STATUS = (PYTHON, "-m", "init.httpd.status")
 
 def write(path: Path, document: dict[str, Any]) -> None:
     """As PID 1 and the installer write their files: whole, in one step (rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(document))
     tmp.replace(path)

@@ -2,7 +2,8 @@
 
 The tests start their own dockerd (data root, exec root and socket under a short /tmp dir) as
 the host's engine, create a real container on it for real inspect data (`-v DATA:/var/lib/
-sharelatex -v SOCK:/var/run/docker.sock`), and run `python -m init.engine.sibling_check` in a private
+sharelatex -v SOCK:/var/run/docker.sock`), and run `python -m init.engine.sibling_check` in a
+private
 mount namespace whose bind mounts reproduce that container's view: the data dir over
 /var/lib/sharelatex and the socket at /var/run/docker.sock. The marker proof then really goes
 from a container of the host engine, through the host path, to this side.
