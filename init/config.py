@@ -34,6 +34,11 @@ ALL_TEXLIVE_IMAGES = "ALL_TEX_LIVE_DOCKER_IMAGES"
 STORAGE_DRIVER = "SANDBOXED_COMPILES_STORAGE_DRIVER"
 # What an operator may force on the inner dockerd; vfs is the explicit opt-in for a layered root.
 STORAGE_DRIVERS = ("overlay2", "fuse-overlayfs", "btrfs", "zfs", "vfs")
+# Docker's own: where the engine is. The services get it pointing at the engine of their mode.
+DOCKER_HOST = "DOCKER_HOST"
+# What a compile service's own docker runner (Server Pro's DockerRunner.js) reads.
+DOCKER_RUNNER = "DOCKER_RUNNER"
+ALLOWED_IMAGES = "ALLOWED_IMAGES"  # space-separated
 PRODUCT_VARIABLES = (
     SANDBOXED,
     SIBLING,

@@ -7,7 +7,6 @@ backend they give it (init.engine.client.DockerBackend).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
@@ -26,6 +25,7 @@ from init.compiles.profile import (
 )
 from init.compiles.queue import Queue, read_record, write_record
 from init.compiles.settings import KILL_GRACE, CompileSettings
+from init.core.wakeup import SignalWakeup
 from init.engine.client import ContainerGone, DockerBackend, ImageMissing
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
@@ -42,49 +42,44 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class StopSignals:
-    """SIGTERM/SIGINT/SIGHUP recorded, not acted on: the handler only notes the signal and the
-    wakeup fd wakes the runner's select; the runner stops the container and then re-raises the
-    signal on itself so its caller sees it die of it (Community Edition checks for SIGTERM)."""
+    """SIGTERM/SIGINT/SIGHUP taken, not acted on: they arrive as bytes on a wakeup fd that the
+    runner's select waits on beside the compile; the runner stops the container and then
+    re-raises the signal on itself so its caller sees it die of it (Community Edition checks
+    for SIGTERM)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.read_fd, self.write_fd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._previous: dict[int, Any] = {}
-        self._previous_fd = -1
+        self._wakeup: SignalWakeup | None = None
 
     def __enter__(self) -> StopSignals:
-        self._previous_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._record)
+        self._wakeup = SignalWakeup(STOP_SIGNALS)
         return self
 
-    def _record(self, signum: int, frame: object) -> None:
-        if self.received is None:
-            self.received = signum
-
     def __exit__(self, *exc: object) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        signal.set_wakeup_fd(self._previous_fd)
-        os.close(self.read_fd)
-        os.close(self.write_fd)
+        if self._wakeup is not None:
+            self._wakeup.close()
+
+    def take(self) -> int | None:
+        """The first stop signal so far, if one came."""
+        if self._wakeup is not None and self.received is None:
+            arrived = self._wakeup.drain()
+            self.received = arrived[0] if arrived else None
+        return self.received
 
     def wait(self, done_fd: int, timeout: float) -> bool:
         """Until `done_fd` is readable (True), a stop signal, or the timeout (False)."""
+        assert self._wakeup is not None, "wait inside `with StopSignals()`"
         deadline = time.monotonic() + timeout
-        while self.received is None:
+        while self.take() is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 return False
             try:
-                ready, _, _ = select.select([done_fd, self.read_fd], [], [], left)
+                ready, _, _ = select.select([done_fd, self._wakeup.fd], [], [], left)
             except InterruptedError:
                 continue
             if done_fd in ready:
                 return True
-            if self.read_fd in ready:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(self.read_fd, 64)
         return False
 
 
@@ -126,7 +121,7 @@ class Runner:
         """Queue, then run `job` in its project's container; the signal that stopped it is in
         `Ran.stopped_by` (the caller decides to die of it)."""
         with self.queue.turn(job.directory.project), StopSignals() as signals:
-            if signals.received is not None:
+            if signals.take() is not None:
                 return Ran(None, 0.0, stopped_by=signals.received)
             container = self._container(job)
             return self._exec(container, job, signals, output)

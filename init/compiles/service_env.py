@@ -15,7 +15,19 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from init.compiles.contract import SHIMMED_COMMANDS
-from init.config import SIBLING, Mode, Settings
+from init.config import (
+    ALL_TEXLIVE_IMAGES,
+    ALLOWED_IMAGES,
+    DOCKER_HOST,
+    DOCKER_RUNNER,
+    HOST_DIR_COMPILES,
+    HOST_DIR_OUTPUT,
+    SANDBOXED,
+    SIBLING,
+    TEXLIVE_IMAGE,
+    Mode,
+    Settings,
+)
 from init.engine.side import CompileWiring
 
 # Where a Server Pro style image keeps its compile service's docker runner.
@@ -27,11 +39,11 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # What a compile needs of the services' environment, also for `sharelatex-init compile` run by
 # hand in the container (`docker exec`), which the init's environment never reaches.
 SHARED_VARIABLES = (
-    "DOCKER_HOST",
-    "SANDBOXED_COMPILES_HOST_DIR_COMPILES",
-    "SANDBOXED_COMPILES_HOST_DIR_OUTPUT",
-    "TEX_LIVE_DOCKER_IMAGE",
-    "ALL_TEX_LIVE_DOCKER_IMAGES",
+    DOCKER_HOST,
+    HOST_DIR_COMPILES,
+    HOST_DIR_OUTPUT,
+    TEXLIVE_IMAGE,
+    ALL_TEXLIVE_IMAGES,
 )
 
 
@@ -71,14 +83,14 @@ def environment(
     the host dirs, which the engine side sets)."""
     images = settings.all_texlive_images
     env = {
-        "TEX_LIVE_DOCKER_IMAGE": settings.texlive_image,
-        "ALL_TEX_LIVE_DOCKER_IMAGES": ",".join(images),
+        TEXLIVE_IMAGE: settings.texlive_image,
+        ALL_TEXLIVE_IMAGES: ",".join(images),
     }
     if runner == "docker":
         # What a docker runner of the compile service reads; ALLOWED_IMAGES is space-separated.
-        env["DOCKER_RUNNER"] = "true"
-        env["SANDBOXED_COMPILES"] = "true"
-        env["ALLOWED_IMAGES"] = " ".join(images)
+        env[DOCKER_RUNNER] = "true"
+        env[SANDBOXED] = "true"
+        env[ALLOWED_IMAGES] = " ".join(images)
         if settings.mode is Mode.SIBLING:
             env[SIBLING] = "true"
         return env

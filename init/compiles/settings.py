@@ -196,7 +196,7 @@ def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
         limits=limits,
         image=product.texlive_image,
         images=product.all_texlive_images,
-        engine_url=environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock",
+        engine_url=environ.get(config.DOCKER_HOST) or "unix:///var/run/docker.sock",
         status_file=status.status_path(environ),
     )
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from init.core import process
 from init.core.log import Log
 from init.core.process import Exit, signal_name
+from init.core.wakeup import SignalWakeup
 
 ChildCallback = Callable[[Exit], None]
 SignalCallback = Callable[[int], None]
@@ -34,10 +35,6 @@ class Timer:
         self.cancelled = True
 
 
-def _record(signum: int, frame: object) -> None:
-    """Installed for every handled signal so the C handler writes the wakeup fd; no work here."""
-
-
 class EventLoop:
     """One loop for the init's whole life; `run_until(condition, deadline)` drives it.
 
@@ -52,18 +49,12 @@ class EventLoop:
         self.system = system
         self.clock = system.clock
         self._selector = system.selector()
-        # A pipe, not a socketpair: the socket module alone costs PID 1 0.75 MiB.
-        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._previous_wakeup_fd = signal.set_wakeup_fd(self._wake_write, warn_on_full_buffer=False)
-        self._selector.register(self._wake_read, selectors.EVENT_READ, self._on_wakeup)
+        self._wakeup = SignalWakeup({*signals, signal.SIGCHLD})
+        self._selector.register(self._wakeup.fd, selectors.EVENT_READ, self._on_wakeup)
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._children: dict[int, ChildCallback] = {}
         self._signal_callbacks: dict[int, SignalCallback] = {}
-        self._handled = sorted({*signals, signal.SIGCHLD})
-        self._previous_handlers = {
-            signum: signal.signal(signum, _record) for signum in self._handled
-        }
 
     # -- registration ------------------------------------------------------------------
 
@@ -109,12 +100,8 @@ class EventLoop:
         self._run_due_timers()
 
     def close(self) -> None:
-        for signum, handler in self._previous_handlers.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        self._wakeup.close()
         self._selector.close()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
 
     def _timeout(self, now: float, deadline: float | None) -> float | None:
         while self._timers and self._timers[0].cancelled:
@@ -131,10 +118,7 @@ class EventLoop:
                 timer.callback()
 
     def _on_wakeup(self) -> None:
-        try:
-            data = os.read(self._wake_read, 4096)
-        except BlockingIOError:
-            data = b""
+        data = self._wakeup.drain()
         # Reap on every wake-up, not just on a SIGCHLD byte: bytes can be coalesced or dropped
         # when the buffer is full, and a waitpid that finds nothing costs one syscall.
         self.reap_children()

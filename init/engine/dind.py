@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from init.checks import Status
-from init.config import Mode, Settings
+from init.config import DOCKER_HOST, Mode, Settings
 from init.core import children
 from init.core.component import Component, Phase
 from init.core.log import Log
@@ -93,7 +93,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
                 *dockerd.socket_group_args(self.layout, self.service_user),
             )
             self._spec = dockerd.service_spec(self.layout, tuple(args))
-        return self.with_compiles(environ, {"DOCKER_HOST": self.layout.docker_host})
+        return self.with_compiles(environ, {DOCKER_HOST: self.layout.docker_host})
 
     def engine_service(self) -> tuple[ServiceSpec, ServiceHooks] | None:
         return (self._spec, self) if self._spec is not None else None

@@ -16,6 +16,7 @@ from pathlib import Path, PurePosixPath
 from init.config import (
     CONTAINER_ID,
     DEFAULT_SERVICE_USER,
+    DOCKER_HOST,
     HOST_DIR,
     HOST_DIR_COMPILES,
     HOST_DIR_OUTPUT,
@@ -106,7 +107,7 @@ class HostDocker(SandboxSide):
         how = "derived from this container's mounts" if result.derived else "checked"
         self.log.info("sibling", f"host compile dir {compiles}, output dir {output} ({how})")
         self.installer.use_socket(str(socket))
-        engine_env = {"DOCKER_HOST": f"unix://{socket}"}
+        engine_env = {DOCKER_HOST: f"unix://{socket}"}
         if compiles:
             engine_env[HOST_DIR_COMPILES] = compiles
             engine_env[HOST_DIR] = compiles

@@ -23,7 +23,7 @@ from typing import Any
 
 from init.checks import Check, Status
 from init.config import DEFAULT_SERVICE_USER as DEFAULT_SERVICE_USER  # sibling.DEFAULT_...
-from init.config import HOST_DIR, HOST_DIR_COMPILES, HOST_DIR_OUTPUT, PREFIXES
+from init.config import DOCKER_HOST, HOST_DIR, HOST_DIR_COMPILES, HOST_DIR_OUTPUT, PREFIXES
 from init.engine import mountinfo
 from init.errors import EngineError
 
@@ -57,7 +57,7 @@ def socket_path(environ: Mapping[str, str]) -> Path:
 
     EngineError for any other scheme: sibling mode needs the host's unix socket mounted.
     """
-    value = environ.get("DOCKER_HOST", "").strip()
+    value = environ.get(DOCKER_HOST, "").strip()
     if not value:
         return DEFAULT_SOCKET
     if value.startswith("unix://"):

@@ -15,7 +15,6 @@ import contextlib
 import errno
 import io
 import json
-import os
 import selectors
 import signal
 import socket
@@ -31,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from init.config import parse_address
 from init.core.log import Log
+from init.core.wakeup import SignalWakeup
 from init.errors import ConfigError, InitError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -233,43 +233,23 @@ def bound_address(server: _Server) -> str:
 def serve(server: _Server, on_stop: Callable[[], None] | None = None, drain: float = 5.0) -> int:
     """Answer requests until SIGTERM or SIGINT; then `on_stop()`, let the answers being written
     finish (up to `drain` seconds), close, and return 0."""
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    previous = {s: signal.signal(s, _record) for s in STOP_SIGNALS}
-    old_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     server.timeout = 1.0  # handle_request's own wait, should a wakeup be spurious
     try:
-        with selectors.DefaultSelector() as selector:
+        with SignalWakeup(STOP_SIGNALS) as wakeup, selectors.DefaultSelector() as selector:
             selector.register(server.fileno(), selectors.EVENT_READ, "accept")
-            selector.register(wake_r, selectors.EVENT_READ, "signal")
+            selector.register(wakeup.fd, selectors.EVENT_READ, "signal")
             while True:
                 ready = {key.data for key, _ in selector.select()}
-                if "signal" in ready and _stop_requested(wake_r):
+                if "signal" in ready and wakeup.drain():
                     break
                 if "accept" in ready:
                     server.handle_request()
-        if on_stop is not None:
-            on_stop()
-        server.drain(drain)
+            if on_stop is not None:
+                on_stop()
+            server.drain(drain)
     finally:
-        signal.set_wakeup_fd(old_wakeup)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        os.close(wake_r)
-        os.close(wake_w)
         server.server_close()
     return 0
-
-
-def _record(signum: int, frame: object) -> None:
-    """Does nothing: the signal's number is already on the wakeup fd, where the loop reads it."""
-
-
-def _stop_requested(wake_r: int) -> bool:
-    try:
-        data = os.read(wake_r, 512)
-    except BlockingIOError:
-        return False
-    return any(b in {int(s) for s in STOP_SIGNALS} for b in data)
 
 
 def listen(app: App, text: str, source: str) -> _Server:

@@ -37,6 +37,7 @@ from typing import Any, TextIO
 
 import tenacity
 
+from init.config import DOCKER_HOST
 from init.engine.client import Engine, EngineRefused
 from init.errors import EngineError
 from init.texlive import build as texlive_build
@@ -827,7 +828,7 @@ def install_command(
     sources = _comma_list(args.source) if args.source else list(settings.texlive_sources)
     _check_sources(parser, sources)
     tarball_dir = args.tarball_dir or settings.tarball_dir
-    engine = args.engine or environ.get("DOCKER_HOST") or DEFAULT_ENGINE
+    engine = args.engine or environ.get(DOCKER_HOST) or DEFAULT_ENGINE
     options = BuildOptions(
         base_image=args.base_image
         or settings.texlive_base_image
