@@ -7,7 +7,6 @@ With no timer pending the loop blocks in `select` with no timeout: an idle PID 1
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import os
 import selectors
@@ -26,6 +25,8 @@ SignalCallback = Callable[[int], None]
 
 @dataclass(order=True)
 class Timer:
+    """A callback due at `when` (the loop's clock); ordered by time, then by `seq`."""
+
     when: float
     seq: int
     callback: Callable[[], None] = field(compare=False)
@@ -60,7 +61,10 @@ class EventLoop:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         timer = Timer(self.clock() + max(0.0, delay), next(self._seq), callback)
-        heapq.heappush(self._timers, timer)
+        # A sorted list rather than heapq (a module and a shared library more in PID 1): there
+        # are a handful of timers at most, one a service.
+        self._timers.append(timer)
+        self._timers.sort()
         return timer
 
     def watch_child(self, pid: int, callback: ChildCallback) -> None:
@@ -105,7 +109,7 @@ class EventLoop:
 
     def _timeout(self, now: float, deadline: float | None) -> float | None:
         while self._timers and self._timers[0].cancelled:
-            heapq.heappop(self._timers)
+            self._timers.pop(0)
         first_timer = self._timers[0].when if self._timers else None
         ends = [t for t in (first_timer, deadline) if t is not None]
         return max(0.0, min(ends) - now) if ends else None
@@ -113,7 +117,7 @@ class EventLoop:
     def _run_due_timers(self) -> None:
         now = self.clock()
         while self._timers and (self._timers[0].cancelled or self._timers[0].when <= now):
-            timer = heapq.heappop(self._timers)
+            timer = self._timers.pop(0)
             if not timer.cancelled:
                 timer.callback()
 
