@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from init import __version__
+from init.core import deferred
 from init.core.log import Level, Log, level_from_env
 from init.errors import EX_CONFIG, EX_USAGE, ConfigError, InitError
 
@@ -26,6 +26,7 @@ commands:
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    deferred.defer_unused_stdlib()  # before pathlib and dataclasses: not imported above
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ if environ is None else environ)
     log = Log(level=level_from_env(env))
@@ -46,8 +47,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
-    parser = _parser()
-    options = parser.parse_args(args)
+    options = _parser().parse_args(args)
     if options.version:
         print(f"sharelatex-init {__version__}")
         return 0
@@ -65,8 +65,35 @@ def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
     return _run(options, env, log)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with the terminal's width read without shutil.
+
+    argparse's formatter imports shutil for `get_terminal_size` alone, and shutil brings bz2,
+    lzma and zlib: 0.6 MiB that PID 1 would keep for its whole life. Subparsers are made of
+    this class too (argparse's default `parser_class`).
+    """
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        # Every HelpFormatter takes `width`; typeshed's protocol for formatter_class omits it.
+        return self.formatter_class(prog=self.prog, width=_columns() - 2)  # type: ignore[call-arg]
+
+
+def _columns() -> int:
+    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size().columns or 80  # stdout's
+    except (ValueError, OSError):
+        return 80
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from pathlib import Path
+
+    parser = _Parser(
         prog="sharelatex-init",
         description=DESCRIPTION,
         epilog=EPILOG,
@@ -102,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    from pathlib import Path
+
     d = argparse.SUPPRESS  # so options given before or after `run` both count
     p.add_argument("--startup-dir", type=Path, default=d, help="my_init.d scripts to run first")
     p.add_argument("--pre-shutdown-dir", type=Path, default=d, help="run before stopping")
@@ -134,6 +163,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
 
 def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
     """The environment with the .env files under it (the environment wins)."""
+    from pathlib import Path
+
     from init import config
 
     opt = vars(options)
@@ -168,6 +199,7 @@ def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
 
 
 def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
+    _forget_the_command_line()
     import functools
 
     from init import boot, config
@@ -205,6 +237,20 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
         own_services=boot.http_status_service(settings.http_address, status_file),
     )
     return Init(options_, log, config.service_environment(merged)).run()
+
+
+def _forget_the_command_line() -> None:
+    """Free what parsing left behind before PID 1's own imports, so that they reuse its memory.
+
+    The parser is garbage in reference cycles by now; gettext imported locale (0.15 MiB) to
+    translate argparse's messages, and PID 1 prints none of those again (a later `import
+    locale` would load it afresh). CPython keeps freed memory for reuse rather than giving it
+    back, so this must happen before the imports, not at idle.
+    """
+    import gc
+
+    sys.modules.pop("locale", None)
+    gc.collect()
 
 
 def _seconds(
@@ -265,9 +311,7 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
 def _wrap(before: list[str], command: list[str], env: dict[str, str], log: Log) -> int:
     from init.core import wrap
 
-    parser = argparse.ArgumentParser(
-        prog="sharelatex-init [options] --", description="Run CMD as the only child."
-    )
+    parser = _Parser(prog="sharelatex-init [options] --", description="Run CMD as the only child.")
     parser.add_argument(
         "-g",
         "--process-group",
