@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import signal
-import struct
 import sys
 import time
 from collections.abc import Iterator, Mapping
@@ -119,7 +118,7 @@ def spawn(spec: SpawnSpec) -> int:
         report = pipe.read()
     if report:
         os.waitpid(pid, 0)
-        code, where = struct.unpack("ii", report[:8])
+        code, where = map(int, report.split()[:2])
         what = os.strerror(code)
         raise SpawnError(
             f"cannot {_STEPS.get(where, 'start')} {spec.argv[0]}: {what}",
@@ -168,7 +167,8 @@ def _exec_child(spec: SpawnSpec, report_fd: int) -> None:  # pragma: no cover - 
     except BaseException:
         code = errno.EIO
     try:
-        os.write(report_fd, struct.pack("ii", code, step))
+        # As text, "errno step": struct would cost PID 1 a module and a shared library.
+        os.write(report_fd, f"{code} {step}".encode())
     finally:
         os._exit(127)
 
