@@ -309,8 +309,17 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _wrap(before: list[str], command: list[str], env: dict[str, str], log: Log) -> int:
+    options = _wrap_parser().parse_args(before)
+    if not command:
+        print("sharelatex-init: give a command after --", file=sys.stderr)
+        return EX_USAGE
+    _forget_the_command_line()
     from init.core import wrap
 
+    return wrap.run(wrap.WrapOptions(tuple(command), options.process_group), env, log)
+
+
+def _wrap_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sharelatex-init [options] --", description="Run CMD as the only child.")
     parser.add_argument(
         "-g",
@@ -318,8 +327,4 @@ def _wrap(before: list[str], command: list[str], env: dict[str, str], log: Log) 
         action="store_true",
         help="send signals to the child's whole process group, not only to the child",
     )
-    options = parser.parse_args(before)
-    if not command:
-        print("sharelatex-init: give a command after --", file=sys.stderr)
-        return EX_USAGE
-    return wrap.run(wrap.WrapOptions(tuple(command), options.process_group), env, log)
+    return parser

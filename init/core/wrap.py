@@ -31,6 +31,8 @@ EXIT_CANNOT_RUN = 127  # as a shell: the command could not be executed
 
 @dataclass(frozen=True)
 class WrapOptions:
+    """The command to run, and how to pass signals on to it."""
+
     argv: tuple[str, ...]
     process_group: bool = False  # send signals to the child's whole group (dumb-init's way)
 
