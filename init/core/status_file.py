@@ -39,6 +39,8 @@ def texlive_status_path(status_file: Path) -> Path:
 
 @dataclass(frozen=True)
 class LastExit:
+    """How a service last ended, as the status file tells it."""
+
     code: int | None
     signal: int | None
     description: str
