@@ -17,17 +17,16 @@ from init.core.docker_side import DockerSide
 from init.core.log import Log
 from init.core.loop import EventLoop
 from init.core.services import ServiceSpec
-from init.engine.dockerd import EngineLayout
-from init.engine.side import OnChange
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
+
+    OnChange = Callable[[], None]
 
 
 def docker_side(
     settings: Settings | None,
-    layout: EngineLayout,
     environ: Mapping[str, str],
     status_file: Path,
     loop: EventLoop,
@@ -45,6 +44,9 @@ def docker_side(
     wiring = ServicesCompile(settings, run_dir / "shim", sys.executable)
     if settings.mode is Mode.DIND:
         from init.engine.dind import InnerDocker
+        from init.engine.dockerd import layout_from_env
+
+        layout = layout_from_env(environ)  # ConfigError (78) for a bad path or flag
 
         return InnerDocker(
             loop, log, settings, layout, run_dir, installer, wiring,

@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
-    options = _parser().parse_args(args)
+    options = _parser(with_compile=args[:1] == ["compile"]).parse_args(args)
     if options.version:
         print(f"sharelatex-init {__version__}")
         return 0
@@ -90,7 +90,9 @@ def _columns() -> int:
         return 80
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(with_compile: bool = True) -> argparse.ArgumentParser:
+    """The command line; `compile`'s own options only when compiling (its parser imports the
+    compile contract, which PID 1 would otherwise keep)."""
     from pathlib import Path
 
     parser = _Parser(
@@ -113,11 +115,12 @@ def _parser() -> argparse.ArgumentParser:
         help="for probes: exit 0 when healthy (the init and its services run) or ready "
         "(compiles can run), else 1 with the reason",
     )
-    from init.compiles import (
-        command as compile_cmd,  # its parser only: the runner is imported when it runs
-    )
+    if with_compile:
+        from init.compiles import command as compile_cmd  # its parser: the runner loads later
 
-    compile_cmd.add_parser(sub)
+        compile_cmd.add_parser(sub)
+    else:
+        sub.add_parser("compile", help="compile a project dir in its sandbox (see compile -h)")
     tl = sub.add_parser("texlive", help="install the TeX Live image(s) now, with progress")
     tl.add_argument("texlive_args", nargs=argparse.REMAINDER, metavar="install [IMAGE...]")
     doc = sub.add_parser("doctor", help="run every preflight check and say how to fix each")
@@ -206,7 +209,6 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
     from init.core import container_env, services
     from init.core.pid1 import BootOptions, Init, Shutdown
     from init.core.status_file import status_path
-    from init.engine import dockerd
 
     _configure_log(log, options)
     opt = vars(options)
@@ -222,7 +224,6 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
         ),
     )
     status_file = status_path(merged, opt.get("status_file")).absolute()
-    layout = dockerd.layout_from_env(merged)
     options_ = BootOptions(
         startup_dir=opt.get("startup_dir", services.DEFAULT_STARTUP_DIR),
         pre_shutdown_dir=opt.get("pre_shutdown_dir", services.DEFAULT_PRE_SHUTDOWN_DIR),
@@ -233,7 +234,7 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
         shutdown=shutdown,
         skip_startup_files=bool(opt.get("skip_startup_files", False)),
         kill_all_on_exit=not opt.get("no_kill_all_on_exit", False),
-        docker_side=functools.partial(boot.docker_side, settings, layout, merged, status_file),
+        docker_side=functools.partial(boot.docker_side, settings, merged, status_file),
         own_services=boot.http_status_service(settings.http_address, status_file),
     )
     return Init(options_, log, config.service_environment(merged)).run()

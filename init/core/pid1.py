@@ -70,6 +70,8 @@ class Shutdown:
 
 @dataclass(frozen=True)
 class BootOptions:
+    """What `run` was given: the dirs, the status file, the limits, the Docker side."""
+
     startup_dir: Path = services.DEFAULT_STARTUP_DIR
     pre_shutdown_dir: Path = services.DEFAULT_PRE_SHUTDOWN_DIR
     post_shutdown_dir: Path = services.DEFAULT_POST_SHUTDOWN_DIR
