@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -12,17 +11,12 @@ from init.core import deferred
 from init.core.log import Level, Log, level_from_env
 from init.errors import EX_CONFIG, EX_USAGE, ConfigError, InitError
 
-DESCRIPTION = "PID 1 for ShareLaTeX / Overleaf containers with sandboxed compiles."
-EPILOG = """\
-commands:
-  run                 be the container's init (the default): startup scripts, services
-  status [--json]     what the running init reports
-  doctor [--json]     every preflight check, each ok / warn / fail with its fix
-  compile DIR         compile one project in its sandbox (exit 0 PDF, 1 LaTeX error,
-                      2 a limit hit, 75 TeX Live not ready, 78 configuration)
-  texlive install     install the TeX Live image(s) now, with a progress bar on a terminal
-  -- CMD [ARGS...]    wrap mode: run CMD as the only child, as tini or dumb-init would
-"""
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: PID 1 runs this
+if TYPE_CHECKING:
+    from argparse import Namespace
+    from typing import Any
+
+    Options = dict[str, Any]  # `run`'s options: argparse's, as a plain dict
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -46,8 +40,14 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 130
 
 
+def _parse(args: list[str]) -> Namespace:
+    from init import commandline
+
+    return commandline.parser(with_compile=args[:1] == ["compile"]).parse_args(args)
+
+
 def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
-    options = _parser(with_compile=args[:1] == ["compile"]).parse_args(args)
+    options = _parse(args)
     if options.version:
         print(f"sharelatex-init {__version__}")
         return 0
@@ -62,115 +62,22 @@ def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
         return compile_cmd.run(options, _merged_environment(options, env))
     if command == "texlive":
         return _texlive(options, env)
-    return _run(options, env, log)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, with the terminal's width read without shutil.
-
-    argparse's formatter imports shutil for `get_terminal_size` alone, and shutil brings bz2,
-    lzma and zlib: 0.6 MiB that PID 1 would keep for its whole life. Subparsers are made of
-    this class too (argparse's default `parser_class`).
-    """
-
-    def _get_formatter(self) -> argparse.HelpFormatter:
-        # Every HelpFormatter takes `width`; typeshed's protocol for formatter_class omits it.
-        return self.formatter_class(prog=self.prog, width=_columns() - 2)  # type: ignore[call-arg]
-
-
-def _columns() -> int:
-    """shutil.get_terminal_size().columns: $COLUMNS, else stdout's terminal, else 80."""
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size().columns or 80  # stdout's
-    except (ValueError, OSError):
-        return 80
-
-
-def _parser(with_compile: bool = True) -> argparse.ArgumentParser:
-    """The command line; `compile`'s own options only when compiling (its parser imports the
-    compile contract, which PID 1 would otherwise keep)."""
-    from pathlib import Path
-
-    parser = _Parser(
-        prog="sharelatex-init",
-        description=DESCRIPTION,
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    run = sub.add_parser("run", help="be the container's init (the default)")
-    _add_run_options(run)
-    _add_run_options(parser)  # `sharelatex-init --grace 5` means `run --grace 5`
-    st = sub.add_parser("status", help="show what the running init reports")
-    st.add_argument("--json", action="store_true", help="print the status document as JSON")
-    st.add_argument("--status-file", type=Path, help="where the init writes its status")
-    st.add_argument(
-        "--check",
-        choices=("healthy", "ready"),
-        help="for probes: exit 0 when healthy (the init and its services run) or ready "
-        "(compiles can run), else 1 with the reason",
-    )
-    if with_compile:
-        from init.compiles import command as compile_cmd  # its parser: the runner loads later
-
-        compile_cmd.add_parser(sub)
-    else:
-        sub.add_parser("compile", help="compile a project dir in its sandbox (see compile -h)")
-    tl = sub.add_parser("texlive", help="install the TeX Live image(s) now, with progress")
-    tl.add_argument("texlive_args", nargs=argparse.REMAINDER, metavar="install [IMAGE...]")
-    doc = sub.add_parser("doctor", help="run every preflight check and say how to fix each")
-    doc.add_argument("--json", action="store_true", help="print the checks as JSON")
-    doc.add_argument("--status-file", type=Path, help="where the init writes its status")
-    doc.add_argument("--config-dir", type=Path, help="dir of *.env files")
-    doc.add_argument("--env-file", type=Path, action="append", help="an .env file")
-    return parser
-
-
-def _add_run_options(p: argparse.ArgumentParser) -> None:
-    from pathlib import Path
-
-    d = argparse.SUPPRESS  # so options given before or after `run` both count
-    p.add_argument("--startup-dir", type=Path, default=d, help="my_init.d scripts to run first")
-    p.add_argument("--pre-shutdown-dir", type=Path, default=d, help="run before stopping")
-    p.add_argument("--post-shutdown-dir", type=Path, default=d, help="run after stopping")
-    p.add_argument("--service-dir", type=Path, default=d, help="runit services (NAME/run)")
-    p.add_argument(
-        "--container-env", type=Path, default=d, help="my_init's /etc/container_environment"
-    )
-    p.add_argument("--config-dir", type=Path, default=d, help="dir of *.env files")
-    p.add_argument("--env-file", type=Path, action="append", default=d, help="an .env file")
-    p.add_argument("--status-file", type=Path, default=d, help="where to write the status")
-    p.add_argument(
-        "--grace", type=float, default=d, help="seconds to stop services (KILL_PROCESS_TIMEOUT)"
-    )
-    p.add_argument(
-        "--kill-all-timeout",
-        type=float,
-        default=d,
-        help="seconds for the rest to end (KILL_ALL_PROCESSES_TIMEOUT)",
-    )
-    p.add_argument("--skip-startup-files", action="store_true", default=d)
-    p.add_argument("--no-kill-all-on-exit", action="store_true", default=d)
-    p.add_argument("--log-format", choices=("text", "json"), default=d)
-    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=d)
+    opt = dict(vars(options))  # nothing of argparse's stays referenced once `run` forgets it
+    del options
+    return _run(opt, env, log)
 
 
 # Each command imports what it uses when it runs: wrap mode, a long-lived PID 1, pays for
 # nothing it does not need (see the idle-rss benchmark).
 
 
-def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dict[str, str]:
+def _merged_environment(options: Namespace | Options, env: dict[str, str]) -> dict[str, str]:
     """The environment with the .env files under it (the environment wins)."""
     from pathlib import Path
 
     from init import config
 
-    opt = vars(options)
+    opt = options if isinstance(options, dict) else vars(options)
     config_dir = opt.get("config_dir") or Path(
         env.get(config.CONFIG_DIR_VARIABLE) or config.DEFAULT_CONFIG_DIR
     )
@@ -178,7 +85,7 @@ def _merged_environment(options: argparse.Namespace, env: dict[str, str]) -> dic
     return config.merge_environment(env, file_values)
 
 
-def _texlive(options: argparse.Namespace, env: dict[str, str]) -> int:
+def _texlive(options: Namespace, env: dict[str, str]) -> int:
     if options.texlive_args[:1] != ["install"]:
         print(
             "usage: sharelatex-init texlive install [IMAGE...] [--engine URL] "
@@ -191,7 +98,7 @@ def _texlive(options: argparse.Namespace, env: dict[str, str]) -> int:
     return install_command(options.texlive_args[1:], _merged_environment(options, env))
 
 
-def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
+def _doctor(options: Namespace, env: dict[str, str]) -> int:
     from init import doctor
     from init.core.status_file import status_path
 
@@ -201,7 +108,7 @@ def _doctor(options: argparse.Namespace, env: dict[str, str]) -> int:
     return doctor.exit_status(checks)
 
 
-def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
+def _run(opt: Options, env: dict[str, str], log: Log) -> int:
     _forget_the_command_line()
     import functools
 
@@ -210,9 +117,8 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
     from init.core.pid1 import BootOptions, Init, Shutdown
     from init.core.status_file import status_path
 
-    _configure_log(log, options)
-    opt = vars(options)
-    merged = _merged_environment(options, env)
+    _configure_log(log, opt)
+    merged = _merged_environment(opt, env)
     settings = config.load(merged)
     for warning in settings.warnings:
         log.warning("config", warning)
@@ -243,14 +149,19 @@ def _run(options: argparse.Namespace, env: dict[str, str], log: Log) -> int:
 def _forget_the_command_line() -> None:
     """Free what parsing left behind before PID 1's own imports, so that they reuse its memory.
 
-    The parser is garbage in reference cycles by now; gettext imported locale (0.15 MiB) to
-    translate argparse's messages, and PID 1 prints none of those again (a later `import
-    locale` would load it afresh). CPython keeps freed memory for reuse rather than giving it
+    The parser is garbage in reference cycles by now, and the options a plain dict; argparse
+    (with the grammar in init.commandline) and gettext's locale, which translated argparse's
+    messages, are not used again (a later import would load them afresh). CPython keeps freed
+    memory for reuse rather than giving it
     back, so this must happen before the imports, not at idle.
     """
     import gc
 
-    sys.modules.pop("locale", None)
+    import init
+
+    for name in ("init.commandline", "argparse", "gettext", "locale"):
+        sys.modules.pop(name, None)
+    init.__dict__.pop("commandline", None)  # the import set it on the package too
     gc.collect()
 
 
@@ -275,15 +186,14 @@ def _seconds(
     return seconds
 
 
-def _configure_log(log: Log, options: argparse.Namespace) -> None:
-    opt = vars(options)
+def _configure_log(log: Log, opt: Options) -> None:
     if opt.get("log_format") == "json":
         log.json_lines = True
     if opt.get("log_level"):
         log.level = Level[str(opt["log_level"]).upper()]
 
 
-def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
+def _status(options: Namespace, env: Mapping[str, str]) -> int:
     import json
 
     from init import status
@@ -310,22 +220,14 @@ def _status(options: argparse.Namespace, env: Mapping[str, str]) -> int:
 
 
 def _wrap(before: list[str], command: list[str], env: dict[str, str], log: Log) -> int:
-    options = _wrap_parser().parse_args(before)
+    from init import commandline
+
+    process_group = commandline.wrap_parser().parse_args(before).process_group
+    del commandline
     if not command:
         print("sharelatex-init: give a command after --", file=sys.stderr)
         return EX_USAGE
     _forget_the_command_line()
     from init.core import wrap
 
-    return wrap.run(wrap.WrapOptions(tuple(command), options.process_group), env, log)
-
-
-def _wrap_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sharelatex-init [options] --", description="Run CMD as the only child.")
-    parser.add_argument(
-        "-g",
-        "--process-group",
-        action="store_true",
-        help="send signals to the child's whole process group, not only to the child",
-    )
-    return parser
+    return wrap.run(wrap.WrapOptions(tuple(command), process_group), env, log)

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from init import cli, config
+from init import commandline, config
 from init.config import Mode
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -73,5 +73,5 @@ def test_kubernetes_pod_is_privileged_probes_exist_and_grace_is_longer() -> None
         command = container[probe]["exec"]["command"]
         assert command[0] == "sharelatex-init"
         # The CLI accepts the probe's arguments as they are.
-        options = cli._parser().parse_args(command[1:])
+        options = commandline.parser().parse_args(command[1:])
         assert options.command == "status" and options.check in ("ready", "healthy")
