@@ -5,6 +5,14 @@ choice (refuse a layered data root with the fix), then dockerd as the first serv
 dockerd starts, a child (`init.engine.ready`) waits for its API, sweeps the compile containers an
 earlier run left (the engine has just started: nothing of ours runs there yet), and reports the
 storage driver; until it reports, compiles are not ready.
+
+Once ready, the engine is self-tested every SELF_TEST_PERIOD seconds by the same child in its
+`--self-test` mode: `/_ping` within 2 s, then one container of the compile image run to its end
+(an engine that answers its ping but cannot run a container, containerd killed, is found only
+so). A failed self-test makes the engine `failed` with the child's reason, and the next one
+comes sooner (SELF_TEST_RETRY) so that the engine is ready again soon after it recovers. PID 1
+only keeps a timer; the child asks the engine, bounded by SELF_TEST_DEADLINE. A self-test never
+sweeps and touches no container but its own.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from init.config import DOCKER_HOST, Mode, Settings
 from init.core import children
 from init.core.component import Component, Phase
 from init.core.log import Log
-from init.core.loop import EventLoop
+from init.core.loop import EventLoop, Timer
 from init.core.process import Exit
 from init.core.services import ServiceSpec
 from init.core.supervisor import Service, ServiceHooks
@@ -30,6 +38,12 @@ from init.errors import ConfigError, SpawnError
 # dockerd stops its containers on SIGTERM and waits this long for each (default 15 s): compile
 # containers end at once on SIGTERM, and the whole stop must fit Docker's 10 s.
 DOCKERD_SHUTDOWN_TIMEOUT = ("--shutdown-timeout", "2")
+SELF_TEST_RESULT = "engine-self-test.json"
+# The self-test: every 15 s while it passes (a Python child of 30 ms and one container start, a
+# few tenths of a percent of a core), every 3 s while it fails; all of it within 10 s.
+SELF_TEST_PERIOD = 15.0
+SELF_TEST_RETRY = 3.0
+SELF_TEST_DEADLINE = 10.0
 
 
 class InnerDocker(SandboxSide, ServiceHooks):
@@ -63,6 +77,9 @@ class InnerDocker(SandboxSide, ServiceHooks):
         self._checking = False
         self._service: Service | None = None
         self._spec: ServiceSpec | None = None
+        self._self_test: Timer | None = None
+        self._testing = False  # a self-test child runs
+        self._generation = 0  # one per start and end of dockerd: a self-test's answer is its own
         installer.use_socket(str(layout.socket))
 
     # -- preflight -----------------------------------------------------------------------
@@ -108,12 +125,21 @@ class InnerDocker(SandboxSide, ServiceHooks):
 
     def started(self, service: Service) -> None:
         self._service = service
+        self._new_generation()
         self.state.set(Phase.STARTING)
         self._start_check()
 
     def exited(self, service: Service, exit_: Exit) -> None:
+        self._new_generation()
         if not self.state.is_(Phase.REFUSED):
             self.state.set(Phase.DOWN, f"dockerd {exit_.describe()}")
+
+    def _new_generation(self) -> None:
+        """dockerd started or ended: what its earlier self-tests say is no longer about it."""
+        self._generation += 1
+        if self._self_test is not None:
+            self._self_test.cancel()
+            self._self_test = None
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -161,6 +187,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
             return
         self.ready_seconds = round(seconds, 3)
         self.state.set(Phase.READY)
+        self._schedule_self_test(SELF_TEST_PERIOD)
         swept = f"; removed {len(result.swept)} leftover compile containers" if result.swept else ""
         self.log.info(
             "dockerd",
@@ -169,12 +196,67 @@ class InnerDocker(SandboxSide, ServiceHooks):
         )
         self.start_installer()
 
+    # -- the self-test, while the engine runs ----------------------------------------------
+
+    def _schedule_self_test(self, delay: float) -> None:
+        if self._self_test is None and not self.state.is_(Phase.REFUSED, Phase.STOPPED):
+            self._self_test = self.loop.call_later(delay, self._run_self_test)
+
+    def _run_self_test(self) -> None:
+        self._self_test = None
+        if self._checking or self._testing or not self.state.is_(Phase.READY, Phase.FAILED):
+            return  # dockerd (re)starting: its start check speaks, then schedules the next
+        if self._supervisor is not None and self._supervisor.stopping:
+            return
+        generation = self._generation
+        request = ReadyRequest(
+            socket=self.layout.socket,
+            result=self.run_dir / SELF_TEST_RESULT,
+            deadline=SELF_TEST_DEADLINE,
+            self_test=True,
+            # A container of the compile image takes the path a compile takes. Not on vfs,
+            # where each container is a full copy of the image: the ping alone there.
+            image=self.settings.texlive_image if self.driver != "vfs" else "",
+        )
+
+        def done(document: object) -> None:
+            self._testing = False
+            if generation == self._generation:
+                self._on_self_test_done(ReadyResult.from_json(document))
+
+        try:
+            children.start(
+                self.loop, self.log, "engine", READY_CHECK, request.argv(), request.result, done
+            )
+        except SpawnError as e:
+            self.log.warning("dockerd", f"cannot self-test the engine: {e}")
+            self._schedule_self_test(SELF_TEST_RETRY)
+            return
+        self._testing = True
+
+    def _on_self_test_done(self, result: ReadyResult) -> None:
+        if self.state.is_(Phase.REFUSED, Phase.STOPPED):
+            return
+        if result.ready:
+            if self.state.is_(Phase.FAILED):
+                self.log.info("dockerd", "the self-test passes again: compiles can run")
+                self.state.set(Phase.READY)
+            self._schedule_self_test(SELF_TEST_PERIOD)
+            return
+        reason = f"self-test: {result.error}"
+        if self.state.reason != reason:
+            self.log.error("dockerd", f"{reason}; compiles are not ready, testing every "
+                           f"{SELF_TEST_RETRY:g} s")  # fmt: skip
+            self.state.set(Phase.FAILED, reason)
+        self._schedule_self_test(SELF_TEST_RETRY)
+
     def _refuse(self, message: str, fix: str) -> None:
         self.state.set(Phase.REFUSED, message, fix)
         self.log.error("dockerd", f"{message}; {fix}" if fix else message)
 
     def mark_stopped(self) -> None:
         super().mark_stopped()
+        self._new_generation()
         self.state.set(Phase.STOPPED)
 
     @property
