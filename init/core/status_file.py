@@ -301,7 +301,10 @@ def writer_problem(document: StatusDocument, proc: Path = PROC) -> str:
     else:
         start_time = _start_time_in_namespace(boot, proc)
     if start_time is None:
-        return f"the init that wrote the status (pid {boot.pid}) is not running"
+        return (
+            f"the init that wrote the status (pid {boot.pid}) is not running: the status is from "
+            "an earlier start of the init, or the init has stopped"
+        )
     if start_time != boot.start_time:
         return (
             f"the status is from an earlier start of the init (pid {boot.pid} is another "

@@ -8,12 +8,13 @@ writes a `ReadyResult` to F. Exit 0 ready, 1 not ready. `ReadyRequest` and `Read
 contract: PID 1 (init.engine.dind) writes the one and reads the other with the same classes.
 Importing this module is cheap; the Docker SDK loads only when `check` runs.
 
-`--self-test [--image IMAGE]` asks instead whether the engine works now, within the deadline:
-it answers `/_ping` within `PING_TIMEOUT`, and runs a container of IMAGE (create, start, wait,
-remove: the path a compile takes through dockerd, containerd and runc). PID 1 runs it every
-`SELF_TEST_PERIOD` once the engine is ready: an engine that answers its ping but cannot run a
-container (containerd killed) is found this way. It touches no container but its own, by its
-own name and label; it uses the light client (no SDK: 30 ms a run, not 200).
+`--self-test [--containerd SOCKET] [--image IMAGE]` asks instead whether the engine works now,
+within the deadline: it answers `/_ping` within `PING_TIMEOUT`, its containerd accepts on its
+socket, and a container of IMAGE runs to its end (create, start, wait, remove: the path a
+compile takes through dockerd, containerd and runc). An engine that answers its ping but cannot
+run a container (containerd killed or hung) is found this way (init.engine.dind runs it). It
+touches no container but its own, by its own name and label; it uses the light client (no SDK:
+60 ms of CPU a run, not 200).
 
 `ping` is the probes' own question (`status --check ready`, `/readyz`): one `/_ping` over a
 plain socket, bounded, asked at the moment the probe runs.
@@ -49,15 +50,17 @@ class ReadyRequest:
     deadline: float = 60.0  # seconds for the engine to answer (a self-test: all of it)
     sweep: bool = False  # remove leftover compile containers once it answers
     self_test: bool = False  # ask whether it works now (no waiting, no sweep)
-    image: str = ""  # self-test: the image to run a container of ("": ping only)
+    image: str = ""  # self-test: the image to run a container of ("": none)
+    containerd: Path | None = None  # self-test: containerd's socket, to see that it accepts
 
     def argv(self) -> tuple[str, ...]:
         sweep = ("--sweep",) if self.sweep else ()
         self_test = ("--self-test",) if self.self_test else ()
         image = ("--image", self.image) if self.image else ()
+        containerd = ("--containerd", str(self.containerd)) if self.containerd else ()
         return (
             "--socket", str(self.socket), "--result", str(self.result),
-            "--deadline", f"{self.deadline:g}", *sweep, *self_test, *image,
+            "--deadline", f"{self.deadline:g}", *sweep, *self_test, *image, *containerd,
         )  # fmt: skip
 
     @classmethod
@@ -71,10 +74,14 @@ class ReadyRequest:
         parser.add_argument("--sweep", action="store_true")
         parser.add_argument("--self-test", action="store_true")
         parser.add_argument("--image", default="")
+        parser.add_argument("--containerd", type=Path)
         args = parser.parse_args(list(argv))
         if args.self_test and args.sweep:
             parser.error("a self-test never sweeps: a compile may be running")
-        return cls(args.socket, args.result, args.deadline, args.sweep, args.self_test, args.image)
+        return cls(
+            args.socket, args.result, args.deadline, args.sweep, args.self_test, args.image,
+            args.containerd,
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -184,14 +191,25 @@ def ping(socket: Path, timeout: float = PING_TIMEOUT) -> str:
 
 
 def self_test(request: ReadyRequest) -> ReadyResult:
-    """Whether the engine works now: its ping within PING_TIMEOUT, then a container of
-    `request.image` run to its end, all within `request.deadline`."""
+    """Whether the engine works now: its ping within PING_TIMEOUT, its containerd accepting on
+    its socket, then a container of `request.image` run to its end, all within
+    `request.deadline`."""
     import time
 
     started = time.monotonic()
     why = ping(request.socket, min(PING_TIMEOUT, request.deadline))
     if why:
         return ReadyResult(False, f"the engine {why}")
+    if request.containerd is not None:
+        from init.engine.client import connect_error
+
+        code = connect_error(request.containerd, min(PING_TIMEOUT, request.deadline))
+        if code is not None:
+            return ReadyResult(
+                False,
+                "the engine answers its ping but its containerd does not accept connections "
+                f"on {request.containerd} ({os.strerror(code)})",
+            )
     if not request.image:
         return ReadyResult(True, seconds=round(time.monotonic() - started, 3))
     why = run_one(request.socket, request.image, started + request.deadline)
