@@ -403,3 +403,24 @@ def test_a_probe_is_bounded_by_the_ping_timeout(silent_engine: Path, tmp_path: P
     assert not passes
     assert why.endswith("does not answer /_ping within 2 s (hung or stopped?)")
     assert ready.PING_TIMEOUT <= took < ready.PING_TIMEOUT + 0.5
+
+
+def test_a_containerd_that_does_not_accept_fails_the_self_test_before_any_container(
+    fake_engine: FakeEngine, tmp_path: Path
+) -> None:
+    working(fake_engine)
+    gone = tmp_path / "containerd.sock"
+    request = ReadyRequest(
+        fake_engine.path, tmp_path / "r.json", 5.0, self_test=True, image="tl", containerd=gone
+    )
+    result = ready.self_test(request)
+    assert not result.ready
+    assert result.error == (
+        "the engine answers its ping but its containerd does not accept connections on "
+        f"{gone} (No such file or directory)"
+    )
+    assert [m for m, _, _ in fake_engine.seen] == ["GET"]  # no container was made
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(gone))
+        listening.listen(1)
+        assert ready.self_test(request).ready
