@@ -130,6 +130,7 @@ class Init:
         self.supervisor: Supervisor | None = None
         # The status file's writes: this start's identity, and the retry after a failed write.
         self._boot: status_file.Boot | None = None
+        self._written_once = False
         self._status_failures = 0
         self._status_retries = 0
         self._status_failed_since = 0.0
@@ -358,8 +359,9 @@ class Init:
         clears what an earlier start left beside it. A write that fails (the dir read-only or
         full) is tried again on a timer of the loop, STATUS_REWRITE's backoff, until one
         succeeds: the file then says what is true, not what was true before the outage."""
-        if self._boot is None:
-            self._boot = status_file.Boot.current()
+        if not self._written_once:
+            self._written_once = True
+            self._boot = status_file.Boot.current()  # None without a /proc: the pid alone
             for path in status_file.clear_earlier(self.options.status_file):
                 self.log.info("init", f"removed {path}, left by an earlier start")
         document = StatusDocument(
