@@ -1,14 +1,21 @@
 """The status as its readers see it: `sharelatex-init status`, the probes, the HTTP endpoint.
 
-`read_all` reads the init's status document (init.core.status_file) and merges the TeX Live
-installer's own file into its TeX Live part; `check` is the probes' verdict (healthy, ready) and
+`read_all` reads the init's status document (init.core.status_file), tells whether its writer is
+the init running now (not a document an earlier start left), and merges the TeX Live installer's
+own file into its TeX Live part; `check` is the probes' verdict (healthy, ready) and
 `format_text` the text a person reads. The parts are typed by their owners: EngineStatus
 (init.engine.side), TexLiveStatus (init.texlive.contract).
+
+What the document remembers is not enough for readiness: an engine stopped with SIGSTOP still
+reads "ready" there until PID 1's next self-test. So `check ready`, once the document says
+ready, asks the engine itself, at the socket the document names, whether it answers `/_ping`
+within PING_TIMEOUT (init.engine.ready.ping: no SDK, a probe stays fast).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +26,9 @@ from init.core.status_file import (
     read,
     status_path,
     texlive_status_path,
+    writer_problem,
 )
+from init.engine import ready as engine_ready
 from init.engine.side import EngineStatus
 from init.texlive import progress
 from init.texlive.contract import ImageState, InstallerStatus, TexLiveStatus
@@ -37,14 +46,19 @@ class Status:
     document: StatusDocument
     engine: EngineStatus | None
     texlive: TexLiveStatus | None
+    # Why the document is not the running init's word ("" when it is): read_all fills it in.
+    stale: str = ""
 
     @classmethod
-    def of(cls, document: StatusDocument, installer: InstallerStatus | None = None) -> Status:
+    def of(
+        cls, document: StatusDocument, installer: InstallerStatus | None = None, stale: str = ""
+    ) -> Status:
         texlive = TexLiveStatus.from_json(document.texlive)
         return cls(
             document,
             EngineStatus.from_json(document.engine),
             texlive.merged(installer) if texlive is not None else None,
+            stale,
         )
 
     def to_json(self) -> dict[str, object]:
@@ -58,16 +72,30 @@ def read_all(path: Path) -> Status:
     """The init's status with the installer's per-image status merged in (when it has one):
     what `status`, the probes and the HTTP endpoint show. OSError/ValueError if the init's own
     file cannot be read or is not a status document; an installer file not written yet is left
-    out."""
+    out. `stale` says when the document is not the running init's (an earlier start's)."""
     document = read(path)
-    installer = InstallerStatus.read(texlive_status_path(path)) if document.texlive else None
-    return Status.of(document, installer)
+    stale = writer_problem(document)
+    installer = None
+    if document.texlive and not stale:
+        installer = InstallerStatus.read(texlive_status_path(path))
+    return Status.of(document, installer, stale)
 
 
-def check(status: Status, what: str, alive: bool = True) -> tuple[bool, str]:
-    """For probes: (passes, why). healthy: the init runs and every service started is up;
-    ready: healthy, and compiles can run (the engine answers, when compiles are sandboxed)."""
+# "" when the engine at the socket answers now, else why not; PermissionError: cannot ask.
+Ping = Callable[[Path], str]
+
+
+def check(
+    status: Status, what: str, alive: bool = True, ping: Ping = engine_ready.ping
+) -> tuple[bool, str]:
+    """For probes: (passes, why). healthy: the init that wrote the status runs and every
+    service started is up; ready: healthy, and compiles can run: the engine is ready by the
+    document (PID 1's checks and self-tests) and answers `ping` now, when compiles are
+    sandboxed. `alive`: whether the writer's pid runs (the caller's older question; `stale`,
+    from read_all, is the sharper one)."""
     document = status.document
+    if status.stale:
+        return False, status.stale
     if not alive:
         return False, f"the init (pid {document.pid}) is not running"
     if document.phase not in ("starting", "running"):
@@ -86,7 +114,17 @@ def check(status: Status, what: str, alive: bool = True) -> tuple[bool, str]:
     texlive = status.texlive
     if texlive is not None and not texlive.ready:
         return False, f"compiles cannot run yet: {texlive_not_ready(texlive)}"
-    return True, "compiles can run" if engine is not None else "running (compiles not sandboxed)"
+    if engine is None:
+        return True, "running (compiles not sandboxed)"
+    # Last, so that every other answer stays instant: the one question that may wait.
+    try:
+        why = ping(Path(engine.socket)) if engine.socket.startswith("/") else ""
+    except PermissionError:
+        # A user outside the socket's group: the engine cannot be asked, PID 1's word stands.
+        return True, f"compiles can run (the engine's socket {engine.socket} is not this user's)"
+    if why:
+        return False, f"compiles cannot run: the {engine.mode} engine {why}"
+    return True, "compiles can run"
 
 
 def texlive_not_ready(texlive: TexLiveStatus) -> str:
@@ -103,6 +141,8 @@ def format_text(status: Status, now: float | None = None) -> str:
     document = status.document
     started = document.started_at or now
     lines = [f"init: {document.phase}, pid {document.pid}, up {_duration(now - started)}"]
+    if status.stale:
+        lines.insert(0, f"init: not this start's word: {status.stale}")
     if document.message:
         lines.append(f"init: {document.message}")
     width = max((len(s.name) for s in document.services), default=0)

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from init.core import container_env, process, services, status_file
+from init.core.backoff import Backoff
 from init.core.docker_side import DockerSide
 from init.core.log import Level, Log
-from init.core.loop import EventLoop
+from init.core.loop import EventLoop, Timer
 from init.core.output import OutputPipe
 from init.core.process import Exit, SpawnSpec
 from init.core.services import ServiceSpec
@@ -58,6 +59,9 @@ FORWARDED_SIGNALS = tuple(
     )
 )
 EXIT_STARTUP_FAILED = 1
+# After a failed write of the status file: try again in 0.5 s, doubling to every 5 s. A status
+# dir writable again is written within 5 s, and an outage of hours costs a write every 5 s.
+STATUS_REWRITE = Backoff(first=0.5, factor=2.0, cap=5.0, reset_after=0.0)
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,13 @@ class Init:
         self.deadline: float | None = None
         self.loop = EventLoop(log, (*STOP_SIGNALS, *FORWARDED_SIGNALS), system)
         self.supervisor: Supervisor | None = None
+        # The status file's writes: this start's identity, and the retry after a failed write.
+        self._boot: status_file.Boot | None = None
+        self._written_once = False
+        self._status_failures = 0
+        self._status_retries = 0
+        self._status_failed_since = 0.0
+        self._status_retry: Timer | None = None
         make_side = options.docker_side
         self.docker = (
             DockerSide() if make_side is None else make_side(self.loop, log, self.write_status)
@@ -346,11 +357,21 @@ class Init:
             self.supervisor.forward(signum)
 
     def write_status(self) -> None:
+        """The status document as things are now, written whole. The first write of this start
+        clears what an earlier start left beside it. A write that fails (the dir read-only or
+        full) is tried again on a timer of the loop, STATUS_REWRITE's backoff, until one
+        succeeds: the file then says what is true, not what was true before the outage."""
+        if not self._written_once:
+            self._written_once = True
+            self._boot = status_file.Boot.current()  # None without a /proc: the pid alone
+            for path in status_file.clear_earlier(self.options.status_file):
+                self.log.info("init", f"removed {path}, left by an earlier start")
         document = StatusDocument(
             pid=os.getpid(),
             phase=self.phase,
             started_at=self.started_at,
             message=self.message,
+            boot=self._boot,
             services=tuple(
                 ServiceStatus.from_json(s)
                 for s in (self.supervisor.snapshot() if self.supervisor else [])
@@ -362,4 +383,38 @@ class Init:
         try:
             status_file.write(self.options.status_file, document)
         except OSError as e:
-            self.log.warning("init", f"cannot write {self.options.status_file}: {e.strerror}")
+            self._status_write_failed(e)
+            return
+        if self._status_failures:
+            outage = self.loop.clock() - self._status_failed_since
+            self.log.info(
+                "init",
+                f"{self.options.status_file} written again, {outage:.1f} s after it could not be",
+            )
+        self._status_failures = 0
+        if self._status_retry is not None:
+            self._status_retry.cancel()
+            self._status_retry = None
+
+    def _status_write_failed(self, error: OSError) -> None:
+        """Log once an outage, and keep one retry pending on the loop's timers (the loop goes
+        on supervising meanwhile: nothing here waits)."""
+        self._status_failures += 1
+        if self._status_failures == 1:
+            self._status_failed_since = self.loop.clock()
+            self._status_retries = 0
+            self.log.warning(
+                "init",
+                f"cannot write {self.options.status_file}: {error.strerror or error}; "
+                f"trying again in {STATUS_REWRITE.first:g} s, then up to every "
+                f"{STATUS_REWRITE.cap:g} s",
+            )
+        if self._status_retry is None:
+            # The delay grows with the retries, not with the changes that failed meanwhile.
+            delay = STATUS_REWRITE.delay(self._status_retries + 1)
+            self._status_retry = self.loop.call_later(delay, self._rewrite_status)
+
+    def _rewrite_status(self) -> None:
+        self._status_retry = None
+        self._status_retries += 1
+        self.write_status()

@@ -5,10 +5,21 @@ choice (refuse a layered data root with the fix), then dockerd as the first serv
 dockerd starts, a child (`init.engine.ready`) waits for its API, sweeps the compile containers an
 earlier run left (the engine has just started: nothing of ours runs there yet), and reports the
 storage driver; until it reports, compiles are not ready.
+
+Once ready, the engine is watched for what its ping does not show (an engine that answers
+`/_ping` but cannot run a container): dockerd's containerd through a pidfd in the loop (its end
+is known at once), and a self-test every SELF_TEST_PERIOD seconds by the same child in its
+`--self-test` mode (`/_ping` within 2 s, containerd accepting, and every SELF_TEST_RUN_EVERY-th
+time one container of the compile image run to its end). Either failing makes the engine
+`failed` with the reason; self-tests then come every SELF_TEST_RETRY seconds, each running a
+container, and the first that passes makes it ready again. PID 1 only keeps a timer and an fd;
+the child asks the engine, bounded by SELF_TEST_DEADLINE. A self-test never sweeps and touches
+no container but its own.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,7 +28,7 @@ from init.config import DOCKER_HOST, Mode, Settings
 from init.core import children
 from init.core.component import Component, Phase
 from init.core.log import Log
-from init.core.loop import EventLoop
+from init.core.loop import EventLoop, Timer
 from init.core.process import Exit
 from init.core.services import ServiceSpec
 from init.core.supervisor import Service, ServiceHooks
@@ -30,6 +41,15 @@ from init.errors import ConfigError, SpawnError
 # dockerd stops its containers on SIGTERM and waits this long for each (default 15 s): compile
 # containers end at once on SIGTERM, and the whole stop must fit Docker's 10 s.
 DOCKERD_SHUTDOWN_TIMEOUT = ("--shutdown-timeout", "2")
+SELF_TEST_RESULT = "engine-self-test.json"
+# The self-test: every 30 s while it passes (a Python child: 60 ms of CPU, 0.2 % of a core),
+# with a container run every 10th time (5 min: a run costs ~0.3 s of CPU across dockerd,
+# containerd, the shim and runc, and a few lines of dockerd's log); every 3 s with a container
+# while it fails. Each within 10 s.
+SELF_TEST_PERIOD = 30.0
+SELF_TEST_RUN_EVERY = 10
+SELF_TEST_RETRY = 3.0
+SELF_TEST_DEADLINE = 10.0
 
 
 class InnerDocker(SandboxSide, ServiceHooks):
@@ -63,6 +83,11 @@ class InnerDocker(SandboxSide, ServiceHooks):
         self._checking = False
         self._service: Service | None = None
         self._spec: ServiceSpec | None = None
+        self._self_test: Timer | None = None
+        self._testing = False  # a self-test child runs
+        self._self_tests = 0
+        self._containerd: tuple[int, int] | None = None  # (pid, pidfd) of dockerd's containerd
+        self._generation = 0  # one per start and end of dockerd: a self-test's answer is its own
         installer.use_socket(str(layout.socket))
 
     # -- preflight -----------------------------------------------------------------------
@@ -108,12 +133,22 @@ class InnerDocker(SandboxSide, ServiceHooks):
 
     def started(self, service: Service) -> None:
         self._service = service
+        self._new_generation()
         self.state.set(Phase.STARTING)
         self._start_check()
 
     def exited(self, service: Service, exit_: Exit) -> None:
+        self._new_generation()
         if not self.state.is_(Phase.REFUSED):
             self.state.set(Phase.DOWN, f"dockerd {exit_.describe()}")
+
+    def _new_generation(self) -> None:
+        """dockerd started or ended: what its earlier self-tests say is no longer about it."""
+        self._generation += 1
+        self._unwatch_containerd()
+        if self._self_test is not None:
+            self._self_test.cancel()
+            self._self_test = None
 
     # -- readiness -------------------------------------------------------------------------
 
@@ -161,6 +196,8 @@ class InnerDocker(SandboxSide, ServiceHooks):
             return
         self.ready_seconds = round(seconds, 3)
         self.state.set(Phase.READY)
+        self._watch_containerd()
+        self._schedule_self_test(SELF_TEST_PERIOD)
         swept = f"; removed {len(result.swept)} leftover compile containers" if result.swept else ""
         self.log.info(
             "dockerd",
@@ -169,12 +206,117 @@ class InnerDocker(SandboxSide, ServiceHooks):
         )
         self.start_installer()
 
+    # -- the self-test and containerd's watch, while the engine runs ------------------------
+
+    def _schedule_self_test(self, delay: float) -> None:
+        if self._self_test is None and not self.state.is_(Phase.REFUSED, Phase.STOPPED):
+            self._self_test = self.loop.call_later(delay, self._run_self_test)
+
+    def _run_self_test(self) -> None:
+        self._self_test = None
+        if self._checking or self._testing or not self.state.is_(Phase.READY, Phase.FAILED):
+            return  # dockerd (re)starting: its start check speaks, then schedules the next
+        if self._supervisor is not None and self._supervisor.stopping:
+            return
+        self._self_tests += 1
+        # A container of the compile image takes the path a compile takes: while the engine
+        # is failed (to say it works again only once it does), and every SELF_TEST_RUN_EVERY
+        # tests (a hung containerd still accepts connections). Not on vfs, where a container
+        # is a full copy of the image.
+        full = self.state.is_(Phase.FAILED) or self._self_tests % SELF_TEST_RUN_EVERY == 0
+        generation = self._generation
+        request = ReadyRequest(
+            socket=self.layout.socket,
+            result=self.run_dir / SELF_TEST_RESULT,
+            deadline=SELF_TEST_DEADLINE,
+            self_test=True,
+            image=self.settings.texlive_image if full and self.driver != "vfs" else "",
+            containerd=self._containerd_dir() / "containerd.sock",
+        )
+
+        def done(document: object) -> None:
+            self._testing = False
+            if generation == self._generation:
+                self._on_self_test_done(ReadyResult.from_json(document))
+
+        try:
+            children.start(
+                self.loop, self.log, "engine", READY_CHECK, request.argv(), request.result, done
+            )
+        except SpawnError as e:
+            self.log.warning("dockerd", f"cannot self-test the engine: {e}")
+            self._schedule_self_test(SELF_TEST_RETRY)
+            return
+        self._testing = True
+
+    def _on_self_test_done(self, result: ReadyResult) -> None:
+        if self.state.is_(Phase.REFUSED, Phase.STOPPED):
+            return
+        if result.ready:
+            if self.state.is_(Phase.FAILED):
+                self.log.info("dockerd", "the self-test passes again: compiles can run")
+                self.state.set(Phase.READY)
+            self._watch_containerd()
+            self._schedule_self_test(SELF_TEST_PERIOD)
+            return
+        self._failed(f"self-test: {result.error}")
+
+    def _failed(self, reason: str) -> None:
+        """Compiles cannot run now; test again soon, so that the engine is ready again within
+        SELF_TEST_RETRY of its recovery (dockerd starts a dead containerd again by itself)."""
+        if self.state.reason != reason:
+            self.log.error("dockerd", f"{reason}; compiles are not ready, testing again every "
+                           f"{SELF_TEST_RETRY:g} s")  # fmt: skip
+            self.state.set(Phase.FAILED, reason)
+        self._schedule_self_test(SELF_TEST_RETRY)
+
+    def _containerd_dir(self) -> Path:
+        # dockerd's own containerd (the inner engine has no other) keeps its pid and socket here.
+        return self.layout.exec_root / "containerd"
+
+    def _watch_containerd(self) -> None:
+        """Know at once when dockerd's containerd ends (kill -9, the OOM killer): it is not
+        PID 1's child, so no SIGCHLD; a pidfd in the loop instead, no polling. dockerd starts
+        it again after a while: the self-test says when compiles can run again."""
+        if self._containerd is not None:
+            return
+        try:
+            pid = int((self._containerd_dir() / "containerd.pid").read_text().strip())
+            fd = os.pidfd_open(pid)
+        except (OSError, ValueError, AttributeError):
+            return  # no pidfile (an external containerd), or no pidfd: the self-test alone
+        if process_name(self.root / "proc", pid) != "containerd":
+            os.close(fd)  # a pidfile naming a pid that is no longer containerd
+            return
+        self._containerd = (pid, fd)
+        self.loop.add_reader(fd, self._containerd_ended)
+
+    def _unwatch_containerd(self) -> None:
+        if self._containerd is not None:
+            _pid, fd = self._containerd
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self._containerd = None
+
+    def _containerd_ended(self) -> None:
+        pid = self._containerd[0] if self._containerd else 0
+        self._unwatch_containerd()
+        if not self.state.is_(Phase.READY, Phase.FAILED):
+            return
+        if self._supervisor is not None and self._supervisor.stopping:
+            return
+        if self._self_test is not None:
+            self._self_test.cancel()
+            self._self_test = None
+        self._failed(f"containerd (pid {pid}) ended; dockerd starts it again")
+
     def _refuse(self, message: str, fix: str) -> None:
         self.state.set(Phase.REFUSED, message, fix)
         self.log.error("dockerd", f"{message}; {fix}" if fix else message)
 
     def mark_stopped(self) -> None:
         super().mark_stopped()
+        self._new_generation()
         self.state.set(Phase.STOPPED)
 
     @property
@@ -193,3 +335,11 @@ class InnerDocker(SandboxSide, ServiceHooks):
             driver=self.driver,
             ready_seconds=self.ready_seconds,
         )
+
+
+def process_name(proc: Path, pid: int) -> str:
+    """The command name of `pid` (/proc/<pid>/comm), "" when there is no such process."""
+    try:
+        return (proc / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""

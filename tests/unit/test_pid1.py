@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import os
 import signal
 import stat
 from collections.abc import Iterator
@@ -367,3 +368,57 @@ def test_the_fake_refuses_to_wait_forever(tree: Tree, runs: list[Run]) -> None:
     tree.service("web")
     with pytest.raises(Deadlock):
         make(runs, tree, FakeSystem())()  # nothing in the script ever stops it
+
+
+# -- the status file ----------------------------------------------------------------------------
+
+
+def test_a_status_dir_that_cannot_be_written_is_written_again_within_5_s_once_it_can(
+    tree: Tree, runs: list[Run]
+) -> None:
+    """A read-only or full status dir for 4 s, during which web dies and is restarted: the init
+    supervises on, and the file then says what is true (web's new pid), not what was."""
+    tree.service("web")
+    tree.status_file.parent.write_text("not a dir")  # every write fails: ENOTDIR
+    system = FakeSystem()
+    system.at(1.0, exit=("web", 3))
+    system.at(4.0, call=lambda: tree.status_file.parent.unlink())
+    written_at: list[float] = []
+
+    def look() -> None:
+        if not written_at and tree.status_file.exists():
+            written_at.append(system.now)
+            (web,) = tree.status()["services"]
+            assert web["pid"] == system.running("web").pid  # type: ignore[union-attr]
+            assert web["restarts"] == 1
+
+    for tick in range(200):
+        system.at(4.0 + tick * 0.05, call=look)
+    system.at(20.0, signal_init=TERM)
+    run = make(runs, tree, system)
+    assert run() == 0
+    assert system.starts_of("web") == pytest.approx([0.0, 1.5])  # supervised throughout
+    # Retries at 0.5, 1.5, 3.5, 7.5 s after the first failure (0.5 s doubling, at most 5 s).
+    assert written_at and 4.0 < written_at[0] <= 4.0 + 5.0
+    assert written_at[0] == pytest.approx(7.5, abs=0.051)  # looked at every 0.05 s
+    log = run.log.getvalue()
+    assert log.count("cannot write") == 1  # once an outage, not once a change
+    assert "written again, 7.5 s after it could not be" in log
+    assert [p.name for p in tree.status_file.parent.iterdir()] == ["status.json"]  # no .tmp
+
+
+def test_the_first_write_clears_what_an_earlier_start_left(tree: Tree, runs: list[Run]) -> None:
+    run_dir = tree.status_file.parent
+    run_dir.mkdir()
+    earlier = {"pid": 1, "phase": "running", "started_at": 1.0, "services": []}
+    tree.status_file.write_text(json.dumps(earlier))
+    for name in ("texlive.json", "engine-check.json", ".status.json.1.tmp"):
+        (run_dir / name).write_text("{}")
+    system = FakeSystem()
+    system.at(1.0, signal_init=TERM)
+    run = make(runs, tree, system)
+    assert run() == 0
+    assert [p.name for p in run_dir.iterdir()] == ["status.json"]
+    boot = tree.status()["boot"]
+    assert boot["pid"] == os.getpid() and boot["start_time"] > 0  # this start's, not pid 1's
+    assert "removed" in run.log.getvalue() and "left by an earlier start" in run.log.getvalue()
