@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from init.core.backoff import SERVICE_RESTART
 from init.core.status_file import (
     ServiceStatus,
     StatusDocument,
@@ -85,8 +86,27 @@ def read_all(path: Path) -> Status:
 Ping = Callable[[Path], str]
 
 
+def crash_looping(service: ServiceStatus, now: float) -> str:
+    """Why a running service still counts as crash-looping, or "": it exited quickly before
+    and has not yet run as long as the restart backoff forgives (10 s). Between two crashes a
+    service is `starting` for a moment; a probe asked then must not say yes."""
+    if service.state not in ("starting", "up") or service.quick_exits == 0:
+        return ""
+    up_for = now - service.since
+    if up_for >= SERVICE_RESTART.reset_after:
+        return ""
+    return (
+        f"{service.name} is restarting after {service.quick_exits} quick exits "
+        f"(up {up_for:.1f} s of the {SERVICE_RESTART.reset_after:g} s that count as recovered)"
+    )
+
+
 def check(
-    status: Status, what: str, alive: bool = True, ping: Ping = engine_ready.ping
+    status: Status,
+    what: str,
+    alive: bool = True,
+    ping: Ping = engine_ready.ping,
+    now: float | None = None,
 ) -> tuple[bool, str]:
     """For probes: (passes, why). healthy: the init that wrote the status runs and every
     service started is up; ready: healthy, and compiles can run: the engine is ready by the
@@ -103,6 +123,9 @@ def check(
     for service in document.services:
         if service.state in ("backoff", "failed"):
             return False, f"{service.name} is {service.state}: {service.reason}"
+        restarting = crash_looping(service, now if now is not None else time.time())
+        if restarting:
+            return False, restarting
     if what == "healthy":
         return True, f"the init is {document.phase}"
     if document.phase != "running":

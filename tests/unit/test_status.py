@@ -189,3 +189,18 @@ def test_a_build_shows_its_steps_where_a_pull_shows_bytes() -> None:
     assert progress.still_installing("t:1", building) == (
         "TeX Live image t:1 is still installing: 40%, step 8/17, apt: 31/58 packages set up"
     )
+
+
+def test_a_service_between_two_crashes_is_not_ready_until_it_stays_up() -> None:
+    """Between two crashes a crash-looping service is `starting` for a moment: a probe asked
+    then said yes (1 of 150 probes did, against a crash-looping compile service)."""
+    now = 1000.0
+    restarting = {"name": "clsi", "state": "starting", "quick_exits": 3, "since": now - 0.2}
+    document = running(services=[restarting])
+    for what in ("healthy", "ready"):
+        passes, why = status.check(view(document), what, now=now)
+        assert not passes and why.startswith("clsi is restarting after 3 quick exits")
+    recovered = {**restarting, "state": "up", "since": now - 11.0}
+    assert status.check(view(running(services=[recovered])), "ready", now=now)[0]
+    first_start = {"name": "clsi", "state": "starting", "quick_exits": 0, "since": now}
+    assert status.check(view(running(services=[first_start])), "ready", now=now)[0]
