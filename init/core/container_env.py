@@ -64,9 +64,7 @@ def export(files: EnvFiles, environ: Mapping[str, str], warn: Warn = _warn) -> d
     return merged
 
 
-def reimport(
-    files: EnvFiles, previous: Mapping[str, str], warn: Warn = _warn
-) -> dict[str, str]:
+def reimport(files: EnvFiles, previous: Mapping[str, str], warn: Warn = _warn) -> dict[str, str]:
     """After a startup script: the directory is the environment; rewrite `.sh` and `.json`.
 
     The names never exported (HOME, USER, ...) are kept from `previous`.
