@@ -654,7 +654,12 @@ def app(service: Service, compiles: Compiles, log: Log) -> App:
     return App(NAME, {"/healthz": {"GET": healthz}, "/compile": {"POST": compile_}}, log)
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    command: tuple[str, ...] | None = None,
+) -> int:
+    """The service; `command` stands in for the compile command (tests)."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="python -m init.compiles.api",
@@ -702,7 +707,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         max_timeout=options.max_timeout,
         max_pending=options.max_pending,
     )
-    service = Service(compiles_dir.absolute(), limits=limits, allow_keep=options.allow_keep)
+    service = Service(
+        compiles_dir.absolute(),
+        command=command or Service.command,
+        limits=limits,
+        allow_keep=options.allow_keep,
+    )
     compiles = Compiles(limits.max_pending)
     served = app(service, compiles, log)
     connections = ConnectionLimits(max_connections=max(1, options.max_connections))

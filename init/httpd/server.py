@@ -53,6 +53,9 @@ _LENGTH = re.compile(r"[0-9]{1,18}")  # ASCII digits only: "²".isdigit() is tru
 LINGER = 1.0  # seconds a closing connection reads what its client still sends (so no RST
 # destroys the answer it was given), at most LINGER_BYTES of it
 LINGER_BYTES = 1 << 20
+# Seconds an upload may lag behind min_rate before, the server full, it makes way for a new
+# connection: stalled uploads cannot hold every connection until their io_timeout.
+EVICT_GRACE = 5.0
 
 
 @dataclass(frozen=True)
@@ -268,11 +271,11 @@ class Connection:
         return min(self.limits.io_timeout, left)
 
     def evictable(self, now: float) -> bool:
-        """No whole request yet, or a body lagging behind min_rate (after io_timeout)."""
+        """No whole request yet, or a body lagging behind min_rate (after EVICT_GRACE)."""
         if self.phase == WAITING:
             return True
         if self.phase == BODY:
-            due = (now - self.started - self.limits.io_timeout) * self.limits.min_rate
+            due = (now - self.started - EVICT_GRACE) * self.limits.min_rate
             return self.received < min(self.expected, due)
         return False
 
@@ -353,6 +356,8 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "sharelatex-init"
     sys_version = ""
     protocol_version = "HTTP/1.1"
+    # A request line without a version is not answered as HTTP/0.9 (a body without a status).
+    default_request_version = "HTTP/1.0"
     error_content_type = "text/plain; charset=utf-8"
     error_message_format = "%(code)d %(message)s\n"
     conn: Connection
@@ -361,6 +366,10 @@ class _Handler(BaseHTTPRequestHandler):
     def setup(self) -> None:
         self.conn = self.request
         self.connection = self.conn.sock
+        # The headers and the body go out in two writes: Nagle would hold the second back
+        # until the client's delayed ACK of the first (40 ms on Linux).
+        with contextlib.suppress(OSError):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = io.BufferedReader(_Incoming(self.conn))
         self.wfile = _Outgoing(self.conn)  # type: ignore[assignment]
 
@@ -373,8 +382,11 @@ class _Handler(BaseHTTPRequestHandler):
                 self.handle_one_request()
         except HeadersTooLarge:
             limit = self.conn.limits.max_header_bytes
-            self.conn.enter(ANSWERING, self.conn.limits.io_timeout)
+            # Cut off before parse_request set these; send_error needs them.
+            self.command, self.requestline, self.request_version = "", "", "HTTP/1.0"
+            self.lingering = True
             with contextlib.suppress(OSError):
+                self.conn.enter(ANSWERING, self.conn.limits.io_timeout)
                 self.send_error(431, f"the request line and headers are over {limit} bytes")
         except OSError:
             pass  # the client went away, stalled past a deadline, or made way for another
