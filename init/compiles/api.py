@@ -478,6 +478,14 @@ def handle_compile(service: Service, compiles: Compiles, log: Log, request: Requ
             return refused(e)
         spool.seek(0)
         if not compiles.enter():
+            if compiles.stopping:
+                return error_response(
+                    503,
+                    "busy",
+                    Limit.STOPPED.value,
+                    "the compile API is stopping; try again shortly",
+                    retry_after=RETRY_AFTER_BUSY,
+                )
             return error_response(
                 429,
                 "busy",

@@ -15,7 +15,7 @@ import json
 import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from init.core.log import Log
@@ -38,6 +38,8 @@ class EnvFiles:
     """Where the three forms live: DIR, DIR.sh and DIR.json."""
 
     directory: Path = DEFAULT_DIR
+    # The refusals already logged: the directory is read again after each startup script.
+    reported: set[str] = field(default_factory=set, compare=False, repr=False)
 
     @property
     def shell_file(self) -> Path:
@@ -54,7 +56,7 @@ def export(files: EnvFiles, environ: Mapping[str, str], warn: Warn = _warn) -> d
     Returns the environment to run with: `environ`, plus the directory's files for names it
     does not set (my_init's `import_envvars(False, False)`).
     """
-    merged = {**read_directory(files.directory, warn), **environ}
+    merged = {**read_directory(files.directory, _once(files, warn)), **environ}
     _ensure_private_dir(files.directory)
     for name, value in merged.items():
         if name in NOT_EXPORTED or not _is_file_name(name):
@@ -69,10 +71,19 @@ def reimport(files: EnvFiles, previous: Mapping[str, str], warn: Warn = _warn) -
 
     The names never exported (HOME, USER, ...) are kept from `previous`.
     """
-    environ = read_directory(files.directory, warn)
+    environ = read_directory(files.directory, _once(files, warn))
     write_dumps(files, environ)
     kept = {name: previous[name] for name in NOT_EXPORTED if name in previous}
     return {**environ, **kept}
+
+
+def _once(files: EnvFiles, warn: Warn) -> Warn:
+    def once(message: str) -> None:
+        if message not in files.reported:
+            files.reported.add(message)
+            warn(message)
+
+    return once
 
 
 def read_directory(directory: Path, warn: Warn = _warn) -> dict[str, str]:

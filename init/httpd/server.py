@@ -105,7 +105,10 @@ class Body:
             raise BodyError(self._short("then the client closed", len(data or b"")))
         self.remaining -= len(data)
         if not self.remaining and self._done is not None:
-            self._done()
+            try:
+                self._done()
+            except OSError as e:  # the connection made way for another meanwhile
+                raise BodyError(self._short(str(e))) from e
         return data
 
     def _short(self, why: str, more: int = 0) -> str:
