@@ -11,19 +11,24 @@ with what it said, and removes the dir. Used by the demo and by operators checki
          'http://127.0.0.1:8090/compile?main=paper.tex&engine=xelatex&timeout=120'
 
 Answers:
-  200 application/pdf   the compile made a PDF (exit 0)
+  200 application/pdf   the compile made a PDF (exit 0), streamed from disk
   400                   a bad query parameter; a broken or unsafe archive (an absolute path,
-                        `..`, a link out, a device)
-  411, 413              no Content-Length; too big: the upload, or the archive's files
-                        (reason upload_size, extracted_size, members)
+                        `..`, a link out, a device, a sparse file, xz); a body that ended
+                        before its Content-Length; a Content-Length that is not one number
+  403                   keep=1 when the service was not started with --allow-keep
+  411, 413              no Content-Length (or chunked); too big: the upload, the archive's
+                        files or its headers (reason upload_size, extracted_size, members,
+                        archive_header)
+  431                   request headers over 64 KiB
   413                   the document hit a sandbox limit (exit 2: timeout, memory, processes,
                         output size; the reason says which). 413, not 408 or 429, which
                         clients may retry by themselves: the same document hits the same limit
   415                   neither a .tex nor a tar
   422                   a LaTeX error (exit 1): the first error lines and the log's tail
-  429 + Retry-After     more uploads at once than --max-pending
+  429 + Retry-After     more uploads at once than --max-pending (counted once a body is in)
   503 + Retry-After     TeX Live is still installing (exit 75): its message, as is; the engine
-                        cannot be reached (exit 69); the runner was stopped (limit "stopped")
+                        cannot be reached (exit 69); the runner was stopped (limit "stopped");
+                        more connections than --max-connections, none of them idle
   500                   anything else (configuration, exit 78; the command failing)
 
 Errors are JSON: {status, reason, message, log_tail, errors, exit_status, project, compile_id}:
@@ -31,36 +36,42 @@ status is the compile command's word (latex_error, limit, not_ready, config, eng
 service's (refused, busy); reason the limit that was hit (timeout, memory, processes, output
 size), the refusal's (upload_size, unsafe_archive, ...), else the status; message one line for
 a person. The engine `latex` answers application/x-dvi.
+
+Hostile clients (init.httpd.server): deadlines on every read and write, a cap on connections
+and threads, slots taken only by complete uploads; archives with bounded headers
+(init.compiles.archive); a project dir the compile made unwritable still removed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import re
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import IO, Any
 
+from init.compiles.archive import ArchiveLimits, Refusal, extract, megabytes
 from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Limit, Status
 from init.compiles.settings import Deadlines
 from init.config import COMPILE_API_ADDRESS, COMPILES_DIR, DEFAULT_COMPILES_DIR
 from init.core.log import Log
 from init.httpd import server as httpserve
-from init.httpd.server import App, Request, Response
+from init.httpd.server import App, BodyError, ConnectionLimits, Request, Response
 
 NAME = "compile-api"
 DEFAULT_ADDRESS = "127.0.0.1:8090"
@@ -89,19 +100,22 @@ class Limits:
     max_members: int = 5000
     default_timeout: float = 60.0  # seconds, the compile's own (--timeout)
     max_timeout: float = 600.0
-    max_pending: int = 16  # uploads being compiled or queued at once
+    max_pending: int = 16  # uploads being compiled or queued at once (their bodies all in)
+    max_header: int = ArchiveLimits.max_header  # one pax header or GNU long name in an archive
+    max_headers: int = ArchiveLimits.max_headers
+
+    @property
+    def archive(self) -> ArchiveLimits:
+        return ArchiveLimits(
+            self.max_extracted, self.max_members, self.max_header, self.max_headers
+        )
 
 
-@dataclass(frozen=True)
-class Refusal(Exception):
-    """An upload this service will not compile, as the answer to give."""
-
-    status: int
-    reason: str
-    message: str
-
-    def response(self, project: str = "") -> Response:
-        return error_response(self.status, "refused", self.reason, self.message, project=project)
+def refused(refusal: Refusal, project: str = "") -> Response:
+    """The JSON answer to an upload this service will not compile."""
+    return error_response(
+        refusal.status, "refused", refusal.reason, refusal.message, project=project
+    )
 
 
 @dataclass(frozen=True)
@@ -114,8 +128,9 @@ class Options:
     keep: bool
 
 
-def parse_options(query: Mapping[str, str], limits: Limits) -> Options:
-    """The query's main, engine, timeout and keep; Refusal(400) naming the one that is wrong."""
+def parse_options(query: Mapping[str, str], limits: Limits, allow_keep: bool = False) -> Options:
+    """The query's main, engine, timeout and keep; Refusal(400) naming the one that is wrong,
+    403 for keep=1 unless the operator started the service with --allow-keep."""
     unknown = sorted(set(query) - {"main", "engine", "timeout", "keep"})
     if unknown:
         raise Refusal(
@@ -142,6 +157,9 @@ def parse_options(query: Mapping[str, str], limits: Limits) -> Options:
     keep = query.get("keep", "0")
     if keep not in ("0", "1"):
         raise Refusal(400, "query", f"keep={keep!r}: use 1 to keep the project dir, or 0")
+    if keep == "1" and not allow_keep:
+        # A kept dir is disk the client keeps: for an operator looking into a compile only.
+        raise Refusal(403, "keep", "keep=1 is for operators: the service runs without --allow-keep")
     return Options(main, engine, timeout, keep == "1")
 
 
@@ -165,84 +183,7 @@ def new_project_id() -> str:
     return secrets.token_hex(12)
 
 
-# -- archives ------------------------------------------------------------------------------
-
-
-def member_problem(member: tarfile.TarInfo) -> str:
-    """Why this archive member may not be extracted into a project, or "" when it may.
-
-    Links may only point down from their own dir (relative, no `..`): then no chain of links
-    can leave the project, whatever order the members come in."""
-    name = member.name
-    if not name or "\0" in name:
-        return "a member with an empty or NUL name"
-    if name.startswith("/"):
-        return f"{name!r} is an absolute path"
-    if ".." in PurePosixPath(name).parts:
-        return f"{name!r} goes up with '..'"
-    if member.issym() or member.islnk():
-        target = member.linkname
-        kind = "symlink" if member.issym() else "hard link"
-        if not target or target.startswith("/") or ".." in PurePosixPath(target).parts:
-            return f"{kind} {name!r} -> {target!r} points out of the project"
-        return ""
-    if member.isreg() or member.isdir():
-        return ""
-    return f"{name!r} is a device, fifo or other special file"
-
-
-def check_archive(members: Any, limits: Limits) -> list[tarfile.TarInfo]:
-    """The members of an archive, each checked, as they are read (so a bomb stops at the first
-    member past a limit, not after reading it all); Refusal otherwise."""
-    accepted: list[tarfile.TarInfo] = []
-    total = 0
-    for member in members:
-        if len(accepted) >= limits.max_members:
-            raise Refusal(413, "members", f"more than {limits.max_members} files in the archive")
-        problem = member_problem(member)
-        if problem:
-            raise Refusal(400, "unsafe_archive", problem)
-        if member.isreg():
-            total += member.size
-        if total > limits.max_extracted:
-            raise Refusal(
-                413,
-                "extracted_size",
-                f"the archive's files add up to more than {_megabytes(limits.max_extracted)}",
-            )
-        accepted.append(member)
-    return accepted
-
-
-def extract(archive: IO[bytes], dest: Path, limits: Limits) -> int:
-    """Extract a (gzipped) tar into `dest` after `check_archive`; the number of members.
-    Where the stdlib has it (3.11.4 on), its "data" filter checks again as it writes."""
-    filter_error = getattr(tarfile, "FilterError", None)
-    try:
-        with tarfile.open(fileobj=archive, mode="r:*") as tar:
-            members = [plain(m) for m in check_archive(tar, limits)]
-            if hasattr(tarfile, "data_filter"):
-                tar.extractall(dest, members=members, filter="data")
-            else:  # Debian bookworm's 3.11.2: the checks above are the whole guard
-                tar.extractall(dest, members=members)
-    except Refusal:
-        raise
-    except (tarfile.TarError, EOFError, OSError) as e:
-        if filter_error is not None and isinstance(e, filter_error):
-            raise Refusal(400, "unsafe_archive", str(e)) from e
-        raise Refusal(400, "bad_archive", f"not a readable tar archive: {e}") from e
-    return len(members)
-
-
-def plain(member: tarfile.TarInfo) -> tarfile.TarInfo:
-    """The member as this service's own file: no set-id bits, no owner from the archive (which
-    extracting as root would apply)."""
-    copy = tarfile.TarInfo(member.name)
-    for name in ("size", "mtime", "type", "linkname", "offset", "offset_data", "sparse"):
-        setattr(copy, name, getattr(member, name))
-    copy.mode = 0o755 if member.isdir() or member.mode & 0o100 else 0o644
-    copy.uid, copy.gid, copy.uname, copy.gname = os.geteuid(), os.getegid(), "", ""
-    return copy
+# -- archives (init.compiles.archive checks and extracts them) ------------------------------
 
 
 def find_main(project: Path, asked: str | None) -> str:
@@ -376,10 +317,6 @@ def _tail(text: str, lines: int) -> str:
     return "\n".join(text.rstrip("\n").splitlines()[-lines:])
 
 
-def _megabytes(size: int) -> str:
-    return f"{size / (1024 * 1024):g} MiB" if size >= 1 << 20 else f"{size} bytes"
-
-
 # -- the service -----------------------------------------------------------------------------
 
 
@@ -390,6 +327,7 @@ class Service:
     compiles_dir: Path
     command: tuple[str, ...] = (sys.executable, "-m", "init.compiles.command")
     limits: Limits = Limits()
+    allow_keep: bool = False  # --allow-keep: clients may ask to keep their project dir
 
 
 class Compiles:
@@ -493,62 +431,110 @@ def _last_json(stdout: str) -> dict[str, Any]:
     return whole if isinstance(whole, dict) else {}
 
 
-def receive(request: Request, sink: IO[bytes], limits: Limits) -> None:
-    """Copy the request body into `sink`; Refusal when it is missing or too big."""
+def check_length(request: Request, limits: Limits) -> int:
+    """The upload's Content-Length; Refusal when it is missing or too big."""
     length = request.content_length
     if length is None:
         raise Refusal(411, "length", "send the body with a Content-Length")
     if length > limits.max_upload:
-        raise Refusal(413, "upload_size", f"the upload is over {_megabytes(limits.max_upload)}")
-    while chunk := request.body.read(CHUNK):
-        sink.write(chunk)
-    if request.body.remaining:
-        raise Refusal(400, "length", "the body ended before its Content-Length")
-    sink.flush()
+        raise Refusal(413, "upload_size", f"the upload is over {megabytes(limits.max_upload)}")
+    return length
+
+
+def receive(request: Request, sink: IO[bytes], limits: Limits) -> None:
+    """Copy the request body into `sink`; Refusal when it is missing, too big or short (the
+    client closed or stalled before its Content-Length: never compiled as if whole)."""
+    check_length(request, limits)
+    try:
+        while chunk := request.body.read(CHUNK):
+            sink.write(chunk)
+        sink.flush()
+    except BodyError as e:
+        raise Refusal(400, "length", str(e)) from e
+    except OSError as e:  # the compiles root's disk full
+        raise Refusal(507, "disk", f"cannot store the upload: {e.strerror}") from e
 
 
 def handle_compile(service: Service, compiles: Compiles, log: Log, request: Request) -> Response:
-    """POST /compile: the PDF, or the JSON error."""
+    """POST /compile: the PDF, or the JSON error.
+
+    The body is spooled whole (to an unnamed file in the compiles root: not /tmp, which may be
+    memory) before a slot of --max-pending is taken, so clients that stall their uploads hold
+    connections, never the slots of those whose uploads are in."""
     try:
-        options = parse_options(request.query, service.limits)
+        options = parse_options(request.query, service.limits, service.allow_keep)
         kind = upload_kind(request.headers.get("content-type", ""))
+        check_length(request, service.limits)
     except Refusal as e:
-        return e.response()
-    if not compiles.enter():
-        return error_response(
-            429,
-            "busy",
-            "pending",
-            f"{compiles.limit} uploads are being compiled already; try again shortly",
-            retry_after=RETRY_AFTER_BUSY,
-        )
+        return refused(e)
+    with contextlib.ExitStack() as stack:
+        try:
+            spool = stack.enter_context(tempfile.TemporaryFile(dir=service.compiles_dir))
+        except OSError as e:
+            return _no_compiles_dir(service, log, e)
+        try:
+            receive(request, spool, service.limits)
+        except Refusal as e:
+            return refused(e)
+        spool.seek(0)
+        if not compiles.enter():
+            if compiles.stopping:
+                return error_response(
+                    503,
+                    "busy",
+                    Limit.STOPPED.value,
+                    "the compile API is stopping; try again shortly",
+                    retry_after=RETRY_AFTER_BUSY,
+                )
+            return error_response(
+                429,
+                "busy",
+                "pending",
+                f"{compiles.limit} uploads are being compiled already; try again shortly",
+                retry_after=RETRY_AFTER_BUSY,
+            )
+        try:
+            return _compile_spooled(service, compiles, log, spool, options, kind)
+        finally:
+            compiles.leave()
+
+
+def _no_compiles_dir(service: Service, log: Log, e: OSError) -> Response:
+    log.error(NAME, f"cannot write in {service.compiles_dir}: {e.strerror}")
+    return error_response(
+        500,
+        "error",
+        "compiles_dir",
+        f"cannot make a project dir in {service.compiles_dir}: {e.strerror}; "
+        f"check {COMPILES_DIR} and that the dir is writable by this service",
+    )
+
+
+def _compile_spooled(
+    service: Service,
+    compiles: Compiles,
+    log: Log,
+    spool: IO[bytes],
+    options: Options,
+    kind: str,
+) -> Response:
     project = new_project_id()
     project_dir = service.compiles_dir / project
     try:
-        try:
-            project_dir.mkdir(mode=0o755)
-        except OSError as e:
-            log.error(NAME, f"cannot make {project_dir}: {e.strerror}")
-            return error_response(
-                500,
-                "error",
-                "compiles_dir",
-                f"cannot make a project dir in {service.compiles_dir}: {e.strerror}; "
-                f"check {COMPILES_DIR} and that the dir is writable by this service",
-            )
-        try:
-            return _compile_upload(service, compiles, request, project_dir, project, options, kind)
-        finally:
-            if not options.keep:
-                remove_project_dir(service.compiles_dir, project_dir, log)
+        project_dir.mkdir(mode=0o755)
+    except OSError as e:
+        return _no_compiles_dir(service, log, e)
+    try:
+        return _compile_upload(service, compiles, spool, project_dir, project, options, kind)
     finally:
-        compiles.leave()
+        if not options.keep:
+            remove_project_dir(service.compiles_dir, project_dir, log)
 
 
 def _compile_upload(
     service: Service,
     compiles: Compiles,
-    request: Request,
+    spool: IO[bytes],
     project_dir: Path,
     project: str,
     options: Options,
@@ -559,37 +545,52 @@ def _compile_upload(
             main = options.main or "main.tex"
             (project_dir / main).parent.mkdir(parents=True, exist_ok=True)
             with open(project_dir / main, "wb") as f:
-                receive(request, f, service.limits)
+                shutil.copyfileobj(spool, f, CHUNK)
         else:
-            with tempfile.TemporaryFile() as upload:
-                receive(request, upload, service.limits)
-                upload.seek(0)
-                extract(upload, project_dir, service.limits)
+            extract(spool, project_dir, service.limits.archive)
             main = find_main(project_dir, options.main)
     except Refusal as e:
-        return e.response(project)
+        return refused(e, project)
     started = time.monotonic()
     outcome = run_compile(service, compiles, project_dir, project, _with_main(options, main))
-    if outcome.exit_status == Status.OK:
-        pdf = _pdf_path(outcome.result, project_dir, main)
-        try:
-            body = pdf.read_bytes()
-        except OSError as e:
-            return failure_response(
-                Outcome(int(Status.OK), {"reason": f"exit 0 but no PDF at {pdf}: {e.strerror}"}),
-                project,
-            )
-        seconds = outcome.result.get("seconds") or time.monotonic() - started
-        return Response(
-            200,
-            body,
-            "application/x-dvi" if pdf.suffix == ".dvi" else "application/pdf",
-            headers=(
-                ("X-Compile-Project", project),
-                ("X-Compile-Seconds", f"{float(seconds):.3f}"),
-            ),
+    if outcome.exit_status != Status.OK:
+        return failure_response(outcome, project)
+    pdf = _pdf_path(outcome.result, project_dir, main)
+    try:
+        # Opened now, sent after the dir is gone: the open file keeps its data, and the answer
+        # streams from disk (never the whole PDF in memory for a client that reads slowly).
+        opened = open_output(pdf, project_dir)
+    except OSError as e:
+        return failure_response(
+            Outcome(int(Status.OK), {"reason": f"exit 0 but no PDF at {pdf}: {e.strerror}"}),
+            project,
         )
-    return failure_response(outcome, project)
+    seconds = outcome.result.get("seconds") or time.monotonic() - started
+    return Response(
+        200,
+        content_type="application/x-dvi" if pdf.suffix == ".dvi" else "application/pdf",
+        headers=(
+            ("X-Compile-Project", project),
+            ("X-Compile-Seconds", f"{float(seconds):.3f}"),
+        ),
+        file=opened,
+    )
+
+
+def open_output(path: Path, project_dir: Path) -> IO[bytes]:
+    """The compile's output file, opened for reading: a regular file in the project dir, never
+    through a link the compile left there (it would name any file this service can read)."""
+    if path.parent != project_dir:
+        raise OSError(errno.EPERM, "not in the project dir")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _with_main(options: Options, main: str) -> Options:
@@ -605,14 +606,50 @@ def _pdf_path(result: Mapping[str, Any], project_dir: Path, main: str) -> Path:
 
 def remove_project_dir(compiles_dir: Path, project_dir: Path, log: Log) -> None:
     """Remove a project dir this service made, and nothing else: it must be a direct child of
-    the compiles root and not a link (rmtree does not follow the links inside)."""
+    the compiles root and not a link (rmtree does not follow the links inside). Dirs the
+    compile made unwritable (mode 0555, 0000) are opened up first, never through a link."""
     if project_dir.parent != compiles_dir or project_dir.is_symlink():
         log.error(NAME, f"not removing {project_dir}: not a project dir of {compiles_dir}")
         return
     try:
+        unlock_tree(project_dir)
+    except OSError as e:
+        log.debug(NAME, f"opening up {project_dir}: {e}")
+    try:
         shutil.rmtree(project_dir)
     except OSError as e:
         log.error(NAME, f"cannot remove {project_dir}: {e}")
+
+
+def unlock_tree(top: Path) -> None:
+    """Give every dir under `top` (itself too) mode 0700, so that its entries can be removed.
+
+    Each dir is opened with O_PATH and O_NOFOLLOW relative to its parent's fd and changed
+    through /proc/self/fd: a link, wherever it points, is never followed, and a dir without
+    read permission is reached all the same."""
+    fd = os.open(top, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _unlock(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlock(fd: int) -> None:
+    path = f"/proc/self/fd/{fd}"
+    os.chmod(path, 0o700)
+    with os.scandir(path) as entries:
+        names = [e.name for e in entries if e.is_dir(follow_symlinks=False)]
+    for name in names:
+        try:
+            child = os.open(
+                name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd
+            )
+        except OSError:
+            continue  # gone, or no longer a dir
+        try:
+            _unlock(child)
+        finally:
+            os.close(child)
 
 
 def app(service: Service, compiles: Compiles, log: Log) -> App:
@@ -625,7 +662,12 @@ def app(service: Service, compiles: Compiles, log: Log) -> App:
     return App(NAME, {"/healthz": {"GET": healthz}, "/compile": {"POST": compile_}}, log)
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    command: tuple[str, ...] | None = None,
+) -> int:
+    """The service; `command` stands in for the compile command (tests)."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="python -m init.compiles.api",
@@ -645,6 +687,17 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser.add_argument("--max-members", type=int, default=Limits.max_members)
     parser.add_argument("--max-timeout", type=float, default=Limits.max_timeout)
     parser.add_argument("--max-pending", type=int, default=Limits.max_pending)
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=ConnectionLimits.max_connections,
+        help="open connections at once, each with its thread (default %(default)s)",
+    )
+    parser.add_argument(
+        "--allow-keep",
+        action="store_true",
+        help="let clients ask to keep their project dir (keep=1): for an operator's debugging",
+    )
     options = parser.parse_args(argv)
     log = Log()
     if options.listen is not None:
@@ -662,12 +715,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         max_timeout=options.max_timeout,
         max_pending=options.max_pending,
     )
-    service = Service(compiles_dir.absolute(), limits=limits)
+    service = Service(
+        compiles_dir.absolute(),
+        command=command or Service.command,
+        limits=limits,
+        allow_keep=options.allow_keep,
+    )
     compiles = Compiles(limits.max_pending)
     served = app(service, compiles, log)
+    connections = ConnectionLimits(max_connections=max(1, options.max_connections))
     return httpserve.run(
         served,
-        lambda: httpserve.listen(served, text, source),
+        lambda: httpserve.listen(served, text, source, connections),
         on_stop=lambda: compiles.stop(STOP_GRACE + 5),
     )
 

@@ -16,12 +16,14 @@ from init.compiles.settings import Places
 from init.errors import ConfigError
 
 # Overleaf's compile dirs are `<projectId>` or `<projectId>-<userId>` (24 hex digits each).
-PROJECT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Matched whole (fullmatch): `$` would let a trailing newline through, to fail later as an
+# engine error.
+PROJECT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def check_project_id(project: str) -> str:
     """`project` when it is a safe id (letters, digits, `_`, `-`; 1-64; no dot at all)."""
-    if not PROJECT_ID.match(project):
+    if not PROJECT_ID.fullmatch(project):
         raise ConfigError(
             [
                 f"project id {project!r} is not valid; use 1-64 letters, digits, '_' or '-' "
@@ -84,6 +86,7 @@ def compile_dir(given: Path, places: Places, project: str | None = None) -> Comp
         raise ConfigError(
             [f"compile dir {given} leads out of {places.compiles} (to {path}); remove the link"]
         )
+    check_not_a_root(path, places)
     project = check_project_id(project if project is not None else path.name)
     info = path.stat()
     if info.st_uid == 0:
@@ -93,4 +96,27 @@ def compile_dir(given: Path, places: Places, project: str | None = None) -> Comp
                 "chown it to the services' user (e.g. chown -R www-data: DIR)"
             ]
         )
+    if info.st_gid == 0:
+        # The compile runs with the dir's group: group 0 would let it make setgid-root files.
+        raise ConfigError(
+            [
+                f"compile dir {path} has group root and compiles never run as group root; "
+                "chgrp it to the services' group (e.g. chown -R www-data:www-data DIR)"
+            ]
+        )
     return CompileDir(path, host_path(path, places), project, info.st_uid, info.st_gid)
+
+
+def check_not_a_root(path: Path, places: Places) -> None:
+    """ConfigError when `path` (resolved) is the compiles or output root or a dir above one:
+    a compile there would see every project."""
+    for name, root in (("compiles", places.compiles), ("output", places.output)):
+        real_root = Path(os.path.realpath(root))
+        if within(real_root, path):
+            where = "is" if path == real_root else "holds"
+            raise ConfigError(
+                [
+                    f"compile dir {path} {where} the {name} root {root}, not a project in it; "
+                    f"give one project's dir, e.g. {root}/<project id>"
+                ]
+            )

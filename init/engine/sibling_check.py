@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import sys
 from collections.abc import Sequence
@@ -31,6 +32,20 @@ MODULE = "init.engine.sibling_check"
 # The host's engine is up before this container; a short patience covers a busy engine only.
 PROOF_DEADLINE = 30  # seconds for the marker container to start, write and exit
 PROOF_PREFIX = ".sharelatex-init-proof-"
+PROOF_MOUNT = "/proof"  # where the marker dir is bound in the proof container
+NOBODY = (65534, 65534)
+# The compile profile, cut to what `printf > file` needs (init.compiles.profile has the whole).
+PROOF_PROFILE = {
+    "cap_drop": ["ALL"],
+    "security_opt": ["no-new-privileges"],
+    "read_only": True,
+    "mem_limit": 32 * 1024 * 1024,
+    "memswap_limit": 32 * 1024 * 1024,
+    "pids_limit": 8,
+    "ulimits": [{"name": "fsize", "soft": 1 << 20, "hard": 1 << 20}],
+    "ipc_mode": "private",
+    "privileged": False,
+}
 
 
 @dataclass(frozen=True)
@@ -389,7 +404,11 @@ def prove(
     socket_path: Path,
     report: Report,
 ) -> Proof:
-    """A container on the host engine writes a marker through the host path; we read it here."""
+    """A container on the host engine writes a marker through the host path; we read it here.
+
+    The marker goes into a fresh dir made here (owned by the proof's user): the container binds
+    only `<host dir>/<that dir>`, so it can write nothing else, and the engine finds that source
+    only if the host dir is this container's dir."""
     here = request.compiles_dir
     host = compiles.use
     if host is None:
@@ -406,55 +425,101 @@ def prove(
             "the proof runs once it is",
         )
     marker = PROOF_PREFIX + secrets.token_hex(8)
-    token = secrets.token_hex(16)
-    seen = here / marker
-    written = run_in_compile_dir(
-        engine, request.image, host, here, 'printf %s "$1" > "$2"', token, str(seen)
-    )
-    if written is not None:
-        failure = f"a container on the host engine could not write into {host}: {written}"
-        report.add(Check("proof", Status.FAIL, failure, _proof_fix(compiles, here, socket_path)))
-        return Proof("failed", failure)
+    made = here / marker
     try:
-        content = seen.read_text()
-    except OSError:
-        content = None
-    if content == token:
-        seen.unlink()
+        user = make_marker_dir(made, proof_user(here))
+    except OSError as e:
+        return Proof("skipped", f"cannot make the marker dir {made}: {e.strerror}")
+    try:
+        failure = write_and_read_back(engine, request.image, host, here, marker, user)
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+    if failure is None:
         message = (
-            f"a container on the host engine wrote {host}/{marker}; it appeared here as {seen}"
+            f"a container on the host engine wrote {host}/{marker}/marker; it appeared here "
+            f"as {made}/marker"
         )
         report.add(Check("proof", Status.OK, message))
         return Proof("passed", message)
-    # Only our own marker, through the same host path it was written by.
-    run_in_compile_dir(engine, request.image, host, here, 'rm -f "$1"', str(seen))
-    failure = (
-        f"a container on the host engine wrote {marker} into {host} on the host, but it did not "
-        f"appear here in {here}: {host} is not this container's {here}"
-    )
     report.add(Check("proof", Status.FAIL, failure, _proof_fix(compiles, here, socket_path)))
     return Proof("failed", failure)
+
+
+def write_and_read_back(
+    engine: Engine,
+    image: str,
+    host: PurePosixPath,
+    here: Path,
+    marker: str,
+    user: tuple[int, int],
+) -> str | None:
+    """None when a token written to `host/marker/marker` by a container is read back here."""
+    token = secrets.token_hex(16)
+    written = run_in_compile_dir(
+        engine, image, host / marker, user, 'printf %s "$1" > "$2"', token,
+        f"{PROOF_MOUNT}/marker",
+    )  # fmt: skip
+    if written is not None and "does not exist" in written:  # the engine: no bind source
+        return (
+            f"a container on the host engine found no {host}/{marker} on the host, yet it was "
+            f"made here as {here}/{marker}: {host} is not this container's {here}"
+        )
+    if written is not None:
+        return f"a container on the host engine could not write into {host}: {written}"
+    try:
+        content = (here / marker / "marker").read_text()
+    except OSError:
+        content = None
+    if content == token:
+        return None
+    return (
+        f"a container on the host engine wrote {marker}/marker into {host} on the host, but it "
+        f"did not appear here in {here}: {host} is not this container's {here}"
+    )
+
+
+def proof_user(here: Path) -> tuple[int, int]:
+    """The uid:gid the proof container runs as: never root. The compiles root's owner (the
+    compiles' own user) when it is not root's, else nobody; this process's own when it is not
+    root (it can give the marker dir to nobody else)."""
+    if os.geteuid() != 0:
+        return os.geteuid(), os.getegid()
+    info = here.stat()
+    if info.st_uid != 0 and info.st_gid != 0:
+        return info.st_uid, info.st_gid
+    return NOBODY
+
+
+def make_marker_dir(path: Path, user: tuple[int, int]) -> tuple[int, int]:
+    """A fresh dir, the one thing the proof container may write, owned by its user."""
+    os.mkdir(path, 0o700)
+    if os.geteuid() == 0:
+        os.chown(path, *user)
+    return user
 
 
 def run_in_compile_dir(
     engine: Engine,
     image: str,
     host: PurePosixPath,
-    here: Path,
+    user: tuple[int, int],
     script: str,
     *arguments: str,
 ) -> str | None:
-    """Run `sh -c script` with `host` bound at `here`, no network; None, or what went wrong."""
+    """Run `sh -c script` with only `host` (a marker dir) bound at PROOF_MOUNT, under the
+    compile profile: `user`, no capabilities, no network, no new privileges, a read-only root,
+    small memory, process and file size limits. None, or what went wrong."""
     # A `type=bind` mount, unlike `-v`, refuses a missing source instead of creating it empty
     # on the host: the very trap being checked for.
     try:
         ran = engine.run_once(
             image,
             ("/bin/sh", "-c", script, "proof", *arguments),
-            binds=[(str(host), str(here))],
-            user="0",
+            binds=[(str(host), PROOF_MOUNT)],
+            user=f"{user[0]}:{user[1]}",
             labels={COMPILE_LABEL: "proof"},
             deadline=PROOF_DEADLINE,
+            host_config=PROOF_PROFILE,
         )
     except ImageMissing as e:
         return str(e)

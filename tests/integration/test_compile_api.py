@@ -13,6 +13,7 @@ import io
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -213,6 +214,37 @@ def test_an_archive_that_reaches_out_compiles_nothing(api: Api, compiles: Compil
         code, _, body = api.post(upload, "application/x-tar")
         assert code == 400 and json.loads(body)["reason"] == "unsafe_archive"
     assert list(api.root.iterdir()) == []
+    assert compiles.containers() == ""
+
+
+def test_a_compile_that_locks_its_dir_is_still_cleaned(api: Api, clean: None) -> None:
+    """A latexmkrc (Perl, it runs) leaves its project dir and a subdir mode 0555 and another
+    0000: www-data's rmtree alone would fail and leave them behind."""
+    rc = (
+        b'mkdir "locked"; mkdir "sealed"; open(my $f, ">", "locked/f"); close $f;\n'
+        b'END { chmod 0555, "locked"; chmod 0000, "sealed"; chmod 0555, "."; }\n'
+    )
+    code, _, body = api.post(tar_gz({"main.tex": DOCUMENT, "latexmkrc": rc}), "application/x-tar")
+    assert code == 200, body.decode(errors="replace")
+    assert body.startswith(b"%PDF-")
+    # `clean` asserts the compiles root is empty again.
+
+
+def test_keep_is_not_for_clients_and_a_short_body_compiles_nothing(
+    api: Api,
+    compiles: Compiles,  # noqa: F811
+    clean: None,
+) -> None:
+    code, _, body = api.post(DOCUMENT, "text/x-tex", "?keep=1")
+    assert code == 403 and json.loads(body)["reason"] == "keep"
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /compile HTTP/1.1\r\nContent-Type: text/x-tex\r\n"
+            b"Content-Length: 100000\r\n\r\n" + DOCUMENT[:64]
+        )
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
     assert compiles.containers() == ""
 
 

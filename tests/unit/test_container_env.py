@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from init.core import container_env
 from init.core.container_env import EnvFiles
 
@@ -67,3 +69,42 @@ def test_shell_quote() -> None:
     assert container_env.shell_quote("") == "''"
     assert container_env.shell_quote("plain/path:1") == "plain/path:1"
     assert container_env.shell_quote("a b") == "'a b'"
+
+
+def test_a_file_that_cannot_be_a_variable_is_named_once_and_skipped(tmp_path: Path) -> None:
+    files = EnvFiles(tmp_path / "ce")
+    files.directory.mkdir()
+    (files.directory / "GOOD").write_text("kept\n")
+    (files.directory / "NUL").write_bytes(b"before\0after")
+    (files.directory / "A=B").write_text("x")
+    (files.directory / "TAB\tNAME").write_text("x")
+    lines: list[str] = []
+    merged = container_env.export(files, {"A": "1"}, warn=lines.append)
+    assert merged == {"GOOD": "kept", "A": "1"}
+    assert len(lines) == 3
+    assert [line.split(": ", 1)[0].rsplit("/", 1)[-1] for line in sorted(lines)] == [
+        "A=B",
+        "NUL",
+        "TAB\tNAME",
+    ]
+    assert any("NUL byte" in line for line in lines) and any("'='" in line for line in lines)
+    assert "NUL" not in json.loads(files.json_file.read_text())
+    # Read again after a startup script: named once only, the new one named too.
+    (files.directory / "LATER").write_bytes(b"\0")
+    assert container_env.reimport(files, {}, warn=lines.append) == {"GOOD": "kept", "A": "1"}
+    assert len(lines) == 4 and "LATER" in lines[-1]
+    # What is left can be an environment: a child starts with it.
+    done = subprocess.run(["env"], env=merged, capture_output=True, text=True, check=True)
+    assert "GOOD=kept" in done.stdout
+
+
+def test_the_default_warning_is_one_log_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    files = EnvFiles(tmp_path / "ce")
+    files.directory.mkdir()
+    (files.directory / "NUL").write_bytes(b"\0")
+    assert container_env.read_directory(files.directory) == {}
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and out.startswith("environment: warning: ")
+    assert "/ce/NUL: " in out

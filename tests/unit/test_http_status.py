@@ -16,7 +16,9 @@ from typing import Any
 import pytest
 
 from init.compiles import api as compile_api
+from init.compiles import archive
 from init.compiles.api import Limits, Options, Outcome, Refusal
+from init.compiles.archive import ArchiveLimits
 from init.config import parse_address
 from init.core.log import Log
 from init.errors import ConfigError
@@ -189,7 +191,7 @@ def member(
     ],
 )
 def test_unsafe_members_are_named(info: tarfile.TarInfo, says: str) -> None:
-    assert says in compile_api.member_problem(info)
+    assert says in archive.member_problem(info)
 
 
 @pytest.mark.parametrize(
@@ -203,11 +205,11 @@ def test_unsafe_members_are_named(info: tarfile.TarInfo, says: str) -> None:
     ],
 )
 def test_ordinary_members_pass(info: tarfile.TarInfo) -> None:
-    assert compile_api.member_problem(info) == ""
+    assert archive.member_problem(info) == ""
 
 
 def test_archive_limits_stop_at_the_first_member_past_them() -> None:
-    limits = Limits(max_members=3, max_extracted=100)
+    limits = ArchiveLimits(max_members=3, max_extracted=100)
     taken: list[str] = []
 
     def members(n: int, size: int) -> Any:
@@ -216,13 +218,13 @@ def test_archive_limits_stop_at_the_first_member_past_them() -> None:
             yield member(f"f{i}", size=size)
 
     with pytest.raises(Refusal) as many:
-        compile_api.check_archive(members(1000, 1), limits)
+        archive.check_archive(members(1000, 1), limits)
     assert (many.value.status, many.value.reason) == (413, "members")
     assert len(taken) == 4  # not the other 996
     with pytest.raises(Refusal) as big:
-        compile_api.check_archive(members(3, 60), limits)
+        archive.check_archive(members(3, 60), limits)
     assert (big.value.status, big.value.reason) == (413, "extracted_size")
-    assert len(compile_api.check_archive(members(3, 30), limits)) == 3
+    assert len(archive.check_archive(members(3, 30), limits)) == 3
 
 
 def tar_bytes(*entries: tuple[tarfile.TarInfo, bytes], gz: bool = False) -> bytes:
@@ -242,7 +244,7 @@ def test_a_gzipped_project_extracts_with_links_inside_it(tmp_path: Path) -> None
         (member("again.tex", tarfile.SYMTYPE, "ch/one.tex"), b""),
         gz=True,
     )
-    assert compile_api.extract(io.BytesIO(data), tmp_path, Limits()) == 4
+    assert archive.extract(io.BytesIO(data), tmp_path, ArchiveLimits()) == 4
     assert (tmp_path / "again.tex").read_text() == "hello"
 
 
@@ -258,14 +260,14 @@ def test_an_unsafe_archive_writes_nothing(tmp_path: Path, entries: list[Any]) ->
     project = tmp_path / "p"
     project.mkdir()
     with pytest.raises(Refusal) as refused:
-        compile_api.extract(io.BytesIO(tar_bytes(*entries)), project, Limits())
+        archive.extract(io.BytesIO(tar_bytes(*entries)), project, ArchiveLimits())
     assert (refused.value.status, refused.value.reason) == (400, "unsafe_archive")
     assert list(tmp_path.rglob("*")) == [project]
 
 
 def test_not_a_tar_is_a_bad_archive(tmp_path: Path) -> None:
     with pytest.raises(Refusal) as refused:
-        compile_api.extract(io.BytesIO(b"\\documentclass{article}" * 40), tmp_path, Limits())
+        archive.extract(io.BytesIO(b"\\documentclass{article}" * 40), tmp_path, ArchiveLimits())
     assert (refused.value.status, refused.value.reason) == (400, "bad_archive")
 
 
@@ -289,9 +291,12 @@ def test_query_options_are_bounded() -> None:
     limits = Limits(max_timeout=100)
     assert compile_api.parse_options({}, limits) == Options(None, "pdflatex", 60.0, False)
     given = {"main": "src/paper.tex", "engine": "lualatex", "timeout": "100", "keep": "1"}
-    assert compile_api.parse_options(given, limits) == Options(
+    assert compile_api.parse_options(given, limits, allow_keep=True) == Options(
         "src/paper.tex", "lualatex", 100, True
     )
+    with pytest.raises(Refusal) as not_allowed:
+        compile_api.parse_options(given, limits)
+    assert (not_allowed.value.status, not_allowed.value.reason) == (403, "keep")
     for bad in (
         {"timeout": "101"},
         {"timeout": "0"},
@@ -394,7 +399,9 @@ def service(tmp_path: Path) -> compile_api.Service:
     script.write_text(STAND_IN)
     compiles = tmp_path / "compiles"
     compiles.mkdir()
-    return compile_api.Service(compiles, (sys.executable, str(script)), Limits(max_upload=16384))
+    return compile_api.Service(
+        compiles, (sys.executable, str(script)), Limits(max_upload=16384), allow_keep=True
+    )
 
 
 def post(service: compile_api.Service, body: bytes, content_type: str, **query: str) -> Response:
@@ -405,7 +412,10 @@ def post(service: compile_api.Service, body: bytes, content_type: str, **query: 
 def test_a_tex_upload_gets_the_pdf_and_its_dir_is_removed(service: compile_api.Service) -> None:
     answer = post(service, b"\\documentclass{article}", "text/x-tex", timeout="30")
     assert answer.status == 200 and answer.content_type == "application/pdf"
-    assert answer.body == b"%PDF-1.5 stand-in \\documentclass{article}"
+    assert answer.file is not None and answer.body == b""  # streamed from the open file
+    assert answer.length() == len(b"%PDF-1.5 stand-in \\documentclass{article}")
+    with answer.file:
+        assert answer.file.read() == b"%PDF-1.5 stand-in \\documentclass{article}"
     assert ("X-Compile-Seconds", "0.250") in answer.headers
     assert list(service.compiles_dir.iterdir()) == []
 
@@ -446,12 +456,15 @@ def test_uploads_over_the_limits_are_refused_before_anything_runs(
     assert list(service.compiles_dir.iterdir()) == []
 
 
-def test_too_many_at_once_is_429() -> None:
+def test_too_many_at_once_is_429_once_the_body_is_in(service: compile_api.Service) -> None:
     compiles = compile_api.Compiles(1)
     assert compiles.enter()
-    app = compile_api.app(compile_api.Service(Path("/nonexistent")), compiles, Log(io.StringIO()))
-    answer = app.respond(request("POST", "/compile", {}, {"content-type": "text/x-tex"}, b"x"))
+    app = compile_api.app(service, compiles, Log(io.StringIO()))
+    upload = request("POST", "/compile", {}, {"content-type": "text/x-tex"}, b"x" * 1000)
+    answer = app.respond(upload)
     assert answer.status == 429 and dict(answer.headers)["Retry-After"] == "5"
+    assert upload.body.remaining == 0  # read whole before the slot was asked for
+    assert list(service.compiles_dir.iterdir()) == []
 
 
 def test_a_missing_compiles_dir_says_which_variable(tmp_path: Path) -> None:
