@@ -181,8 +181,13 @@ class Init:
         self.environ.update(self.docker.prepare(self.environ))
 
     def export_environment(self) -> None:
-        self.environ = container_env.export(self.options.env_files, self.environ)
+        self.environ = container_env.export(
+            self.options.env_files, self.environ, self._environment_warning
+        )
         self.write_status()
+
+    def _environment_warning(self, message: str) -> None:
+        self.log.warning("environment", message)
 
     def run_startup_scripts(self) -> bool:
         """Each executable in the startup dir, in name order; the first failure stops the boot."""
@@ -197,7 +202,9 @@ class Init:
                 self.message = f"startup script {script} {exit_.describe()}"
                 self.log.error("startup", f"{script} {exit_.describe()}; not starting the services")
                 return False
-            self.environ = container_env.reimport(self.options.env_files, self.environ)
+            self.environ = container_env.reimport(
+                self.options.env_files, self.environ, self._environment_warning
+            )
         return True
 
     def start_engine(self) -> None:
