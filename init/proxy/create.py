@@ -211,7 +211,9 @@ def host_config(
         if not body.is_zero(host.get(name)):
             raise Refused(f"HostConfig.{name} is not allowed for a compile container")
     for name in HOST_DROPPED:
-        if not body.is_zero(host.get(name)):
+        # An empty MaskedPaths is not Go's zero (nil): it unmasks /proc/kcore and the like.
+        unmasks = name in ("MaskedPaths", "ReadonlyPaths") and host.get(name) is not None
+        if unmasks or not body.is_zero(host.get(name)):
             rewritten.append(f"HostConfig.{name} dropped")
     if host.get("Privileged") not in (None, False):
         raise Refused("a privileged container is not allowed")
