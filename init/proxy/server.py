@@ -158,6 +158,8 @@ class Session:
                 pass
         except (wire.Closed, OSError):
             pass
+        except Exception as e:  # the thread's boundary: one line, never a traceback
+            self.server.log.error(NAME, f"a connection of uid {self.uid} ended: {e!r}")
         finally:
             self.close_upstream()
             self.sock.close()
