@@ -8,6 +8,7 @@ makes pass (`policy`), and every container create is held to the compile profile
 its bind sources resolved on disk (`binds`). `server` does the I/O (the standard library only:
 threads, HTTP/1.1 framing in `wire`, hijacked streams spliced both ways).
 
-May import: init.engine (the labels, the light client for its look-ups), init.compiles.settings
-(Limits), init.config, init.core.log. Nothing imports it but init.boot (its ServiceSpec).
+May import: init.engine (the labels, the light client for its look-ups, the side's
+`EngineProxy` interface), init.compiles.settings (Limits), init.config, init.core (log, wakeup,
+services). Nothing imports it but init.boot (`service.ProxyService`, its ServiceSpec).
 """
