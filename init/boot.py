@@ -2,9 +2,10 @@
 
 PID 1's lifecycle (init.core.pid1) knows one interface, `DockerSide`; this module picks the one
 the configuration asks for and hands it its parts: the engine side (init.engine.dind or
-init.engine.host), the TeX Live installer's job (init.texlive.job), and how the services reach
-the sandbox (init.compiles.service_env). It is the only module that sees all three, so that none
-of them imports another concern's modules. Each mode's modules load only when that mode runs.
+init.engine.host), the TeX Live installer's job (init.texlive.job), how the services reach the
+sandbox (init.compiles.service_env), and the engine proxy the services reach the engine through
+(init.proxy.service). It is the only module that sees them all, so that none of them imports
+another concern's modules. Each mode's modules load only when that mode runs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from init.config import DEFAULT_SERVICE_USER, SERVICE_USER, Mode, Settings
+from init.config import Mode, Settings
 from init.core.docker_side import DockerSide
 from init.core.log import Log
 from init.core.loop import EventLoop
@@ -21,6 +22,8 @@ from init.core.services import ServiceSpec
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: 0.5 MiB in PID 1
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+
+    from init.engine.side import SandboxSide
 
     OnChange = Callable[[], None]
 
@@ -37,25 +40,30 @@ def docker_side(
     if settings is None or settings.mode is Mode.OFF:
         return DockerSide()
     from init.compiles.service_env import ServicesCompile
+    from init.proxy.service import ProxyService
     from init.texlive.job import TexLiveJob
 
     run_dir = status_file.parent
     installer = TexLiveJob(log, settings, status_file, on_change=on_change)
     wiring = ServicesCompile(settings, run_dir / "shim", sys.executable)
+    side: SandboxSide
     if settings.mode is Mode.DIND:
         from init.engine.dind import InnerDocker
         from init.engine.dockerd import layout_from_env
 
         layout = layout_from_env(environ)  # ConfigError (78) for a bad path or flag
 
-        return InnerDocker(
+        # The inner engine's socket stays root's (group root): the services get the proxy's.
+        side = InnerDocker(
             loop, log, settings, layout, run_dir, installer, wiring,
-            service_user=environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER,
-            on_change=on_change,
+            service_user="root", on_change=on_change,
         )  # fmt: skip
-    from init.engine.host import HostDocker
+    else:
+        from init.engine.host import HostDocker
 
-    return HostDocker(loop, log, settings, run_dir, installer, wiring, on_change=on_change)
+        side = HostDocker(loop, log, settings, run_dir, installer, wiring, on_change=on_change)
+    side.use_proxy(ProxyService(settings, run_dir / "docker.sock"))
+    return side
 
 
 def http_status_service(

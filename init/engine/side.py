@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from init.config import DOCKER_HOST
 from init.core.docker_side import DockerSide
 from init.core.log import Log
 from init.core.services import ServiceSpec
@@ -123,6 +124,17 @@ class CompileWiring:
         return "nothing"
 
 
+class EngineProxy:
+    """The engine policy proxy (init.proxy.service, wired in by init.boot): given the engine
+    side's variables, the service that fronts the engine; the services' DOCKER_HOST is its
+    socket, never the engine's."""
+
+    docker_host: str = ""
+
+    def spec(self, environ: Mapping[str, str]) -> ServiceSpec:
+        raise NotImplementedError
+
+
 class SandboxSide(DockerSide):
     """What docker-in-docker and sibling mode share: the installer and the services' compile
     environment on top of the engine's own variables."""
@@ -133,11 +145,20 @@ class SandboxSide(DockerSide):
         self.wiring = wiring
         self._compile_environment: dict[str, str] = {}
         self._supervisor: Supervisor | None = None
+        self.proxy: EngineProxy | None = None
+        self._proxy_spec: ServiceSpec | None = None
+
+    def use_proxy(self, proxy: EngineProxy) -> None:
+        """The services reach the engine through `proxy` only (started with the engine)."""
+        self.proxy = proxy
 
     def with_compiles(
         self, environ: Mapping[str, str], engine_env: Mapping[str, str]
     ) -> dict[str, str]:
         """`engine_env` plus what the services need to compile through it."""
+        if self.proxy is not None:
+            self._proxy_spec = self.proxy.spec({**environ, **engine_env})
+            engine_env = {**engine_env, DOCKER_HOST: self.proxy.docker_host}
         merged = {**environ, **engine_env}
         gained = {**engine_env, **self.wiring.environment(merged)}
         merged.update(gained)
@@ -146,7 +167,10 @@ class SandboxSide(DockerSide):
         return gained
 
     def start(self, supervisor: Supervisor) -> None:
+        """The proxy, right after the engine (so it stops after the services, before it)."""
         self._supervisor = supervisor
+        if self._proxy_spec is not None:
+            supervisor.start([self._proxy_spec])
 
     def start_installer(self) -> None:
         """The installer, once the engine answers (at most once; never while stopping)."""

@@ -248,10 +248,14 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     engine = init.wait_engine("ready")
     assert engine["driver"] == "overlay2"
     assert engine["ready"] is True
-    # The services (www-data) may use the engine: its socket is in their group.
+    # The engine's socket is root's; the services (www-data) get the proxy's, in their group.
     socket_stat = init.socket.stat()
-    assert socket_stat.st_gid == grp.getgrnam("www-data").gr_gid
-    assert socket_stat.st_mode & 0o777 == 0o660
+    assert (socket_stat.st_uid, socket_stat.st_gid) == (0, 0)
+    proxy_socket = init.status_file.parent / "docker.sock"
+    wait_for(proxy_socket.exists, 10, "the proxy's socket")
+    proxy_stat = proxy_socket.stat()
+    assert proxy_stat.st_gid == grp.getgrnam("www-data").gr_gid
+    assert proxy_stat.st_mode & 0o777 == 0o660
     # The installer loads the compile image from its tarball once dockerd answers.
     wait_for(lambda: init.status()["texlive"]["state"] == "done", 30, "the installer done")
     assert init.status()["texlive"]["ready"] is True
@@ -280,7 +284,12 @@ def test_dockerd_on_ext4_is_ready_with_overlay2_and_runs_a_container(
     # dockerd started first and stops last, after the services.
     assert log.index("dockerd: started") < log.index("web: started")
     assert log.index("web: stopped") < log.index("dockerd: stopping")
-    assert f"web | DOCKER_HOST=unix://{init.socket}" in log
+    # The proxy starts after dockerd, before the services, and stops between them.
+    assert log.index("dockerd: started") < log.index("engine-proxy: started")
+    assert log.index("engine-proxy: started") < log.index("web: started")
+    assert log.index("web: stopped") < log.index("engine-proxy: stopped")
+    assert log.index("engine-proxy: stopped") < log.index("dockerd: stopping")
+    assert f"web | DOCKER_HOST=unix://{proxy_socket}" in log
     assert str(init.socket.parent) not in Path("/proc/self/mountinfo").read_text()
 
 

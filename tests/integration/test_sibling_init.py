@@ -39,7 +39,11 @@ def start_init(
     base = site.base / f"init-{len(list(site.base.glob('init-*')))}"
     service = base / "services" / "web"
     service.mkdir(parents=True)
-    (service / "run").write_text(f"#!/bin/sh\nenv > {base}/service.env\nexec sleep 1000\n")
+    # Written whole, then renamed: the test reads it as soon as it exists.
+    (service / "run").write_text(
+        f"#!/bin/sh\nenv > {base}/service.env.tmp\nmv {base}/service.env.tmp {base}/service.env\n"
+        "exec sleep 1000\n"
+    )
     (service / "run").chmod(0o755)
     steps = ["set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/sharelatex",
              f"mount --bind '{data}' /var/lib/sharelatex", "mount -t tmpfs tmpfs /run"]  # fmt: skip
@@ -88,7 +92,8 @@ def test_unset_host_dir_is_derived_proved_and_handed_to_the_services(site: Site)
     log = (base / "init.core.log").read_text()
     assert env["SANDBOXED_COMPILES_HOST_DIR_COMPILES"] == str(data / "data/compiles"), log
     assert env["SANDBOXED_COMPILES_HOST_DIR_OUTPUT"] == str(data / "data/output")
-    assert env["DOCKER_HOST"] == "unix:///var/run/docker.sock"
+    # The services reach the host's engine through the proxy, never its socket.
+    assert env["DOCKER_HOST"] == f"unix://{base}/docker.sock"
     assert "SANDBOXED_COMPILES" not in env  # consumed by the init
     assert "derived from this container's mounts" in log
     assert "root on the host" in log  # the socket's security warning
@@ -221,7 +226,7 @@ def test_the_proof_runs_again_once_the_installer_has_the_image(site: Site) -> No
         # What `docker exec ... sharelatex-init compile` picks up: the services' view.
         shared = document["compile_environment"]
         assert shared["SANDBOXED_COMPILES_HOST_DIR_COMPILES"] == f"{data}/data/compiles"
-        assert shared["DOCKER_HOST"] == "unix:///var/run/docker.sock"
+        assert shared["DOCKER_HOST"] == f"unix://{base}/docker.sock"  # the proxy's
         code = stop(proc)
     finally:
         if proc.poll() is None:
