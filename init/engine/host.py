@@ -78,10 +78,13 @@ class HostDocker(SandboxSide):
         except EngineError as e:
             raise ConfigError([str(e)]) from e
         settings = self.settings
+        services_user = environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER
         self.request = SiblingRequest(
             result=self.run_dir / "sibling-check.json",
             socket=socket,
-            service_user=environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER,
+            # Behind the proxy only the init (root) opens the host's socket: no service is given
+            # its group. Without one, the services' user must be able to use it.
+            service_user="root" if self.proxy is not None else services_user,
             compiles_dir=settings.compiles_dir,
             output_dir=settings.output_dir,
             host_dir_compiles=_posix(settings.host_dir_compiles),
@@ -91,7 +94,7 @@ class HostDocker(SandboxSide):
             container_id=environ.get(CONTAINER_ID, ""),
             image=settings.texlive_image,
             deadline=CHECK_DEADLINE,
-            grant_group=True,
+            grant_group=self.proxy is None,
         )
         result = self._run_check(self.request)
         self.result = result

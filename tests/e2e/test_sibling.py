@@ -110,29 +110,28 @@ def test_host_dir_wrong_exits_78_naming_both_and_the_fix(site: Site, texlive_ima
     assert "Traceback" not in log
 
 
-def test_a_socket_the_services_cannot_use_exits_78_with_the_group_to_add(
+def test_the_services_reach_the_engine_only_through_the_proxy(
     site: Site, texlive_image: str
 ) -> None:
-    data = site.data_dir()
-    container = run_sibling(site, data, SHARELATEX_INIT_SERVICE_USER="www-data")
-    code = container.wait_exit(60)
-    log = container.logs()
-    gid = os.stat(site.engine.socket).st_gid
-    assert code == 78, log
-    (line,) = lines_with(log, "config: error:", "socket access")
-    assert f"--group-add {gid}" in line
-
-
-def test_the_group_add_the_init_asks_for_lets_the_services_use_the_socket(
-    site: Site, texlive_image: str
-) -> None:
-    """The fix the previous test's message names must work when applied as written."""
+    """The host's socket is root on the host: behind the proxy no service gets it, not even with
+    the socket's group added to the container (the init no longer puts www-data in it), and the
+    proxy's socket is the one they have."""
     data = site.data_dir()
     container = run_sibling(site, data, group_add=True, SHARELATEX_INIT_SERVICE_USER="www-data")
     container.wait_ready(READY_TIMEOUT)
-    # The services' user, switched to as runit scripts do (initgroups), can use the socket.
-    done = container.exec(
-        "setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups",
-        "docker", "-H", "unix:///var/run/docker.sock", "version", "--format", "{{.Server.Version}}",
+    as_www_data = ("setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups")
+    raw = container.exec(
+        *as_www_data, "docker", "-H", "unix:///var/run/docker.sock", "version",
+        "--format", "{{.Server.Version}}",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    assert raw.returncode != 0 and "permission denied" in raw.stderr.lower(), raw
+    proxy = container.exec(
+        *as_www_data, "docker", "-H", "unix:///run/sharelatex-init/docker.sock", "version",
+        "--format", "{{.Server.Version}}",
+    )  # fmt: skip
+    assert proxy.returncode == 0, proxy.stderr
+    escape = container.exec(
+        *as_www_data, "docker", "-H", "unix:///run/sharelatex-init/docker.sock", "run", "--rm",
+        "--privileged", "--user", "33", texlive_image, "true",
+    )  # fmt: skip
+    assert escape.returncode != 0 and "sharelatex-init proxy" in escape.stderr, escape
