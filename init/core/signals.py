@@ -9,8 +9,11 @@ its handlers and wakeup fd are in place (`loop.EventLoop`), when any pending one
 to it. A command that runs no loop puts them back at once (`release`). Children never inherit
 the hold: `process.spawn` starts each with an empty mask.
 
-What is left: the interpreter's own start, before the entry point's first line (measured at
-15-30 ms for the console script on the test machine); a stop signal in that window is lost.
+What is left: the interpreter's own start, before the entry point's first line, where a stop
+signal is still lost. On the test machine, from exec to the hold: ~25 ms for `python -m init`
+and ~30 ms for the console script (which imports `re` and init.cli first), of which ~24 ms is
+the interpreter and its site packages alone (a script holding on its first line); it was the
+whole start, ~70 ms, up to the loop (tests/integration/test_boot_signals.py measures it).
 """
 
 from __future__ import annotations
