@@ -204,18 +204,11 @@ def find_leftovers(layout: EngineLayout, proc: Path = Path("/proc")) -> Leftover
     boot_began = _start_time(proc / "self")
     stale_pidfile = _stale_pidfile(layout.pidfile, "dockerd", proc, boot_began)
     stale_socket = layout.socket if _is_dead_socket(layout.socket) else None
-    containerd_pidfile = layout.containerd_pidfile
-    containerd_alive = containerd_pidfile.exists() and not _stale_pidfile(
-        containerd_pidfile, "containerd", proc, boot_began
-    )
-    if containerd_alive:
-        return Leftovers(stale_pidfile, stale_socket)
-    return Leftovers(
-        stale_pidfile,
-        stale_socket,
-        containerd_pidfile if containerd_pidfile.exists() else None,
-        tuple(p for p in layout.containerd_sockets if _is_dead_socket(p)),
-    )
+    stale_containerd = _stale_pidfile(layout.containerd_pidfile, "containerd", proc, boot_began)
+    if stale_containerd is None and layout.containerd_pidfile.exists():
+        return Leftovers(stale_pidfile, stale_socket)  # a containerd of this boot runs
+    dead_sockets = tuple(p for p in layout.containerd_sockets if _is_dead_socket(p))
+    return Leftovers(stale_pidfile, stale_socket, stale_containerd, dead_sockets)
 
 
 def clear(leftovers: Leftovers) -> None:
