@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 from init import __version__
-from init.core import deferred
+from init.core import deferred, signals
 from init.core.log import Level, Log, level_from_env
 from init.errors import EX_CONFIG, EX_USAGE, ConfigError, InitError
 
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    held_from = signals.hold()  # first: a stop signal waits for `run`'s loop (init.core.signals)
     deferred.defer_unused_stdlib()  # before pathlib and dataclasses: not imported above
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ if environ is None else environ)
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return e.exit_status
     except KeyboardInterrupt:
         return 130
+    finally:
+        signals.restore(held_from)
 
 
 def _parse(args: list[str]) -> Namespace:
@@ -52,6 +55,8 @@ def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
         print(f"sharelatex-init {__version__}")
         return 0
     command = options.command or "run"
+    if command != "run":
+        signals.release()  # no loop to take them: each command takes its own, as it always did
     if command == "status":
         return _status(options, env)
     if command == "doctor":

@@ -29,13 +29,15 @@ Answers:
   503 + Retry-After     TeX Live is still installing (exit 75): its message, as is; the engine
                         cannot be reached (exit 69); the runner was stopped (limit "stopped");
                         more connections than --max-connections, none of them idle
+  507                   the compile dir's disk is full (exit 73): the server's to fix, not the
+                        document's; the same compile works once there is room
   500                   anything else (configuration, exit 78; the command failing)
 
 Errors are JSON: {status, reason, message, log_tail, errors, exit_status, project, compile_id}:
-status is the compile command's word (latex_error, limit, not_ready, config, engine) or this
-service's (refused, busy); reason the limit that was hit (timeout, memory, processes, output
-size), the refusal's (upload_size, unsafe_archive, ...), else the status; message one line for
-a person. The engine `latex` answers application/x-dvi.
+status is the compile command's word (latex_error, limit, not_ready, config, engine, no_space) or
+this service's (refused, busy); reason the limit that was hit (timeout, memory, processes, output
+size), the refusal's (upload_size, unsafe_archive, ...), else the status; message one line for a
+person. The engine `latex` answers application/x-dvi.
 
 Hostile clients (init.httpd.server): deadlines on every read and write, a cap on connections
 and threads, slots taken only by complete uploads; archives with bounded headers
@@ -256,6 +258,8 @@ def status_for(outcome: Outcome) -> tuple[int, int | None]:
         return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_NOT_READY
     if outcome.exit_status == Status.ENGINE:
         return HTTPStatus.SERVICE_UNAVAILABLE, RETRY_AFTER_ENGINE
+    if outcome.exit_status == Status.NO_SPACE:
+        return HTTPStatus.INSUFFICIENT_STORAGE, None
     return HTTPStatus.INTERNAL_SERVER_ERROR, None
 
 

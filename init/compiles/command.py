@@ -16,14 +16,15 @@ Exit status (init.compiles.contract.Status):
   1   LaTeX error (the first error lines of the log follow)
   2   a sandbox limit was hit: timeout, memory, processes or output size (named)
   69  the engine cannot be reached
+  73  the disk of DIR (or of the output dir) is full, of space or inodes (named, with its room)
   75  the TeX Live image is not in the engine yet (the installer's progress, when it has some)
   78  configuration (one line: the variable or option, the value, the fix)
 
 With --json, one JSON object on stdout, always, whatever the exit status; these keys are
 stable (machine callers, e.g. the HTTP compile service, rely on them):
 
-  status       "ok" | "latex_error" | "limit" | "not_ready" | "config" | "engine"
-  exit_status  the process's exit status (0, 1, 2, 69, 75, 78)
+  status       "ok" | "latex_error" | "limit" | "not_ready" | "config" | "engine" | "no_space"
+  exit_status  the process's exit status (0, 1, 2, 69, 73, 75, 78)
   reason       one line for a person: what happened and, for a problem, the fix
   limit        "timeout" | "memory" | "processes" | "output size" | "stopped" | null
   pdf          absolute path of output.pdf (a regular file, never a link) or null

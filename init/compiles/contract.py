@@ -18,12 +18,17 @@ class Status(enum.IntEnum):
     LATEX_ERROR = 1  # a LaTeX error (the first error lines follow)
     LIMIT = 2  # a sandbox limit was hit (named by Limit)
     ENGINE = 69  # sysexits EX_UNAVAILABLE: the engine cannot be reached
+    # sysexits EX_CANTCREAT: the disk of the compile (or output) dir is full, of space or of
+    # inodes. Not a LIMIT: a limit is the document's doing and the caller shows it to its
+    # author (the HTTP service answers 413); a full disk is the server's, for its operator to
+    # fix, and the same compile works once there is room (the HTTP service answers 507).
+    NO_SPACE = 73
     NOT_READY = 75  # sysexits EX_TEMPFAIL: the TeX Live image is not in the engine yet
     CONFIG = 78  # sysexits EX_CONFIG: a variable or option is wrong
 
     @property
     def word(self) -> str:
-        """`ok`, `latex_error`, `limit`, `engine`, `not_ready`, `config`."""
+        """`ok`, `latex_error`, `limit`, `engine`, `no_space`, `not_ready`, `config`."""
         return self.name.lower()
 
 

@@ -1,5 +1,6 @@
 """How a compile ended: what the engine saw of it (Ran), and what the `compile` command makes
-of that (Outcome): the PDF, a LaTeX error with its first lines, or the limit it hit.
+of that (Outcome): the PDF, a LaTeX error with its first lines, the limit it hit, or the full
+disk it could not write to.
 
 The compile dir is the project's to write, so its files are read as an attacker's: never
 through a link, only regular files, and only their head.
@@ -21,6 +22,7 @@ from init.errors import SandboxError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from typing import Any
 
 ERROR_LINES = 8
@@ -146,6 +148,96 @@ def limit_hit(ran: Ran, limits: Limits, largest: int, log_text: str) -> Limit | 
     return None
 
 
+# What a write to a full disk or an exhausted quota makes a program say (strerror, errno names).
+_NO_SPACE = re.compile(r"No space left on device|Disk quota exceeded|\bENOSPC\b|\bEDQUOT\b")
+NEAR_FULL_BYTES = 1 << 20  # less free than this after a failed compile: the disk is full
+NEAR_FULL_INODES = 64
+
+
+@dataclass(frozen=True)
+class DiskSpace:
+    """The room left on the filesystem of a dir a compile writes to, as statvfs saw it."""
+
+    path: Path
+    free_bytes: int  # what an unprivileged writer may still use (f_bavail: ext4 keeps 5 % back)
+    total_bytes: int
+    free_inodes: int | None = None  # None: the filesystem counts none (btrfs reports 0 of 0)
+    total_inodes: int | None = None
+
+    @property
+    def out_of_bytes(self) -> bool:
+        return self.free_bytes < NEAR_FULL_BYTES
+
+    @property
+    def out_of_inodes(self) -> bool:
+        return self.free_inodes is not None and self.free_inodes < NEAR_FULL_INODES
+
+    def describe(self) -> str:
+        """`0 B free of 4.0 MiB`, with the inodes when they are what ran out."""
+        text = f"{_size(self.free_bytes)} free of {_size(self.total_bytes)}"
+        if self.out_of_inodes and not self.out_of_bytes:
+            text += f", but {self.free_inodes} of {self.total_inodes} inodes free"
+        return text
+
+
+def disk_space(path: Path) -> DiskSpace | None:
+    """statvfs of `path`; None when it cannot be read (the dir is gone)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    counts_inodes = st.f_files > 0
+    return DiskSpace(
+        path,
+        free_bytes=st.f_bavail * st.f_frsize,
+        total_bytes=st.f_blocks * st.f_frsize,
+        free_inodes=st.f_favail if counts_inodes else None,
+        total_inodes=st.f_files if counts_inodes else None,
+    )
+
+
+def out_of_space(spaces: tuple[DiskSpace, ...], text: str) -> DiskSpace | None:
+    """The full disk that failed a compile, judged after it failed: a dir's filesystem with
+    next to no bytes or inodes left, or, when the output or log says so (a quota is not seen
+    by statvfs), the first dir's; None when neither."""
+    for space in spaces:
+        if space.out_of_bytes or space.out_of_inodes:
+            return space
+    if spaces and _NO_SPACE.search(text):
+        return spaces[0]
+    return None
+
+
+def no_space_message(space: DiskSpace, compile_dir: Path) -> str:
+    where = "compile dir" if space.path == compile_dir else "output dir"
+    return (
+        f"no space: the {where} {space.path} is on a full disk ({space.describe()}); the "
+        "operator must free space there or give it a larger volume, then compile again"
+    )
+
+
+def written_dirs(job: Job) -> tuple[Path, ...]:
+    """The compile dir, then each other dir the command writes to (latexmk's -outdir and
+    -auxdir, TeX's -output-directory), once each."""
+    found = [job.directory.path]
+    for arg in job.command:
+        for flag in ("-outdir=", "-auxdir=", "-output-directory="):
+            if arg.startswith(flag) and (d := Path(arg.removeprefix(flag))) not in found:
+                found.append(d)
+    return tuple(found)
+
+
+def _size(n: int) -> str:
+    if n < 1024:
+        return f"{n} B"
+    value = n / 1024
+    for unit in ("KiB", "MiB"):
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GiB"
+
+
 def limit_message(limit: Limit, limits: Limits, ran: Ran) -> str:
     if limit is Limit.TIMEOUT:
         return f"timeout: the compile ran longer than {limits.timeout:g} s and was stopped"
@@ -159,8 +251,11 @@ def limit_message(limit: Limit, limits: Limits, ran: Ran) -> str:
     return f"stopped: the runner got {name} and removed the compile's container"
 
 
-def classify(ran: Ran, job: Job, limits: Limits) -> Outcome:
-    """The outcome of a latexmk run of `sharelatex-init compile` (jobname `output`)."""
+def classify(
+    ran: Ran, job: Job, limits: Limits, measure: Callable[[Path], DiskSpace | None] = disk_space
+) -> Outcome:
+    """The outcome of a latexmk run of `sharelatex-init compile` (jobname `output`); `measure`
+    reads the room left on a dir's disk (statvfs; a test gives its own)."""
     directory = job.directory.path
     pdf = regular_file(directory, f"{JOBNAME}.pdf") or regular_file(directory, f"{JOBNAME}.dvi")
     log = regular_file(directory, f"{JOBNAME}.log")
@@ -170,6 +265,11 @@ def classify(ran: Ran, job: Job, limits: Limits) -> Outcome:
     common = {"seconds": ran.seconds, "log": log, "errors": errors, "exit_code": ran.exit_code}
     if limit is not None:
         return Outcome(Status.LIMIT, limit_message(limit, limits, ran), limit=limit, **common)  # type: ignore[arg-type]
+    if ran.exit_code != 0:
+        spaces = tuple(filter(None, map(measure, written_dirs(job))))
+        full = out_of_space(spaces, ran.output + log_text)
+        if full is not None:
+            return Outcome(Status.NO_SPACE, no_space_message(full, directory), **common)  # type: ignore[arg-type]
     if ran.exit_code == 0 and pdf is not None:
         return Outcome(Status.OK, "the PDF is ready", pdf=pdf, **common)  # type: ignore[arg-type]
     if errors:

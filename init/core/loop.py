@@ -50,8 +50,13 @@ class EventLoop:
         self.system = system
         self.clock = system.clock
         self._selector = system.selector()
-        self._wakeup = SignalWakeup({*signals, signal.SIGCHLD})
+        handled = {*signals, signal.SIGCHLD}
+        self._wakeup = SignalWakeup(handled)
         self._selector.register(self._wakeup.fd, selectors.EVENT_READ, self._on_wakeup)
+        # The entry point held these since its first line (init.core.signals): with the handlers
+        # and the wakeup fd in place, any that arrived during the start is delivered now, as a
+        # byte the first `select` reads.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, handled)
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._children: dict[int, ChildCallback] = {}

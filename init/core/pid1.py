@@ -22,6 +22,7 @@ from init.core.loop import EventLoop, Timer
 from init.core.output import OutputPipe
 from init.core.process import Exit, SpawnSpec
 from init.core.services import ServiceSpec
+from init.core.signals import FORWARDED_SIGNALS, STOP_SIGNALS
 from init.core.status_file import ServiceStatus, StatusDocument
 from init.core.supervisor import Supervisor
 from init.errors import SpawnError
@@ -33,31 +34,6 @@ if TYPE_CHECKING:
     # Made by init.boot once the loop exists: (loop, log, on_change) -> the mode's side.
     SideFactory = Callable[[EventLoop, Log, Callable[[], None]], DockerSide]
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-# What the init passes on to its services. Not the synchronous fault signals (SEGV, BUS, FPE,
-# ILL, TRAP, SYS, ABRT): a handler for those would turn a real fault in PID 1 into a busy loop.
-FORWARDED_SIGNALS = tuple(
-    s
-    for s in (
-        signal.SIGHUP,
-        signal.SIGQUIT,
-        signal.SIGUSR1,
-        signal.SIGUSR2,
-        signal.SIGALRM,
-        signal.SIGWINCH,
-        signal.SIGCONT,
-        signal.SIGTSTP,
-        signal.SIGTTIN,
-        signal.SIGTTOU,
-        signal.SIGURG,
-        signal.SIGXCPU,
-        signal.SIGXFSZ,
-        signal.SIGVTALRM,
-        signal.SIGPROF,
-        signal.SIGIO,
-        signal.SIGPWR,
-    )
-)
 EXIT_STARTUP_FAILED = 1
 # After a failed write of the status file: try again in 0.5 s, doubling to every 5 s. A status
 # dir writable again is written within 5 s, and an outage of hours costs a write every 5 s.

@@ -50,8 +50,23 @@ class EngineLayout:
         return self.exec_root.with_name(self.exec_root.name + ".pid")
 
     @property
+    def containerd_dir(self) -> Path:
+        """Where dockerd runs its containerd: its pidfile, config and sockets."""
+        return self.exec_root / "containerd"
+
+    @property
+    def containerd_pidfile(self) -> Path:
+        return self.containerd_dir / "containerd.pid"
+
+    @property
     def containerd_socket(self) -> Path:
-        return self.exec_root / "containerd" / "containerd.sock.ttrpc"
+        """The longest of containerd's socket paths (the limit of a unix socket applies)."""
+        return self.containerd_dir / "containerd.sock.ttrpc"
+
+    @property
+    def containerd_sockets(self) -> tuple[Path, ...]:
+        d = self.containerd_dir
+        return (d / "containerd.sock", d / "containerd.sock.ttrpc", d / "containerd-debug.sock")
 
     @property
     def docker_host(self) -> str:
@@ -161,32 +176,39 @@ def service_spec(layout: EngineLayout, storage_args: tuple[str, ...] = ()) -> Se
 
 @dataclass(frozen=True)
 class Leftovers:
-    """Files an unclean stop left behind that would stop dockerd from starting again."""
+    """Files an unclean stop (or the last boot, on the container's own layer) left behind that
+    would stop the engine from starting again. Empty: nothing to clear."""
 
-    pidfile: Path | None = None
-    socket: Path | None = None
+    pidfile: Path | None = None  # dockerd's
+    socket: Path | None = None  # dockerd's API socket
+    containerd_pidfile: Path | None = None
+    containerd_sockets: tuple[Path, ...] = ()
 
     def paths(self) -> list[Path]:
-        return [p for p in (self.pidfile, self.socket) if p is not None]
+        owned = (self.pidfile, self.socket, self.containerd_pidfile, *self.containerd_sockets)
+        return [p for p in owned if p is not None]
 
 
 def find_leftovers(layout: EngineLayout, proc: Path = Path("/proc")) -> Leftovers:
-    """The pidfile if no live dockerd has its pid; the socket if nothing accepts on it.
+    """What to clear before dockerd starts: each pidfile no live process of this boot owns,
+    each socket nobody listens on.
 
-    After `kill -9`, dockerd 20.10 refuses to start while its pidfile names a process that
-    still exists (a zombie counts), saying only "pid file found".
+    A pidfile is kept only while it names a live (not zombie) process of the right name that
+    started no earlier than the init itself (`proc/self`): a pid from the last boot can name an
+    unrelated process in the new namespace (pid 21: a service). Else dockerd 20.10 refuses to
+    start ("pid file found"), and for containerd's both 20.10 and 26 log "containerd is still
+    running", wait 15 s for a socket that never comes and exit 1, over and over; 26 also sends
+    SIGTERM to the process the pidfile names. containerd's sockets go only with its pidfile: a
+    containerd of this boot that outlived dockerd (`kill -9` of dockerd) is taken up again.
     """
-    stale_pidfile: Path | None = None
-    try:
-        text = layout.pidfile.read_text().strip()
-    except FileNotFoundError:
-        text = None
-    except OSError:
-        text = ""
-    if text is not None and not _is_live_dockerd(text, proc):
-        stale_pidfile = layout.pidfile
+    boot_began = _start_time(proc / "self")
+    stale_pidfile = _stale_pidfile(layout.pidfile, "dockerd", proc, boot_began)
     stale_socket = layout.socket if _is_dead_socket(layout.socket) else None
-    return Leftovers(stale_pidfile, stale_socket)
+    stale_containerd = _stale_pidfile(layout.containerd_pidfile, "containerd", proc, boot_began)
+    if stale_containerd is None and layout.containerd_pidfile.exists():
+        return Leftovers(stale_pidfile, stale_socket)  # a containerd of this boot runs
+    dead_sockets = tuple(p for p in layout.containerd_sockets if _is_dead_socket(p))
+    return Leftovers(stale_pidfile, stale_socket, stale_containerd, dead_sockets)
 
 
 def clear(leftovers: Leftovers) -> None:
@@ -194,17 +216,50 @@ def clear(leftovers: Leftovers) -> None:
         path.unlink(missing_ok=True)
 
 
-def _is_live_dockerd(pid_text: str, proc: Path) -> bool:
+def _stale_pidfile(path: Path, comm: str, proc: Path, boot_began: int | None) -> Path | None:
+    """`path` if it names no live `comm` of this boot; None when it does, or is not there."""
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return path  # unreadable: the engine cannot read it either
+    return None if _is_ours(text, comm, proc, boot_began) else path
+
+
+def _is_ours(pid_text: str, comm: str, proc: Path, boot_began: int | None) -> bool:
+    """A live process `comm` with that pid, started since the init began (when known)."""
     if not pid_text.isdigit():
         return False
     base = proc / pid_text
     try:
-        fields = (base / "stat").read_text()
-        comm = (base / "comm").read_text().strip()
+        name = (base / "comm").read_text().strip()
     except OSError:
         return False
-    state = fields.rsplit(")", 1)[-1].split()[0] if ")" in fields else "?"
-    return comm == "dockerd" and state not in ("Z", "X")
+    fields = _stat_fields(base)
+    if name != comm or fields is None or fields[0] in ("Z", "X"):
+        return False
+    started = _start_time(base)
+    return boot_began is None or (started is not None and started >= boot_began)
+
+
+def _stat_fields(base: Path) -> list[str] | None:
+    """/proc/<pid>/stat after the command name (which may hold spaces): state first."""
+    try:
+        text = (base / "stat").read_text()
+    except OSError:
+        return None
+    if ")" not in text:
+        return None
+    return text.rsplit(")", 1)[1].split()
+
+
+def _start_time(base: Path) -> int | None:
+    """When the process started, in clock ticks since the machine booted (stat field 22)."""
+    fields = _stat_fields(base)
+    if fields is None or len(fields) < 20 or not fields[19].isdigit():
+        return None
+    return int(fields[19])
 
 
 def _is_dead_socket(path: Path) -> bool:

@@ -152,6 +152,7 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
         data_root: Path | None = None,
         overlay: bool = False,
         services: dict[str, str] | None = None,
+        prelude: str = "",
         **env: str,
     ) -> RunningInit:
         base = short_tmp / f"e{len(started)}"
@@ -203,6 +204,8 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
             command = ["sh", "-c", mount, "sh", *init]
         else:
             command = init
+        if prelude:  # shell run by the namespace's PID 1 before it becomes the init
+            command = ["sh", "-c", f'{prelude}\nexec "$@"', "sh", *command]
         log_path = base / "init.log"
         proc = subprocess.Popen(
             ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private",
@@ -432,4 +435,38 @@ def test_a_dockerd_that_never_answers_fails_with_its_last_lines(
     assert "none.sock" in engine["reason"]  # its last lines name what it waits for
     assert engine["ready"] is False
     code, _ = init.stop()
+    assert code == 0
+
+
+def test_a_stale_containerd_pidfile_naming_a_live_unrelated_process_is_cleared(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    # The quick restart's case: the last boot's containerd pidfile names a pid alive in the
+    # new namespace, as something else. dockerd took it for containerd: "containerd is still
+    # running", 15 s waiting for its socket, exit 1, over and over (26 also SIGTERMs that pid).
+    first = start_init()
+    first.wait_engine("ready")
+    base = first.socket.parent
+    os.killpg(first.proc.pid, signal.SIGKILL)  # an unclean stop: the whole namespace at once
+    first.proc.wait(10)
+    pidfile = base / "exec" / "containerd" / "containerd.pid"
+    assert pidfile.exists()
+    pidfile.write_text("2")  # the sleep below: pid 2 of the new namespace
+    began = time.monotonic()
+    second = start_init(
+        data_root=base / "data",
+        prelude="sleep 1000 &",
+        SHARELATEX_INIT_DOCKER_EXEC_ROOT=str(base / "exec"),
+        SHARELATEX_INIT_DOCKER_SOCKET=str(first.socket),
+    )
+    second.wait_engine("ready", timeout=30)
+    ready_in = time.monotonic() - began
+    print(f"engine ready {ready_in:.1f} s after the restart")
+    assert ready_in < 12, f"ready after {ready_in:.1f} s; dockerd waits 15 s for containerd"
+    assert f"removing {pidfile}, left by an unclean stop" in second.log()
+    assert "still running" not in second.log()
+    sleeps = [p for p in second.init_process.children() if p.name() == "sleep"]
+    assert sleeps, "the unrelated process was ended"
+    assert second.docker("version").returncode == 0
+    code, _ = second.stop()
     assert code == 0
