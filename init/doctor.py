@@ -48,7 +48,38 @@ def run_checks(
         checks += sibling_checks(settings, environ)
     if settings.mode is not Mode.OFF:  # off: the "sandbox" warning above says it all
         checks.append(compile_runner_check(settings))
+        checks.append(proxy_check(status_file))
     return checks
+
+
+def proxy_check(status_file: Path) -> Check:
+    """The engine policy proxy the services' DOCKER_HOST names: it answers, and what it refused
+    lately (a runner, or an attacker, trying what compiles never need)."""
+    from init.engine.client import connect_error
+
+    socket = status_file.with_name("docker.sock")
+    error = connect_error(socket, 1.0)
+    if error is not None:
+        return Check(
+            "engine proxy",
+            Status.FAIL,
+            f"nothing answers on {socket}, the only engine socket the services get",
+            "see the init's log (`proxy:` lines) and `sharelatex-init status`",
+        )
+    try:
+        started = status_files.read(status_file).started_at
+    except (OSError, ValueError):
+        started = 0.0
+    refused = [r for r in status_files.read_refusals(status_files.refusals_path(status_file))
+               if r.at >= started]  # fmt: skip
+    if not refused:
+        return Check("engine proxy", Status.OK, f"{socket}: the services' engine; refused nothing")
+    return Check(
+        "engine proxy",
+        Status.WARN,
+        f"{socket} refused {len(refused)} call(s) since the start; last: {refused[-1].line()}",
+        "a refusal is a call compiles never need: see which service (uid) made it",
+    )
 
 
 def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:

@@ -21,10 +21,13 @@ from pathlib import Path
 
 from init.core.backoff import SERVICE_RESTART
 from init.core.status_file import (
+    Refusal,
     ServiceStatus,
     StatusDocument,
     pid_alive,
     read,
+    read_refusals,
+    refusals_path,
     status_path,
     texlive_status_path,
     writer_problem,
@@ -49,10 +52,20 @@ class Status:
     texlive: TexLiveStatus | None
     # Why the document is not the running init's word ("" when it is): read_all fills it in.
     stale: str = ""
+    refusals: tuple[Refusal, ...] = ()  # what the engine proxy refused lately
+
+    @property
+    def recent_refusals(self) -> tuple[Refusal, ...]:
+        """The refusals since this start of the init (older ones are another start's)."""
+        return tuple(r for r in self.refusals if r.at >= self.document.started_at)
 
     @classmethod
     def of(
-        cls, document: StatusDocument, installer: InstallerStatus | None = None, stale: str = ""
+        cls,
+        document: StatusDocument,
+        installer: InstallerStatus | None = None,
+        stale: str = "",
+        refusals: tuple[Refusal, ...] = (),
     ) -> Status:
         texlive = TexLiveStatus.from_json(document.texlive)
         return cls(
@@ -60,12 +73,15 @@ class Status:
             EngineStatus.from_json(document.engine),
             texlive.merged(installer) if texlive is not None else None,
             stale,
+            refusals,
         )
 
     def to_json(self) -> dict[str, object]:
         merged = self.document.to_json()
         if self.texlive is not None:
             merged["texlive"] = self.texlive.to_json()
+        if self.engine is not None:
+            merged["proxy_refusals"] = [r.__dict__ for r in self.recent_refusals]
         return merged
 
 
@@ -79,7 +95,8 @@ def read_all(path: Path) -> Status:
     installer = None
     if document.texlive and not stale:
         installer = InstallerStatus.read(texlive_status_path(path))
-    return Status.of(document, installer, stale)
+    refusals = read_refusals(refusals_path(path)) if document.engine and not stale else ()
+    return Status.of(document, installer, stale, refusals)
 
 
 # "" when the engine at the socket answers now, else why not; PermissionError: cannot ask.
@@ -175,6 +192,11 @@ def format_text(status: Status, now: float | None = None) -> str:
         lines.append("(no services)")
     if status.engine is not None:
         lines.append(_engine_line(status.engine))
+        refused = status.recent_refusals
+        if refused:
+            lines.append(
+                f"proxy: refused {len(refused)} call(s) since the start; last: {refused[-1].line()}"
+            )
     texlive = status.texlive
     if texlive is not None:
         width = max((len(i.image) for i in texlive.images), default=0)

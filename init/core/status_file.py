@@ -353,3 +353,52 @@ def pid_alive(pid: object) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# -- what the engine proxy refused lately (written by init.proxy, shown by status and doctor) --
+
+REFUSALS_NAME = "proxy-refusals.json"  # beside the status file
+REFUSALS_KEPT = 20
+
+
+def refusals_path(status_file: Path) -> Path:
+    return status_file.with_name(REFUSALS_NAME)
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """One call the engine proxy refused: when, whose (the caller's uid), what, and why."""
+
+    at: float
+    uid: int
+    what: str
+    reason: str
+    repeats: int = 0  # the same refusal of the same uid since, counted not logged
+
+    def line(self) -> str:
+        more = f" (and {self.repeats} more like it)" if self.repeats else ""
+        return f"uid {self.uid}: {self.what}: {self.reason}{more}"
+
+
+def write_refusals(path: Path, refusals: tuple[Refusal, ...]) -> None:
+    """The last refusals, replaced whole (a reader never sees half of it)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps([r.__dict__ for r in refusals[-REFUSALS_KEPT:]]))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_refusals(path: Path) -> tuple[Refusal, ...]:
+    """The proxy's last refusals; none when it has refused nothing (or the file is not one)."""
+    try:
+        entries = json.loads(path.read_text())
+        return tuple(
+            Refusal(float(e["at"]), int(e["uid"]), str(e["what"]), str(e["reason"]),
+                    int(e.get("repeats", 0)))
+            for e in entries
+        )  # fmt: skip
+    except (OSError, ValueError, TypeError, KeyError):
+        return ()

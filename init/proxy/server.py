@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from init.core.log import Log
+from init.core.status_file import REFUSALS_KEPT, Refusal, write_refusals
 from init.core.wakeup import SignalWakeup
 from init.engine import client
 from init.engine.client import COMPILE_LABEL
@@ -109,10 +110,12 @@ class Refusals:
     """One log line per refusal, with the caller's uid; the same refusal of the same uid again
     within REPEAT_WINDOW is counted, not logged (a loop of a broken runner floods nothing)."""
 
-    def __init__(self, log: Log) -> None:
+    def __init__(self, log: Log, keep: Path | None = None) -> None:
         self.log = log
+        self.keep = keep  # the file `status` and `doctor` read the last refusals from
         self.lock = threading.Lock()
         self.last: dict[tuple[int, str], tuple[float, int]] = {}
+        self.recent: list[Refusal] = []
 
     def note(self, uid: int, pid: int, what: str, reason: str) -> None:
         now = time.monotonic()
@@ -122,12 +125,24 @@ class Refusals:
             if now - seen < REPEAT_WINDOW:
                 self.last[key] = (seen, count + 1)
                 return
+            self._record(Refusal(time.time(), uid, what, reason, count))
             if len(self.last) > CACHE_SIZE:
                 self.last.clear()
             self.last[key] = (now, 0)
         more = f" (and {count} more like it)" if count else ""
         said = reason if reason.startswith(what) else f"{what}: {reason}"
         self.log.warning(NAME, f"refused uid {uid} (pid {pid}): {said}{more}")
+
+    def _record(self, refusal: Refusal) -> None:
+        """Kept for `status` and `doctor` (under the lock; a write that fails is only logged:
+        refusing goes on whether or not it can be shown)."""
+        self.recent = [*self.recent, refusal][-REFUSALS_KEPT:]
+        if self.keep is None:
+            return
+        try:
+            write_refusals(self.keep, tuple(self.recent))
+        except OSError as e:
+            self.log.warning(NAME, f"cannot keep the refusals in {self.keep}: {e.strerror}")
 
 
 def peer(sock: socket.socket) -> tuple[int, int]:
@@ -345,7 +360,7 @@ class Server:
         self.config = config
         self.log = log
         self.facts = EngineFacts(config.engine)
-        self.refusals = Refusals(log)
+        self.refusals = Refusals(log, config.refusals)
         self.listener: socket.socket | None = None
 
     def listen(self) -> socket.socket:

@@ -18,6 +18,7 @@ from init.config import (
     Settings,
 )
 from init.core.services import ServiceSpec
+from init.core.status_file import REFUSALS_NAME
 from init.engine.side import EngineProxy
 from init.proxy.binds import Root
 from init.proxy.settings import DEFAULT_SOCKET, MODULE, NAME, ProxyConfig
@@ -57,6 +58,7 @@ class ProxyService(EngineProxy):
             roots=tuple(roots),
             limits=limits_from_env(environ),
             group=group,
+            refusals=self.listen.with_name(REFUSALS_NAME),
         )
         argv = (self.python, "-m", MODULE, *config.argv())
         return ServiceSpec(name=NAME, directory=Path("/"), argv=argv)

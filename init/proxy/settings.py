@@ -26,6 +26,7 @@ class ProxyConfig:
     limits: Limits = field(default_factory=Limits)
     group: int | None = None  # the listening socket's group (mode 0660); None: root's (0600)
     max_body: int = MAX_BODY
+    refusals: Path | None = None  # where the last refusals are kept for `status` and `doctor`
 
     @property
     def lifetime(self) -> float:
@@ -40,6 +41,8 @@ class ProxyConfig:
         args = ["--listen", str(self.listen), "--engine", str(self.engine)]
         if self.group is not None:
             args += ["--group", str(self.group)]
+        if self.refusals is not None:
+            args += ["--refusals", str(self.refusals)]
         for image in self.images:
             args += ["--image", image]
         for root in self.roots:
@@ -73,6 +76,7 @@ def parse_argv(argv: Sequence[str]) -> ProxyConfig:
     parser.add_argument("--timeout", type=float, default=defaults.timeout)
     parser.add_argument("--idle", type=float, default=defaults.idle)
     parser.add_argument("--max-body", type=int, default=MAX_BODY)
+    parser.add_argument("--refusals", type=Path, help="keep the last refusals here (JSON)")
     options = parser.parse_args(list(argv))
     limits = Limits(
         memory=options.memory, pids=options.pids, cpus=options.cpus, tmpfs=options.tmpfs,
@@ -86,4 +90,5 @@ def parse_argv(argv: Sequence[str]) -> ProxyConfig:
         limits=limits,
         group=options.group,
         max_body=options.max_body,
+        refusals=options.refusals,
     )
