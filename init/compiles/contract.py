@@ -46,5 +46,7 @@ class Limit(enum.Enum):
 ENGINE_FLAGS = {"pdflatex": "-pdf", "xelatex": "-xelatex", "lualatex": "-lualatex", "latex": "-dvi"}
 ENGINES = tuple(ENGINE_FLAGS)
 DEFAULT_ENGINE = "pdflatex"
-# What the shim runs in the sandbox, by the name it was called as.
-SHIMMED_COMMANDS = ("latexmk", *ENGINES)
+# What the shim runs in the sandbox, by the name it was called as: every command Community
+# Edition's compile service runs on a project's files (services/clsi CompileManager: latexmk,
+# `synctex view|edit`, `texcount`), and the engines. See init.compiles.shim for what it leaves.
+SHIMMED_COMMANDS = ("latexmk", *ENGINES, "synctex", "texcount")

@@ -184,7 +184,10 @@ class Runner:
             except Exception as e:  # the stream ends with the container; the exit says why
                 tail.extend(f"\n(stream ended: {e})".encode())
             finally:
-                os.write(done_w, b"x")
+                try:
+                    os.write(done_w, b"x")
+                except OSError:
+                    pass  # the runner stopped waiting (a stop, or its deadline): no one reads
 
         reader = threading.Thread(target=pump, name="compile-output", daemon=True)
         reader.start()

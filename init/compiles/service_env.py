@@ -2,10 +2,11 @@
 
 Community Edition's compile service runs `latexmk` from its PATH, unsandboxed, and refuses to
 start when it sees `SANDBOXED_COMPILES=true` or `DOCKER_RUNNER=true` (its docker runner is not
-in the public code). So, by default, the init writes a sandboxing `latexmk` (and the engines)
-into a dir of its own and puts that dir first on the services' PATH: an unmodified Community
-Edition image then compiles every project in a container. A Server Pro style image that has
-its own docker runner gets the variables that runner reads instead.
+in the public code). So, by default, the init writes a sandboxing `latexmk` (and the engines,
+`synctex` and `texcount`: every command it runs on a project's files) into a dir of its own
+and puts that dir first on the services' PATH: an unmodified Community Edition image then
+compiles every project in a container. A Server Pro style image that has its own docker runner
+gets the variables that runner reads instead.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ DOCKER_RUNNERS = (
     Path("var/www/sharelatex/clsi/app/js/DockerRunner.js"),
 )
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The compile service's document conversions (2026: services/clsi ConversionManager at
+# overleaf/overleaf 28ad3b03b71c), each switched on by `=== 'true'`, and what each runs. The
+# shim leaves them alone (init.compiles.shim says why); the log says they run unsandboxed.
+CONVERSIONS = {
+    "ENABLE_PANDOC_CONVERSIONS": ("pandoc", "zip"),
+    "ENABLE_PDF_CONVERSIONS": ("pdftocairo",),
+}
 # What a compile needs of the services' environment, also for `sharelatex-init compile` run by
 # hand in the container (`docker exec`), which the init's environment never reaches.
 SHARED_VARIABLES = (
@@ -76,6 +84,27 @@ def write_shims(directory: Path, python: str) -> None:
         os.replace(tmp, target)
 
 
+def unsandboxed_conversions(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """The commands of the compile service's conversions that are on: they run outside the
+    sandbox."""
+    on = [commands for name, commands in CONVERSIONS.items() if environ.get(name) == "true"]
+    return tuple(command for commands in on for command in commands)
+
+
+def describe_shim(shim_dir: Path, unsandboxed: tuple[str, ...]) -> str:
+    """The log's `the services compile through ...` for the shim."""
+    *first, last = SHIMMED_COMMANDS
+    text = f"the sandboxing {', '.join(first)} and {last} in {shim_dir}"
+    if unsandboxed:
+        switches = [name for name, commands in CONVERSIONS.items() if commands[0] in unsandboxed]
+        text += (
+            f"; the document conversions ({', '.join(f'{n}=true' for n in switches)}) run "
+            f"{', '.join(unsandboxed)} OUTSIDE the sandbox: unset them to keep every command "
+            "on a project's files sandboxed"
+        )
+    return text
+
+
 def environment(
     settings: Settings, environ: Mapping[str, str], runner: str, shim_dir: Path
 ) -> dict[str, str]:
@@ -109,13 +138,15 @@ class ServicesCompile(CompileWiring):
         self.shim_dir = shim_dir
         self.python = python
         self.runner = choose_runner(settings, root)
+        self.unsandboxed: tuple[str, ...] = ()
 
     def environment(self, environ: Mapping[str, str]) -> dict[str, str]:
         if self.runner == "shim":
             write_shims(self.shim_dir, self.python)
+            self.unsandboxed = unsandboxed_conversions(environ)
         return environment(self.settings, environ, self.runner, self.shim_dir)
 
     def describe(self) -> str:
         if self.runner == "shim":
-            return f"the sandboxing latexmk in {self.shim_dir}"
+            return describe_shim(self.shim_dir, self.unsandboxed)
         return "their docker runner"

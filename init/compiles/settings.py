@@ -25,6 +25,13 @@ SHELL_ESCAPE = {"off": "f", "restricted": "p"}
 DEFAULT_IDLE = 120.0  # seconds a project's container waits for its next compile
 KILL_GRACE = 5.0  # seconds past the in-container timeout before the runner removes the container
 QUEUE_ALLOWANCE = 300.0  # seconds a compile may wait in the compile command's queue
+# The site's compile time limit, as Overleaf has it: COMPILE_TIMEOUT in whole seconds, 180 when
+# unset (server-ce/config/settings.js, `compileTimeout: parseIntOrFail(process.env.COMPILE_TIMEOUT
+# || 180)`), and at most 600 as the compile service takes it (services/clsi/app/js/
+# RequestParser.js, MAX_TIMEOUT; both at overleaf/overleaf 28ad3b03b71c). Community Edition's
+# compile service never enforces it (LocalCommandRunner ignores its timeout): the sandbox does.
+SITE_TIMEOUT = 180.0
+SITE_TIMEOUT_CAP = 600.0
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,7 @@ class Limits:
     memory: int = 1 << 30  # bytes; swap is held to the same (memswap = memory)
     pids: int = 256
     cpus: float = 1.0
-    timeout: float = 240.0  # seconds of wall clock per compile (Community Edition's default)
+    timeout: float = SITE_TIMEOUT  # seconds of wall clock per compile (the site's, see there)
     tmpfs: int = 256 << 20  # bytes of /tmp (HOME, TEXMFVAR)
     output: int = 512 << 20  # bytes: RLIMIT_FSIZE, the largest file a compile may write
     nofile: int = 1024
@@ -96,7 +103,8 @@ def parse_size(text: str) -> int:
 
 def limits_from_env(environ: Mapping[str, str]) -> Limits:
     """The limits from config.COMPILE_MEMORY ... COMPILE_SHELL_ESCAPE; every bad value at once
-    as a ConfigError naming the fix."""
+    as a ConfigError naming the fix. The time limit is config.COMPILE_TIMEOUT when set, else the
+    site's own (site_timeout), else the site's default."""
     problems: list[str] = []
     values: dict[str, Any] = {}
 
@@ -116,7 +124,11 @@ def limits_from_env(environ: Mapping[str, str]) -> Limits:
     read(config.COMPILE_MEMORY, "memory", parse_size, "1g (at least 64m)", 64 << 20)
     read(config.COMPILE_PIDS, "pids", int, "256 (at least 16)", 16)
     read(config.COMPILE_CPUS, "cpus", float, "1.5 (at least 0.1)", 0.1)
-    read(config.COMPILE_TIMEOUT, "timeout", float, "240 (seconds, at least 1)", 1)
+    read(config.COMPILE_TIMEOUT, "timeout", float, "180 (seconds, at least 1)", 1)
+    if "timeout" not in values and not environ.get(config.COMPILE_TIMEOUT, "").strip():
+        site = site_timeout(environ, problems)
+        if site is not None:
+            values["timeout"] = site
     read(config.COMPILE_TMPFS, "tmpfs", parse_size, "256m (at least 16m)", 16 << 20)
     read(config.COMPILE_OUTPUT_SIZE, "output", parse_size, "512m (at least 1m)", 1 << 20)
     read(config.COMPILE_CONCURRENCY, "concurrency", int, "4 (0: one per CPU)", 0)
@@ -135,6 +147,25 @@ def limits_from_env(environ: Mapping[str, str]) -> Limits:
     if problems:
         raise ConfigError(problems)
     return Limits(**values)
+
+
+def site_timeout(environ: Mapping[str, str], problems: list[str]) -> float | None:
+    """The site's compile time limit (config.SITE_COMPILE_TIMEOUT, also OVERLEAF_ and
+    SHARELATEX_ prefixed; the unprefixed name first), capped as the compile service caps it;
+    None when unset. A value the site itself would reject becomes a problem naming the fix."""
+    for prefix in config.PREFIXES:
+        name = prefix + config.SITE_COMPILE_TIMEOUT
+        raw = environ.get(name, "").strip()
+        if not raw:
+            continue
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+            problems.append(
+                f"{name}={raw!r} is not valid; write whole seconds, e.g. {SITE_TIMEOUT:g} "
+                f"(the site's compile time limit; at most {SITE_TIMEOUT_CAP:g} are used)"
+            )
+            return None
+        return min(float(raw), SITE_TIMEOUT_CAP)
+    return None
 
 
 @dataclass(frozen=True)

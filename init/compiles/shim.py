@@ -1,20 +1,48 @@
-"""The compile-command shim: `python -m init.compiles.shim latexmk ARGS...` (also pdflatex, xelatex,
-lualatex, latex), first on the compile service's PATH through `/run/sharelatex-init/shim/<cmd>`.
+"""The compile-command shim: `python -m init.compiles.shim COMMAND ARGS...`, first on the
+compile service's PATH through `/run/sharelatex-init/shim/<command>` (init.compiles.service_env).
 
-Community Edition's compile service (services/clsi, LocalCommandRunner) spawns
-`latexmk -cd -jobname=output -auxdir=DIR -outdir=DIR ... DIR/main.tex` by name from PATH, with
-the compile dir as its cwd, in its own process group; on timeout it SIGTERMs the group, and it
-treats exit status 1 specially. This runs exactly that command in the project's sandbox
-container (init.compiles.runner), with the cwd bound at the same absolute path (in sibling mode
-from the host path), its output copied to ours, and its exit status passed back as is.
+Community Edition's compile service (services/clsi, LocalCommandRunner) spawns each command by
+name from PATH, cwd the compile dir, in its own process group, stdin and stdout piped, stderr
+to /dev/null, with no timeout of its own; a stop SIGTERMs the group. The shim runs the same
+command in the project's sandbox container (init.compiles.runner), the dir bound at the same
+absolute path (in sibling mode from the host path), its output copied to ours.
 
-Ending: SIGTERM, SIGINT or SIGHUP removes the container, then the shim dies of that signal (the
-service checks for SIGTERM). The caller's death is noticed through PR_SET_PDEATHSIG (a SIGTERM
-when the parent goes), and a SIGKILLed shim cannot clean up at all, so the container does not
-rely on it: the compile runs under `timeout -s KILL` inside it, and its PID 1 ends it after the
-idle time (init.compiles.profile). The shim never runs the command unsandboxed: no engine, no
-image or a bad setting is a message on stderr and exit 75 (try again later) or 78
-(configuration).
+What it runs (contract.SHIMMED_COMMANDS): every command the service's CompileManager runs on a
+project's files, at overleaf/overleaf 28ad3b03b71c:
+  latexmk   (LatexRunner) and the engines;
+  synctex   `synctex view -i L:C:DIR/FILE -o DIR/output.pdf`,
+            `synctex edit -o P:H:V:DIR/output.pdf`: run where the PDF it names is (DIR, the
+            compile dir: synctex reads output.synctex.gz beside it), even when the service's
+            cwd is the build's copy under the output dir (compile group `synctex-output`);
+            without an absolute -o, in the cwd;
+  texcount  `texcount -nocol -inc DIR/main.tex` (the word count).
+Not shimmed: chktex is run, if at all, by latexmk inside the sandbox (the service only sets
+CHKTEX_* for it). The document conversions of 2026 (ConversionManager: pandoc, zip, pdftocairo;
+off unless ENABLE_PANDOC_CONVERSIONS / ENABLE_PDF_CONVERSIONS is true) are left alone: a shim
+by their names would shadow them for every service (filestore runs pdftocairo for previews),
+they need images of their own, and the second zip writes beside its dir, outside any one bind.
+When they are on, the init says at start that they run outside the sandbox (service_env).
+
+Exit status, as the service reads it (1 is its `exited` error; any other is success, and the
+compile's status then goes by output.pdf: `success`, else `failure`):
+  the command ended        its own status, as is;
+  a stop (SIGTERM to the   the container removed, then the shim dies of the signal: the
+    group, SIGINT, SIGHUP)   service reports `terminated`;
+  a sandbox limit: time,   a note in the compile's log (init.compiles.log_note: a `!` line the
+    memory, processes,       editor shows as an error, e.g. `! sharelatex-init: the compile was
+    output size              stopped after 180 s (the site's compile time limit).`); after a
+                             kill (time, memory, size) a half-written output.pdf is removed, so
+                             it cannot read as a success; the command's status when it is 2 or
+                             more, else 137 (killed): the service reports `failure`, never a
+                             silent success;
+  not run                  the reason on stderr (and, for a compile, in its log); 75 (try again
+                             later: no engine or no image yet) or 78 (configuration). The
+                             command is never run outside the sandbox.
+
+Ending: the caller's death is noticed through PR_SET_PDEATHSIG (a SIGTERM when the parent goes),
+and a SIGKILLed shim cannot clean up at all, so the container does not rely on it: the command
+runs under `timeout -s KILL` inside it, and its PID 1 ends it after the idle time
+(init.compiles.profile).
 """
 
 from __future__ import annotations
@@ -25,15 +53,21 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from init.compiles.contract import SHIMMED_COMMANDS
-from init.compiles.outcome import NotReady
-from init.compiles.paths import compile_dir
+from init.compiles import log_note
+from init.compiles.contract import ENGINES, SHIMMED_COMMANDS, Limit
+from init.compiles.outcome import NotReady, Ran, largest_file, limit_hit, read_text_nofollow
+from init.compiles.paths import CompileDir, compile_dir
 from init.compiles.profile import Job
 from init.compiles.runner import Runner, die_of, engine_backend
-from init.compiles.settings import settings_from_env
+from init.compiles.settings import Limits, settings_from_env
 from init.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, EngineError
 
 PR_SET_PDEATHSIG = 1
+# The commands that write a TeX log: a limit or a refusal is noted there for the user.
+COMPILES = ("latexmk", *ENGINES)
+# Limits that kill the compile mid-write: what it left of the PDF is not a result.
+KILLING_LIMITS = (Limit.TIMEOUT, Limit.MEMORY, Limit.OUTPUT_SIZE)
+KILLED = 128 + signal.SIGKILL
 
 
 def follow_parent(parent: int) -> None:
@@ -55,15 +89,74 @@ def warn(line: str) -> None:
     print(f"sharelatex-init shim: warning: {line}", file=sys.stderr, flush=True)
 
 
+def synctex_pdf(argv: Sequence[str]) -> str | None:
+    """The PDF a `synctex view|edit` command line names with -o (edit: `P:H:V:PATH`)."""
+    args = list(argv[1:])
+    if not args or args[0] not in ("view", "edit"):
+        return None
+    value = None
+    for i, arg in enumerate(args[:-1]):
+        if arg == "-o":
+            value = args[i + 1]
+    if value is None:
+        return None
+    if args[0] == "edit":
+        parts = value.split(":", 3)
+        return parts[3] if len(parts) == 4 else None
+    return value
+
+
+def work_dir(command: str, argv: Sequence[str], cwd: Path) -> Path:
+    """The dir bound into the sandbox: for synctex the PDF's own dir (the .synctex.gz beside
+    it is what it reads), else the cwd, as the service gave it."""
+    if command == "synctex":
+        pdf = synctex_pdf(argv)
+        if pdf is not None and os.path.isabs(pdf):
+            return Path(os.path.dirname(pdf))
+    return cwd
+
+
+def limit_reached(
+    ran: Ran, limits: Limits, directory: CompileDir, log: Path | None
+) -> Limit | None:
+    """Which sandbox limit ended the command, if one did."""
+    if ran.exit_code == 0 and not (ran.timed_out or ran.oom_killed):
+        return None
+    # The dir walk and the log only for a compile: a file of the limit's size is its doing.
+    largest = largest_file(directory.path) if log is not None else 0
+    log_text = read_text_nofollow(log) if log is not None else ""
+    return limit_hit(ran, limits, largest, log_text + ran.output)
+
+
+def compile_log(command: str, argv: Sequence[str], directory: CompileDir) -> Path | None:
+    """The TeX log of a compile command, when it is in the bound dir (else None: no note)."""
+    if command not in COMPILES:
+        return None
+    place = log_note.log_place(argv, directory.path)
+    if place is None or os.path.realpath(place[0]) != str(directory.path):
+        return None
+    return directory.path / f"{place[1]}.log"
+
+
+def note(log: Path | None, directory: CompileDir | None, line: str, detail: str = "") -> None:
+    if log is not None and directory is not None:
+        owner = (directory.uid, directory.gid)
+        log_note.append(log.parent, log.name, log_note.render(line, detail), owner)
+
+
 def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
     """Run `argv` (a shimmed command and its arguments) in the sandbox; its exit status."""
     if not argv or os.path.basename(argv[0]) not in SHIMMED_COMMANDS:
         usage = f"python -m init.compiles.shim {{{','.join(SHIMMED_COMMANDS)}}} ARGS..."
         return fail(f"usage: {usage}", EX_CONFIG)
+    command = os.path.basename(argv[0])
+    directory: CompileDir | None = None
+    log: Path | None = None
     try:
         settings = settings_from_env(environ)
-        directory = compile_dir(Path(cwd), settings.places)
-        job = Job(directory, (os.path.basename(argv[0]), *argv[1:]), settings.image, environ)
+        directory = compile_dir(work_dir(command, argv, Path(cwd)), settings.places)
+        log = compile_log(command, argv, directory)
+        job = Job(directory, (command, *argv[1:]), settings.image, environ)
         backend = engine_backend(settings, environ)
         runner = Runner(settings, backend, warn)
         out = sys.stdout.buffer
@@ -77,18 +170,31 @@ def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
 
         ran = runner.run(job, copy)
     except ConfigError as e:
-        return fail("; ".join(e.problems) + " (the command was not run)", EX_CONFIG)
+        reason = "; ".join(e.problems)
+        note(log, directory, "the compile did not run: the site's sandbox is misconfigured.",
+             "Tell the site's administrator: " + reason)  # fmt: skip
+        return fail(f"{reason} (the command was not run)", EX_CONFIG)
     except NotReady as e:
+        note(log, directory, "the compile did not run: the TeX Live image is not ready yet.",
+             f"Try again in a few minutes. ({e})")  # fmt: skip
         return fail(f"{e} (the command was not run; try again later)", EX_TEMPFAIL)
     except EngineError as e:
+        note(log, directory, "the compile did not run: its sandbox cannot be reached.",
+             "Try again later; if it persists, tell the site's administrator.")  # fmt: skip
         return fail(f"{e} (the command was not run: never outside the sandbox)", EX_TEMPFAIL)
     if ran.stopped_by is not None:
         die_of(ran.stopped_by)
-    if ran.timed_out:
-        fail(f"timeout: stopped after {settings.limits.timeout:g} s", 0)
-    elif ran.oom_killed:
-        fail(f"memory: the compile needed more than {settings.limits.memory >> 20} MiB", 0)
-    return ran.exit_code if ran.exit_code is not None else 128 + signal.SIGKILL
+    limit = limit_reached(ran, settings.limits, directory, log)
+    if limit is None:
+        return ran.exit_code if ran.exit_code is not None else KILLED
+    line, detail = log_note.stop_reason(limit, settings.limits)
+    fail(line, 0)
+    if log is not None:
+        note(log, directory, line, detail)
+        if limit in KILLING_LIMITS:
+            log_note.remove(log.parent, f"{log.stem}.pdf")
+    code = ran.exit_code
+    return code if code is not None and code > 1 else KILLED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,6 +37,14 @@ def clsi_command(directory: Path, engine: str = "-pdf") -> list[str]:
             f"{directory}/main.tex"]  # fmt: skip
 
 
+def assert_never_ran(project: Path, why: str) -> None:
+    """No TeX ran: no PDF, and the log holds only the shim's note for the user."""
+    assert not (project / "output.pdf").exists()
+    log = (project / "output.log").read_text()
+    assert log.startswith(f"\n! sharelatex-init: the compile did not run: {why}.\n"), log
+    assert "This is" not in log  # no TeX banner
+
+
 @pytest.fixture
 def shim_dir(tmp_path: Path) -> Path:
     """The wrapper scripts PID 1 writes, first on PATH."""
@@ -129,7 +137,7 @@ def test_without_the_image_latexmk_is_never_run(compiles: Compiles, shim_dir: Pa
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75
     assert f"TeX Live image {missing}" in err.decode() and "not run" in err.decode()
-    assert not (project / "output.log").exists()
+    assert_never_ran(project, "the TeX Live image is not ready yet")
 
 
 def test_without_an_engine_latexmk_is_never_run(
@@ -141,4 +149,4 @@ def test_without_an_engine_latexmk_is_never_run(
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 75
     assert "never outside the sandbox" in err.decode()
-    assert not (project / "output.log").exists()
+    assert_never_ran(project, "its sandbox cannot be reached")

@@ -281,6 +281,7 @@ def test_the_recipe_is_the_one_scripts_build_images_reads() -> None:
 def test_packages_per_scheme() -> None:
     assert texlive_build.packages("small") == [
         "texlive-latex-base", "texlive-latex-recommended", "texlive-fonts-recommended", "latexmk",
+        "texlive-extra-utils",
     ]  # fmt: skip
     assert texlive_build.packages("full") == ["texlive-full"]
 
