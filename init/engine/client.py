@@ -309,6 +309,7 @@ def wait_ready(url: str, deadline: float) -> tuple[Engine, float]:
 # -- the compile path's light client ------------------------------------------------------------
 
 API_VERSION = "1.41"
+CREATE_PATIENCE = 5.0  # seconds a name may stay taken by a container being removed
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
 
 
@@ -521,15 +522,7 @@ class DockerBackend:
         behind is removed first."""
         try:
             self.sweep_expired()
-            try:
-                created = self.call("POST", "/containers/create", body, {"name": name})
-            except ApiError as e:
-                if e.status == 404 and "image" in e.message.lower():
-                    raise ImageMissing(e.message, 404) from e
-                if e.status != 409:
-                    raise
-                self.remove(name)
-                created = self.call("POST", "/containers/create", body, {"name": name})
+            created = self._create(name, body)
             self.call("POST", f"/containers/{created['Id']}/start")
         except ApiError as e:
             raise EngineRefused(
@@ -538,6 +531,22 @@ class DockerBackend:
                 "see `sharelatex-init doctor`",
             ) from e
         return str(created["Id"])
+
+    def _create(self, name: str, body: Mapping[str, Any]) -> Any:
+        """`POST /containers/create`; a container of that name in the way (one that ended and is
+        still being removed answers 409 for a moment) is removed and the create tried again,
+        for up to CREATE_PATIENCE seconds."""
+        deadline = time.monotonic() + CREATE_PATIENCE
+        while True:
+            try:
+                return self.call("POST", "/containers/create", body, {"name": name})
+            except ApiError as e:
+                if e.status == 404 and "image" in e.message.lower():
+                    raise ImageMissing(e.message, 404) from e
+                if e.status != 409 or time.monotonic() >= deadline:
+                    raise
+            self.remove(name)
+            time.sleep(0.05)
 
     def exec(
         self, container: str, command: list[str], user: str, workdir: str, env: Mapping[str, str]
