@@ -76,18 +76,25 @@ def _dispatch(args: list[str], env: dict[str, str], log: Log) -> int:
 # nothing it does not need (see the idle-rss benchmark).
 
 
-def _merged_environment(options: Namespace | Options, env: dict[str, str]) -> dict[str, str]:
-    """The environment with the .env files under it (the environment wins)."""
+def _merged_environment(
+    options: Namespace | Options, env: dict[str, str], notices: list[str] | None = None
+) -> dict[str, str]:
+    """The environment with the .env files under it (the environment wins), the init's old
+    variable names read as the new ones (a notice for each into `notices`)."""
     from pathlib import Path
 
     from init import config
 
     opt = options if isinstance(options, dict) else vars(options)
+    named = config.renamed(env)[0]
     config_dir = opt.get("config_dir") or Path(
-        env.get(config.CONFIG_DIR_VARIABLE) or config.DEFAULT_CONFIG_DIR
+        named.get(config.CONFIG_DIR_VARIABLE) or config.DEFAULT_CONFIG_DIR
     )
     file_values = config.read_env_files(config_dir, opt.get("env_file") or ())
-    return config.merge_environment(env, file_values)
+    merged, said = config.renamed({**file_values, **env})
+    if notices is not None:
+        notices.extend(said)
+    return merged
 
 
 def _texlive(options: Namespace, env: dict[str, str]) -> int:
@@ -123,11 +130,16 @@ def _run(opt: Options, env: dict[str, str], log: Log) -> int:
     from init.core.status_file import status_path
 
     _configure_log(log, opt)
-    merged = _merged_environment(opt, env)
+    notices: list[str] = []
+    merged = _merged_environment(opt, env, notices)
     settings = config.load(merged)
-    for warning in settings.warnings:
+    for warning in (*notices, *settings.warnings):
         log.warning("config", warning)
-    log.info("config", f"sandboxed compiles: {settings.mode.value}")
+    log.info(
+        "config",
+        f"sandboxed compiles: {settings.mode.value}; {settings.generation.value} layout "
+        f"(compiles in {settings.compiles_dir})",
+    )
     shutdown = Shutdown(
         grace=_seconds(opt, "grace", merged, config.KILL_PROCESS_TIMEOUT, Shutdown.grace),
         kill_all=_seconds(

@@ -17,8 +17,41 @@ from pathlib import Path
 from init.errors import ConfigError
 
 DEFAULT_CONFIG_DIR = Path("/etc/sharelatex-init")
-DEFAULT_COMPILES_DIR = Path("/var/lib/sharelatex/data/compiles")
-DEFAULT_OUTPUT_DIR = Path("/var/lib/sharelatex/data/output")
+# The init's own variables all start with this (and are consumed by it: never passed on to the
+# startup scripts or the services). Overleaf 5's images refuse to start when any variable's name
+# contains SHARELATEX (`env | cut -d= -f1 | grep SHARELATEX` in server-ce/init_scripts/
+# 000_check_for_old_env_vars_5.sh, overleaf/overleaf 12befda2, unchanged through 28ad3b03); the
+# 4.x-era spelling is still read, with a notice, and consumed the same way, so that guard never
+# sees it either.
+OWN_PREFIX = "OVERLEAF_INIT_"
+OLD_OWN_PREFIX = "SHARELATEX" + "_INIT_"
+
+
+class Generation(enum.Enum):
+    """Which image the init runs in: where its data lives and which names its variables have."""
+
+    OVERLEAF = "Overleaf 5+"  # /var/lib/overleaf, OVERLEAF_* (2024 on)
+    SHARELATEX = "ShareLaTeX 4.x"  # /var/lib/sharelatex, SHARELATEX_*
+
+    @property
+    def data_root(self) -> Path:
+        return Path("/var/lib/overleaf" if self is Generation.OVERLEAF else "/var/lib/sharelatex")
+
+
+def detect_generation(root: Path = Path("/")) -> Generation:
+    """The image's generation by its own files: Overleaf 5+ keeps its settings in /etc/overleaf
+    and its services in /overleaf; ShareLaTeX 4.x in /etc/sharelatex and /var/www/sharelatex.
+    Neither (a plain base image): Overleaf 5+'s layout, today's."""
+    if (root / "etc/overleaf").is_dir() or (root / "overleaf/services").is_dir():
+        return Generation.OVERLEAF
+    if (root / "etc/sharelatex").is_dir() or (root / "var/www/sharelatex").is_dir():
+        return Generation.SHARELATEX
+    return Generation.OVERLEAF
+
+
+# Overleaf 5+'s; ShareLaTeX 4.x's are under /var/lib/sharelatex (Generation.data_root).
+DEFAULT_COMPILES_DIR = Path("/var/lib/overleaf/data/compiles")
+DEFAULT_OUTPUT_DIR = Path("/var/lib/overleaf/data/output")
 # The image `scripts/build-images` makes from Debian's TeX Live packages.
 DEFAULT_TEXLIVE_IMAGE = "sharelatex-init/texlive:bookworm"
 
@@ -52,28 +85,28 @@ PRODUCT_VARIABLES = (
 
 # The init's own settings (no product prefixes): how the TeX Live images get into the engine,
 # the optional HTTP status endpoint, and how the services' compiles reach the sandbox.
-TEXLIVE_SOURCES = "SHARELATEX_INIT_TEXLIVE_SOURCES"
-TEXLIVE_TARBALL_DIR = "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR"
-TEXLIVE_BASE_IMAGE = "SHARELATEX_INIT_TEXLIVE_BASE_IMAGE"  # what the `build` source builds on
-TEXLIVE_SCHEME = "SHARELATEX_INIT_TEXLIVE_SCHEME"
+TEXLIVE_SOURCES = "OVERLEAF_INIT_TEXLIVE_SOURCES"
+TEXLIVE_TARBALL_DIR = "OVERLEAF_INIT_TEXLIVE_TARBALL_DIR"
+TEXLIVE_BASE_IMAGE = "OVERLEAF_INIT_TEXLIVE_BASE_IMAGE"  # what the `build` source builds on
+TEXLIVE_SCHEME = "OVERLEAF_INIT_TEXLIVE_SCHEME"
 TEXLIVE_SCHEMES = ("small", "full")
-HTTP_ADDRESS = "SHARELATEX_INIT_HTTP_ADDRESS"
-STATUS_FILE_VARIABLE = "SHARELATEX_INIT_STATUS_FILE"  # where PID 1 keeps its status
-CONFIG_DIR_VARIABLE = "SHARELATEX_INIT_CONFIG_DIR"  # the dir of *.env files
-LOG_LEVEL = "SHARELATEX_INIT_LOG_LEVEL"
-CONTAINER_ID = "SHARELATEX_INIT_CONTAINER_ID"  # sibling: this container's id when /proc can't tell
+HTTP_ADDRESS = "OVERLEAF_INIT_HTTP_ADDRESS"
+STATUS_FILE_VARIABLE = "OVERLEAF_INIT_STATUS_FILE"  # where PID 1 keeps its status
+CONFIG_DIR_VARIABLE = "OVERLEAF_INIT_CONFIG_DIR"  # the dir of *.env files
+LOG_LEVEL = "OVERLEAF_INIT_LOG_LEVEL"
+CONTAINER_ID = "OVERLEAF_INIT_CONTAINER_ID"  # sibling: this container's id when /proc can't tell
 # The inner dockerd of docker-in-docker: where it keeps its state and listens, extra flags.
-DOCKER_DATA_ROOT = "SHARELATEX_INIT_DOCKER_DATA_ROOT"
-DOCKER_EXEC_ROOT = "SHARELATEX_INIT_DOCKER_EXEC_ROOT"
-DOCKER_SOCKET = "SHARELATEX_INIT_DOCKER_SOCKET"
-DOCKERD_ARGS = "SHARELATEX_INIT_DOCKERD_ARGS"
-DOCKERD_BINARY = "SHARELATEX_INIT_DOCKERD"
-DOCKERD_READY_TIMEOUT = "SHARELATEX_INIT_DOCKERD_READY_TIMEOUT"
+DOCKER_DATA_ROOT = "OVERLEAF_INIT_DOCKER_DATA_ROOT"
+DOCKER_EXEC_ROOT = "OVERLEAF_INIT_DOCKER_EXEC_ROOT"
+DOCKER_SOCKET = "OVERLEAF_INIT_DOCKER_SOCKET"
+DOCKERD_ARGS = "OVERLEAF_INIT_DOCKERD_ARGS"
+DOCKERD_BINARY = "OVERLEAF_INIT_DOCKERD"
+DOCKERD_READY_TIMEOUT = "OVERLEAF_INIT_DOCKERD_READY_TIMEOUT"
 # my_init's names for the stop's time limits.
 KILL_PROCESS_TIMEOUT = "KILL_PROCESS_TIMEOUT"
 KILL_ALL_PROCESSES_TIMEOUT = "KILL_ALL_PROCESSES_TIMEOUT"
-COMPILE_RUNNER = "SHARELATEX_INIT_COMPILE_RUNNER"
-SERVICE_USER = "SHARELATEX_INIT_SERVICE_USER"  # who the services run as (they use the engine)
+COMPILE_RUNNER = "OVERLEAF_INIT_COMPILE_RUNNER"
+SERVICE_USER = "OVERLEAF_INIT_SERVICE_USER"  # who the services run as (they use the engine)
 DEFAULT_SERVICE_USER = "www-data"
 SOURCE_NAMES = ("pull", "load", "build")
 DEFAULT_SOURCES = ("pull", "load", "build")
@@ -122,6 +155,7 @@ class Settings:
     texlive_scheme: str = "small"
     http_address: tuple[str, int] | None = None  # (host, port); None: no HTTP endpoint
     compile_runner: str = "auto"
+    generation: Generation = Generation.OVERLEAF
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -181,14 +215,46 @@ def _parse_env_file(path: Path) -> dict[str, str]:
 
 
 def merge_environment(environ: Mapping[str, str], file_values: Mapping[str, str]) -> dict[str, str]:
-    """The environment the container runs with: files first, the real environment wins."""
+    """The environment the container runs with: files first, the real environment wins; the
+    init's old variable names read as the new (see `renamed`)."""
     merged = dict(file_values)
     merged.update(environ)
-    return merged
+    return renamed(merged)[0]
 
 
-def load(environ: Mapping[str, str]) -> Settings:
-    """Validate the product's variables in `environ` (already merged with the `.env` files)."""
+def renamed(environ: Mapping[str, str]) -> tuple[dict[str, str], tuple[str, ...]]:
+    """`environ` with each of the init's variables under its old name (SHARELATEX..._INIT_X)
+    also under its new one (OVERLEAF_INIT_X) unless that is set; and a notice for each."""
+    result = dict(environ)
+    notices = []
+    for name, value in environ.items():
+        if not name.startswith(OLD_OWN_PREFIX):
+            continue
+        new = OWN_PREFIX + name[len(OLD_OWN_PREFIX) :]
+        if new in environ:
+            if environ[new] != value:
+                notices.append(f"{name} and {new} disagree; using {new}, remove {name}")
+            continue
+        result[new] = value
+        notices.append(
+            f"{name} is the old name of {new}; it is read for now, rename it (Overleaf 5's "
+            "images refuse to start with a variable named SHARELATEX...)"
+        )
+    return result, tuple(notices)
+
+
+def is_consumed(name: str) -> bool:
+    """Whether the init keeps `name` to itself: the sandbox switches (Community Edition's
+    compile service refuses to start when it sees SANDBOXED_COMPILES=true) and every variable
+    of its own, under either spelling."""
+    if name.startswith((OWN_PREFIX, OLD_OWN_PREFIX)):
+        return True
+    return any(name == prefix + switch for prefix in PREFIXES for switch in (SANDBOXED, SIBLING))
+
+
+def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
+    """Validate the product's variables in `environ` (already merged with the `.env` files);
+    the compile and output dirs default to the image's generation's (`detect_generation`)."""
     problems: list[str] = []
     warnings: list[str] = []
     values: dict[str, tuple[str, str]] = {}
@@ -271,9 +337,18 @@ def load(environ: Mapping[str, str]) -> Settings:
 
     if problems:
         raise ConfigError(problems)
+    generation = detect_generation(root)
+    data = generation.data_root / "data"
+    compiles_dir = _path(_own(environ, COMPILES_DIR), problems, f"e.g. {data / 'compiles'}")
+    output_dir = _path(_own(environ, OUTPUT_DIR), problems, f"e.g. {data / 'output'}")
+    if problems:
+        raise ConfigError(problems)
     return Settings(
         mode=mode,
         texlive_image=image,
+        compiles_dir=compiles_dir or data / "compiles",
+        output_dir=output_dir or data / "output",
+        generation=generation,
         all_texlive_images=all_images,
         host_dir_compiles=host_compiles,
         host_dir_output=host_output,
@@ -289,13 +364,10 @@ def load(environ: Mapping[str, str]) -> Settings:
 
 
 def service_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """What the services see: everything but the sandbox switches, which PID 1 consumes.
-
-    Community Edition's compile service exits ("only available with Overleaf Server Pro") when
-    it sees SANDBOXED_COMPILES=true, so the switches never reach it.
-    """
-    consumed = {prefix + name for prefix in PREFIXES for name in (SANDBOXED, SIBLING)}
-    return {k: v for k, v in environ.items() if k not in consumed}
+    """What the startup scripts, /etc/container_environment and the services see: everything
+    but what the init consumes (`is_consumed`). The compile path gets the init's compile
+    settings from the init itself (init.compiles.service_env), not from its environment."""
+    return {k: v for k, v in environ.items() if not is_consumed(k)}
 
 
 def _lookup(environ: Mapping[str, str], name: str, warnings: list[str]) -> tuple[str, str] | None:
@@ -414,21 +486,21 @@ def _sources(value: str | None, problems: list[str]) -> tuple[str, ...]:
 # -- compiles: the compile runner's variables --
 # Each spelled in full, once, so that a grep for the name finds where it is read
 # (init.compiles.settings and init.compiles.api).
-COMPILE_MEMORY = "SHARELATEX_INIT_COMPILE_MEMORY"
-COMPILE_PIDS = "SHARELATEX_INIT_COMPILE_PIDS"
-COMPILE_CPUS = "SHARELATEX_INIT_COMPILE_CPUS"
-COMPILE_TIMEOUT = "SHARELATEX_INIT_COMPILE_TIMEOUT"
+COMPILE_MEMORY = "OVERLEAF_INIT_COMPILE_MEMORY"
+COMPILE_PIDS = "OVERLEAF_INIT_COMPILE_PIDS"
+COMPILE_CPUS = "OVERLEAF_INIT_COMPILE_CPUS"
+COMPILE_TIMEOUT = "OVERLEAF_INIT_COMPILE_TIMEOUT"
 # The site's own compile time limit (Overleaf's web reads it unprefixed, in whole seconds;
 # with PREFIXES like the product's variables): the sandbox follows it when COMPILE_TIMEOUT
 # above is not set.
 SITE_COMPILE_TIMEOUT = "COMPILE_TIMEOUT"
-COMPILE_TMPFS = "SHARELATEX_INIT_COMPILE_TMPFS"
-COMPILE_OUTPUT_SIZE = "SHARELATEX_INIT_COMPILE_OUTPUT_SIZE"
-COMPILE_CONCURRENCY = "SHARELATEX_INIT_COMPILE_CONCURRENCY"
-COMPILE_IDLE = "SHARELATEX_INIT_COMPILE_IDLE"
-COMPILE_SHELL_ESCAPE = "SHARELATEX_INIT_COMPILE_SHELL_ESCAPE"
-COMPILES_DIR = "SHARELATEX_INIT_COMPILES_DIR"
-OUTPUT_DIR = "SHARELATEX_INIT_OUTPUT_DIR"
-COMPILE_RUN_DIR = "SHARELATEX_INIT_COMPILE_RUN_DIR"
-COMPILE_API_ADDRESS = "SHARELATEX_INIT_COMPILE_API_ADDRESS"
+COMPILE_TMPFS = "OVERLEAF_INIT_COMPILE_TMPFS"
+COMPILE_OUTPUT_SIZE = "OVERLEAF_INIT_COMPILE_OUTPUT_SIZE"
+COMPILE_CONCURRENCY = "OVERLEAF_INIT_COMPILE_CONCURRENCY"
+COMPILE_IDLE = "OVERLEAF_INIT_COMPILE_IDLE"
+COMPILE_SHELL_ESCAPE = "OVERLEAF_INIT_COMPILE_SHELL_ESCAPE"
+COMPILES_DIR = "OVERLEAF_INIT_COMPILES_DIR"
+OUTPUT_DIR = "OVERLEAF_INIT_OUTPUT_DIR"
+COMPILE_RUN_DIR = "OVERLEAF_INIT_COMPILE_RUN_DIR"
+COMPILE_API_ADDRESS = "OVERLEAF_INIT_COMPILE_API_ADDRESS"
 # -- end compiles --

@@ -67,16 +67,21 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import IO, Any
 
+from init import config
 from init.compiles.archive import ArchiveLimits, Refusal, extract, megabytes
 from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Limit, Status
+from init.compiles.environment import read_environment, with_init_environment
 from init.compiles.settings import Deadlines
-from init.config import COMPILE_API_ADDRESS, COMPILES_DIR, DEFAULT_COMPILES_DIR
+from init.config import COMPILE_API_ADDRESS, COMPILES_DIR
 from init.core.log import Log
+from init.errors import ConfigError
 from init.httpd import server as httpserve
 from init.httpd.server import App, BodyError, ConnectionLimits, Request, Response
 
 NAME = "compile-api"
 DEFAULT_ADDRESS = "127.0.0.1:8090"
+# Where the init writes its compile settings (beside the shims, under its status dir).
+DEFAULT_ENVIRONMENT = Path("/run/sharelatex-init/shim/environment.json")
 TEX_TYPES = ("text/x-tex", "application/x-tex", "text/plain")
 TAR_TYPES = (
     "application/x-tar",
@@ -684,7 +689,7 @@ def main(
     parser.add_argument(
         "--compiles-dir",
         type=Path,
-        help=f"where project dirs go (${COMPILES_DIR}, else {DEFAULT_COMPILES_DIR})",
+        help=f"where project dirs go (${COMPILES_DIR}, else the image's data dir's)",
     )
     parser.add_argument("--max-upload-mb", type=float, default=Limits.max_upload / 2**20)
     parser.add_argument("--max-extracted-mb", type=float, default=Limits.max_extracted / 2**20)
@@ -702,15 +707,27 @@ def main(
         action="store_true",
         help="let clients ask to keep their project dir (keep=1): for an operator's debugging",
     )
+    parser.add_argument(
+        "--environment",
+        type=Path,
+        default=DEFAULT_ENVIRONMENT,
+        help="the init's compile settings (its own variables do not reach the services)",
+    )
     options = parser.parse_args(argv)
     log = Log()
+    env = with_init_environment(env, read_environment(options.environment))
     if options.listen is not None:
         text, source = options.listen, "--listen"
     elif env.get(COMPILE_API_ADDRESS, "").strip():
         text, source = env[COMPILE_API_ADDRESS], COMPILE_API_ADDRESS
     else:
         text, source = DEFAULT_ADDRESS, "--listen"
-    compiles_dir = options.compiles_dir or Path(env.get(COMPILES_DIR) or DEFAULT_COMPILES_DIR)
+    try:
+        compiles_dir = options.compiles_dir or config.load(env).compiles_dir
+    except ConfigError as e:
+        for problem in e.problems:
+            log.error(NAME, problem)
+        return e.exit_status
     limits = Limits(
         max_upload=int(options.max_upload_mb * 2**20),
         max_extracted=int(options.max_extracted_mb * 2**20),

@@ -6,7 +6,7 @@
 Runs `latexmk -cd -jobname=output -auxdir=DIR -outdir=DIR ... DIR/MAIN` (what Community
 Edition's compile service runs) in the project's sandbox container (init.compiles.runner); the
 PDF and the log are left in DIR as `output.pdf` and `output.log`. DIR under the compiles root
-(SHARELATEX_INIT_COMPILES_DIR, default /var/lib/sharelatex/data/compiles) is bound from the
+(OVERLEAF_INIT_COMPILES_DIR, default /var/lib/sharelatex/data/compiles) is bound from the
 sibling host dir when SANDBOXED_COMPILES_HOST_DIR_COMPILES is set; any other DIR is bound as it
 is (by hand, with DOCKER_HOST an engine on the same machine). The project id is --project, else
 DIR's name.
@@ -80,7 +80,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The `compile` command: its exit status; the result on stdout (text or JSON)."""
-    from init.compiles import service_env as compile_env
+    from init.compiles.environment import with_init_environment
     from init.compiles.outcome import NotReady
     from init.compiles.paths import compile_dir
     from init.compiles.profile import Job, latexmk_command
@@ -91,7 +91,7 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     try:  # inside the site's container: compile as its services do
         path = status_file.status_path(environ, getattr(options, "status_file", None))
         document = status_file.read(path)
-        environ = compile_env.with_init_environment(environ, document.compile_environment)
+        environ = with_init_environment(environ, document.compile_environment)
     except (OSError, ValueError):
         pass  # no init running here: by hand on a host
     project = options.project

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from init.compiles.contract import SHIMMED_COMMANDS
+from init.compiles.environment import ENVIRONMENT_FILE, write_environment
 from init.config import (
     ALL_TEXLIVE_IMAGES,
     ALLOWED_IMAGES,
@@ -55,12 +56,6 @@ SHARED_VARIABLES = (
 )
 
 
-def with_init_environment(environ: Mapping[str, str], given: Mapping[str, str]) -> dict[str, str]:
-    """`environ` with what the running init gave its services for compiling (its status
-    document's `compile_environment`) wherever `environ` does not say otherwise."""
-    return {**given, **environ}
-
-
 def choose_runner(settings: Settings, root: Path = Path("/")) -> str:
     """`shim` or `docker`: the configured one, or for `auto` the services' own docker runner
     when the image has one."""
@@ -69,8 +64,11 @@ def choose_runner(settings: Settings, root: Path = Path("/")) -> str:
     return "docker" if any((root / p).is_file() for p in DOCKER_RUNNERS) else "shim"
 
 
-def shim_script(python: str, command: str) -> str:
-    return f'#!/bin/sh\nexec {python} -m init.compiles.shim {command} "$@"\n'
+def shim_script(python: str, command: str, directory: Path | None = None) -> str:
+    """The script for `command`; given the dir it is written to, it names the compile settings
+    written beside it (init.compiles.environment)."""
+    settings = f" --environment {directory / ENVIRONMENT_FILE}" if directory is not None else ""
+    return f'#!/bin/sh\nexec {python} -m init.compiles.shim{settings} {command} "$@"\n'
 
 
 def write_shims(directory: Path, python: str) -> None:
@@ -79,7 +77,7 @@ def write_shims(directory: Path, python: str) -> None:
     for command in SHIMMED_COMMANDS:
         target = directory / command
         tmp = directory / f".{command}.tmp"
-        tmp.write_text(shim_script(python, command))
+        tmp.write_text(shim_script(python, command, directory))
         tmp.chmod(0o755)
         os.replace(tmp, target)
 
@@ -150,3 +148,6 @@ class ServicesCompile(CompileWiring):
         if self.runner == "shim":
             return describe_shim(self.shim_dir, self.unsandboxed)
         return "their docker runner"
+
+    def publish(self, compile_environment: Mapping[str, str]) -> None:
+        write_environment(self.shim_dir, compile_environment)

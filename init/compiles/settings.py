@@ -20,7 +20,7 @@ TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a c
 if TYPE_CHECKING:
     from typing import Any
 
-# kpathsea's shell_escape value for each setting of SHARELATEX_INIT_COMPILE_SHELL_ESCAPE.
+# kpathsea's shell_escape value for each setting of OVERLEAF_INIT_COMPILE_SHELL_ESCAPE.
 SHELL_ESCAPE = {"off": "f", "restricted": "p"}
 DEFAULT_IDLE = 120.0  # seconds a project's container waits for its next compile
 KILL_GRACE = 5.0  # seconds past the in-container timeout before the runner removes the container
@@ -67,7 +67,7 @@ class Deadlines:
 
 @dataclass(frozen=True)
 class Limits:
-    """The resource limits of one compile container (SHARELATEX_INIT_COMPILE_*)."""
+    """The resource limits of one compile container (OVERLEAF_INIT_COMPILE_*)."""
 
     memory: int = 1 << 30  # bytes; swap is held to the same (memswap = memory)
     pids: int = 256
@@ -203,24 +203,20 @@ def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
     except ConfigError as e:
         problems.extend(e.problems)
         limits = Limits()
-    paths: dict[str, Path] = {}
-    for name, default in (
-        (config.COMPILES_DIR, config.DEFAULT_COMPILES_DIR),
-        (config.OUTPUT_DIR, config.DEFAULT_OUTPUT_DIR),
-        (config.COMPILE_RUN_DIR, Path(f"/tmp/sharelatex-init-compile-{os.geteuid()}")),
-    ):
-        raw = environ.get(name, "").strip()
-        if raw and not raw.startswith("/"):
-            problems.append(f"{name}={raw!r} is not an absolute path; give e.g. {default}")
-        paths[name] = Path(raw) if raw.startswith("/") else default
+    run_dir = Path(f"/tmp/sharelatex-init-compile-{os.geteuid()}")
+    raw = environ.get(config.COMPILE_RUN_DIR, "").strip()
+    if raw and not raw.startswith("/"):
+        problems.append(
+            f"{config.COMPILE_RUN_DIR}={raw!r} is not an absolute path; give e.g. {run_dir}"
+        )
     if problems:
         raise ConfigError(problems)
     places = Places(
-        compiles=paths[config.COMPILES_DIR],
-        output=paths[config.OUTPUT_DIR],
+        compiles=product.compiles_dir,  # the variable, else the image generation's default
+        output=product.output_dir,
         host_compiles=product.host_dir_compiles,
         host_output=product.host_dir_output,
-        run_dir=paths[config.COMPILE_RUN_DIR],
+        run_dir=Path(raw) if raw.startswith("/") else run_dir,
     )
     return CompileSettings(
         places=places,

@@ -55,6 +55,7 @@ from pathlib import Path
 
 from init.compiles import log_note
 from init.compiles.contract import ENGINES, SHIMMED_COMMANDS, Limit
+from init.compiles.environment import read_environment, with_init_environment
 from init.compiles.outcome import NotReady, Ran, largest_file, limit_hit, read_text_nofollow
 from init.compiles.paths import CompileDir, compile_dir
 from init.compiles.profile import Job
@@ -199,8 +200,14 @@ def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    environ: Mapping[str, str] = os.environ
+    if args[:1] == ["--environment"] and len(args) > 1:
+        # The init's compile settings (written beside the shims: the services' environment
+        # does not carry the init's own variables); the services' own environment wins.
+        environ = with_init_environment(os.environ, read_environment(Path(args[1])))
+        args = args[2:]
     follow_parent(os.getppid())
-    return run(args, os.environ, os.getcwd())
+    return run(args, environ, os.getcwd())
 
 
 if __name__ == "__main__":

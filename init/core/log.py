@@ -78,7 +78,7 @@ class Log:
 
 def level_from_env(environ: Mapping[str, str], default: Level = Level.INFO) -> Level:
     """The log level variable's debug|info|warning|error, else `default`."""
-    from init.config import LOG_LEVEL
+    from init.config import LOG_LEVEL, renamed
 
-    word = environ.get(LOG_LEVEL, "").strip().upper()
+    word = renamed(environ)[0].get(LOG_LEVEL, "").strip().upper()
     return Level[word] if word in Level.__members__ else default

@@ -30,7 +30,7 @@ from init.errors import ConfigError
 SERVICE_NAME = "dockerd"
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 # Flags that would open the engine to the network or move what we manage: refused in
-# SHARELATEX_INIT_DOCKERD_ARGS. dockerd on TCP without verified TLS also sleeps ~16 s at start.
+# OVERLEAF_INIT_DOCKERD_ARGS. dockerd on TCP without verified TLS also sleeps ~16 s at start.
 _REFUSED_FLAGS = ("-H", "--host", "--data-root", "--exec-root", "--pidfile", "-p", "-g", "--graph")
 
 
@@ -154,7 +154,7 @@ def socket_group_args(layout: EngineLayout, service_user: str) -> tuple[str, ...
     """`--group GID`: the socket in the services' user's primary group (mode 0660), so the
     compile service (www-data) can run compile containers; dockerd's own default group,
     `docker`, does not exist in the ShareLaTeX image and leaves the socket root's only. Nothing
-    when the operator chose a group in SHARELATEX_INIT_DOCKERD_ARGS or the user is unknown."""
+    when the operator chose a group in OVERLEAF_INIT_DOCKERD_ARGS or the user is unknown."""
     import pwd
 
     if any(a in ("-G", "--group") or a.startswith("--group=") for a in layout.extra_args):

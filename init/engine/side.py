@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from init.config import DOCKER_HOST
+from init.config import DOCKER_HOST, OWN_PREFIX
 from init.core.docker_side import DockerSide
 from init.core.log import Log
 from init.core.services import ServiceSpec
@@ -123,6 +123,10 @@ class CompileWiring:
         """How the services compile, for the log: `the sandboxing latexmk in DIR`."""
         return "nothing"
 
+    def publish(self, compile_environment: Mapping[str, str]) -> None:
+        """Hand the compile path (the shim, run by the services) the init's compile settings,
+        which the services' own environment no longer carries."""
+
 
 class EngineProxy:
     """The engine policy proxy (init.proxy.service, wired in by init.boot): given the engine
@@ -162,7 +166,12 @@ class SandboxSide(DockerSide):
         merged = {**environ, **engine_env}
         gained = {**engine_env, **self.wiring.environment(merged)}
         merged.update(gained)
-        self._compile_environment = {k: merged[k] for k in self.wiring.shared if k in merged}
+        # The init's own variables never reach the services (config.is_consumed): what the
+        # compile path needs of them is handed over here, with the engine and the images.
+        self._compile_environment = {
+            k: v for k, v in merged.items() if k in self.wiring.shared or k.startswith(OWN_PREFIX)
+        }
+        self.wiring.publish(self._compile_environment)
         self.log.info("init", f"the services compile through {self.wiring.describe()}")
         return gained
 

@@ -1,7 +1,7 @@
 """The optional HTTP status endpoint: /healthz, /readyz and /status from the init's status file.
 
 PID 1 runs it as a supervised child (`python -m init.httpd.status --listen ADDR --status-file F`)
-when SHARELATEX_INIT_HTTP_ADDRESS is set, so a probe or a load balancer can ask over HTTP what
+when OVERLEAF_INIT_HTTP_ADDRESS is set, so a probe or a load balancer can ask over HTTP what
 `sharelatex-init status --check healthy|ready` says. Every request reads the file afresh: the
 answers are the probes' own (`init.status.check`), never a cached view: a document of an earlier
 start of the init is refused, and `/readyz` asks the engine's `/_ping` (2 s at most; the server

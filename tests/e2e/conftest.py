@@ -27,7 +27,7 @@ from init.texlive.install import tarball_name
 from tests.integration.conftest import require, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("SHARELATEX_INIT_E2E_CACHE", "/var/cache/sharelatex-init/e2e"))
+CACHE = Path(os.environ.get("OVERLEAF_INIT_E2E_CACHE", "/var/cache/sharelatex-init/e2e"))
 APP_IMAGE = "sharelatex-init:local"
 TEXLIVE_IMAGE = "sharelatex-init/texlive:bookworm"
 E2E_LABEL = "sharelatex-init.e2e"

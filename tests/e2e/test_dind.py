@@ -27,7 +27,7 @@ from tests.e2e.conftest import (
 )
 from tests.integration.conftest import wait_for
 
-COMPILES = "/var/lib/sharelatex/data/compiles"
+COMPILES = "/var/lib/overleaf/data/compiles"
 DOCUMENT = r"""\documentclass{article}
 \begin{document}
 Hello from a sandboxed compile, end to end.
@@ -36,7 +36,7 @@ Hello from a sandboxed compile, end to end.
 # A 370 MB load on a 2-core machine shared with other tests: ~20 s alone, several times that
 # when the machine is busy.
 READY_TIMEOUT = 240.0
-ENV = {"SANDBOXED_COMPILES": "true", "SHARELATEX_INIT_TEXLIVE_SOURCES": "load"}
+ENV = {"SANDBOXED_COMPILES": "true", "OVERLEAF_INIT_TEXLIVE_SOURCES": "load"}
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def run_dind(site: Site, tarballs: Path) -> Container:
     return site.run(
         "--privileged",
         "-v", f"{site.dir('docker')}:/var/lib/docker",
-        "-v", f"{site.data_dir()}:/var/lib/sharelatex",
+        "-v", f"{site.data_dir()}:/var/lib/overleaf",
         "-v", f"{tarballs}:{TARBALL_DIR}:ro",
         env=ENV,
     )  # fmt: skip

@@ -12,7 +12,7 @@ from tests.e2e.conftest import COMPILE_LABEL, Container, OuterEngine, Site, line
 from tests.integration.conftest import wait_for
 
 READY_TIMEOUT = 90.0
-COMPILES = "/var/lib/sharelatex/data/compiles"
+COMPILES = "/var/lib/overleaf/data/compiles"
 
 
 def run_sibling(site: Site, data: Path, *, group_add: bool = False, **env: str) -> Container:
@@ -22,10 +22,10 @@ def run_sibling(site: Site, data: Path, *, group_add: bool = False, **env: str) 
     group = ["--group-add", str(os.stat(site.engine.socket).st_gid)] if group_add else []
     return site.run(
         *group,
-        "-v", f"{data}:/var/lib/sharelatex",
+        "-v", f"{data}:/var/lib/overleaf",
         "-v", f"{site.engine.socket}:/var/run/docker.sock",
         env={"SANDBOXED_COMPILES": "true", "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
-             "SHARELATEX_INIT_SERVICE_USER": "root", **env},
+             "OVERLEAF_INIT_SERVICE_USER": "root", **env},
     )  # fmt: skip
 
 
@@ -61,7 +61,7 @@ def test_a_document_compiles_as_a_sibling(
 ) -> None:
     data = site.data_dir()
     # The project's warm compile container ends 2 s after its last compile (default 120 s).
-    container = run_sibling(site, data, SHARELATEX_INIT_COMPILE_IDLE="2")
+    container = run_sibling(site, data, OVERLEAF_INIT_COMPILE_IDLE="2")
     container.wait_ready(READY_TIMEOUT)
     project = data / "data" / "compiles" / "e2e-sibling"
     project.mkdir()
@@ -92,7 +92,7 @@ def test_host_dir_unset_is_derived_from_the_mounts(site: Site, texlive_image: st
     (line,) = lines_with(log, "sibling: host compiles dir:")
     assert "SANDBOXED_COMPILES_HOST_DIR unset" in line
     assert f"using {data}/data/compiles, derived from this container's" in line
-    assert f"-v {data}:/var/lib/sharelatex" in line
+    assert f"-v {data}:/var/lib/overleaf" in line
     assert lines_with(log, "sibling: proof:"), log
     assert container.stop() < 2.0
 
@@ -117,7 +117,7 @@ def test_the_services_reach_the_engine_only_through_the_proxy(
     the socket's group added to the container (the init no longer puts www-data in it), and the
     proxy's socket is the one they have."""
     data = site.data_dir()
-    container = run_sibling(site, data, group_add=True, SHARELATEX_INIT_SERVICE_USER="www-data")
+    container = run_sibling(site, data, group_add=True, OVERLEAF_INIT_SERVICE_USER="www-data")
     container.wait_ready(READY_TIMEOUT)
     as_www_data = ("setpriv", "--reuid=www-data", "--regid=www-data", "--init-groups")
     raw = container.exec(

@@ -417,7 +417,7 @@ class Site:
     def container(self, data_source: str) -> str:
         """`docker create` of the product's layout: the data volume and the socket."""
         container_id = self.engine.docker(
-            "create", "-v", f"{data_source}:/var/lib/sharelatex",
+            "create", "-v", f"{data_source}:/var/lib/overleaf",
             "-v", f"{self.engine.socket}:/var/run/docker.sock", IMAGE, "sh",
         )  # fmt: skip
         self.containers.append(container_id)
@@ -437,9 +437,9 @@ class Site:
         `sock`: bound (the engine's socket, or `sock_source`), missing, or directory. Only the
         namespace sees the tmpfs over /var/lib and /run: the host's stay untouched.
         """
-        steps = ["set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/sharelatex"]
+        steps = ["set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/overleaf"]
         if data is not None:
-            steps.append(f"mount --bind '{data}' /var/lib/sharelatex")
+            steps.append(f"mount --bind '{data}' /var/lib/overleaf")
         steps.append("mount -t tmpfs tmpfs /run")  # /var/run -> /run
         if sock == "bound":
             source = sock_source or self.engine.socket

@@ -51,7 +51,7 @@ SITE_TIMEOUT = 5  # the site's COMPILE_TIMEOUT in the timeout tests
 def service(compiles: Compiles, shim_dir: Path, **extra: str) -> LocalCommandRunner:
     """The compile service's own environment, as the init gives it to the services: the shim
     scripts written and their dir first on PATH."""
-    environ = compiles.env(SHARELATEX_INIT_OUTPUT_DIR=str(compiles.root.parent / "output"), **extra)
+    environ = compiles.env(OVERLEAF_INIT_OUTPUT_DIR=str(compiles.root.parent / "output"), **extra)
     for name, value in list(extra.items()):
         if value == "":
             del environ[name]  # unset, not empty
@@ -173,7 +173,7 @@ def test_the_sites_compile_timeout_stops_a_loop_and_the_log_says_why(
 ) -> None:
     clsi = service(
         compiles, tmp_path / "shim",
-        COMPILE_TIMEOUT=str(SITE_TIMEOUT), SHARELATEX_INIT_COMPILE_TIMEOUT="",
+        COMPILE_TIMEOUT=str(SITE_TIMEOUT), OVERLEAF_INIT_COMPILE_TIMEOUT="",
     )  # fmt: skip
     project = compiles.project("clsi-timeout", {"main.tex": LOOP})
     began = time.monotonic()
@@ -196,7 +196,7 @@ def test_a_half_written_pdf_of_a_stopped_compile_never_reads_as_success(
 ) -> None:
     clsi = service(
         compiles, tmp_path / "shim",
-        COMPILE_TIMEOUT=str(SITE_TIMEOUT), SHARELATEX_INIT_COMPILE_TIMEOUT="",
+        COMPILE_TIMEOUT=str(SITE_TIMEOUT), OVERLEAF_INIT_COMPILE_TIMEOUT="",
     )  # fmt: skip
     project = compiles.project("clsi-pages", {"main.tex": PAGES})
     result = finish(clsi, clsi.run(latexmk_argv(), project), 60)
@@ -211,7 +211,7 @@ def test_a_half_written_pdf_of_a_stopped_compile_never_reads_as_success(
 
 def test_a_bad_site_timeout_is_refused_in_one_line(compiles: Compiles, tmp_path: Path) -> None:
     clsi = service(compiles, tmp_path / "shim", COMPILE_TIMEOUT="3m",
-                   SHARELATEX_INIT_COMPILE_TIMEOUT="")  # fmt: skip
+                   OVERLEAF_INIT_COMPILE_TIMEOUT="")  # fmt: skip
     project = compiles.project("clsi-badtimeout", {"main.tex": HELLO})
     started = clsi.run(latexmk_argv(), project)
     result = finish(clsi, started, 30)

@@ -101,9 +101,9 @@ def start_api(compiles: Compiles, site: Path, name: str, **env: str) -> Api:  # 
     log_path = site.parent / f"{name}.log"
     python, python_env = www_data_python()
     environment = compiles.env(
-        SHARELATEX_INIT_COMPILES_DIR=str(site / "compiles"),
-        SHARELATEX_INIT_COMPILE_RUN_DIR=str(site / "run"),
-        SHARELATEX_INIT_STATUS_FILE=str(site / "status.json"),
+        OVERLEAF_INIT_COMPILES_DIR=str(site / "compiles"),
+        OVERLEAF_INIT_COMPILE_RUN_DIR=str(site / "run"),
+        OVERLEAF_INIT_STATUS_FILE=str(site / "status.json"),
         HOME="/var/www",
         **python_env,
         **env,
@@ -297,8 +297,8 @@ def test_the_run_script_serves_as_www_data(compiles: Compiles, site: Path) -> No
     (bin_dir / "python3").unlink(missing_ok=True)
     (bin_dir / "python3").symlink_to(python)
     env = compiles.env(
-        SHARELATEX_INIT_COMPILE_API_ADDRESS=f"127.0.0.1:{port}",
-        SHARELATEX_INIT_COMPILES_DIR=str(site / "compiles"),
+        OVERLEAF_INIT_COMPILE_API_ADDRESS=f"127.0.0.1:{port}",
+        OVERLEAF_INIT_COMPILES_DIR=str(site / "compiles"),
         PATH=f"{bin_dir}:/usr/sbin:/usr/bin:/sbin:/bin",
         **python_env,
     )

@@ -165,7 +165,7 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
         data = data_root or base / "data"
         data.mkdir(parents=True, exist_ok=True)
         status_file = base / "run" / "status.json"
-        socket = Path(env.get("SHARELATEX_INIT_DOCKER_SOCKET", base / "docker.sock"))
+        socket = Path(env.get("OVERLEAF_INIT_DOCKER_SOCKET", base / "docker.sock"))
         # The compile image comes from a `docker save` tarball (no registry is reachable).
         (base / "images").mkdir()
         (base / "images" / "busybox_test.tar").write_bytes(saved_image(IMAGE))
@@ -173,12 +173,12 @@ def start_init(short_tmp: Path) -> Iterator[Callable[..., RunningInit]]:
             **os.environ,
             "SANDBOXED_COMPILES": "true",
             "TEX_LIVE_DOCKER_IMAGE": IMAGE,
-            "SHARELATEX_INIT_TEXLIVE_SOURCES": "load",
-            "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR": str(base / "images"),
-            "SHARELATEX_INIT_DOCKER_DATA_ROOT": str(data),
-            "SHARELATEX_INIT_DOCKER_EXEC_ROOT": str(base / "exec"),
-            "SHARELATEX_INIT_DOCKER_SOCKET": str(socket),
-            "SHARELATEX_INIT_DOCKERD_ARGS": ENGINE_ARGS,
+            "OVERLEAF_INIT_TEXLIVE_SOURCES": "load",
+            "OVERLEAF_INIT_TEXLIVE_TARBALL_DIR": str(base / "images"),
+            "OVERLEAF_INIT_DOCKER_DATA_ROOT": str(data),
+            "OVERLEAF_INIT_DOCKER_EXEC_ROOT": str(base / "exec"),
+            "OVERLEAF_INIT_DOCKER_SOCKET": str(socket),
+            "OVERLEAF_INIT_DOCKERD_ARGS": ENGINE_ARGS,
             "PYTHONPATH": str(REPO),
             **env,
         }
@@ -230,7 +230,7 @@ def test_compiles_are_not_ready_while_the_image_cannot_be_installed_and_status_s
     start_init: Callable[..., RunningInit], short_tmp: Path
 ) -> None:
     (short_tmp / "empty").mkdir()
-    init = start_init(SHARELATEX_INIT_TEXLIVE_TARBALL_DIR=str(short_tmp / "empty"))
+    init = start_init(OVERLEAF_INIT_TEXLIVE_TARBALL_DIR=str(short_tmp / "empty"))
     init.wait_engine("ready")
     wait_for(lambda: init.status().get("texlive", {}).get("state") == "failed", 30, "failed")
     code, line = init.probe("ready")
@@ -390,8 +390,8 @@ def test_stale_pidfile_and_socket_from_an_unclean_stop_are_cleared(
     assert first.socket.is_socket()
     second = start_init(
         data_root=base / "data",
-        SHARELATEX_INIT_DOCKER_EXEC_ROOT=str(base / "exec"),
-        SHARELATEX_INIT_DOCKER_SOCKET=str(first.socket),
+        OVERLEAF_INIT_DOCKER_EXEC_ROOT=str(base / "exec"),
+        OVERLEAF_INIT_DOCKER_SOCKET=str(first.socket),
     )
     second.wait_engine("ready")
     log = second.log()
@@ -426,8 +426,8 @@ def test_a_dockerd_that_never_answers_fails_with_its_last_lines(
 ) -> None:
     # A real way for dockerd to hang: a containerd socket nobody serves. It retries forever.
     init = start_init(
-        SHARELATEX_INIT_DOCKERD_ARGS=f"{ENGINE_ARGS} --containerd={short_tmp}/none.sock",
-        SHARELATEX_INIT_DOCKERD_READY_TIMEOUT="3",
+        OVERLEAF_INIT_DOCKERD_ARGS=f"{ENGINE_ARGS} --containerd={short_tmp}/none.sock",
+        OVERLEAF_INIT_DOCKERD_READY_TIMEOUT="3",
     )
     engine = init.wait_engine("failed", timeout=30)
     assert "no answer on" in engine["reason"] and "in 3 s" in engine["reason"]
@@ -456,8 +456,8 @@ def test_a_stale_containerd_pidfile_naming_a_live_unrelated_process_is_cleared(
     second = start_init(
         data_root=base / "data",
         prelude="sleep 1000 &",
-        SHARELATEX_INIT_DOCKER_EXEC_ROOT=str(base / "exec"),
-        SHARELATEX_INIT_DOCKER_SOCKET=str(first.socket),
+        OVERLEAF_INIT_DOCKER_EXEC_ROOT=str(base / "exec"),
+        OVERLEAF_INIT_DOCKER_SOCKET=str(first.socket),
     )
     second.wait_engine("ready", timeout=30)
     ready_in = time.monotonic() - began

@@ -230,15 +230,15 @@ def test_sigterm_ends_it_promptly_with_status_0(
 @pytest.mark.parametrize(
     ("address", "says"),
     [
-        ("8089", "SHARELATEX_INIT_HTTP_ADDRESS='8089': give HOST:PORT"),
+        ("8089", "OVERLEAF_INIT_HTTP_ADDRESS='8089': give HOST:PORT"),
         ("::1:8089", "in brackets"),
-        ("no-such-host.invalid:8089", "SHARELATEX_INIT_HTTP_ADDRESS='no-such-host.invalid:8089'"),
+        ("no-such-host.invalid:8089", "OVERLEAF_INIT_HTTP_ADDRESS='no-such-host.invalid:8089'"),
     ],
 )
 def test_a_bad_address_from_the_variable_exits_78_naming_it(address: str, says: str) -> None:
     done = subprocess.run(
         [*HTTP_STATUS, "--status-file", "/nonexistent/status.json"],
-        env={**CLEAN_ENV, "SHARELATEX_INIT_HTTP_ADDRESS": address},
+        env={**CLEAN_ENV, "OVERLEAF_INIT_HTTP_ADDRESS": address},
         capture_output=True,
         text=True,
         timeout=30,

@@ -557,7 +557,7 @@ def test_the_optional_http_endpoint_serves_the_probes_and_stops_with_the_init(
 
     port = free_port()  # the init's namespace shares the network with the test
     layout.service("web", WAIT_FOREVER)
-    init = boot(start, layout, SHARELATEX_INIT_HTTP_ADDRESS=f"127.0.0.1:{port}")
+    init = boot(start, layout, OVERLEAF_INIT_HTTP_ADDRESS=f"127.0.0.1:{port}")
     init.wait_service("web", "up")
 
     def get(path: str) -> tuple[int, bytes]:

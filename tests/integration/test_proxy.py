@@ -141,7 +141,7 @@ def proxy(engine: HostEngine) -> Iterator[Proxy]:
     with (base / "proxy.log").open("wb") as log:
         proc = subprocess.Popen(
             [PYTHON, "-m", "init.proxy", *config], stdout=log, stderr=subprocess.STDOUT,
-            env={**CLEAN_ENV, "SHARELATEX_INIT_LOG_LEVEL": "debug"},
+            env={**CLEAN_ENV, "OVERLEAF_INIT_LOG_LEVEL": "debug"},
         )  # fmt: skip
     proxy = Proxy(engine, base, proc)
     try:

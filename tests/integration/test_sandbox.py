@@ -25,7 +25,7 @@ texlive = texlive_engine.texlive
 compiles = texlive_engine.compiles
 
 pytestmark = pytest.mark.root
-TIMEOUT = float(LIMITS["SHARELATEX_INIT_COMPILE_TIMEOUT"])
+TIMEOUT = float(LIMITS["OVERLEAF_INIT_COMPILE_TIMEOUT"])
 HELLO = r"""\documentclass{article}
 \begin{document}
 Hello, sandbox.
@@ -380,7 +380,7 @@ def test_sibling_mode_binds_the_host_path(compiles: Compiles, other: Path) -> No
     (host_dir / "sib").mkdir(parents=True)
     (host_dir / "sib" / "main.tex").write_text(HELLO)
     texlive_engine.chown_tree(host_dir, 33)
-    inside = "/var/lib/sharelatex/data/compiles"
+    inside = "/var/lib/overleaf/data/compiles"
     script = "\n".join(
         [
             "set -e",
@@ -391,7 +391,7 @@ def test_sibling_mode_binds_the_host_path(compiles: Compiles, other: Path) -> No
         ]
     )
     env = compiles.env(SANDBOXED_COMPILES_HOST_DIR_COMPILES=str(host_dir))
-    del env["SHARELATEX_INIT_COMPILES_DIR"]  # the product's default path
+    del env["OVERLEAF_INIT_COMPILES_DIR"]  # the product's default path
     done = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
          sys.executable, "-m", "init.compiles.command", f"{inside}/sib", "--json"],

@@ -24,8 +24,8 @@ texlive = texlive_engine.texlive
 compiles = texlive_engine.compiles
 
 pytestmark = pytest.mark.root
-TIMEOUT = float(LIMITS["SHARELATEX_INIT_COMPILE_TIMEOUT"])
-IDLE = float(LIMITS["SHARELATEX_INIT_COMPILE_IDLE"])
+TIMEOUT = float(LIMITS["OVERLEAF_INIT_COMPILE_TIMEOUT"])
+IDLE = float(LIMITS["OVERLEAF_INIT_COMPILE_IDLE"])
 HELLO = "\\documentclass{article}\n\\begin{document}\nHello, shim.\n\\end{document}\n"
 LOOP = HELLO.replace("Hello", r"\def\x{\x}\x")
 

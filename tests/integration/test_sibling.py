@@ -5,7 +5,7 @@ the host's engine, create a real container on it for real inspect data (`-v DATA
 sharelatex -v SOCK:/var/run/docker.sock`), and run `python -m init.engine.sibling_check` in a
 private
 mount namespace whose bind mounts reproduce that container's view: the data dir over
-/var/lib/sharelatex and the socket at /var/run/docker.sock. The marker proof then really goes
+/var/lib/overleaf and the socket at /var/run/docker.sock. The marker proof then really goes
 from a container of the host engine, through the host path, to this side.
 """
 
@@ -45,7 +45,7 @@ def test_host_dir_unset_is_derived_and_the_marker_proof_passes(site: Site) -> No
     assert result["api_version"] == "1.41"
     assert result["proof"]["status"] == "passed", result["proof"]
     assert f"{data}/data/compiles/.sharelatex-init-proof-" in result["proof"]["message"]
-    assert "/var/lib/sharelatex/data/compiles/.sharelatex-init-proof-" in result["proof"]["message"]
+    assert "/var/lib/overleaf/data/compiles/.sharelatex-init-proof-" in result["proof"]["message"]
     only(result["notes"], f"SANDBOXED_COMPILES_HOST_DIR unset: using {data}/data/compiles")
     root = only(result["warnings"], "root on the host")
     assert "never passes it into" in root
@@ -74,14 +74,14 @@ def test_host_dir_set_wrong_is_refused_with_the_right_value(site: Site) -> None:
     code, result = site.check(
         "--container-id", container_id, "--image", IMAGE,
         # The commonest slip: the path as seen inside the container.
-        "--host-dir-compiles", "/var/lib/sharelatex/data/compiles",
+        "--host-dir-compiles", "/var/lib/overleaf/data/compiles",
         "--host-dir-output", "/srv/elsewhere/output",
         "--host-dir-output-variable", "SANDBOXED_COMPILES_HOST_DIR_OUTPUT",
         data=data,
     )  # fmt: skip
     assert code == 1 and result["ok"] is False
     compiles = only(result["problems"], "SANDBOXED_COMPILES_HOST_DIR=")
-    assert "SANDBOXED_COMPILES_HOST_DIR=/var/lib/sharelatex/data/compiles is not" in compiles
+    assert "SANDBOXED_COMPILES_HOST_DIR=/var/lib/overleaf/data/compiles is not" in compiles
     assert f"that is {data}/data/compiles on the host" in compiles
     assert f"fix: `--env SANDBOXED_COMPILES_HOST_DIR={data}/data/compiles`" in compiles
     output = only(result["problems"], "SANDBOXED_COMPILES_HOST_DIR_OUTPUT=")
@@ -99,7 +99,7 @@ def test_a_named_volume_maps_to_its_mountpoint_and_the_proof_passes(site: Site) 
     assert code == 0, result["problems"]
     assert result["host_dir_compiles"] == f"{mountpoint}/data/compiles"
     note = only(result["notes"], "host compiles dir")
-    assert f"(volume {name} ({mountpoint}) on /var/lib/sharelatex)" in note
+    assert f"(volume {name} ({mountpoint}) on /var/lib/overleaf)" in note
     assert result["proof"]["status"] == "passed"
 
 
@@ -112,7 +112,7 @@ def test_the_compiles_dir_on_the_containers_layer_names_the_volume_to_add(site: 
     assert code == 1
     problem = only(result["problems"], "host compiles dir")
     assert "own layer" in problem
-    assert "`-v /data/sharelatex_data:/var/lib/sharelatex`" in problem
+    assert "`-v /data/sharelatex_data:/var/lib/overleaf`" in problem
 
 
 # -- the marker proof --------------------------------------------------------------------------
@@ -128,8 +128,8 @@ def test_the_proof_fails_when_the_inspected_bind_is_not_what_this_side_sees(site
     problem = only(result["problems"], "proof")
     # The marker dir made here is not under the host dir: the engine finds no bind source.
     assert f"found no {elsewhere}/data/compiles/.sharelatex-init-proof-" in problem
-    assert "made here as /var/lib/sharelatex/data/compiles/.sharelatex-init-proof-" in problem
-    assert f"the host engine says /var/lib/sharelatex/data/compiles is `-v {elsewhere}:" in problem
+    assert "made here as /var/lib/overleaf/data/compiles/.sharelatex-init-proof-" in problem
+    assert f"the host engine says /var/lib/overleaf/data/compiles is `-v {elsewhere}:" in problem
     # Nothing was written on either side; the marker dir made here is gone.
     assert list((elsewhere / "data/compiles").iterdir()) == []
     assert list((seen_here / "data/compiles").iterdir()) == []
@@ -155,7 +155,7 @@ def test_without_self_inspection_the_proof_judges_the_set_value(site: Site, give
         return
     assert result["proof"]["status"] == "failed"
     problem = only(result["problems"], "proof")
-    assert str(host_dir) in problem and "/var/lib/sharelatex/data/compiles" in problem
+    assert str(host_dir) in problem and "/var/lib/overleaf/data/compiles" in problem
     assert "fix: check that /var/run/docker.sock is the socket of the host" in problem
     assert not (site.base / "no").exists()  # a type=bind mount never creates it empty
     assert list((wrong / "data/compiles").iterdir()) == []

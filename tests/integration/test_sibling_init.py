@@ -1,7 +1,7 @@
 """Sibling mode through the init itself: `sharelatex-init run` as PID 1 in the product's layout.
 
 Reuses test_sibling's private host engine and site: the init runs in fresh pid + mount
-namespaces whose bind mounts reproduce a container made with `-v DATA:/var/lib/sharelatex -v
+namespaces whose bind mounts reproduce a container made with `-v DATA:/var/lib/overleaf -v
 SOCK:/var/run/docker.sock`, and is told that container's id (there is no real container
 around the init here; the id is what /proc would give inside one).
 """
@@ -45,8 +45,8 @@ def start_init(
         "exec sleep 1000\n"
     )
     (service / "run").chmod(0o755)
-    steps = ["set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/sharelatex",
-             f"mount --bind '{data}' /var/lib/sharelatex", "mount -t tmpfs tmpfs /run"]  # fmt: skip
+    steps = ["set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/overleaf",
+             f"mount --bind '{data}' /var/lib/overleaf", "mount -t tmpfs tmpfs /run"]  # fmt: skip
     if sock:
         steps += ["touch /run/docker.sock", f"mount --bind '{site.engine.socket}' /run/docker.sock"]
     steps.append('exec "$@"')
@@ -59,7 +59,7 @@ def start_init(
         stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
         env={**CLEAN_ENV, "SANDBOXED_COMPILES": "true",
              "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
-             "SHARELATEX_INIT_CONTAINER_ID": container_id, "TEX_LIVE_DOCKER_IMAGE": IMAGE,
+             "OVERLEAF_INIT_CONTAINER_ID": container_id, "TEX_LIVE_DOCKER_IMAGE": IMAGE,
              **env},
     )  # fmt: skip
     return proc, base
@@ -131,8 +131,8 @@ def test_doctor_in_the_layout_passes_and_proves_the_host_path(site: Site) -> Non
     data = site.data_dir()
     container_id = site.container(str(data))
     steps = [
-        "set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/sharelatex",
-        f"mount --bind '{data}' /var/lib/sharelatex", "mount -t tmpfs tmpfs /run",
+        "set -e", "mount -t tmpfs tmpfs /var/lib", "mkdir /var/lib/overleaf",
+        f"mount --bind '{data}' /var/lib/overleaf", "mount -t tmpfs tmpfs /run",
         "touch /run/docker.sock", f"mount --bind '{site.engine.socket}' /run/docker.sock",
         'exec "$@"',
     ]  # fmt: skip
@@ -142,7 +142,7 @@ def test_doctor_in_the_layout_passes_and_proves_the_host_path(site: Site) -> Non
         capture_output=True, text=True, timeout=60,
         env={**CLEAN_ENV, "SANDBOXED_COMPILES": "true",
              "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
-             "SHARELATEX_INIT_CONTAINER_ID": container_id, "TEX_LIVE_DOCKER_IMAGE": IMAGE},
+             "OVERLEAF_INIT_CONTAINER_ID": container_id, "TEX_LIVE_DOCKER_IMAGE": IMAGE},
     )  # fmt: skip
     lines = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -169,7 +169,7 @@ def test_the_image_as_a_real_sibling_container_derives_proves_and_stops_cleanly(
     data = site.data_dir()
     container_id = site.engine.docker(
         "run", "-d", "--network", "none",
-        "-v", f"{data}:/var/lib/sharelatex", "-v", f"{site.engine.socket}:/var/run/docker.sock",
+        "-v", f"{data}:/var/lib/overleaf", "-v", f"{site.engine.socket}:/var/run/docker.sock",
         "-e", "SANDBOXED_COMPILES=true", "-e", "SANDBOXED_COMPILES_SIBLING_CONTAINERS=true",
         "-e", f"TEX_LIVE_DOCKER_IMAGE={IMAGE}", app_image,
     )  # fmt: skip
@@ -207,8 +207,8 @@ def test_the_proof_runs_again_once_the_installer_has_the_image(site: Site) -> No
     (images / "busybox_later.tar").write_bytes(saved_image(later))
     env = {
         "TEX_LIVE_DOCKER_IMAGE": later,
-        "SHARELATEX_INIT_TEXLIVE_SOURCES": "load",
-        "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR": str(images),
+        "OVERLEAF_INIT_TEXLIVE_SOURCES": "load",
+        "OVERLEAF_INIT_TEXLIVE_TARBALL_DIR": str(images),
     }
     proc, base = start_init(site, site.container(str(data)), data, env)
     try:

@@ -27,13 +27,13 @@ TEXLIVE = "sharelatex-init/texlive:bookworm"
 WWW_DATA = 33  # the services' user in the ShareLaTeX image: compile dirs are its own
 # Small limits, so each attack ends fast; IDLE short, so leftovers show within seconds.
 LIMITS = {
-    "SHARELATEX_INIT_COMPILE_TIMEOUT": "15",
-    "SHARELATEX_INIT_COMPILE_MEMORY": "256m",
-    "SHARELATEX_INIT_COMPILE_PIDS": "64",
-    "SHARELATEX_INIT_COMPILE_OUTPUT_SIZE": "8m",
-    "SHARELATEX_INIT_COMPILE_TMPFS": "64m",
-    "SHARELATEX_INIT_COMPILE_IDLE": "2",
-    "SHARELATEX_INIT_COMPILE_CONCURRENCY": "4",
+    "OVERLEAF_INIT_COMPILE_TIMEOUT": "15",
+    "OVERLEAF_INIT_COMPILE_MEMORY": "256m",
+    "OVERLEAF_INIT_COMPILE_PIDS": "64",
+    "OVERLEAF_INIT_COMPILE_OUTPUT_SIZE": "8m",
+    "OVERLEAF_INIT_COMPILE_TMPFS": "64m",
+    "OVERLEAF_INIT_COMPILE_IDLE": "2",
+    "OVERLEAF_INIT_COMPILE_CONCURRENCY": "4",
 }
 
 
@@ -75,9 +75,9 @@ class Compiles:
         return {
             **CLEAN_ENV,
             "DOCKER_HOST": f"unix://{self.engine.socket}",
-            "SHARELATEX_INIT_COMPILES_DIR": str(self.root),
-            "SHARELATEX_INIT_COMPILE_RUN_DIR": str(self.run_dir),
-            "SHARELATEX_INIT_STATUS_FILE": str(self.status_file),
+            "OVERLEAF_INIT_COMPILES_DIR": str(self.root),
+            "OVERLEAF_INIT_COMPILE_RUN_DIR": str(self.run_dir),
+            "OVERLEAF_INIT_STATUS_FILE": str(self.status_file),
             **LIMITS,
             **extra,
         }

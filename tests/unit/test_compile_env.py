@@ -8,6 +8,7 @@ from pathlib import Path
 from init import config
 from init.compiles import service_env as compile_env
 from init.compiles.contract import SHIMMED_COMMANDS
+from init.compiles.environment import with_init_environment
 
 
 def settings(**environ: str) -> config.Settings:
@@ -20,7 +21,7 @@ def test_auto_picks_the_shim_unless_the_image_has_a_docker_runner(tmp_path: Path
     runner.parent.mkdir(parents=True)
     runner.write_text("")
     assert compile_env.choose_runner(settings(), tmp_path) == "docker"
-    forced = settings(SHARELATEX_INIT_COMPILE_RUNNER="shim")
+    forced = settings(OVERLEAF_INIT_COMPILE_RUNNER="shim")
     assert compile_env.choose_runner(forced, tmp_path) == "shim"
 
 
@@ -55,7 +56,48 @@ def test_the_shim_scripts_run_the_shim_module_with_their_name(tmp_path: Path) ->
     out = subprocess.run(
         [tmp_path / "shim" / "latexmk", "-pdf", "a b.tex"], capture_output=True, text=True
     )
-    assert out.stdout == "-m init.compiles.shim latexmk -pdf a b.tex\n"
+    environment = tmp_path / "shim" / "environment.json"
+    assert out.stdout == f"-m init.compiles.shim --environment {environment} latexmk -pdf a b.tex\n"
+
+
+def test_the_init_hands_its_compile_settings_to_the_shim_not_to_the_services(
+    tmp_path: Path,
+) -> None:
+    """The init's own variables never reach the services (Overleaf 5's guards, and the compile
+    service refusing SANDBOXED_COMPILES); what a compile needs of them is written beside the
+    shims, and the shim reads it under the services' own environment."""
+    from init import config
+    from init.compiles.environment import read_environment, write_environment
+
+    environ = {
+        "PATH": "/usr/bin",
+        "SANDBOXED_COMPILES": "true",
+        "OVERLEAF_SANDBOXED_COMPILES": "true",
+        config.COMPILE_TIMEOUT: "30",
+        config.OLD_OWN_PREFIX + "COMPILE_MEMORY": "2g",
+    }
+    services = config.service_environment(environ)
+    assert services == {"PATH": "/usr/bin"}
+    write_environment(tmp_path, {config.COMPILE_TIMEOUT: "30", "DOCKER_HOST": "unix:///p.sock"})
+    given = read_environment(tmp_path / "environment.json")
+    assert with_init_environment(services, given) == {
+        "PATH": "/usr/bin",
+        config.COMPILE_TIMEOUT: "30",
+        "DOCKER_HOST": "unix:///p.sock",
+    }
+    assert read_environment(tmp_path / "missing.json") == {}
+
+
+def test_the_old_names_are_read_as_the_new_with_a_notice() -> None:
+    from init import config
+
+    old = config.OLD_OWN_PREFIX + "COMPILE_TIMEOUT"
+    merged, notices = config.renamed({old: "30"})
+    assert merged[config.COMPILE_TIMEOUT] == "30"
+    assert notices and old in notices[0] and config.COMPILE_TIMEOUT in notices[0]
+    both, said = config.renamed({old: "30", config.COMPILE_TIMEOUT: "60"})
+    assert both[config.COMPILE_TIMEOUT] == "60" and "disagree" in said[0]
+    assert config.renamed({config.COMPILE_TIMEOUT: "60"})[1] == ()
 
 
 def test_a_compile_by_hand_in_the_container_gets_what_the_services_got() -> None:
@@ -63,9 +105,9 @@ def test_a_compile_by_hand_in_the_container_gets_what_the_services_got() -> None
         "DOCKER_HOST": "unix:///var/run/docker.sock",
         "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/data/sharelatex_data/data/compiles",
     }
-    merged = compile_env.with_init_environment({"DOCKER_HOST": "unix:///other.sock"}, given)
+    merged = with_init_environment({"DOCKER_HOST": "unix:///other.sock"}, given)
     assert merged == {
         "DOCKER_HOST": "unix:///other.sock",  # what the caller says wins
         "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/data/sharelatex_data/data/compiles",
     }
-    assert compile_env.with_init_environment({"A": "1"}, {}) == {"A": "1"}
+    assert with_init_environment({"A": "1"}, {}) == {"A": "1"}

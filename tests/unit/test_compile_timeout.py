@@ -34,10 +34,10 @@ def test_the_site_is_capped_as_the_compile_service_caps_it() -> None:
 
 
 def test_the_inits_own_variable_wins_and_is_not_capped() -> None:
-    assert timeout(SHARELATEX_INIT_COMPILE_TIMEOUT="30", COMPILE_TIMEOUT="90") == 30.0
-    assert timeout(SHARELATEX_INIT_COMPILE_TIMEOUT="900") == 900.0
+    assert timeout(OVERLEAF_INIT_COMPILE_TIMEOUT="30", COMPILE_TIMEOUT="90") == 30.0
+    assert timeout(OVERLEAF_INIT_COMPILE_TIMEOUT="900") == 900.0
     # An empty one is unset: the site's applies.
-    assert timeout(SHARELATEX_INIT_COMPILE_TIMEOUT=" ", COMPILE_TIMEOUT="90") == 90.0
+    assert timeout(OVERLEAF_INIT_COMPILE_TIMEOUT=" ", COMPILE_TIMEOUT="90") == 90.0
 
 
 @pytest.mark.parametrize("value", ["3m", "0", "-5", "1.5", "180s", "¹²"])
@@ -51,7 +51,7 @@ def test_a_bad_site_value_is_one_line_naming_the_variable_value_and_fix(value: s
 
 
 def test_a_bad_site_value_is_not_read_when_the_inits_own_is_set() -> None:
-    assert timeout(SHARELATEX_INIT_COMPILE_TIMEOUT="30", COMPILE_TIMEOUT="soon") == 30.0
+    assert timeout(OVERLEAF_INIT_COMPILE_TIMEOUT="30", COMPILE_TIMEOUT="soon") == 30.0
 
 
 def test_a_bad_value_stops_the_settings_with_exit_78() -> None:

@@ -251,7 +251,7 @@ def test_unknown_storage_driver_is_refused_with_the_choices() -> None:
 
 def test_the_installer_sources_default_to_every_source_in_order() -> None:
     assert config.load({}).texlive_sources == ("pull", "load", "build")
-    chosen = config.load({"SHARELATEX_INIT_TEXLIVE_SOURCES": " load, PULL,load"})
+    chosen = config.load({"OVERLEAF_INIT_TEXLIVE_SOURCES": " load, PULL,load"})
     assert chosen.texlive_sources == ("load", "pull")
 
 
@@ -259,19 +259,19 @@ def test_the_inits_own_variables_are_checked_all_at_once() -> None:
     with pytest.raises(ConfigError) as e:
         config.load(
             {
-                "SHARELATEX_INIT_TEXLIVE_SOURCES": "pull,ftp",
-                "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR": "images",
-                "SHARELATEX_INIT_HTTP_ADDRESS": "8089",
-                "SHARELATEX_INIT_COMPILE_RUNNER": "kubernetes",
+                "OVERLEAF_INIT_TEXLIVE_SOURCES": "pull,ftp",
+                "OVERLEAF_INIT_TEXLIVE_TARBALL_DIR": "images",
+                "OVERLEAF_INIT_HTTP_ADDRESS": "8089",
+                "OVERLEAF_INIT_COMPILE_RUNNER": "kubernetes",
             }
         )
     assert e.value.problems == [
-        "SHARELATEX_INIT_TEXLIVE_SOURCES='pull,ftp': ftp is not a source; use a comma list of "
+        "OVERLEAF_INIT_TEXLIVE_SOURCES='pull,ftp': ftp is not a source; use a comma list of "
         "pull, load, build in the order to try, e.g. pull,load",
-        "SHARELATEX_INIT_TEXLIVE_TARBALL_DIR='images' is not an absolute path; give a dir in "
+        "OVERLEAF_INIT_TEXLIVE_TARBALL_DIR='images' is not an absolute path; give a dir in "
         "the container, e.g. /var/lib/sharelatex-init/images",
-        "SHARELATEX_INIT_HTTP_ADDRESS='8089': give HOST:PORT, e.g. 127.0.0.1:8089 or 0.0.0.0:8089",
-        "SHARELATEX_INIT_COMPILE_RUNNER='kubernetes' is not a compile runner; use one of "
+        "OVERLEAF_INIT_HTTP_ADDRESS='8089': give HOST:PORT, e.g. 127.0.0.1:8089 or 0.0.0.0:8089",
+        "OVERLEAF_INIT_COMPILE_RUNNER='kubernetes' is not a compile runner; use one of "
         "auto, shim, docker",
     ]
 
@@ -293,3 +293,40 @@ def test_http_addresses_that_parse(text: str, address: tuple[str, int]) -> None:
 def test_http_addresses_that_do_not(text: str) -> None:
     with pytest.raises(ValueError):
         config.parse_address(text)
+
+
+def test_the_data_dirs_follow_the_images_generation(tmp_path: Path) -> None:
+    """Overleaf 5+ keeps its data in /var/lib/overleaf, ShareLaTeX 4.x in /var/lib/sharelatex
+    (and Overleaf 5's startup guard refuses an image where the latter exists at all)."""
+    assert config.detect_generation(tmp_path) is config.Generation.OVERLEAF  # a plain base
+    (tmp_path / "etc/sharelatex").mkdir(parents=True)
+    assert config.detect_generation(tmp_path) is config.Generation.SHARELATEX
+    four = config.load({}, root=tmp_path)
+    assert four.compiles_dir == Path("/var/lib/sharelatex/data/compiles")
+    assert four.output_dir == Path("/var/lib/sharelatex/data/output")
+    (tmp_path / "etc/overleaf").mkdir()
+    assert config.detect_generation(tmp_path) is config.Generation.OVERLEAF
+    five = config.load({}, root=tmp_path)
+    assert five.compiles_dir == Path("/var/lib/overleaf/data/compiles")
+    given = config.load({config.COMPILES_DIR: "/srv/compiles"}, root=tmp_path)
+    assert given.compiles_dir == Path("/srv/compiles")
+    with pytest.raises(ConfigError) as caught:
+        config.load({config.OUTPUT_DIR: "srv/output"}, root=tmp_path)
+    assert caught.value.problems[0].startswith(f"{config.OUTPUT_DIR}='srv/output' is not an abs")
+
+
+def test_the_inits_own_variables_are_consumed_under_both_spellings() -> None:
+    environ = {
+        config.COMPILE_MEMORY: "1g",
+        config.OLD_OWN_PREFIX + "COMPILE_PIDS": "64",
+        "SANDBOXED_COMPILES": "true",
+        "SHARELATEX_SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
+        "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/data/compiles",  # Server Pro's runner reads it
+        "OVERLEAF_MONGO_URL": "mongodb://mongo/sharelatex",
+        "COMPILE_TIMEOUT": "180",
+    }
+    assert config.service_environment(environ) == {
+        "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/data/compiles",
+        "OVERLEAF_MONGO_URL": "mongodb://mongo/sharelatex",
+        "COMPILE_TIMEOUT": "180",
+    }

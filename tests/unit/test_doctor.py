@@ -29,9 +29,9 @@ def fake_root(tmp_path: Path, cap_eff: str) -> Path:
 def dind_env(tmp_path: Path) -> dict[str, str]:
     return {
         "SANDBOXED_COMPILES": "true",
-        "SHARELATEX_INIT_DOCKER_DATA_ROOT": str(tmp_path / "data"),
-        "SHARELATEX_INIT_DOCKER_EXEC_ROOT": str(tmp_path / "exec"),
-        "SHARELATEX_INIT_DOCKER_SOCKET": str(tmp_path / "absent.sock"),
+        "OVERLEAF_INIT_DOCKER_DATA_ROOT": str(tmp_path / "data"),
+        "OVERLEAF_INIT_DOCKER_EXEC_ROOT": str(tmp_path / "exec"),
+        "OVERLEAF_INIT_DOCKER_SOCKET": str(tmp_path / "absent.sock"),
     }
 
 

@@ -37,7 +37,7 @@ def test_sibling_compose_is_valid_and_its_host_dir_matches_its_data_volume() -> 
     assert settings.mode is Mode.SIBLING
     mounts = volumes(service)
     assert mounts["/var/run/docker.sock"] == "/var/run/docker.sock"
-    assert settings.host_dir_compiles == Path(mounts["/var/lib/sharelatex"]) / "data/compiles"
+    assert settings.host_dir_compiles == Path(mounts["/var/lib/overleaf"]) / "data/compiles"
     assert "privileged" not in service
 
 

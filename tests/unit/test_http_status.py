@@ -62,11 +62,11 @@ def test_bad_addresses_say_what_to_write(text: str, says: str) -> None:
 def test_an_unresolvable_address_is_a_config_error_naming_its_variable() -> None:
     app = App("t", {})
     with pytest.raises(ConfigError) as caught:
-        httpserve.listen(app, "no-such-host.invalid:8089", "SHARELATEX_INIT_HTTP_ADDRESS")
+        httpserve.listen(app, "no-such-host.invalid:8089", "OVERLEAF_INIT_HTTP_ADDRESS")
     assert caught.value.exit_status == 78
-    assert caught.value.problems[0].startswith("SHARELATEX_INIT_HTTP_ADDRESS='no-such-host")
+    assert caught.value.problems[0].startswith("OVERLEAF_INIT_HTTP_ADDRESS='no-such-host")
     with pytest.raises(ConfigError, match="brackets"):
-        httpserve.listen(app, "::1:8089", "SHARELATEX_INIT_HTTP_ADDRESS")
+        httpserve.listen(app, "::1:8089", "OVERLEAF_INIT_HTTP_ADDRESS")
 
 
 # -- routing ---------------------------------------------------------------------------------
@@ -471,7 +471,7 @@ def test_a_missing_compiles_dir_says_which_variable(tmp_path: Path) -> None:
     service = compile_api.Service(tmp_path / "missing")
     answer = post(service, b"x", "text/x-tex")
     assert answer.status == 500
-    assert "SHARELATEX_INIT_COMPILES_DIR" in json.loads(answer.body)["message"]
+    assert "OVERLEAF_INIT_COMPILES_DIR" in json.loads(answer.body)["message"]
 
 
 def test_removal_never_leaves_the_compiles_root(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def test_the_spec_fronts_the_engine_side_socket_with_the_roots_of_the_mode() -> 
     environ = {
         config.DOCKER_HOST: "unix:///var/run/docker.sock",
         config.HOST_DIR_COMPILES: "/srv/site/data/compiles",
-        "SHARELATEX_INIT_COMPILE_PIDS": "99",
+        "OVERLEAF_INIT_COMPILE_PIDS": "99",
         config.SERVICE_USER: "nobody-such-user",
     }
     spec = service.spec(environ)

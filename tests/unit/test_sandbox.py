@@ -56,15 +56,15 @@ def test_limits_default_and_from_the_environment() -> None:
     assert limits_from_env({}) == Limits()
     limits = limits_from_env(
         {
-            "SHARELATEX_INIT_COMPILE_MEMORY": "512m",
-            "SHARELATEX_INIT_COMPILE_PIDS": "100",
-            "SHARELATEX_INIT_COMPILE_CPUS": "1.5",
-            "SHARELATEX_INIT_COMPILE_TIMEOUT": "30",
-            "SHARELATEX_INIT_COMPILE_TMPFS": "1GiB",
-            "SHARELATEX_INIT_COMPILE_OUTPUT_SIZE": "100m",
-            "SHARELATEX_INIT_COMPILE_CONCURRENCY": "3",
-            "SHARELATEX_INIT_COMPILE_IDLE": "0",
-            "SHARELATEX_INIT_COMPILE_SHELL_ESCAPE": "restricted",
+            "OVERLEAF_INIT_COMPILE_MEMORY": "512m",
+            "OVERLEAF_INIT_COMPILE_PIDS": "100",
+            "OVERLEAF_INIT_COMPILE_CPUS": "1.5",
+            "OVERLEAF_INIT_COMPILE_TIMEOUT": "30",
+            "OVERLEAF_INIT_COMPILE_TMPFS": "1GiB",
+            "OVERLEAF_INIT_COMPILE_OUTPUT_SIZE": "100m",
+            "OVERLEAF_INIT_COMPILE_CONCURRENCY": "3",
+            "OVERLEAF_INIT_COMPILE_IDLE": "0",
+            "OVERLEAF_INIT_COMPILE_SHELL_ESCAPE": "restricted",
         }
     )
     assert limits == Limits(
@@ -78,16 +78,16 @@ def test_every_bad_limit_is_named_with_its_fix() -> None:
     with pytest.raises(ConfigError) as caught:
         limits_from_env(
             {
-                "SHARELATEX_INIT_COMPILE_MEMORY": "lots",
-                "SHARELATEX_INIT_COMPILE_PIDS": "3",
-                "SHARELATEX_INIT_COMPILE_SHELL_ESCAPE": "on",
+                "OVERLEAF_INIT_COMPILE_MEMORY": "lots",
+                "OVERLEAF_INIT_COMPILE_PIDS": "3",
+                "OVERLEAF_INIT_COMPILE_SHELL_ESCAPE": "on",
             }
         )
     problems = caught.value.problems
     assert problems == [
-        "SHARELATEX_INIT_COMPILE_MEMORY='lots' is not valid; write e.g. 1g (at least 64m)",
-        "SHARELATEX_INIT_COMPILE_PIDS='3' is not valid; write e.g. 256 (at least 16)",
-        "SHARELATEX_INIT_COMPILE_SHELL_ESCAPE='on' is not valid; use off or restricted",
+        "OVERLEAF_INIT_COMPILE_MEMORY='lots' is not valid; write e.g. 1g (at least 64m)",
+        "OVERLEAF_INIT_COMPILE_PIDS='3' is not valid; write e.g. 256 (at least 16)",
+        "OVERLEAF_INIT_COMPILE_SHELL_ESCAPE='on' is not valid; use off or restricted",
     ]
 
 
@@ -105,8 +105,8 @@ def test_settings_take_the_product_variables_and_our_own(tmp_path: Path) -> None
             "TEX_LIVE_DOCKER_IMAGE": "texlive/texlive:2024",
             "ALL_TEX_LIVE_DOCKER_IMAGES": "texlive/texlive:2024,texlive/texlive:2023",
             "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/srv/data/compiles",
-            "SHARELATEX_INIT_COMPILES_DIR": "/data/compiles",
-            "SHARELATEX_INIT_COMPILE_RUN_DIR": str(tmp_path),
+            "OVERLEAF_INIT_COMPILES_DIR": "/data/compiles",
+            "OVERLEAF_INIT_COMPILE_RUN_DIR": str(tmp_path),
             "DOCKER_HOST": "unix:///tmp/d.sock",
         }
     )
@@ -122,8 +122,8 @@ def test_settings_take_the_product_variables_and_our_own(tmp_path: Path) -> None
 
 
 def test_a_relative_compiles_dir_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="SHARELATEX_INIT_COMPILES_DIR='data'"):
-        settings_from_env({"SHARELATEX_INIT_COMPILES_DIR": "data"})
+    with pytest.raises(ConfigError, match="OVERLEAF_INIT_COMPILES_DIR='data'"):
+        settings_from_env({"OVERLEAF_INIT_COMPILES_DIR": "data"})
 
 
 # -- ids and paths --------------------------------------------------------------------------
@@ -434,7 +434,7 @@ def run_compile(
 def test_a_bad_project_id_is_78_with_one_json_object(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    env = {"SHARELATEX_INIT_COMPILES_DIR": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent"}
+    env = {"OVERLEAF_INIT_COMPILES_DIR": str(tmp_path), "DOCKER_HOST": "unix:///nonexistent"}
     (tmp_path / "p1").mkdir()
     code, document = run_compile([str(tmp_path / "p1"), "--project", ".."], env, capsys)
     assert code == 78
@@ -447,10 +447,10 @@ def test_a_bad_project_id_is_78_with_one_json_object(
 def test_a_bad_limit_is_78_naming_the_variable(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    env = {"SHARELATEX_INIT_COMPILE_TIMEOUT": "soon"}
+    env = {"OVERLEAF_INIT_COMPILE_TIMEOUT": "soon"}
     code, document = run_compile([str(tmp_path)], env, capsys)
     assert code == 78
-    assert str(document["reason"]).startswith("SHARELATEX_INIT_COMPILE_TIMEOUT='soon'")
+    assert str(document["reason"]).startswith("OVERLEAF_INIT_COMPILE_TIMEOUT='soon'")
 
 
 @pytest.mark.parametrize(("slots", "second"), [(4, "p1"), (1, "p2")])
