@@ -63,6 +63,7 @@ def docker_side(
 
         side = HostDocker(loop, log, settings, run_dir, installer, wiring, on_change=on_change)
     side.use_proxy(ProxyService(settings, run_dir / "docker.sock"))
+    side.keep_own(environ)
     return side
 
 

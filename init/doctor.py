@@ -58,6 +58,12 @@ def proxy_check(status_file: Path) -> Check:
     from init.engine.client import connect_error
 
     socket = status_file.with_name("docker.sock")
+    try:
+        started = status_files.read(status_file).started_at
+    except (OSError, ValueError):
+        return Check(
+            "engine proxy", Status.OK, f"{socket}: the init starts it with the engine (not now)"
+        )
     error = connect_error(socket, 1.0)
     if error is not None:
         return Check(
@@ -66,10 +72,6 @@ def proxy_check(status_file: Path) -> Check:
             f"nothing answers on {socket}, the only engine socket the services get",
             "see the init's log (`proxy:` lines) and `sharelatex-init status`",
         )
-    try:
-        started = status_files.read(status_file).started_at
-    except (OSError, ValueError):
-        started = 0.0
     refused = [r for r in status_files.read_refusals(status_files.refusals_path(status_file))
                if r.at >= started]  # fmt: skip
     if not refused:

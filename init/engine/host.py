@@ -78,7 +78,8 @@ class HostDocker(SandboxSide):
         except EngineError as e:
             raise ConfigError([str(e)]) from e
         settings = self.settings
-        services_user = environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER
+        own = {**environ, **self.own}
+        services_user = own.get(SERVICE_USER) or DEFAULT_SERVICE_USER
         self.request = SiblingRequest(
             result=self.run_dir / "sibling-check.json",
             socket=socket,
@@ -91,7 +92,7 @@ class HostDocker(SandboxSide):
             host_dir_output=_posix(settings.host_dir_output),
             compiles_variable=sibling.configured_variable(environ, "compiles"),
             output_variable=sibling.configured_variable(environ, "output"),
-            container_id=environ.get(CONTAINER_ID, ""),
+            container_id=own.get(CONTAINER_ID, ""),
             image=settings.texlive_image,
             deadline=CHECK_DEADLINE,
             grant_group=self.proxy is None,

@@ -490,7 +490,7 @@ def resolve_host_dir(
             f"{variable} is unset and cannot be derived ({no_inspection})",
             f"`--env {variable}=<the host path of this container's {kind} dir>`, e.g. "
             f"{DATA_VOLUME_EXAMPLE}/data/{kind} with "
-            f"`-v {DATA_VOLUME_EXAMPLE}:/var/lib/sharelatex`",
+            f"`-v {DATA_VOLUME_EXAMPLE}:/var/lib/overleaf`",
         )
     container_dir = found.container_dir
     if found.host is None:

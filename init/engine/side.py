@@ -145,6 +145,9 @@ class SandboxSide(DockerSide):
 
     def __init__(self, log: Log, installer: Installer, wiring: CompileWiring) -> None:
         self.log = log
+        # The init's own variables (OWN_PREFIX): the services' environment, which `prepare` is
+        # given, never carries them (config.is_consumed); init.boot hands them over here.
+        self.own: dict[str, str] = {}
         self.installer = installer
         self.wiring = wiring
         self._compile_environment: dict[str, str] = {}
@@ -161,11 +164,11 @@ class SandboxSide(DockerSide):
     ) -> dict[str, str]:
         """`engine_env` plus what the services need to compile through it."""
         if self.proxy is not None:
-            self._proxy_spec = self.proxy.spec({**environ, **engine_env})
+            self._proxy_spec = self.proxy.spec({**environ, **self.own, **engine_env})
             engine_env = {**engine_env, DOCKER_HOST: self.proxy.docker_host}
-        merged = {**environ, **engine_env}
+        merged = {**environ, **self.own, **engine_env}
         gained = {**engine_env, **self.wiring.environment(merged)}
-        merged.update(gained)
+        merged.update(gained)  # what the services get is `gained` alone: never self.own
         # The init's own variables never reach the services (config.is_consumed): what the
         # compile path needs of them is handed over here, with the engine and the images.
         self._compile_environment = {
@@ -174,6 +177,10 @@ class SandboxSide(DockerSide):
         self.wiring.publish(self._compile_environment)
         self.log.info("init", f"the services compile through {self.wiring.describe()}")
         return gained
+
+    def keep_own(self, environ: Mapping[str, str]) -> None:
+        """The init's own variables of the whole environment (read before they are consumed)."""
+        self.own = {k: v for k, v in environ.items() if k.startswith(OWN_PREFIX)}
 
     def start(self, supervisor: Supervisor) -> None:
         """The proxy, right after the engine (so it stops after the services, before it)."""

@@ -50,7 +50,7 @@ def start_init(
     if sock:
         steps += ["touch /run/docker.sock", f"mount --bind '{site.engine.socket}' /run/docker.sock"]
     steps.append('exec "$@"')
-    log = base / "init.core.log"
+    log = base / "init.log"
     proc = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--mount-proc", "--mount", "--propagation", "private",
          "sh", "-c", "\n".join(steps), "sh", PYTHON, "-m", "init", "run",
@@ -85,11 +85,14 @@ def test_unset_host_dir_is_derived_proved_and_handed_to_the_services(site: Site)
     data = site.data_dir()
     proc, base = start_init(site, site.container(str(data)), data, {})
     try:
-        wait_for(lambda: (base / "service.env").exists(), 30, "the service to start")
+        try:
+            wait_for(lambda: (base / "service.env").exists(), 30, "the service to start")
+        except AssertionError as e:
+            raise AssertionError(f"{e}; log:\n{(base / 'init.log').read_text()[-3000:]}") from None
         env = read_env(base / "service.env")
     finally:
         code = stop(proc)
-    log = (base / "init.core.log").read_text()
+    log = (base / "init.log").read_text()
     assert env["SANDBOXED_COMPILES_HOST_DIR_COMPILES"] == str(data / "data/compiles"), log
     assert env["SANDBOXED_COMPILES_HOST_DIR_OUTPUT"] == str(data / "data/output")
     # The services reach the host's engine through the proxy, never its socket.
@@ -108,7 +111,7 @@ def test_a_wrong_host_dir_exits_78_naming_both_values_and_the_fix(site: Site) ->
         site, site.container(str(data)), data, {"SANDBOXED_COMPILES_HOST_DIR": wrong}
     )
     code = proc.wait(30)
-    log = (base / "init.core.log").read_text()
+    log = (base / "init.log").read_text()
     assert code == 78, log
     (line,) = [line for line in log.splitlines() if line.startswith("config: error:")]
     assert wrong in line and str(data / "data/compiles") in line
@@ -121,7 +124,7 @@ def test_a_missing_socket_exits_78_with_the_volume_to_add(site: Site) -> None:
     data = site.data_dir()
     proc, base = start_init(site, site.container(str(data)), data, {}, sock=False)
     code = proc.wait(30)
-    log = (base / "init.core.log").read_text()
+    log = (base / "init.log").read_text()
     assert code == 78, log
     assert "-v /var/run/docker.sock:/var/run/docker.sock" in log
     assert not (base / "service.env").exists()
@@ -232,7 +235,7 @@ def test_the_proof_runs_again_once_the_installer_has_the_image(site: Site) -> No
         if proc.poll() is None:
             stop(proc)
         site.engine.docker("rmi", "-f", later)
-    log = (base / "init.core.log").read_text()
+    log = (base / "init.log").read_text()
     assert "texlive: busybox:later present (load)" in log
     assert log.index("present (load)") < log.index("sibling: proof:")
     assert code == 0

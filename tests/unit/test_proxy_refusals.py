@@ -64,3 +64,5 @@ def test_status_and_doctor_show_this_starts_refusals(tmp_path: Path) -> None:
     assert check.status is Verdict.WARN and "refused 1 call(s)" in check.message
     (tmp_path / "docker.sock").unlink()
     assert doctor.proxy_check(status_file).status is Verdict.FAIL  # nothing answers
+    status_file.unlink()  # no init running (a preflight): nothing to ask yet
+    assert doctor.proxy_check(status_file).status is Verdict.OK
