@@ -17,6 +17,8 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -108,6 +110,19 @@ def provide(url: str, kind: str) -> LocalImage:
     if not image.tarball.exists():
         _save(url, image)
     return image
+
+
+def provide_all(url: str, kinds: Sequence[str]) -> list[LocalImage]:
+    """`provide` each kind, the builds side by side: on a fresh machine the app's pip and the
+    TeX Live image's apt wait on the network at the same time. The base they share first."""
+    if not all(_key_in(url, local_image(kind).name) == local_image(kind).key for kind in kinds):
+        done = subprocess.run(
+            [str(BUILD_IMAGES), "--engine", url, "--only", "base"],
+            capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    with ThreadPoolExecutor(len(kinds)) as pool:
+        return list(pool.map(lambda kind: provide(url, kind), kinds))
 
 
 def _save(url: str, image: LocalImage) -> None:

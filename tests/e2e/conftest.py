@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import CACHE, provide
+from tests.conftest import CACHE, LocalImage, provide_all
 from tests.integration.conftest import require, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,22 +94,28 @@ def outer() -> Iterator[OuterEngine]:
 
 
 @pytest.fixture(scope="session")
-def app_image(outer: OuterEngine) -> str:
+def images(outer: OuterEngine) -> dict[str, LocalImage]:
+    """The app and TeX Live images in the outer engine, built side by side when missing."""
+    return {image.kind: image for image in provide_all(outer.url, ["app", "texlive"])}
+
+
+@pytest.fixture(scope="session")
+def app_image(images: dict[str, LocalImage]) -> str:
     """The repo's Dockerfile on the local Debian base (rebuilt only when its sources change)."""
-    return provide(outer.url, "app").name
+    return images["app"].name
 
 
 @pytest.fixture(scope="session")
-def texlive_image(outer: OuterEngine) -> str:
+def texlive_image(images: dict[str, LocalImage]) -> str:
     """The TeX Live image in the outer engine: sibling mode compiles with it there."""
-    return provide(outer.url, "texlive").name
+    return images["texlive"].name
 
 
 @pytest.fixture(scope="session")
-def texlive_tarballs(outer: OuterEngine, texlive_image: str) -> Path:
+def texlive_tarballs(images: dict[str, LocalImage]) -> Path:
     """A dir with `docker save` of the TeX Live image named as the installer's `load` wants it,
     cached under the image's content key (tests/conftest.py)."""
-    return provide(outer.url, "texlive").directory
+    return images["texlive"].directory
 
 
 @dataclass
