@@ -5,7 +5,7 @@ run `--privileged` on this VM. Its images live in a persistent data root under t
 (locked while an engine uses it; a second run meanwhile gets a throwaway one), so the base, app
 and TeX Live images are built once and reused by their content keys (`scripts/build-images`).
 The inner engines get the TeX Live image by the init's own means: `load` from a `docker save`
-tarball, cached beside the data root under the image's key.
+tarball, the one the whole suite shares (tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -23,18 +23,16 @@ from typing import Any
 
 import pytest
 
-from init.texlive.install import tarball_name
+from tests.conftest import CACHE, LocalImage, provide_all
 from tests.integration.conftest import require, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-CACHE = Path(os.environ.get("OVERLEAF_INIT_E2E_CACHE", "/var/cache/sharelatex-init/e2e"))
 APP_IMAGE = "sharelatex-init:local"
 TEXLIVE_IMAGE = "sharelatex-init/texlive:bookworm"
 E2E_LABEL = "sharelatex-init.e2e"
 COMPILE_LABEL = "sharelatex-init.compile"
 # Where the image's init looks for `docker save` tarballs by default (config.DEFAULT_TARBALL_DIR).
 TARBALL_DIR = "/var/lib/sharelatex-init/images"
-BUILD_TIMEOUT = 900
 
 
 def _needs() -> None:
@@ -95,47 +93,29 @@ def outer() -> Iterator[OuterEngine]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def build(engine: OuterEngine, only: str) -> str:
-    done = subprocess.run(
-        [str(REPO / "scripts/build-images"), "--engine", engine.url, "--only", only],
-        capture_output=True, text=True, timeout=BUILD_TIMEOUT,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    return done.stdout
+@pytest.fixture(scope="session")
+def images(outer: OuterEngine) -> dict[str, LocalImage]:
+    """The app and TeX Live images in the outer engine, built side by side when missing."""
+    return {image.kind: image for image in provide_all(outer.url, ["app", "texlive"])}
 
 
 @pytest.fixture(scope="session")
-def app_image(outer: OuterEngine) -> str:
+def app_image(images: dict[str, LocalImage]) -> str:
     """The repo's Dockerfile on the local Debian base (rebuilt only when its sources change)."""
-    build(outer, "app")
-    return APP_IMAGE
+    return images["app"].name
 
 
 @pytest.fixture(scope="session")
-def texlive_image(outer: OuterEngine) -> str:
+def texlive_image(images: dict[str, LocalImage]) -> str:
     """The TeX Live image in the outer engine: sibling mode compiles with it there."""
-    build(outer, "texlive")
-    return TEXLIVE_IMAGE
+    return images["texlive"].name
 
 
 @pytest.fixture(scope="session")
-def texlive_tarballs(outer: OuterEngine, texlive_image: str) -> Path:
+def texlive_tarballs(images: dict[str, LocalImage]) -> Path:
     """A dir with `docker save` of the TeX Live image named as the installer's `load` wants it,
-    cached under the image's content key (a save of 370 MB takes ~20 s)."""
-    key = outer.docker(
-        "image", "inspect", "--format", '{{index .Config.Labels "sharelatex-init.key"}}',
-        texlive_image,
-    )  # fmt: skip
-    directory = CACHE / "tarballs" / key[:16]
-    tarball = directory / tarball_name(texlive_image)
-    if not tarball.exists():
-        for stale in (CACHE / "tarballs").glob("*"):
-            shutil.rmtree(stale, ignore_errors=True)
-        directory.mkdir(parents=True)
-        partial = directory / f".{tarball.name}.partial"
-        outer.docker("save", "-o", str(partial), texlive_image, timeout=300)
-        partial.rename(tarball)
-    return directory
+    cached under the image's content key (tests/conftest.py)."""
+    return images["texlive"].directory
 
 
 @dataclass

@@ -244,8 +244,13 @@ def start(tmp_path: Path, needs_unshare: None) -> Iterator[Callable[..., Running
         running = Running(proc, log_path, proc.pid, status_file)
         started.append(running)
         if pid1:
+            # A short-lived init (wrap mode, `sh -c 'exit 3'`) can exec, run and end between two
+            # looks on a busy machine: then unshare has ended too, and its pid stands in (a
+            # zombie until reaped, so signalling it reaches no other process).
             running.init_pid = wait_for(
-                lambda: _exec_child(proc.pid, argv[0]), 10, "the namespace's PID 1 to exec"
+                lambda: _exec_child(proc.pid, argv[0]) or (_ended(proc) and proc.pid),
+                10,
+                "the namespace's PID 1 to exec",
             )
         return running
 
@@ -253,7 +258,9 @@ def start(tmp_path: Path, needs_unshare: None) -> Iterator[Callable[..., Running
     for running in started:
         # Not PID 1, what the init started lives on without it (own sessions and groups).
         left = [p.pid for p in running.descendants()]
-        for pid in (running.init_pid, running.proc.pid, *left):
+        # Reaped already (the test waited): its pids may belong to other processes by now.
+        mine = () if running.proc.returncode is not None else (running.init_pid, running.proc.pid)
+        for pid in (*mine, *left):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -262,6 +269,11 @@ def start(tmp_path: Path, needs_unshare: None) -> Iterator[Callable[..., Running
             running.proc.wait(10)
         except subprocess.TimeoutExpired:
             pass
+
+
+def _ended(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether `proc` has exited, without reaping it (its pid stays its own)."""
+    return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
 def _exec_child(unshare_pid: int, program: str) -> int | None:

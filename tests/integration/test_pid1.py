@@ -355,7 +355,8 @@ def test_the_init_works_from_root_and_its_scripts_from_the_callers_dir(
         layout.startup / "10-where",
         f"readlink /proc/$PPID/cwd > {m}/init-cwd\npwd > {m}/script-cwd\n",
     )
-    layout.service("where", f"pwd > {m}/service-cwd\n{WAIT_FOREVER}")
+    # Written whole, then renamed: "up" means started, not that the file is there yet.
+    layout.service("where", f"pwd > {m}/cwd.tmp && mv {m}/cwd.tmp {m}/service-cwd\n{WAIT_FOREVER}")
     # Every path relative to the caller's dir: each must keep its meaning after the init leaves.
     argv = [
         str(Path(a).relative_to(layout.base)) if a.startswith(f"{layout.base}/") else a
@@ -364,6 +365,7 @@ def test_the_init_works_from_root_and_its_scripts_from_the_callers_dir(
     assert "service" in argv and "run/status.json" in argv
     init = start(argv, status_file=layout.status_file, cwd=layout.base)
     init.wait_service("where", "up")
+    wait_for((m / "service-cwd").exists, 10, "the service to write its cwd")
     assert os.readlink(f"/proc/{init.init_pid}/cwd") == "/"
     assert (m / "init-cwd").read_text().strip() == "/"
     assert (m / "script-cwd").read_text().strip() == str(layout.base)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import provide
 from tests.integration.conftest import (
     CLEAN_ENV,
     IMAGE,
@@ -156,14 +157,9 @@ def test_doctor_in_the_layout_passes_and_proves_the_host_path(site: Site) -> Non
 
 @pytest.fixture(scope="module")
 def app_image(engine: HostEngine) -> str:
-    """The Dockerfile built on the local Debian base into the host engine (cached by content)."""
-    done = subprocess.run(
-        [str(REPO / "scripts" / "build-images"), "--engine", f"unix://{engine.socket}",
-         "--only", "app"],
-        capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    return "sharelatex-init:local"
+    """The Dockerfile on the local Debian base in the host engine: loaded from the tarball the
+    session shares (tests/conftest.py), built only when no run has it yet."""
+    return provide(f"unix://{engine.socket}", "app").name
 
 
 def test_the_image_as_a_real_sibling_container_derives_proves_and_stops_cleanly(

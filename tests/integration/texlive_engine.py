@@ -1,6 +1,7 @@
 """A module-scoped TeX Live engine for the compile runner's tests: conftest's `engine` (a
-private dockerd, socket group www-data) with `scripts/build-images --only texlive` built into
-it, and a compiles root under its short base dir.
+private dockerd, socket group www-data) with the TeX Live image in it (built once per content
+key, then loaded from the cached tarball: tests/conftest.py), and a compiles root under its
+short base dir.
 
 A test module takes the fixtures by name: `texlive = texlive_engine.texlive` and
 `compiles = texlive_engine.compiles` at its top.
@@ -19,10 +20,10 @@ from typing import Any
 
 import pytest
 
+from tests.conftest import provide
 from tests.integration.conftest import CLEAN_ENV, COMPILE_LABEL, HostEngine, require, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD_IMAGES = REPO / "scripts" / "build-images"
 TEXLIVE = "sharelatex-init/texlive:bookworm"
 WWW_DATA = 33  # the services' user in the ShareLaTeX image: compile dirs are its own
 # Small limits, so each attack ends fast; IDLE short, so leftovers show within seconds.
@@ -39,13 +40,10 @@ LIMITS = {
 
 @pytest.fixture(scope="module")
 def texlive(engine: HostEngine) -> HostEngine:
-    """The engine with the TeX Live image in it (cached by content: ~1 min cold, 0.3 s hot)."""
+    """The engine with the TeX Live image in it: a `docker load` of ~6 s once the session (or
+    an earlier run) has the tarball, else a build of a minute or more."""
     require(shutil.which("debootstrap") is not None, "needs debootstrap (scripts/setup)")
-    done = subprocess.run(
-        [str(BUILD_IMAGES), "--engine", f"unix://{engine.socket}", "--only", "texlive"],
-        capture_output=True, text=True, timeout=900, env=dict(os.environ),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert provide(f"unix://{engine.socket}", "texlive").name == TEXLIVE
     return engine
 
 
