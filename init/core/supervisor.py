@@ -210,6 +210,9 @@ class Supervisor:
         delay = self.backoff.delay(service.quick_exits)
         service.reason = f"{exit_.describe()} after {uptime:.1f} s"
         crash_loop = " (crash loop)" if service.quick_exits >= 3 else ""
+        # Known now, so that no status says "backoff" without when (a finish script may still
+        # run first; the timer, once set, says it again).
+        service.next_start_at = round(self.system.wall_clock() + delay, 3)
         self._move(service, State.BACKOFF)
         self.log.warning(
             service.name,

@@ -473,6 +473,13 @@ class Execution:
         return None
 
 
+def _gone(message: str) -> bool:
+    """An engine's words for a container that has ended or is going, whatever the status it
+    came with (dockerd answers a container being removed with a 500 on some calls)."""
+    said = message.lower()
+    return any(w in said for w in ("is not running", "removal in progress", "no such container"))
+
+
 class DockerBackend:
     """The Docker engine at `url` (DOCKER_HOST), as the compile runner uses it."""
 
@@ -560,7 +567,7 @@ class DockerBackend:
         try:
             created = self.call("POST", f"/containers/{container}/exec", body)
         except ApiError as e:
-            if e.status in (404, 409):
+            if e.status in (404, 409) or _gone(e.message):
                 raise ContainerGone(e.message, e.status) from e
             raise self._error(e) from e
         try:
@@ -578,7 +585,7 @@ class DockerBackend:
         if response.status >= 400:
             message = response.body().decode(errors="replace")
             sock.close()
-            if response.status in (404, 409):
+            if response.status in (404, 409) or _gone(message):
                 raise ContainerGone(message, response.status)
             raise self._error(ApiError(response.status, message))
         return Execution(self, created["Id"], response)
