@@ -97,11 +97,12 @@ def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, 
 # its own) is killed: `kill -1` reaches every process of the container but its PID 1 and itself.
 # The mark each compile leaves as it ends, for the watchdog: a command shorter than its step
 # (synctex, texcount: tens of ms) is never seen among the processes, and the container must not
-# end as idle just as the next command comes.
+# end as idle just as the next command comes. Written with `true >`, not `: >`: a redirection
+# that fails on a special builtin (`:`) ends a POSIX shell, and the watchdog is the container.
 EXEC_MARK = "/tmp/.sharelatex-init-exec"
 _END_LEFTOVERS = (
     'timeout -s KILL "$0" "$@"; status=$?; kill -KILL -1 2>/dev/null; '
-    f": > {EXEC_MARK}; exit $status"
+    f"true > {EXEC_MARK} 2>/dev/null; exit $status"
 )
 
 
@@ -122,10 +123,10 @@ def watchdog_command(limits: Limits) -> list[str]:
         "trap 'exit 0' TERM INT; "
         f"end=$(( $(date +%s) + {int(limits.deadlines.lifetime)} )); quiet=0; "
         'while [ "$(date +%s)" -lt "$end" ]; do '
-        f": > {EXEC_MARK}.seen; "
+        f"true > {EXEC_MARK}.seen 2>/dev/null; "
         f"sleep {step} & wait $!; set -- /proc/[0-9]*; "
         f'if [ "$#" -gt 1 ] || [ {EXEC_MARK} -nt {EXEC_MARK}.seen ]; then quiet=0; '
-        f": > {EXEC_MARK}.seen; else quiet=$((quiet + {step})); "
+        f"true > {EXEC_MARK}.seen 2>/dev/null; else quiet=$((quiet + {step})); "
         f'[ "$quiet" -ge {max(int(limits.idle), step)} ] && exit 0; fi; '
         "done"
     )
