@@ -48,7 +48,30 @@ def run_checks(
         checks += sibling_checks(settings, environ)
     if settings.mode is not Mode.OFF:  # off: the "sandbox" warning above says it all
         checks.append(compile_runner_check(settings))
+        checks.append(runtime_check(settings, environ, root))
     return checks
+
+
+def runtime_check(
+    settings: Settings, environ: Mapping[str, str], root: Path = Path("/")
+) -> Check:
+    """The OCI runtime each compile image runs under, and in docker-in-docker runsc's platform
+    and why (sibling mode: the host's engine's runtimes are among the sibling checks)."""
+    from init.engine import runtime
+
+    if settings.mode is not Mode.DIND or runtime.RUNSC not in runtime.wanted(settings):
+        return Check("runtime", Status.OK, f"compiles run under {runtime.describe(settings)}")
+    try:
+        layout = dockerd.layout_from_env(environ)
+        plan = runtime.plan_registration(settings, layout.extra_args, Path("/nonexistent"), root)
+    except ConfigError as e:
+        return Check("runtime", Status.FAIL, "; ".join(e.problems))
+    platform = plan.platform if plan is not None else runtime.Platform("ptrace", "")
+    return Check(
+        "runtime",
+        Status.OK,
+        f"compiles run under {runtime.describe(settings, platform.name)}; {platform.reason}",
+    )
 
 
 def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
@@ -72,6 +95,7 @@ def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
 def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:
     """The socket, who may use it, the engine's API, the host dirs and the marker proof."""
     from init.engine import (
+        runtime,
         sibling,
         sibling_check,  # the Docker SDK: only here, never in PID 1
     )
@@ -87,6 +111,7 @@ def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check
         output_variable=sibling.configured_variable(environ, "output"),
         container_id=environ.get(config.CONTAINER_ID, ""),
         image=settings.texlive_image,
+        runtimes=tuple(sorted(runtime.wanted(settings))),
     )
     result = sibling_check.check(request, dict(environ))
     checks = list(result.checks)

@@ -115,7 +115,9 @@ def watchdog_command(limits: Limits) -> list[str]:
         "trap 'exit 0' TERM INT; "
         f"end=$(( $(date +%s) + {int(limits.deadlines.lifetime)} )); quiet=0; "
         'while [ "$(date +%s)" -lt "$end" ]; do '
-        f"sleep {step} & wait $!; set -- /proc/[0-9]*; "
+        # A sleep killed early is a compile's end (its `kill -1`): not a quiet period. gVisor
+        # lists the compile's own shell gone by the time this wakes, so it must not count.
+        f"sleep {step} & wait $! || {{ quiet=0; continue; }}; set -- /proc/[0-9]*; "
         f'if [ "$#" -gt 1 ]; then quiet=0; else quiet=$((quiet + {step})); '
         f'[ "$quiet" -ge {max(int(limits.idle), step)} ] && exit 0; fi; '
         "done"

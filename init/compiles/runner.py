@@ -191,7 +191,8 @@ class Runner:
             except Exception as e:  # the stream ends with the container; the exit says why
                 tail.extend(f"\n(stream ended: {e})".encode())
             finally:
-                os.write(done_w, b"x")
+                with contextlib.suppress(OSError):  # the runner stopped waiting (gVisor)
+                    os.write(done_w, b"x")
 
         def watch() -> None:
             if ender is not None and ender.wait():
@@ -234,7 +235,7 @@ class Runner:
         text = tail.decode(errors="replace")
         timed_out = exit_code == 128 + signal.SIGKILL and seconds >= self.deadlines.timed_out_after
         oom = False
-        if exit_code not in (0, None) and not timed_out:
+        if exit_code != 0 and not timed_out:  # None: the container died under it (gVisor)
             oom = self.backend.oom_killed(container, began)
         if oom or timed_out or limits.idle == 0 or exit_code not in CLEAN_EXITS:
             # A fresh container for the next compile: an OOM flag stays on a container, and

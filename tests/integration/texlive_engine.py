@@ -8,6 +8,7 @@ A test module takes the fixtures by name: `texlive = texlive_engine.texlive` and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -57,6 +58,7 @@ class Compiles:
     root: Path
     run_dir: Path
     status_file: Path
+    runtime: str = "runc"  # SHARELATEX_INIT_COMPILE_RUNTIME: runc or runsc (gVisor)
 
     def project(self, name: str, files: dict[str, str | bytes]) -> Path:
         directory = self.root / name
@@ -79,6 +81,7 @@ class Compiles:
             "SHARELATEX_INIT_COMPILE_RUN_DIR": str(self.run_dir),
             "SHARELATEX_INIT_STATUS_FILE": str(self.status_file),
             **LIMITS,
+            "SHARELATEX_INIT_COMPILE_RUNTIME": self.runtime,
             **extra,
         }
 
@@ -110,8 +113,7 @@ def chown_tree(directory: Path, uid: int) -> None:
             os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
 
 
-@pytest.fixture(scope="module")
-def compiles(texlive: HostEngine) -> Iterator[Compiles]:
+def compiles_root(texlive: HostEngine) -> Iterator[Compiles]:
     base = texlive.base / "site"
     root = base / "compiles"
     root.mkdir(parents=True)
@@ -120,3 +122,17 @@ def compiles(texlive: HostEngine) -> Iterator[Compiles]:
     yield made
     for container in made.containers().split():
         texlive.docker("rm", "-f", container)
+
+
+# The compiles root for a module (`compiles`), and under another name for a module that makes
+# its own `compiles` of it (test_sandbox: one per runtime).
+compiles = pytest.fixture(scope="module", name="compiles")(compiles_root)
+site = pytest.fixture(scope="module", name="site")(compiles_root)
+RUNTIMES = ("runc", "runsc")
+
+
+def with_runtime(site: Compiles, runtime: str) -> Compiles:
+    """`site` compiling under `runtime` (runsc needs it installed: scripts/setup)."""
+    if runtime == "runsc":
+        require(Path("/usr/bin/runsc").exists(), "needs runsc (apt-get install runsc)")
+    return dataclasses.replace(site, runtime=runtime)
