@@ -52,9 +52,7 @@ def run_checks(
     return checks
 
 
-def runtime_check(
-    settings: Settings, environ: Mapping[str, str], root: Path = Path("/")
-) -> Check:
+def runtime_check(settings: Settings, environ: Mapping[str, str], root: Path = Path("/")) -> Check:
     """The OCI runtime each compile image runs under, and in docker-in-docker runsc's platform
     and why (sibling mode: the host's engine's runtimes are among the sibling checks)."""
     from init.engine import runtime
