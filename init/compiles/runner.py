@@ -216,7 +216,10 @@ class Runner:
             # A stop signal, or the in-container timeout did not end it: remove the container.
             self.backend.remove(container)
             self._forget(job)
-            reader.join(5)
+            reader.join(5 if ender is None else 0.5)
+            if reader.is_alive() and ender is not None:  # gVisor: removed, its stream open
+                execution.abort()
+                reader.join(5)
             if not reader.is_alive():  # else it still writes to it: the fd goes with the process
                 os.close(done_w)
             return Ran(

@@ -132,7 +132,18 @@ RUNTIMES = ("runc", "runsc")
 
 
 def with_runtime(site: Compiles, runtime: str) -> Compiles:
-    """`site` compiling under `runtime` (runsc needs it installed: scripts/setup)."""
+    """`site` compiling under `runtime` (runsc needs it installed: scripts/setup), with a
+    compiles root, run dir and status file of its own beside the site's: a project's files
+    from one runtime's run are not the next one's."""
     if runtime == "runsc":
         require(Path("/usr/bin/runsc").exists(), "needs runsc (apt-get install runsc)")
-    return dataclasses.replace(site, runtime=runtime)
+    base = site.root.parent / runtime
+    (base / "compiles").mkdir(parents=True, exist_ok=True)
+    os.chmod(base, 0o755)
+    return dataclasses.replace(
+        site,
+        runtime=runtime,
+        root=base / "compiles",
+        run_dir=base / "run",
+        status_file=base / "status.json",
+    )
