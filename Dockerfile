@@ -10,10 +10,14 @@ SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 
 # Python for the init, Debian's docker.io for the inner engine of docker-in-docker, and tini (a
 # few kB) as the reference init of scripts/bench/docker-stop (`--entrypoint tini`). First, so
-# that it changes only with the base.
+# that it changes only with the base. gVisor's runsc (Debian's package, 23 MB) for
+# OVERLEAF_INIT_COMPILE_RUNTIME=runsc; a base whose archive lacks it builds without, and the
+# init then refuses runsc with the fix.
 RUN apt-get update -q \
  && apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates docker.io \
       tini \
+ && { apt-get install -y -q --no-install-recommends runsc \
+      || echo "runsc is not in this base's archive: compiles can run under runc only"; } \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 
 # The dependencies in a layer of their own: a code change rebuilds only the layers below.

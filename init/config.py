@@ -114,6 +114,14 @@ DEFAULT_TARBALL_DIR = Path("/var/lib/sharelatex-init/images")  # used when it ex
 # shim: a sandboxing `latexmk` first on the services' PATH (Community Edition); docker: the
 # services' own docker runner reads DOCKER_RUNNER (Server Pro); auto: docker when one is there.
 COMPILE_RUNNERS = ("auto", "shim", "docker")
+# The OCI runtime compile containers run under: runc (the engine's default) or gVisor's runsc, an
+# application kernel between a document and the host's (init.engine.runtime). A bare word is the
+# default; IMAGE=RUNTIME items choose per image of the allow-list, e.g. `runc,old/texlive=runsc`.
+COMPILE_RUNTIME = "OVERLEAF_INIT_COMPILE_RUNTIME"
+COMPILE_RUNTIMES = ("runc", "runsc")
+# runsc's platform in docker-in-docker: auto (KVM where /dev/kvm can serve it, else ptrace).
+RUNSC_PLATFORM = "OVERLEAF_INIT_RUNSC_PLATFORM"
+RUNSC_PLATFORMS = ("auto", "ptrace", "kvm")
 
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
@@ -156,6 +164,9 @@ class Settings:
     http_address: tuple[str, int] | None = None  # (host, port); None: no HTTP endpoint
     compile_runner: str = "auto"
     generation: Generation = Generation.OVERLEAF
+    # (image, runtime) for every image of the allow-list, in its order.
+    compile_runtimes: tuple[tuple[str, str], ...] = ()
+    runsc_platform: str = "auto"
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -334,6 +345,20 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
             f"{COMPILE_RUNNER}={environ[COMPILE_RUNNER]!r} is not a compile runner; "
             f"use one of {', '.join(COMPILE_RUNNERS)}"
         )
+    runtimes = _runtimes(environ.get(COMPILE_RUNTIME), all_images, problems)
+    platform = environ.get(RUNSC_PLATFORM, "").strip().lower() or "auto"
+    if platform not in RUNSC_PLATFORMS:
+        problems.append(
+            f"{RUNSC_PLATFORM}={environ[RUNSC_PLATFORM]!r} is not a gVisor platform; "
+            f"use one of {', '.join(RUNSC_PLATFORMS)}"
+        )
+    if runner == "docker" and any(r != "runc" for _, r in runtimes):
+        # The services' own docker runner creates the compile containers: no Runtime of ours.
+        problems.append(
+            f"{COMPILE_RUNTIME}={environ[COMPILE_RUNTIME]!r} needs the init's compile runner, but "
+            f"{COMPILE_RUNNER}=docker leaves compiles to the services' own docker runner; "
+            f"set {COMPILE_RUNNER}=shim (or {COMPILE_RUNTIME}=runc)"
+        )
 
     if problems:
         raise ConfigError(problems)
@@ -359,6 +384,8 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
         texlive_scheme=scheme,
         http_address=http_address,
         compile_runner=runner,
+        compile_runtimes=runtimes,
+        runsc_platform=platform,
         warnings=tuple(warnings),
     )
 
@@ -467,6 +494,35 @@ def parse_address(text: str) -> tuple[str, int]:
 def _own(environ: Mapping[str, str], name: str) -> tuple[str, str] | None:
     """One of the init's own variables as (name, value), like a product variable's lookup."""
     return (name, environ[name]) if name in environ else None
+
+
+def _runtimes(
+    value: str | None, images: tuple[str, ...], problems: list[str]
+) -> tuple[tuple[str, str], ...]:
+    """(image, runtime) for each image: `runsc`, or `runc,IMAGE=runsc,...` (a bare word is
+    the default, IMAGE=RUNTIME an image of the allow-list)."""
+    default = "runc"
+    chosen: dict[str, str] = {}
+    for item in (part.strip() for part in (value or "").split(",")):
+        if not item:
+            continue
+        image, sep, runtime = item.rpartition("=")
+        runtime = runtime.strip().lower()
+        if runtime not in COMPILE_RUNTIMES:
+            problems.append(
+                f"{COMPILE_RUNTIME}: {item!r} names no runtime sharelatex-init knows; "
+                f"use {' or '.join(COMPILE_RUNTIMES)} (gVisor), or IMAGE=runsc for one image"
+            )
+        elif not sep:
+            default = runtime
+        elif image.strip() not in images:
+            problems.append(
+                f"{COMPILE_RUNTIME}: {image.strip()!r} is not an allowed TeX Live image; "
+                f"choose one of {', '.join(images)} or add it to {ALL_TEXLIVE_IMAGES}"
+            )
+        else:
+            chosen[image.strip()] = runtime
+    return tuple((image, chosen.get(image, default)) for image in images)
 
 
 def _sources(value: str | None, problems: list[str]) -> tuple[str, ...]:

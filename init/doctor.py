@@ -49,6 +49,7 @@ def run_checks(
     if settings.mode is not Mode.OFF:  # off: the "sandbox" warning above says it all
         checks.append(compile_runner_check(settings))
         checks.append(proxy_check(status_file))
+        checks.append(runtime_check(settings, environ, root))
     return checks
 
 
@@ -84,6 +85,26 @@ def proxy_check(status_file: Path) -> Check:
     )
 
 
+def runtime_check(settings: Settings, environ: Mapping[str, str], root: Path = Path("/")) -> Check:
+    """The OCI runtime each compile image runs under, and in docker-in-docker runsc's platform
+    and why (sibling mode: the host's engine's runtimes are among the sibling checks)."""
+    from init.engine import runtime
+
+    if settings.mode is not Mode.DIND or runtime.RUNSC not in runtime.wanted(settings):
+        return Check("runtime", Status.OK, f"compiles run under {runtime.describe(settings)}")
+    try:
+        layout = dockerd.layout_from_env(environ)
+        plan = runtime.plan_registration(settings, layout.extra_args, Path("/nonexistent"), root)
+    except ConfigError as e:
+        return Check("runtime", Status.FAIL, "; ".join(e.problems))
+    platform = plan.platform if plan is not None else runtime.Platform("ptrace", "")
+    return Check(
+        "runtime",
+        Status.OK,
+        f"compiles run under {runtime.describe(settings, platform.name)}; {platform.reason}",
+    )
+
+
 def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
     """How the services' compiles will run, with sandboxed compiles on."""
     from init.compiles import service_env as compile_env
@@ -105,6 +126,7 @@ def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
 def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:
     """The socket, who may use it, the engine's API, the host dirs and the marker proof."""
     from init.engine import (
+        runtime,
         sibling,
         sibling_check,  # the Docker SDK: only here, never in PID 1
     )
@@ -120,6 +142,7 @@ def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check
         output_variable=sibling.configured_variable(environ, "output"),
         container_id=environ.get(config.CONTAINER_ID, ""),
         image=settings.texlive_image,
+        runtimes=tuple(sorted(runtime.wanted(settings))),
     )
     result = sibling_check.check(request, dict(environ))
     checks = list(result.checks)

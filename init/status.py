@@ -214,6 +214,8 @@ def _engine_line(engine: EngineStatus) -> str:
         parts.append(f"storage driver {engine.driver}")
     if engine.host_dir_compiles:
         parts.append(f"host compile dir {engine.host_dir_compiles}")
+    if engine.runtimes:
+        parts.append(f"compiles under {engine.runtimes}")
     if engine.reason:
         parts.append(engine.reason)
     if engine.fix:

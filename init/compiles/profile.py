@@ -30,7 +30,7 @@ import os
 import time
 import zlib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from init.compiles.contract import ENGINE_FLAGS, ENGINES
@@ -124,7 +124,9 @@ def watchdog_command(limits: Limits) -> list[str]:
         f"end=$(( $(date +%s) + {int(limits.deadlines.lifetime)} )); quiet=0; "
         'while [ "$(date +%s)" -lt "$end" ]; do '
         f"true > {EXEC_MARK}.seen 2>/dev/null; "
-        f"sleep {step} & wait $!; set -- /proc/[0-9]*; "
+        # A sleep killed early is a compile's end (its `kill -1`): not a quiet period. gVisor
+        # lists the compile's own shell gone by the time this wakes, so it must not count.
+        f"sleep {step} & wait $! || {{ quiet=0; continue; }}; set -- /proc/[0-9]*; "
         f'if [ "$#" -gt 1 ] || [ {EXEC_MARK} -nt {EXEC_MARK}.seen ]; then quiet=0; '
         f"true > {EXEC_MARK}.seen 2>/dev/null; else quiet=$((quiet + {step})); "
         f'[ "$quiet" -ge {max(int(limits.idle), step)} ] && exit 0; fi; '
@@ -133,8 +135,9 @@ def watchdog_command(limits: Limits) -> list[str]:
     return ["sh", "-c", script]
 
 
-def container_name(directory: CompileDir, image: str, limits: Limits) -> str:
-    """One container per project and profile: a changed image or limit gets a new one."""
+def container_name(directory: CompileDir, image: str, limits: Limits, runtime: str = "runc") -> str:
+    """One container per project and profile: a changed image, limit or runtime gets a new
+    one."""
     fingerprint = zlib.crc32(
         json.dumps(
             [
@@ -151,6 +154,7 @@ def container_name(directory: CompileDir, image: str, limits: Limits) -> str:
                 limits.output,
                 limits.nofile,
                 limits.shell_escape,
+                *([runtime] if runtime != "runc" else []),  # runc's names stay as they were
             ]
         ).encode()
     )
@@ -190,17 +194,22 @@ class ContainerSpec:
 
 
 def container_spec(
-    job: Job, limits: Limits, seccomp: str | None, now: float | None = None
+    job: Job,
+    limits: Limits,
+    seccomp: str | None,
+    now: float | None = None,
+    runtime: str = "runc",
 ) -> ContainerSpec:
-    """The profile of a project's container (see the module docstring for each choice)."""
+    """The profile of a project's container (see the module docstring for each choice; for
+    runsc, init.engine.runtime's)."""
     now = time.time() if now is None else now
     security = ["no-new-privileges"]
     if seccomp is not None:
         security.append(f"seccomp={seccomp}")
     deadlines = limits.deadlines
     expires = now + deadlines.lifetime
-    return ContainerSpec(
-        name=container_name(job.directory, job.image, limits),
+    spec = ContainerSpec(
+        name=container_name(job.directory, job.image, limits, runtime),
         image=job.image,
         command=watchdog_command(limits),
         user=f"{job.directory.uid}:{job.directory.gid}",
@@ -247,6 +256,23 @@ def container_spec(
         },
         expires=expires,
     )
+    return gvisor_profile(spec, limits) if runtime == "runsc" else spec
+
+
+def gvisor_profile(spec: ContainerSpec, limits: Limits) -> ContainerSpec:
+    """The profile under runsc: the engine's pids limit bounds the sandbox's host tasks (the
+    Sentry's threads count there), the compile's processes are held by RLIMIT_NPROC, which the
+    Sentry enforces inside the sandbox (init.engine.runtime says why)."""
+    from init.engine.runtime import RUNSC, host_tasks
+
+    host_config = dict(spec.host_config)
+    host_config["Runtime"] = RUNSC
+    host_config["PidsLimit"] = host_tasks(limits.pids)
+    host_config["Ulimits"] = [
+        *host_config["Ulimits"],
+        {"Name": "nproc", "Soft": limits.pids, "Hard": limits.pids},
+    ]
+    return replace(spec, host_config=host_config)
 
 
 def load_seccomp(warn: Callable[[str], None]) -> str | None:

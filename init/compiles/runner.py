@@ -7,6 +7,7 @@ backend they give it (init.engine.client.DockerBackend).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -130,14 +131,17 @@ class Runner:
         """The project's running container: the one noted in the run dir while it has time
         left for a whole compile, else a new one (NotReady when the image is missing)."""
         limits = self.settings.limits
-        record_path = self.queue.record_path(container_name(job.directory, job.image, limits))
+        runtime = self.settings.runtime(job.image)
+        record_path = self.queue.record_path(
+            container_name(job.directory, job.image, limits, runtime)
+        )
         record = read_record(record_path)
         left = float(record.get("expires", 0)) - time.time()
         if record.get("id") and left > self.deadlines.reuse:
             return str(record["id"])  # no engine call: the exec says if it is gone
         if record.get("id"):
             self.backend.remove(str(record["id"]))
-        spec = container_spec(job, limits, self.seccomp)
+        spec = container_spec(job, limits, self.seccomp, runtime=runtime)
         try:
             container_id = self.backend.start(spec.name, spec.create_body())
         except ImageMissing as e:
@@ -148,9 +152,8 @@ class Runner:
     def _forget(self, job: Job) -> None:
         """Drop the note of the project's container (it is gone or being removed)."""
         limits = self.settings.limits
-        self.queue.record_path(container_name(job.directory, job.image, limits)).unlink(
-            missing_ok=True
-        )
+        name = container_name(job.directory, job.image, limits, self.settings.runtime(job.image))
+        self.queue.record_path(name).unlink(missing_ok=True)
 
     def _exec(
         self, container: str, job: Job, signals: StopSignals, output: Callable[[bytes], None]
@@ -174,6 +177,10 @@ class Runner:
             )  # fmt: skip
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
         tail = bytearray()
+        # gVisor: a sandbox the OOM killer ended leaves the exec's stream open; its end says so.
+        ender = None
+        if self.settings.runtime(job.image) == "runsc":
+            ender = self.backend.watch_end(container)
 
         def pump() -> None:
             try:
@@ -184,23 +191,35 @@ class Runner:
             except Exception as e:  # the stream ends with the container; the exit says why
                 tail.extend(f"\n(stream ended: {e})".encode())
             finally:
-                try:
+                with contextlib.suppress(OSError):  # the runner stopped waiting (gVisor)
                     os.write(done_w, b"x")
-                except OSError:
-                    pass  # the runner stopped waiting (a stop, or its deadline): no one reads
+
+        def watch() -> None:
+            if ender is not None and ender.wait():
+                with contextlib.suppress(OSError):
+                    os.write(done_w, b"e")
 
         reader = threading.Thread(target=pump, name="compile-output", daemon=True)
         reader.start()
+        watcher = threading.Thread(target=watch, name="compile-end", daemon=True)
+        if ender is not None:
+            watcher.start()
         try:
             finished = signals.wait(done_r, self.deadlines.wait)
         finally:
             os.close(done_r)
         seconds = time.monotonic() - started
+        if ender is not None:
+            ender.cancel()
+            watcher.join(5)
         if not finished:
             # A stop signal, or the in-container timeout did not end it: remove the container.
             self.backend.remove(container)
             self._forget(job)
-            reader.join(5)
+            reader.join(5 if ender is None else 0.5)
+            if reader.is_alive() and ender is not None:  # gVisor: removed, its stream open
+                execution.abort()
+                reader.join(5)
             if not reader.is_alive():  # else it still writes to it: the fd goes with the process
                 os.close(done_w)
             return Ran(
@@ -210,13 +229,16 @@ class Runner:
                 stopped_by=signals.received,
                 output=tail.decode(errors="replace"),
             )
-        reader.join()
+        reader.join(None if ender is None else 1.0)
+        if reader.is_alive():  # the container ended under an open stream (gVisor)
+            execution.abort()
+            reader.join(5)
         os.close(done_w)
         exit_code = execution.exit_code()
         text = tail.decode(errors="replace")
         timed_out = exit_code == 128 + signal.SIGKILL and seconds >= self.deadlines.timed_out_after
         oom = False
-        if exit_code not in (0, None) and not timed_out:
+        if exit_code != 0 and not timed_out:  # None: the container died under it (gVisor)
             oom = self.backend.oom_killed(container, began)
         if oom or timed_out or limits.idle == 0 or exit_code not in CLEAN_EXITS:
             # A fresh container for the next compile: an OOM flag stays on a container, and

@@ -190,6 +190,11 @@ class CompileSettings:
     images: tuple[str, ...]
     engine_url: str
     status_file: Path
+    runtimes: tuple[tuple[str, str], ...] = ()  # (image, runtime): config.COMPILE_RUNTIME
+
+    def runtime(self, image: str) -> str:
+        """The OCI runtime `image` runs under: runc unless the operator chose runsc for it."""
+        return dict(self.runtimes).get(image, "runc")
 
 
 def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
@@ -225,6 +230,7 @@ def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
         images=product.all_texlive_images,
         engine_url=environ.get(config.DOCKER_HOST) or "unix:///var/run/docker.sock",
         status_file=status.status_path(environ),
+        runtimes=product.compile_runtimes,
     )
 
 

@@ -120,6 +120,8 @@ class EngineInfo:
     api_version: str
     driver: str
     runtimes: tuple[str, ...] = ()
+    # Each runtime's runtimeArgs as the engine reports them (its daemon.json's).
+    runtime_args: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -181,6 +183,10 @@ class Engine:
             api_version=str(version.get("ApiVersion") or ""),
             driver=str(info.get("Driver") or ""),
             runtimes=tuple(sorted((info.get("Runtimes") or {}).keys())),
+            runtime_args=tuple(
+                (str(name), tuple(str(a) for a in (spec or {}).get("runtimeArgs") or ()))
+                for name, spec in sorted((info.get("Runtimes") or {}).items())
+            ),
         )
 
     # -- containers ------------------------------------------------------------------------
@@ -460,6 +466,11 @@ class Execution:
         finally:
             self._response.sock.close()
 
+    def abort(self) -> None:
+        """End the stream's read (a stream the engine never closes: gVisor's dead sandbox)."""
+        with contextlib.suppress(OSError):
+            self._response.sock.shutdown(socket.SHUT_RDWR)
+
     def exit_code(self) -> int | None:
         """The exit status once the engine has it (it may lag the stream's end a little)."""
         for _ in range(100):
@@ -478,6 +489,27 @@ def _gone(message: str) -> bool:
     came with (dockerd answers a container being removed with a 500 on some calls)."""
     said = message.lower()
     return any(w in said for w in ("is not running", "removal in progress", "no such container"))
+
+
+class ContainerEnd:
+    """A container's end awaited (`POST /containers/{id}/wait?condition=not-running`): `wait`
+    blocks until it has ended (True) or the watch is cancelled (False)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def wait(self) -> bool:
+        try:
+            response = Response(self.sock)
+            return response.status == 200 and bool(response.body())
+        except (OSError, ValueError, IndexError):
+            return False
+        finally:
+            self.sock.close()
+
+    def cancel(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
 
 class DockerBackend:
@@ -589,6 +621,19 @@ class DockerBackend:
                 raise ContainerGone(message, response.status)
             raise self._error(ApiError(response.status, message))
         return Execution(self, created["Id"], response)
+
+    def watch_end(self, container: str) -> ContainerEnd:
+        """A watch on `container`'s end. Under gVisor an exec's stream outlives a sandbox that
+        died (the OOM killer ends the Sentry): its end says the compile is over."""
+        target = f"/v{API_VERSION}/containers/{container}/wait?condition=not-running"
+        try:
+            sock = self._connect(30.0)
+            sock.settimeout(None)  # as long as the compile runs; `cancel` ends it
+            head = f"POST {target} HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
+            sock.sendall(head.encode())
+        except OSError as e:
+            raise self._error(e) from e
+        return ContainerEnd(sock)
 
     def oom_killed(self, container: str, since: float) -> bool:
         """Whether the kernel's OOM killer struck in `container` since `since` (epoch): the

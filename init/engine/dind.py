@@ -32,7 +32,7 @@ from init.core.loop import EventLoop, Timer
 from init.core.process import Exit
 from init.core.services import ServiceSpec
 from init.core.supervisor import Service, ServiceHooks
-from init.engine import cgroups, dockerd, privilege, storage
+from init.engine import cgroups, dockerd, privilege, runtime, storage
 from init.engine.ready import MODULE as READY_CHECK
 from init.engine.ready import ReadyRequest, ReadyResult
 from init.engine.side import CompileWiring, EngineStatus, Installer, OnChange, SandboxSide
@@ -79,6 +79,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
         self.root = root
         self.state = Component(Phase.STARTING, on_change=on_change)
         self.driver = ""
+        self.platform: runtime.Platform | None = None  # runsc's, when compiles use it
         self.ready_seconds: float | None = None
         self._checking = False
         self._service: Service | None = None
@@ -99,6 +100,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
         verdict = privilege.check(self.root)
         if verdict.status is Status.FAIL:
             raise ConfigError([f"{verdict.message}; {verdict.fix}"])
+        registration = self._register_runtimes()
         plan = cgroups.plan(self.root)
         for line in cgroups.describe(plan):
             self.log.info("cgroups", line)
@@ -116,9 +118,26 @@ class InnerDocker(SandboxSide, ServiceHooks):
                 *storage.dockerd_args(choice),
                 *DOCKERD_SHUTDOWN_TIMEOUT,
                 *dockerd.socket_group_args(self.layout, self.service_user),
+                *(registration.dockerd_args() if registration else ()),
             )
             self._spec = dockerd.service_spec(self.layout, tuple(args))
         return self.with_compiles(environ, {DOCKER_HOST: self.layout.docker_host})
+
+    def _register_runtimes(self) -> runtime.Registration | None:
+        """runsc registered with the inner dockerd when a compile image runs under it (exit 78
+        when it cannot be: no runsc in the image, KVM asked where it cannot run)."""
+        registration = runtime.plan_registration(
+            self.settings, self.layout.extra_args, self.run_dir, self.root
+        )
+        if registration is None:
+            return None
+        runtime.apply_registration(registration)
+        self.platform = registration.platform
+        self.log.info(
+            "runtime", f"compiles run under {runtime.describe(self.settings, self.platform.name)}"
+            f" ({self.platform.reason})"
+        )  # fmt: skip
+        return registration
 
     def engine_service(self) -> tuple[ServiceSpec, ServiceHooks] | None:
         return (self._spec, self) if self._spec is not None else None
@@ -334,6 +353,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
             socket=str(self.layout.socket),
             driver=self.driver,
             ready_seconds=self.ready_seconds,
+            runtimes=runtime.describe(self.settings, self.platform.name if self.platform else ""),
         )
 
 

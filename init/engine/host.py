@@ -29,7 +29,7 @@ from init.core.component import Component, Phase
 from init.core.log import Log
 from init.core.loop import EventLoop
 from init.core.supervisor import Supervisor
-from init.engine import sibling
+from init.engine import runtime, sibling
 from init.engine.sibling_check import MODULE as SIBLING_CHECK
 from init.engine.sibling_check import SiblingRequest, SiblingResult
 from init.engine.side import (
@@ -96,6 +96,7 @@ class HostDocker(SandboxSide):
             image=settings.texlive_image,
             deadline=CHECK_DEADLINE,
             grant_group=self.proxy is None,
+            runtimes=tuple(sorted(runtime.wanted(settings))),
         )
         result = self._run_check(self.request)
         self.result = result
@@ -182,6 +183,7 @@ class HostDocker(SandboxSide):
             derived=result.derived,
             api_version=result.api_version,
             proof=Proof(result.proof.status, result.proof.message),
+            runtimes=runtime.describe(self.settings),
         )
 
 

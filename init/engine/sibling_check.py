@@ -24,8 +24,15 @@ from typing import Any
 
 from init.checks import Check, Status
 from init.config import DEFAULT_COMPILES_DIR, DEFAULT_OUTPUT_DIR, HOST_DIR, HOST_DIR_OUTPUT
-from init.engine import sibling
-from init.engine.client import COMPILE_LABEL, Engine, EngineUnreachable, ImageMissing, NotFound
+from init.engine import runtime, sibling
+from init.engine.client import (
+    COMPILE_LABEL,
+    Engine,
+    EngineInfo,
+    EngineUnreachable,
+    ImageMissing,
+    NotFound,
+)
 from init.errors import EngineError
 
 MODULE = "init.engine.sibling_check"
@@ -66,6 +73,7 @@ class SiblingRequest:
     image: str = ""  # the compile image for the proof; empty: no proof
     deadline: float = 5.0
     grant_group: bool = False  # the init at boot: add the user to the socket's group it was given
+    runtimes: tuple[str, ...] = ()  # the runtimes beyond runc that compile images run under
 
     def argv(self) -> tuple[str, ...]:
         args = [
@@ -88,6 +96,8 @@ class SiblingRequest:
                 args += [flag, str(value)]
         if self.grant_group:
             args.append("--grant-group")
+        for name in self.runtimes:
+            args += ["--runtime", name]
         return tuple(args)
 
     @classmethod
@@ -108,6 +118,7 @@ class SiblingRequest:
         parser.add_argument("--image", default="")
         parser.add_argument("--deadline", type=float, default=5.0)
         parser.add_argument("--grant-group", action="store_true", help="see grant_group")
+        parser.add_argument("--runtime", action="append", default=[], help="see runtimes")
         args = parser.parse_args(list(argv))
         return cls(
             result=args.result,
@@ -123,6 +134,7 @@ class SiblingRequest:
             image=args.image,
             deadline=args.deadline,
             grant_group=args.grant_group,
+            runtimes=tuple(args.runtime),
         )
 
 
@@ -312,6 +324,8 @@ def _check(request: SiblingRequest, environ: dict[str, str], report: Report) -> 
         report.api_version = info.api_version
         report.server_version = info.server_version
         report.add(sibling.api_version_check(report.api_version))
+        if request.runtimes:
+            report.checks.extend(runtime_checks(info, request.runtimes))
         compiles = map_host_dirs(engine, request, report)
         if compiles is not None and request.image:
             report.proof = prove(engine, request, compiles, path, report)
@@ -321,6 +335,37 @@ def _check(request: SiblingRequest, environ: dict[str, str], report: Report) -> 
             report.proof = Proof("skipped", "no compile image given")
     finally:
         engine.close()
+
+
+def runtime_checks(info: EngineInfo, needed: tuple[str, ...]) -> list[Check]:
+    """Whether the host's engine offers the runtimes compiles are to run under (a refusal with
+    the fix when not), and runsc the arguments the profile needs (a warning when not)."""
+    offered = dict(info.runtime_args) or {name: () for name in info.runtimes}
+    missing = runtime.missing_runtimes(frozenset(needed), offered)
+    if missing:
+        return [
+            Check(
+                "runtime",
+                Status.FAIL,
+                f"compiles are to run under {', '.join(missing)} but the host's engine offers "
+                f"only {', '.join(sorted(offered)) or 'its default'}",
+                runtime.HOST_FIX,
+            )
+        ]
+    checks = [Check("runtime", Status.OK, f"the host's engine offers {', '.join(needed)}")]
+    if runtime.RUNSC in needed:
+        lacking = runtime.missing_args(offered)
+        if lacking:
+            checks.append(
+                Check(
+                    "runtime",
+                    Status.WARN,
+                    f"the host's runsc runs without {' '.join(lacking)}: the compile's seccomp "
+                    "profile is not applied inside gVisor without --oci-seccomp",
+                    runtime.HOST_FIX,
+                )
+            )
+    return checks
 
 
 def connect(path: Path, deadline: float, report: Report) -> Engine | None:

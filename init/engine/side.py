@@ -50,6 +50,7 @@ class EngineStatus:
     derived: bool = False  # sibling: the host dirs were worked out, not given
     api_version: str = ""
     proof: Proof | None = None
+    runtimes: str = ""  # what the compile images run under (init.engine.runtime.describe)
 
     def to_json(self) -> dict[str, Any]:
         document = dict(self.__dict__)
@@ -75,6 +76,7 @@ class EngineStatus:
             host_dir_output=str(document.get("host_dir_output") or ""),
             derived=document.get("derived") is True,
             api_version=str(document.get("api_version") or ""),
+            runtimes=str(document.get("runtimes") or ""),
             proof=Proof(str(proof.get("status", "")), str(proof.get("message", "")))
             if isinstance(proof, dict)
             else None,

@@ -372,7 +372,7 @@ def engine() -> Iterator[HostEngine]:
             ["unshare", "--mount", "--propagation", "private",
              "dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
              "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
-             "--group", SOCKET_GROUP, *ENGINE_ARGS],
+             "--group", SOCKET_GROUP, *ENGINE_ARGS, *runsc_registration(base)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
@@ -390,6 +390,19 @@ def engine() -> Iterator[HostEngine]:
                 proc.kill()
                 proc.wait(10)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def runsc_registration(base: Path) -> tuple[str, ...]:
+    """The engine offers gVisor's runsc as the init registers it (init.engine.runtime), when
+    runsc is installed (scripts/setup installs it)."""
+    from init.engine import runtime
+
+    if not runtime.RUNSC_BINARY.exists():
+        return ()
+    args = runtime.runsc_args(runtime.choose_platform("auto"))
+    document = {"runtimes": {"runsc": {"path": str(runtime.RUNSC_BINARY), "runtimeArgs": args}}}
+    (base / "daemon.json").write_text(json.dumps(document))
+    return ("--config-file", str(base / "daemon.json"))
 
 
 def _answers(host: HostEngine) -> bool:

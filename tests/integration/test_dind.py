@@ -470,3 +470,44 @@ def test_a_stale_containerd_pidfile_naming_a_live_unrelated_process_is_cleared(
     assert second.docker("version").returncode == 0
     code, _ = second.stop()
     assert code == 0
+
+
+def test_runsc_is_registered_with_the_inner_dockerd_and_named_by_status_and_doctor(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    require(Path("/usr/bin/runsc").exists(), "needs runsc (apt-get install runsc)")
+    init = start_init(OVERLEAF_INIT_COMPILE_RUNTIME="runsc")
+    engine = init.wait_engine("ready")
+    assert engine["runtimes"].startswith("runsc (gVisor, platform ")
+    info = init.docker("info", "--format", "{{json .Runtimes}}")
+    args = json.loads(info.stdout)["runsc"]["runtimeArgs"]
+    assert args[:2] == ["--network=none", "--oci-seccomp"] and args[2].startswith("--platform=")
+    wait_for(lambda: init.status()["texlive"]["state"] == "done", 30, "the installer done")
+    # gVisor's own kernel answers (it says Linux 4.4.0), not the host's.
+    ran = init.docker("run", "--rm", "--runtime", "runsc", "--network", "none", IMAGE,
+                      "/bin/busybox", "uname", "-r")  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() == "4.4.0" != os.uname().release
+    assert "compiles under runsc (gVisor, platform" in init.cli("status").stdout
+    code, checks = init.doctor()
+    assert code == 0, checks
+    runtime_check = next(c for c in checks if c["name"] == "runtime")
+    assert runtime_check["status"] == "ok", checks
+    assert runtime_check["message"].startswith("compiles run under runsc (gVisor, platform ")
+    assert "compiles run under runsc (gVisor, platform" in init.log()
+    assert init.stop()[0] == 0
+
+
+def test_kvm_asked_where_it_cannot_run_exits_78_with_the_reason(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    from init.engine import runtime
+
+    require(Path("/usr/bin/runsc").exists(), "needs runsc (apt-get install runsc)")
+    problem = runtime.kvm_problem(Path("/"))
+    init = start_init(OVERLEAF_INIT_COMPILE_RUNTIME="runsc", OVERLEAF_INIT_RUNSC_PLATFORM="kvm")
+    if not problem:  # a machine whose KVM gVisor can use
+        assert init.wait_engine("ready")["runtimes"].startswith("runsc (gVisor, platform kvm)")
+        return
+    assert init.proc.wait(30) == 78
+    assert f"OVERLEAF_INIT_RUNSC_PLATFORM=kvm cannot run here: {problem}" in init.log()

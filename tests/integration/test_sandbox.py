@@ -20,9 +20,9 @@ import pytest
 from tests.integration import texlive_engine
 from tests.integration.texlive_engine import LIMITS, Compiles
 
-# The module's engine with the TeX Live image, and its compiles root (shared fixtures).
+# The module's engine with the TeX Live image (runsc registered), and its compiles root.
 texlive = texlive_engine.texlive
-compiles = texlive_engine.compiles
+site = texlive_engine.site
 
 pytestmark = pytest.mark.root
 TIMEOUT = float(LIMITS["OVERLEAF_INIT_COMPILE_TIMEOUT"])
@@ -31,6 +31,12 @@ HELLO = r"""\documentclass{article}
 Hello, sandbox.
 \end{document}
 """
+
+
+@pytest.fixture(params=texlive_engine.RUNTIMES)
+def compiles(request: pytest.FixtureRequest, site: Compiles) -> Compiles:
+    """Every attack under runc and under gVisor's runsc: each must be contained by both."""
+    return texlive_engine.with_runtime(site, request.param)
 
 
 def fingerprint(directory: Path) -> dict[str, str]:
@@ -106,19 +112,45 @@ def test_write18_runs_no_shell_command(compiles: Compiles, other: Path) -> None:
 
 
 def test_the_network_is_unreachable(compiles: Compiles, other: Path) -> None:
+    """runc: our seccomp profile refuses socket(2) itself. runsc: gVisor 20221219 applies the
+    container's seccomp profile (--oci-seccomp) to its init only, not to a `docker exec`'d
+    process, so a compile makes sockets; they reach nothing: the sandbox's own network stack
+    has no interface but loopback (--network=none) and no host unix socket (host-uds=none),
+    even one bound in the project's own dir."""
+    import socket as sockets
+
+    project = compiles.project("network", {"main.tex": HELLO})
+    host_socket = project / "host.sock"
+    listener = sockets.socket(sockets.AF_UNIX, sockets.SOCK_STREAM)
+    listener.bind(str(host_socket))
+    listener.listen(1)
+    listener.setblocking(False)
+    os.chmod(host_socket, 0o777)
     rc = perl_rc(
-        r"""
+        rf"""
 use Socket;
-my $r = socket(my $s, PF_INET, SOCK_STREAM, 0) ? "socket made" : "socket: $!";
-my $u = socket(my $t, PF_UNIX, SOCK_STREAM, 0) ? "unix socket made" : "unix: $!";
+my ($s, $t);
+my $r = !socket($s, PF_INET, SOCK_STREAM, 0) ? "socket: $!"
+    : connect($s, pack_sockaddr_in(80, inet_aton("192.0.2.1"))) ? "connected" : "connect: $!";
+my $u = !socket($t, PF_UNIX, SOCK_STREAM, 0) ? "unix: $!"
+    : connect($t, pack_sockaddr_un("{host_socket}")) ? "unix connected" : "unix connect: $!";
 open(my $f, '>', 'net-result'); print $f "$r\n$u\n"; close $f;
 """
     )
-    project = compiles.project("network", {"main.tex": HELLO, "latexmkrc": rc})
-    code, result, _ = compiles.compile(project)
+    (project / "latexmkrc").write_text(rc)
+    try:
+        code, result, _ = compiles.compile(project)
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # no compile reached the host's socket
+    finally:
+        listener.close()
+        host_socket.unlink()
     assert code == 0, result
     lines = (project / "net-result").read_text().splitlines()
-    assert lines == ["socket: Operation not permitted", "unix: Operation not permitted"]
+    if compiles.runtime == "runc":
+        assert lines == ["socket: Operation not permitted", "unix: Operation not permitted"]
+    else:
+        assert lines == ["connect: No route to host", "unix connect: Operation not permitted"]
 
 
 def test_host_files_and_other_projects_cannot_be_read(
@@ -162,7 +194,16 @@ def test_nothing_outside_the_compile_dir_can_be_written(
     code, result, _ = compiles.compile(project)
     assert code == 0, result
     lines = (project / "write-result").read_text().splitlines()
-    assert not any(line.endswith("written") for line in lines), lines
+    written = [line for line in lines if line.endswith("written")]
+    if compiles.runtime == "runc":
+        assert written == [], lines
+    else:
+        # gVisor makes the dirs above a bind mount 0777 where runc makes them 0755: the test's
+        # compiles root is under /tmp, so its copy inside the container is on the compile's own
+        # tmpfs, and the compile may write there (never on the host: the host's root has no
+        # evil, and host_secret is unchanged, checked by its fixture). The
+        # product's root, /var/lib/sharelatex/..., is under the read-only root instead.
+        assert written == [f"{compiles.root / 'evil'}: written", f"{host_secret}: written"]
     assert not (compiles.root / "evil").exists()
     assert not (compiles.root.parent / "evil").exists()
 
@@ -220,7 +261,12 @@ def test_a_fork_bomb_hits_the_process_limit(compiles: Compiles, other: Path) -> 
     project = compiles.project("forkbomb", {"main.tex": HELLO, "latexmkrc": rc})
     code, result, _ = compiles.compile(project)
     assert code == 2, result
-    assert result["limit"] in ("processes", "timeout"), result
+    if compiles.runtime == "runc":
+        assert result["limit"] in ("processes", "timeout"), result
+    else:
+        # gVisor: each process costs the sandbox host memory too (its stub, the Sentry's
+        # task state), so a fork bomb may reach the memory limit before RLIMIT_NPROC.
+        assert result["limit"] in ("processes", "timeout", "memory"), result
     assert result["seconds"] < TIMEOUT + 10
 
 

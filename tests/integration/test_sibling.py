@@ -236,3 +236,21 @@ def test_a_real_containers_id_is_found_in_its_mountinfo_and_cgroup(site: Site) -
     # Under a private cgroup namespace (cgroup v2's default) the path is only "/".
     if cgroup.strip() != "0::/":
         assert sibling.container_id_from_cgroup(cgroup) == container_id
+
+
+# -- the runtime compiles run under --------------------------------------------------------------
+
+
+def test_a_runtime_the_host_engine_offers_passes_and_one_it_lacks_is_refused(site: Site) -> None:
+    """The test engine offers runsc as the init would register it (conftest); "kata" it lacks."""
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    code, result = site.check("--container-id", container_id, "--runtime", "runsc", data=data)
+    assert code == 0, result["problems"]
+    only(result["notes"], "runtime: the host's engine offers runsc")
+    assert not [w for w in result["warnings"] if "runsc runs without" in w]  # its args are right
+    code, result = site.check("--container-id", container_id, "--runtime", "kata", data=data)
+    assert code == 1
+    problem = only(result["problems"], "compiles are to run under kata")
+    assert "the host's engine offers only io.containerd.runc.v2" in problem
+    assert '/etc/docker/daemon.json: "runtimes": {"runsc"' in problem

@@ -9,6 +9,7 @@ A test module takes the fixtures by name: `texlive = texlive_engine.texlive` and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -55,6 +56,7 @@ class Compiles:
     root: Path
     run_dir: Path
     status_file: Path
+    runtime: str = "runc"  # OVERLEAF_INIT_COMPILE_RUNTIME: runc or runsc (gVisor)
 
     def project(self, name: str, files: dict[str, str | bytes]) -> Path:
         directory = self.root / name
@@ -77,6 +79,7 @@ class Compiles:
             "OVERLEAF_INIT_COMPILE_RUN_DIR": str(self.run_dir),
             "OVERLEAF_INIT_STATUS_FILE": str(self.status_file),
             **LIMITS,
+            "OVERLEAF_INIT_COMPILE_RUNTIME": self.runtime,
             **extra,
         }
 
@@ -108,8 +111,7 @@ def chown_tree(directory: Path, uid: int) -> None:
             os.chown(os.path.join(root, name), uid, uid, follow_symlinks=False)
 
 
-@pytest.fixture(scope="module")
-def compiles(texlive: HostEngine) -> Iterator[Compiles]:
+def compiles_root(texlive: HostEngine) -> Iterator[Compiles]:
     base = texlive.base / "site"
     root = base / "compiles"
     root.mkdir(parents=True)
@@ -118,3 +120,28 @@ def compiles(texlive: HostEngine) -> Iterator[Compiles]:
     yield made
     for container in made.containers().split():
         texlive.docker("rm", "-f", container)
+
+
+# The compiles root for a module (`compiles`), and under another name for a module that makes
+# its own `compiles` of it (test_sandbox: one per runtime).
+compiles = pytest.fixture(scope="module", name="compiles")(compiles_root)
+site = pytest.fixture(scope="module", name="site")(compiles_root)
+RUNTIMES = ("runc", "runsc")
+
+
+def with_runtime(site: Compiles, runtime: str) -> Compiles:
+    """`site` compiling under `runtime` (runsc needs it installed: scripts/setup), with a
+    compiles root, run dir and status file of its own beside the site's: a project's files
+    from one runtime's run are not the next one's."""
+    if runtime == "runsc":
+        require(Path("/usr/bin/runsc").exists(), "needs runsc (apt-get install runsc)")
+    base = site.root.parent / runtime
+    (base / "compiles").mkdir(parents=True, exist_ok=True)
+    os.chmod(base, 0o755)
+    return dataclasses.replace(
+        site,
+        runtime=runtime,
+        root=base / "compiles",
+        run_dir=base / "run",
+        status_file=base / "status.json",
+    )

@@ -1,0 +1,264 @@
+"""The compile runtime: the variable, runsc's platform, its registration with the inner dockerd,
+the host engine's runtimes (sibling), the profile under gVisor, what doctor and status say."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from init import config, doctor
+from init.checks import Status
+from init.compiles.paths import CompileDir
+from init.compiles.profile import Job, container_name, container_spec, watchdog_command
+from init.compiles.settings import Limits
+from init.engine import runtime
+from init.engine.client import EngineInfo
+from init.engine.sibling_check import SiblingRequest, runtime_checks
+from init.engine.side import EngineStatus
+from init.errors import ConfigError
+
+IMAGES = "texlive/texlive:2024,texlive/texlive:2019"
+
+
+def settings(**env: str) -> config.Settings:
+    return config.load({"SANDBOXED_COMPILES": "true", config.ALL_TEXLIVE_IMAGES: IMAGES, **env})
+
+
+# -- the variable ----------------------------------------------------------------------------
+
+
+def test_runc_is_the_default_for_every_image() -> None:
+    s = settings()
+    assert s.compile_runtimes == (
+        ("texlive/texlive:2024", "runc"),
+        ("texlive/texlive:2019", "runc"),
+    )
+    assert runtime.wanted(s) == frozenset()
+    assert runtime.describe(s) == "runc for every compile image"
+
+
+def test_one_word_sets_every_image_and_items_choose_per_image() -> None:
+    every = settings(OVERLEAF_INIT_COMPILE_RUNTIME=" RunSC ")
+    assert {r for _, r in every.compile_runtimes} == {"runsc"}
+    assert runtime.describe(every, "ptrace") == (
+        "runsc (gVisor, platform ptrace) for every compile image"
+    )
+    one = settings(OVERLEAF_INIT_COMPILE_RUNTIME="runc, texlive/texlive:2019=runsc")
+    assert runtime.runtime_for(one, "texlive/texlive:2019") == "runsc"
+    assert runtime.runtime_for(one, "texlive/texlive:2024") == "runc"
+    assert runtime.wanted(one) == frozenset({"runsc"})
+    assert (
+        runtime.describe(one) == "texlive/texlive:2024: runc; texlive/texlive:2019: runsc (gVisor)"
+    )
+
+
+def test_a_bad_runtime_image_or_platform_is_named_with_the_fix() -> None:
+    with pytest.raises(ConfigError) as e:
+        settings(
+            OVERLEAF_INIT_COMPILE_RUNTIME="kata,evil/img=runsc",
+            OVERLEAF_INIT_RUNSC_PLATFORM="systrap",
+        )
+    assert e.value.problems == [
+        "OVERLEAF_INIT_COMPILE_RUNTIME: 'kata' names no runtime sharelatex-init knows; use "
+        "runc or runsc (gVisor), or IMAGE=runsc for one image",
+        "OVERLEAF_INIT_COMPILE_RUNTIME: 'evil/img' is not an allowed TeX Live image; choose "
+        f"one of {IMAGES.replace(',', ', ')} or add it to ALL_TEX_LIVE_DOCKER_IMAGES",
+        "OVERLEAF_INIT_RUNSC_PLATFORM='systrap' is not a gVisor platform; use one of auto, "
+        "ptrace, kvm",
+    ]
+
+
+def test_runsc_with_the_services_own_docker_runner_is_refused() -> None:
+    with pytest.raises(ConfigError, match="OVERLEAF_INIT_COMPILE_RUNNER=shim"):
+        settings(OVERLEAF_INIT_COMPILE_RUNTIME="runsc", OVERLEAF_INIT_COMPILE_RUNNER="docker")
+
+
+# -- the platform ----------------------------------------------------------------------------
+
+
+def fake_root(tmp_path: Path, kvm: bool, flags: str, pvm: bool = False) -> Path:
+    (tmp_path / "dev").mkdir(parents=True)
+    (tmp_path / "proc").mkdir()
+    if kvm:
+        (tmp_path / "dev" / "kvm").symlink_to("/dev/null")  # a character device
+    (tmp_path / "proc" / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: fpu {flags} sse\n")
+    if pvm:
+        (tmp_path / "sys" / "module" / "kvm_pvm").mkdir(parents=True)
+    return tmp_path
+
+
+def api(version: int | None):  # type: ignore[no-untyped-def]
+    return lambda device: version
+
+
+def test_kvm_where_the_device_answers_and_the_cpu_virtualizes(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, kvm=True, flags="vmx")
+    assert runtime.choose_platform("auto", root, api(12)).name == "kvm"
+    assert runtime.choose_platform("kvm", root, api(12)).name == "kvm"
+    assert runtime.choose_platform("ptrace", root, api(12)).name == "ptrace"
+
+
+def test_ptrace_without_kvm_and_kvm_refused_with_the_reason(tmp_path: Path) -> None:
+    root = fake_root(tmp_path, kvm=False, flags="vmx")
+    chosen = runtime.choose_platform("auto", root, api(12))
+    assert chosen.name == "ptrace" and f"no {root}/dev/kvm" in chosen.reason
+    with pytest.raises(ConfigError, match="OVERLEAF_INIT_RUNSC_PLATFORM=ptrace"):
+        runtime.choose_platform("kvm", root, api(12))
+
+
+def test_a_pvm_kvm_without_vmx_is_not_taken(tmp_path: Path) -> None:
+    """This VM: /dev/kvm is kvm_pvm's, the CPU shows no vmx/svm, runsc's KVM platform hangs."""
+    root = fake_root(tmp_path, kvm=True, flags="", pvm=True)
+    chosen = runtime.choose_platform("auto", root, api(12))
+    assert chosen.name == "ptrace"
+    assert "(served by kvm_pvm)" in chosen.reason and "no vmx/svm" in chosen.reason
+    assert "cannot be opened" in runtime.kvm_problem(root, api(None))
+    assert "API 11" in runtime.kvm_problem(fake_root(tmp_path / "x", True, "svm"), api(11))
+
+
+# -- docker-in-docker: registration ------------------------------------------------------------
+
+
+def image_root(tmp_path: Path, daemon_json: str | None = None) -> Path:
+    binary = tmp_path / "usr" / "bin" / "runsc"
+    binary.parent.mkdir(parents=True)
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    if daemon_json is not None:
+        (tmp_path / "etc" / "docker").mkdir(parents=True)
+        (tmp_path / "etc" / "docker" / "daemon.json").write_text(daemon_json)
+    return tmp_path
+
+
+def test_runsc_is_registered_on_top_of_the_operators_daemon_json(tmp_path: Path) -> None:
+    root = image_root(tmp_path, '{"log-level": "warn", "runtimes": {"crun": {"path": "/c"}}}')
+    plan = runtime.plan_registration(
+        settings(OVERLEAF_INIT_COMPILE_RUNTIME="runsc"), (), tmp_path / "run", root, api(None)
+    )
+    assert plan is not None
+    assert plan.dockerd_args() == ("--config-file", str(tmp_path / "run" / "dockerd.json"))
+    assert plan.document == {
+        "log-level": "warn",
+        "runtimes": {
+            "crun": {"path": "/c"},
+            "runsc": {
+                "path": "/usr/bin/runsc",
+                "runtimeArgs": ["--network=none", "--oci-seccomp", "--platform=ptrace"],
+            },
+        },
+    }
+    runtime.apply_registration(plan)
+    assert json.loads(plan.path.read_text()) == plan.document
+    assert os.listdir(plan.path.parent) == ["dockerd.json"]
+
+
+def test_nothing_is_registered_for_runc(tmp_path: Path) -> None:
+    assert runtime.plan_registration(settings(), (), tmp_path, tmp_path) is None
+
+
+def test_registration_is_refused_without_runsc_or_beside_the_operators_flags(
+    tmp_path: Path,
+) -> None:
+    s = settings(OVERLEAF_INIT_COMPILE_RUNTIME="runsc")
+    with pytest.raises(ConfigError) as e:
+        runtime.plan_registration(s, ("--config-file=/x.json",), tmp_path, tmp_path, api(None))
+    assert "apt-get install runsc" in e.value.problems[0]
+    assert "--config-file" in e.value.problems[1]
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        runtime.plan_registration(s, (), tmp_path, image_root(tmp_path / "r", "[]"), api(None))
+
+
+# -- sibling: the host's engine --------------------------------------------------------------
+
+
+def test_an_engine_without_runsc_is_refused_with_the_daemon_json_fix() -> None:
+    info = EngineInfo("20.10", "1.41", "overlay2", ("runc",), (("runc", ()),))
+    (check,) = runtime_checks(info, ("runsc",))
+    assert check.status is Status.FAIL
+    assert "offers only runc" in check.message
+    assert '"runtimes": {"runsc"' in check.fix and "systemctl reload docker" in check.fix
+
+
+def test_an_engines_runsc_without_oci_seccomp_is_a_warning() -> None:
+    bare = EngineInfo("20.10", "1.41", "overlay2", ("runc", "runsc"), (("runsc", ()),))
+    ok, warn = runtime_checks(bare, ("runsc",))
+    assert ok.status is Status.OK and warn.status is Status.WARN
+    assert "--network=none --oci-seccomp" in warn.message
+    good = EngineInfo("20.10", "1.41", "overlay2", ("runsc",), (("runsc", runtime.RUNSC_ARGS),))
+    assert [c.status for c in runtime_checks(good, ("runsc",))] == [Status.OK]
+
+
+def test_the_sibling_request_carries_the_runtimes_to_the_child(tmp_path: Path) -> None:
+    request = SiblingRequest(result=tmp_path / "r.json", runtimes=("runsc",))
+    assert SiblingRequest.from_argv(request.argv()).runtimes == ("runsc",)
+
+
+# -- the profile under gVisor ------------------------------------------------------------------
+
+
+def job(tmp_path: Path) -> Job:
+    directory = CompileDir(tmp_path / "p1", Path("/host/p1"), "p1", 33, 33)
+    return Job(directory, ("latexmk",), "img:1", {}, compile_id="c1")
+
+
+def test_under_runsc_the_pids_limit_bounds_host_tasks_and_nproc_the_processes(
+    tmp_path: Path,
+) -> None:
+    limits = Limits(pids=64)
+    runc = container_spec(job(tmp_path), limits, None, now=0.0)
+    gvisor = container_spec(job(tmp_path), limits, None, now=0.0, runtime="runsc")
+    assert "Runtime" not in runc.host_config  # the engine's default, as before
+    assert runc.host_config["PidsLimit"] == 64
+    assert gvisor.host_config["Runtime"] == "runsc"
+    assert gvisor.host_config["PidsLimit"] == runtime.host_tasks(64) == 64 + 8 * 64
+    assert {"Name": "nproc", "Soft": 64, "Hard": 64} in gvisor.host_config["Ulimits"]
+    assert not any(u["Name"] == "nproc" for u in runc.host_config["Ulimits"])
+    same = {k: v for k, v in gvisor.host_config.items() if k not in ("Runtime", "PidsLimit")}
+    rest = {k: v for k, v in runc.host_config.items() if k != "PidsLimit"}
+    assert same == {**rest, "Ulimits": same["Ulimits"]}  # the rest unchanged
+    assert gvisor.name != runc.name  # another container when the runtime changes
+    assert runc.name == container_name(job(tmp_path).directory, "img:1", limits)
+
+
+def test_the_watchdog_does_not_count_a_sleep_a_compile_killed_as_quiet() -> None:
+    script = watchdog_command(Limits(idle=2))[2]
+    assert "wait $! || { quiet=0; continue; }" in script
+
+
+# -- doctor and status -------------------------------------------------------------------------
+
+
+def test_doctor_names_the_runtime_and_the_platform(tmp_path: Path) -> None:
+    s = settings(OVERLEAF_INIT_COMPILE_RUNTIME="runsc")
+    root = image_root(tmp_path)
+    (root / "proc").mkdir()
+    check = doctor.runtime_check(s, {}, root)
+    assert check.status is Status.OK
+    assert check.message.startswith("compiles run under runsc (gVisor, platform ptrace)")
+    assert "not KVM: no " in check.message
+    forced = doctor.runtime_check(
+        settings(OVERLEAF_INIT_COMPILE_RUNTIME="runsc", OVERLEAF_INIT_RUNSC_PLATFORM="kvm"),
+        {},
+        root,
+    )
+    assert forced.status is Status.FAIL and "kvm cannot run here" in forced.message
+    assert doctor.runtime_check(settings(), {}, root).message == (
+        "compiles run under runc for every compile image"
+    )
+
+
+def test_status_names_the_runtime() -> None:
+    from init.status import _engine_line
+
+    engine = EngineStatus(
+        mode="dind", state="ready", ready=True, driver="overlay2",
+        runtimes="runsc (gVisor, platform ptrace) for every compile image",
+    )  # fmt: skip
+    assert EngineStatus.from_json(engine.to_json()) == engine
+    assert _engine_line(engine) == (
+        "engine: dind ready, storage driver overlay2, compiles under runsc (gVisor, platform "
+        "ptrace) for every compile image"
+    )
