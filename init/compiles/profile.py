@@ -95,15 +95,7 @@ def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, 
 
 # After each compile, whatever it left running (a daemon a latexmkrc forked, in a session of
 # its own) is killed: `kill -1` reaches every process of the container but its PID 1 and itself.
-# The mark each compile leaves as it ends, for the watchdog: a command shorter than its step
-# (synctex, texcount: tens of ms) is never seen among the processes, and the container must not
-# end as idle just as the next command comes. Written with `true >`, not `: >`: a redirection
-# that fails on a special builtin (`:`) ends a POSIX shell, and the watchdog is the container.
-EXEC_MARK = "/tmp/.sharelatex-init-exec"
-_END_LEFTOVERS = (
-    'timeout -s KILL "$0" "$@"; status=$?; kill -KILL -1 2>/dev/null; '
-    f"true > {EXEC_MARK} 2>/dev/null; exit $status"
-)
+_END_LEFTOVERS = 'timeout -s KILL "$0" "$@"; status=$?; kill -KILL -1 2>/dev/null; exit $status'
 
 
 def exec_command(job: Job, limits: Limits) -> list[str]:
@@ -123,12 +115,11 @@ def watchdog_command(limits: Limits) -> list[str]:
         "trap 'exit 0' TERM INT; "
         f"end=$(( $(date +%s) + {int(limits.deadlines.lifetime)} )); quiet=0; "
         'while [ "$(date +%s)" -lt "$end" ]; do '
-        f"true > {EXEC_MARK}.seen 2>/dev/null; "
-        # A sleep killed early is a compile's end (its `kill -1`): not a quiet period. gVisor
-        # lists the compile's own shell gone by the time this wakes, so it must not count.
+        # A sleep killed early is a compile's end (its `kill -1`): not a quiet period, however
+        # short the compile was (synctex, texcount: tens of ms, never seen among the processes;
+        # under gVisor the compile's own shell is gone by the time this wakes).
         f"sleep {step} & wait $! || {{ quiet=0; continue; }}; set -- /proc/[0-9]*; "
-        f'if [ "$#" -gt 1 ] || [ {EXEC_MARK} -nt {EXEC_MARK}.seen ]; then quiet=0; '
-        f"true > {EXEC_MARK}.seen 2>/dev/null; else quiet=$((quiet + {step})); "
+        f'if [ "$#" -gt 1 ]; then quiet=0; else quiet=$((quiet + {step})); '
         f'[ "$quiet" -ge {max(int(limits.idle), step)} ] && exit 0; fi; '
         "done"
     )
