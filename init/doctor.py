@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from init import config
 from init.checks import Check, Status
@@ -126,24 +126,10 @@ def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
 def sibling_checks(settings: Settings, environ: Mapping[str, str]) -> list[Check]:
     """The socket, who may use it, the engine's API, the host dirs and the marker proof."""
     from init.engine import (
-        runtime,
-        sibling,
         sibling_check,  # the Docker SDK: only here, never in PID 1
     )
 
-    request = sibling_check.SiblingRequest(
-        result=Path("/dev/null"),
-        service_user=environ.get(config.SERVICE_USER) or config.DEFAULT_SERVICE_USER,
-        compiles_dir=settings.compiles_dir,
-        output_dir=settings.output_dir,
-        host_dir_compiles=_posix(settings.host_dir_compiles),
-        host_dir_output=_posix(settings.host_dir_output),
-        compiles_variable=sibling.configured_variable(environ, "compiles"),
-        output_variable=sibling.configured_variable(environ, "output"),
-        container_id=environ.get(config.CONTAINER_ID, ""),
-        image=settings.texlive_image,
-        runtimes=tuple(sorted(runtime.wanted(settings))),
-    )
+    request = sibling_check.SiblingRequest.for_settings(settings, environ, Path("/dev/null"))
     result = sibling_check.check(request, dict(environ))
     checks = list(result.checks)
     if result.proof.status == "skipped":  # a proof that ran is among the checks already
@@ -250,10 +236,6 @@ def _reported_engine(status_file: Path) -> EngineStatus | None:
         return EngineStatus.from_json(status_files.read(status_file).engine)
     except (OSError, ValueError):
         return None
-
-
-def _posix(path: Path | None) -> PurePosixPath | None:
-    return PurePosixPath(path) if path is not None else None
 
 
 def report(checks: list[Check], as_json: bool) -> str:

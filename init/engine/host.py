@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from init.config import (
-    CONTAINER_ID,
     DEFAULT_SERVICE_USER,
     DOCKER_HOST,
     HOST_DIR,
@@ -80,23 +79,16 @@ class HostDocker(SandboxSide):
         settings = self.settings
         own = {**environ, **self.own}
         services_user = own.get(SERVICE_USER) or DEFAULT_SERVICE_USER
-        self.request = SiblingRequest(
-            result=self.run_dir / "sibling-check.json",
+        self.request = SiblingRequest.for_settings(
+            settings,
+            own,
+            self.run_dir / "sibling-check.json",
             socket=socket,
             # Behind the proxy only the init (root) opens the host's socket: no service is given
             # its group. Without one, the services' user must be able to use it.
             service_user="root" if self.proxy is not None else services_user,
-            compiles_dir=settings.compiles_dir,
-            output_dir=settings.output_dir,
-            host_dir_compiles=_posix(settings.host_dir_compiles),
-            host_dir_output=_posix(settings.host_dir_output),
-            compiles_variable=sibling.configured_variable(environ, "compiles"),
-            output_variable=sibling.configured_variable(environ, "output"),
-            container_id=own.get(CONTAINER_ID, ""),
-            image=settings.texlive_image,
             deadline=CHECK_DEADLINE,
             grant_group=self.proxy is None,
-            runtimes=tuple(sorted(runtime.wanted(settings))),
         )
         result = self._run_check(self.request)
         self.result = result
@@ -185,7 +177,3 @@ class HostDocker(SandboxSide):
             proof=Proof(result.proof.status, result.proof.message),
             runtimes=runtime.describe(self.settings),
         )
-
-
-def _posix(path: Path | None) -> PurePosixPath | None:
-    return PurePosixPath(path) if path is not None else None

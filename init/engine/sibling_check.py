@@ -17,13 +17,22 @@ import secrets
 import shutil
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 from init.checks import Check, Status
-from init.config import DEFAULT_COMPILES_DIR, DEFAULT_OUTPUT_DIR, HOST_DIR, HOST_DIR_OUTPUT
+from init.config import (
+    CONTAINER_ID,
+    DEFAULT_COMPILES_DIR,
+    DEFAULT_OUTPUT_DIR,
+    DEFAULT_SERVICE_USER,
+    HOST_DIR,
+    HOST_DIR_OUTPUT,
+    SERVICE_USER,
+    Settings,
+)
 from init.engine import runtime, sibling
 from init.engine.client import (
     COMPILE_LABEL,
@@ -74,6 +83,27 @@ class SiblingRequest:
     deadline: float = 5.0
     grant_group: bool = False  # the init at boot: add the user to the socket's group it was given
     runtimes: tuple[str, ...] = ()  # the runtimes beyond runc that compile images run under
+
+    @classmethod
+    def for_settings(
+        cls, settings: Settings, environ: Mapping[str, str], result: Path, **given: Any
+    ) -> SiblingRequest:
+        """What the configuration asks to be checked (the boot's check and `doctor` alike):
+        the dirs, the host dirs as set, the names the operator used, the runtimes; `given`
+        for what differs (the socket, the services' user, the deadline, the group grant)."""
+        values: dict[str, Any] = {
+            "service_user": environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER,
+            "compiles_dir": settings.compiles_dir,
+            "output_dir": settings.output_dir,
+            "host_dir_compiles": _posix(settings.host_dir_compiles),
+            "host_dir_output": _posix(settings.host_dir_output),
+            "compiles_variable": sibling.configured_variable(environ, "compiles"),
+            "output_variable": sibling.configured_variable(environ, "output"),
+            "container_id": environ.get(CONTAINER_ID, ""),
+            "image": settings.texlive_image,
+            "runtimes": tuple(sorted(runtime.wanted(settings))),
+        }
+        return cls(result=result, **{**values, **given})
 
     def argv(self) -> tuple[str, ...]:
         args = [
@@ -600,3 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _posix(path: Path | None) -> PurePosixPath | None:
+    return PurePosixPath(path) if path is not None else None

@@ -25,6 +25,7 @@ from init.compiles import archive
 from init.compiles.archive import ArchiveLimits, Refusal
 from init.core.log import Log
 from init.httpd.server import Body, BodyError, body_length
+from tests.integration.conftest import require
 
 # -- archives --------------------------------------------------------------------------------
 
@@ -278,8 +279,7 @@ def open_dir() -> Iterator[Path]:
 
 
 def test_a_dir_the_compile_made_unwritable_is_still_removed(open_dir: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root to act as another user")
+    require(os.geteuid() == 0, "needs root to act as another user")
     tmp_path = open_dir
     root = tmp_path / "compiles"
     project = root / "p1"

@@ -9,13 +9,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import pytest
-
 from init.checks import Status
 from init.engine import sibling, sibling_check
 from init.engine.client import RunResult
 from init.engine.sibling_check import PROOF_MOUNT, PROOF_PREFIX, Report, SiblingRequest
 from init.errors import EngineError
+from tests.integration.conftest import require
 
 HOST = PurePosixPath("/host/data/compiles")
 
@@ -109,8 +108,7 @@ def test_the_proof_container_has_the_compile_profile(tmp_path: Path) -> None:
 
 
 def test_the_owner_of_a_root_the_services_own_runs_the_proof(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("chown needs root")
+    require(os.geteuid() == 0, "chown needs root")
     here = tmp_path / "compiles"
     here.mkdir()
     os.chown(here, 33, 33)
