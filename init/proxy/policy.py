@@ -61,7 +61,7 @@ class Action:
 
 
 CONTAINER_ACTIONS: Mapping[str, Action] = {
-    "json": Action("GET", ("size",)),
+    "json": Action("GET", ("size",), answer=Answer.RETIRE_STALE),
     "start": Action("POST", ("detachKeys",)),
     "wait": Action("POST", ("condition",)),
     "attach": Action(
