@@ -223,16 +223,18 @@ class Sweeper:
         self._thread.join(LOOKUP_TIMEOUT)
 
     def _run(self) -> None:
-        failing = False
+        answered = failing = False
         while not self._stop.is_set():
             try:
                 removed = sweep_once(self.engine, self.rules, self.clock())
             except (OSError, ValueError) as e:  # no engine, or an answer it could not read
-                if not failing:  # once per outage, not every round
+                # Said once an outage; not before the engine first answered (docker-in-docker:
+                # the proxy starts while dockerd is still coming up).
+                if answered and not failing:
                     self.fail(f"cannot sweep the compile containers: {e}")
                 failing = True
             else:
-                failing = False
+                answered, failing = True, False
                 if removed:
                     self.report(removed)
             self._stop.wait(self.rules.every)

@@ -4,6 +4,7 @@ removes the containers that runner keeps."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -240,3 +241,25 @@ def test_the_sweep_looks_often_enough_for_the_idle_time() -> None:
     assert sweep.Rules(idle=120, reuse=0).every == 30
     assert sweep.Rules(idle=10, reuse=0).every == 5
     assert sweep.Rules(idle=0, reuse=0).every == 1
+
+
+def test_the_sweep_says_nothing_while_the_engine_has_never_answered(tmp_path: Path) -> None:
+    """Docker-in-docker starts the proxy while dockerd comes up: no false warning at boot."""
+    said: list[str] = []
+    rounds: list[float] = []
+
+    def clock() -> float:
+        rounds.append(NOW)
+        return NOW
+
+    sweeper = sweep.Sweeper(
+        tmp_path / "none.sock", sweep.Rules(idle=0, reuse=0), print, said.append, clock
+    )
+    sweeper.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(rounds) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sweeper.stop()
+    assert len(rounds) >= 2 and said == []
