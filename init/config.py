@@ -69,9 +69,15 @@ STORAGE_DRIVER = "SANDBOXED_COMPILES_STORAGE_DRIVER"
 STORAGE_DRIVERS = ("overlay2", "fuse-overlayfs", "btrfs", "zfs", "vfs")
 # Docker's own: where the engine is. The services get it pointing at the engine of their mode.
 DOCKER_HOST = "DOCKER_HOST"
-# What a compile service's own docker runner (Server Pro's DockerRunner.js) reads.
+# What a compile service's own docker runner (Server Pro's DockerRunner.js) reads, beside the
+# host dirs above (services/clsi/config/settings.defaults.js at overleaf/overleaf f461dcc9,
+# the last commit with DockerRunner.js): the image is TEXLIVE_IMAGE, else TEX_LIVE_DOCKER_IMAGE;
+# the containers' user TEXLIVE_IMAGE_USER, else `tex` (uid 1000 in TeX Live images), which
+# cannot write the compile dirs the service makes as its own user.
 DOCKER_RUNNER = "DOCKER_RUNNER"
 ALLOWED_IMAGES = "ALLOWED_IMAGES"  # space-separated
+RUNNER_IMAGE = "TEXLIVE_IMAGE"
+RUNNER_USER = "TEXLIVE_IMAGE_USER"
 PRODUCT_VARIABLES = (
     SANDBOXED,
     SIBLING,
@@ -289,13 +295,6 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
     host_dir = _path(values.get(HOST_DIR), problems)
     host_compiles = _path(values.get(HOST_DIR_COMPILES), problems) or host_dir
     host_output = _path(values.get(HOST_DIR_OUTPUT), problems)
-    for name in (HOST_DIR, HOST_DIR_COMPILES, HOST_DIR_OUTPUT):
-        if name in values and mode is not Mode.SIBLING:
-            source, value = values[name]
-            warnings.append(
-                f"{source}={value} is ignored: it only matters with sibling containers "
-                "(SANDBOXED_COMPILES_SIBLING_CONTAINERS=true)"
-            )
     if host_dir is not None and HOST_DIR_COMPILES in values and host_compiles != host_dir:
         warnings.append(
             f"{values[HOST_DIR][0]} and {values[HOST_DIR_COMPILES][0]} disagree; "
@@ -368,11 +367,15 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
     output_dir = _path(_own(environ, OUTPUT_DIR), problems, f"e.g. {data / 'output'}")
     if problems:
         raise ConfigError(problems)
+    compiles_dir = compiles_dir or data / "compiles"
+    output_dir = output_dir or data / "output"
+    if mode is not Mode.SIBLING:
+        warnings += _host_dir_warnings(values, mode, compiles_dir, output_dir)
     return Settings(
         mode=mode,
         texlive_image=image,
-        compiles_dir=compiles_dir or data / "compiles",
-        output_dir=output_dir or data / "output",
+        compiles_dir=compiles_dir,
+        output_dir=output_dir,
         generation=generation,
         all_texlive_images=all_images,
         host_dir_compiles=host_compiles,
@@ -388,6 +391,34 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
         runsc_platform=platform,
         warnings=tuple(warnings),
     )
+
+
+def _host_dir_warnings(
+    values: Mapping[str, tuple[str, str]], mode: Mode, compiles_dir: Path, output_dir: Path
+) -> list[str]:
+    """What becomes of a host dir given outside sibling mode, for either compile runner: off,
+    nothing compiles in a container; in docker-in-docker the inner engine sees this container's
+    own filesystem, so its own dirs are what compile containers bind (the services' docker
+    runner is given them under these names: init.compiles.service_env)."""
+    warnings = []
+    for name in (HOST_DIR, HOST_DIR_COMPILES, HOST_DIR_OUTPUT):
+        if name not in values:
+            continue
+        source, value = values[name]
+        if mode is Mode.OFF:
+            warnings.append(
+                f"{source}={value} is not used: compiles are not sandboxed "
+                f"({SANDBOXED} is not true); it matters only with sibling containers"
+            )
+            continue
+        own = output_dir if name == HOST_DIR_OUTPUT else compiles_dir
+        if value.rstrip("/") != str(own):
+            warnings.append(
+                f"{source}={value} is replaced by {own}: in docker-in-docker the inner engine "
+                "sees this container's own paths, and compile containers bind those; remove "
+                f"it (it matters only with {SIBLING}=true)"
+            )
+    return warnings
 
 
 def service_environment(environ: Mapping[str, str]) -> dict[str, str]:

@@ -47,7 +47,7 @@ def run_checks(
     if settings.mode is Mode.SIBLING:
         checks += sibling_checks(settings, environ)
     if settings.mode is not Mode.OFF:  # off: the "sandbox" warning above says it all
-        checks.append(compile_runner_check(settings))
+        checks.append(compile_runner_check(settings, environ, root))
         checks.append(proxy_check(status_file))
         checks.append(runtime_check(settings, environ, root))
     return checks
@@ -105,21 +105,46 @@ def runtime_check(settings: Settings, environ: Mapping[str, str], root: Path = P
     )
 
 
-def compile_runner_check(settings: Settings, root: Path = Path("/")) -> Check:
-    """How the services' compiles will run, with sandboxed compiles on."""
+def compile_runner_check(
+    settings: Settings, environ: Mapping[str, str] | None = None, root: Path = Path("/")
+) -> Check:
+    """Which runner the services' compiles go through, and why; for their own docker runner,
+    what it is given (or why it could not start)."""
     from init.compiles import service_env as compile_env
 
-    if compile_env.choose_runner(settings, root) == "docker":
+    choice = compile_env.choose(settings, root)
+    if choice.runner == "shim":
         return Check(
             "compile runner",
             Status.OK,
-            "the compile service's own docker runner (DOCKER_RUNNER=true, ALLOWED_IMAGES set)",
+            "each compile in its own container: the services' latexmk, pdflatex, xelatex and "
+            f"lualatex are the init's sandboxing shim (first on their PATH); {choice.why}",
         )
+    if choice.found is None:
+        return Check(
+            "compile runner",
+            Status.FAIL,
+            f"the compile service's own docker runner ({choice.why}), but this image has no "
+            "DockerRunner.js: its compile service exits at start ('Sandboxed compiles are only "
+            "available with Overleaf Server Pro')",
+            f"unset {config.COMPILE_RUNNER} (auto picks the shim here) or set it to shim",
+        )
+    try:
+        user = compile_env.runner_user(environ or {})
+    except ConfigError as e:
+        return Check("compile runner", Status.FAIL, "; ".join(e.problems))
+    where = (
+        f"{settings.compiles_dir} (docker-in-docker: the inner engine sees this container's paths)"
+        if settings.mode is Mode.DIND
+        else "the host's path of the compiles dir (see the sibling checks)"
+    )
     return Check(
         "compile runner",
         Status.OK,
-        "each compile in its own container: the services' latexmk, pdflatex, xelatex and "
-        "lualatex are the init's sandboxing shim (first on their PATH)",
+        f"the compile service's own docker runner, DockerRunner.js ({choice.why}): "
+        f"DOCKER_RUNNER=true, ALLOWED_IMAGES set, its containers run as "
+        f"{config.RUNNER_USER}={user} (the compile dirs' owner) and bind {where}; the engine "
+        "proxy holds them to the compile profile and removes them once idle",
     )
 
 

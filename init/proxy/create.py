@@ -38,9 +38,10 @@ KEPT = (
     "Entrypoint", "StopSignal", "StopTimeout", "Shell", "Volumes",
 )  # fmt: skip
 CHECKED = ("Image", "User", "Labels", "HostConfig", "NetworkDisabled")
-# Meaningless with no network, or the old top-level spelling of limits the profile sets.
+# Meaningless with no network, or the old top-level spelling of limits the profile sets; and
+# `name`, which dockerode echoes in the body (the engine takes it from the query only).
 DROPPED = ("MacAddress", "ExposedPorts", "OnBuild", "NetworkingConfig", "Memory", "MemorySwap",
-           "CpuShares", "Cpuset")  # fmt: skip
+           "CpuShares", "Cpuset", "Name")  # fmt: skip
 
 # HostConfig: kept as given (limits of their own, or inside the container only) ...
 HOST_KEPT = (

@@ -30,6 +30,9 @@ class Answer(enum.Enum):
     FILTER_CONTAINERS = "filter-containers"  # /containers/json: compile containers only
     REMEMBER_CONTAINER = "remember-container"  # create: its id is a compile container's
     REMEMBER_EXEC = "remember-exec"  # exec create: its id is an exec in a compile container
+    # inspect: a stopped compile container too old to start again is removed and reported
+    # missing, so that its runner creates a fresh one (sweep.retire_on_inspect)
+    RETIRE_STALE = "retire-stale"
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ class Action:
 
 
 CONTAINER_ACTIONS: Mapping[str, Action] = {
-    "json": Action("GET", ("size",)),
+    "json": Action("GET", ("size",), answer=Answer.RETIRE_STALE),
     "start": Action("POST", ("detachKeys",)),
     "wait": Action("POST", ("condition",)),
     "attach": Action(
@@ -194,9 +194,9 @@ def _keep(route: Route, names: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
 
 def _body(kind: str, payload: bytes) -> bytes | None:
     if kind == "none":
-        if payload.strip() not in (b"", b"{}", b"null"):
+        if payload.strip() not in (b"", b"{}", b"null") and not _echoed_query(payload):
             raise Refused("this call takes no body (an old client's HostConfig on start?)", 400)
-        return None
+        return None  # never forwarded
     document = body.loads(payload) if payload.strip() else {}
     if kind == "exec-start":
         fields, unknown = body.canonical(document, EXEC_START_FIELDS, "the exec start body")
@@ -210,6 +210,20 @@ def _body(kind: str, payload: bytes) -> bytes | None:
         if not body.is_zero(value):
             raise Refused(f"{key[:40]} is not allowed in an exec")
     return body.dumps(fields)
+
+
+def _echoed_query(payload: bytes) -> bool:
+    """dockerode sends a call's query options as its JSON body too (attach's `{"stdout":1,
+    "stderr":1,"stream":1}`): an object of lowercase names and plain values, which the engine
+    ignores and the proxy drops. An engine field (HostConfig, ...) starts with a capital."""
+    try:
+        document = body.loads(payload)
+    except Refused:
+        return False
+    return isinstance(document, dict) and all(
+        key[:1].islower() and (value is None or isinstance(value, (str, int, float)))
+        for key, value in document.items()
+    )
 
 
 def _events(route: Route, facts: Facts) -> Forward:

@@ -111,10 +111,14 @@ def _parse_query(raw: str) -> tuple[tuple[str, str], ...]:
             continue
         key_raw, _, value_raw = item.partition("=")
         key = _unquote(key_raw, plus_is_space=True)
+        value = _unquote(value_raw, plus_is_space=True)
         if key in seen:
-            raise Refused(f"query parameter {key[:40]!r} given twice", 400)
+            # The engine reads the first (Go's Form.Get); only the first is judged and sent on.
+            # dockerode repeats keys: it puts a create's every option in the query, Cmd and Env
+            # one key per item, beside the body the engine reads them from.
+            continue
         seen.add(key)
-        pairs.append((key, _unquote(value_raw, plus_is_space=True)))
+        pairs.append((key, value))
     return tuple(pairs)
 
 

@@ -27,7 +27,7 @@ from init.core.status_file import REFUSALS_KEPT, Refusal, write_refusals
 from init.core.wakeup import SignalWakeup
 from init.engine import client
 from init.engine.client import COMPILE_LABEL
-from init.proxy import answers, body, policy, route, wire
+from init.proxy import answers, body, policy, route, sweep, wire
 from init.proxy.decision import Answer, Forward, Refused
 from init.proxy.settings import NAME, ProxyConfig
 
@@ -303,7 +303,28 @@ class Session:
             raw = body.dumps(answers.filter_images(document, self.config.images))
         elif answer is Answer.FILTER_CONTAINERS:
             raw = body.dumps(answers.filter_containers(document))
+        elif answer is Answer.RETIRE_STALE and isinstance(document, dict) and self.retire(document):
+            name = forward.target.split("/containers/", 1)[1].split("/", 1)[0]
+            missing = body.dumps({"message": f"No such container: {name}"}) + b"\n"
+            self.sock.sendall(wire.response(404, wire._reason(404), missing, False))
+            return
         self.sock.sendall(wire.response_head(head, len(raw)) + raw)
+
+    def retire(self, document: dict[str, Any]) -> bool:
+        """Whether the stopped compile container inspected is now removed (sweep.py)."""
+        labels = (document.get("Config") or {}).get("Labels") or {}
+        seen = sweep.Seen.from_inspect(document)
+        if labels.get(COMPILE_LABEL) != "1":
+            return False
+        if not sweep.retire_on_inspect(seen, time.time(), self.config.rules):
+            return False
+        try:
+            gone = sweep.remove(self.config.engine, seen.id, force=False)
+        except (OSError, ValueError):
+            return False
+        if gone:
+            self.server.log.debug(NAME, f"retired {seen.id[:12]}: idle too long to start again")
+        return gone
 
     def splice(self, upstream: socket.socket, reader: wire.Reader) -> None:
         """Both ways until the engine's side ends; the caller's end of sending (shutdown of
@@ -388,8 +409,24 @@ class Server:
 
     def serve(self, stop_signals: tuple[int, ...]) -> None:
         """Accept until one of `stop_signals` arrives (through a wakeup fd: no handler does
-        work). Connections still open end with the process: the services stop before it."""
+        work), sweeping meanwhile. Connections still open end with the process: the services
+        stop before it."""
         listener = self.listener or self.listen()
+        sweeper = sweep.Sweeper(
+            self.config.engine, self.config.rules, self.swept,
+            lambda problem: self.log.warning(NAME, problem), time.time,
+        )  # fmt: skip
+        sweeper.start()
+        try:
+            self._accept(listener, stop_signals)
+        finally:
+            sweeper.stop()
+
+    def swept(self, removed: list[tuple[str, str]]) -> None:
+        said = ", ".join(f"{short} ({why})" for short, why in removed)
+        self.log.info(NAME, f"removed {len(removed)} compile container(s): {said}")
+
+    def _accept(self, listener: socket.socket, stop_signals: tuple[int, ...]) -> None:
         with SignalWakeup(stop_signals) as wakeup, selectors.DefaultSelector() as selector:
             selector.register(wakeup.fd, selectors.EVENT_READ, "signal")
             selector.register(listener, selectors.EVENT_READ, "accept")

@@ -15,6 +15,7 @@ from init.config import (
     HOST_DIR_COMPILES,
     HOST_DIR_OUTPUT,
     SERVICE_USER,
+    Mode,
     Settings,
 )
 from init.core.services import ServiceSpec
@@ -43,8 +44,10 @@ class ProxyService(EngineProxy):
             (self.settings.compiles_dir, HOST_DIR_COMPILES),
             (self.settings.output_dir, HOST_DIR_OUTPUT),
         ):
-            # Sibling mode: binds name the host's paths; docker-in-docker: this filesystem's.
-            host = environ.get(host_variable) or str(here)
+            # Sibling mode: binds name the host's paths; docker-in-docker: this filesystem's,
+            # whatever an operator gave (config warns that it is replaced).
+            sibling = self.settings.mode is Mode.SIBLING
+            host = (environ.get(host_variable) if sibling else None) or str(here)
             roots.append(Root(PurePosixPath(here), PurePosixPath(host)))
         user = environ.get(SERVICE_USER) or DEFAULT_SERVICE_USER
         try:

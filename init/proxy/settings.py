@@ -10,6 +10,7 @@ from pathlib import Path
 
 from init.compiles.settings import Limits
 from init.proxy.binds import Root
+from init.proxy.sweep import Rules
 
 MODULE = "init.proxy"
 NAME = "engine-proxy"
@@ -32,6 +33,11 @@ class ProxyConfig:
     def lifetime(self) -> float:
         """The longest a compile container may live: its expiry label is at most this far."""
         return self.limits.deadlines.lifetime
+
+    @property
+    def rules(self) -> Rules:
+        """When the compile containers are removed (sweep.py)."""
+        return Rules(idle=self.limits.idle, reuse=self.limits.deadlines.reuse)
 
     def protected(self) -> tuple[str, ...]:
         """Paths no bind may expose: the sockets the engine can be reached by."""

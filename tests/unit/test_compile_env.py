@@ -40,7 +40,8 @@ def test_a_docker_runner_gets_what_server_pro_reads() -> None:
     sibling = settings(
         SANDBOXED_COMPILES_SIBLING_CONTAINERS="true", ALL_TEX_LIVE_DOCKER_IMAGES="a:1,b:2"
     )
-    env = compile_env.environment(sibling, {}, "docker", Path("/s"))
+    given = {"SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/srv/data/compiles"}
+    env = compile_env.environment(sibling, given, "docker", Path("/s"), lambda _: (33, 33))
     assert env["DOCKER_RUNNER"] == env["SANDBOXED_COMPILES"] == "true"
     assert env["SANDBOXED_COMPILES_SIBLING_CONTAINERS"] == "true"
     assert env["ALLOWED_IMAGES"] == "a:1 b:2"

@@ -85,10 +85,10 @@ def test_the_compile_runner_check_names_the_runner_the_services_will_use(
 ) -> None:
     from init import config
 
-    shim = doctor.compile_runner_check(config.load({"SANDBOXED_COMPILES": "true"}), tmp_path)
+    shim = doctor.compile_runner_check(config.load({"SANDBOXED_COMPILES": "true"}), root=tmp_path)
     assert shim.status is Status.OK and "sandboxing shim" in shim.message
     runner = tmp_path / "overleaf/services/clsi/app/js/DockerRunner.js"
     runner.parent.mkdir(parents=True)
     runner.touch()
-    docker = doctor.compile_runner_check(config.load({"SANDBOXED_COMPILES": "true"}), tmp_path)
+    docker = doctor.compile_runner_check(config.load({"SANDBOXED_COMPILES": "true"}), root=tmp_path)
     assert docker.status is Status.OK and "DOCKER_RUNNER=true" in docker.message

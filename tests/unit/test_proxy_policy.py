@@ -75,7 +75,7 @@ def refused(config: ProxyConfig, method: str, target: str, payload: bytes = b"")
         ),
         ("GET", "/images/busybox:test/json", "/images/busybox:test/json", Answer.PASS),
         ("GET", "/containers/json?all=1", "/containers/json?all=1", Answer.FILTER_CONTAINERS),
-        ("GET", "/containers/proj/json", f"/containers/{COMPILE}/json", Answer.PASS),
+        ("GET", "/containers/proj/json", f"/containers/{COMPILE}/json", Answer.RETIRE_STALE),
         ("POST", "/v1.41/containers/ccc/start", f"/v1.41/containers/{COMPILE}/start", Answer.PASS),
         (
             "POST",

@@ -19,7 +19,8 @@ def settings(**env: str) -> config.Settings:
 
 
 def test_the_spec_fronts_the_engine_side_socket_with_the_roots_of_the_mode() -> None:
-    service = ProxyService(settings(), Path("/run/x/docker.sock"), python="/py")
+    sibling = settings(SANDBOXED_COMPILES_SIBLING_CONTAINERS="true")
+    service = ProxyService(sibling, Path("/run/x/docker.sock"), python="/py")
     environ = {
         config.DOCKER_HOST: "unix:///var/run/docker.sock",
         config.HOST_DIR_COMPILES: "/srv/site/data/compiles",
@@ -39,6 +40,9 @@ def test_the_spec_fronts_the_engine_side_socket_with_the_roots_of_the_mode() -> 
     assert proxy.limits.pids == 99
     assert proxy.group is None  # no such user: the socket stays root's
     assert service.docker_host == "unix:///run/x/docker.sock"
+    # Docker-in-docker: the inner engine sees this container's paths, whatever was given.
+    dind = parse_argv(ProxyService(settings(), Path("/run/x/docker.sock")).spec(environ).argv[3:])
+    assert [r.here == r.host for r in dind.roots] == [True, True]
 
 
 class FakeProxy(EngineProxy):
