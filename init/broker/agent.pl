@@ -237,6 +237,9 @@ sub run_compile {
     answer(\%end);
 }
 
+# `kill -1` ends "every other process": of the container when this is its PID 1, of the whole
+# machine's user otherwise. Never anywhere else.
+$$ == 1 or die "agent: not PID 1 of a container (pid $$): refusing to start\n";
 not_dumpable();
 binmode STDIN; binmode STDOUT;
 answer({ agent => 'ready', version => $VERSION, pid => $$ + 0 });
