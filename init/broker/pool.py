@@ -68,7 +68,7 @@ class Pool:
     ) -> Answer:
         """Run `request` in the project's warm container (started if need be), after the
         project's earlier compiles and within the global limit. A container whose agent had
-        ended before it heard this request (idle, lifetime) is replaced once."""
+        ended before the request could reach it (idle, lifetime) is replaced once."""
         with self._turn(target.project), self._slots:
             for attempt in (1, 2):
                 warm = self._container(target)
@@ -76,7 +76,7 @@ class Pool:
                     answer = warm.container.run(request, output, cancel_fd)
                 except AgentGone as e:
                     self._retire(target.project)
-                    if e.heard or attempt == 2:
+                    if e.sent or attempt == 2:
                         raise
                     continue
                 except BaseException:

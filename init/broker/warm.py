@@ -40,12 +40,13 @@ DIAGNOSTICS = 20  # the agent's last stderr lines kept, for the message when it 
 
 
 class AgentGone(SandboxError):
-    """The agent ended (and its container with it), or stopped answering. `heard` says whether
-    any of the compile's output or answer had come: if not, it can be run again elsewhere."""
+    """The agent ended (and its container with it), or stopped answering. `sent` says whether
+    the request may have reached it: if not, it can be run in a fresh container; if so, never
+    again (a compile that ends its agent must not get a second go)."""
 
-    def __init__(self, message: str, heard: bool = False) -> None:
+    def __init__(self, message: str, sent: bool = False) -> None:
         super().__init__(message, "the broker starts a fresh container for the project")
-        self.heard = heard
+        self.sent = sent
 
 
 class WarmContainer:
@@ -168,14 +169,14 @@ class WarmContainer:
         `cancel_fd` stops the compile (the agent kills its group and answers "cancelled")."""
         if self.ended is not None:
             raise AgentGone(self.ended)
-        heard = False
+        sent = False
         try:
             self._attachment.sock.sendall(request.encode())
+            sent = True
             deadline = self._clock() + request.timeout + ANSWER_GRACE
             while True:
                 while self._messages:
                     message = self._messages.popleft()
-                    heard = True
                     if isinstance(message, Output) and message.id == request.id:
                         output(message)
                     elif isinstance(message, Answer) and message.id == request.id:
@@ -185,7 +186,7 @@ class WarmContainer:
                 left = deadline - self._clock()
                 if left <= 0:
                     self.ended = f"the agent did not answer {request.timeout:g} s + grace"
-                    raise AgentGone(self.ended, heard)
+                    raise AgentGone(self.ended, sent)
                 if not self._fill(left, cancel_fd):
                     assert cancel_fd is not None
                     with contextlib.suppress(OSError):
@@ -193,13 +194,13 @@ class WarmContainer:
                     self._attachment.sock.sendall(cancel(request.id))
                     cancel_fd = None
         except AgentGone as e:
-            raise AgentGone(e.message, heard) from e
+            raise AgentGone(e.message, sent) from e
         except ProtocolError:
             self.ended = "the agent broke the protocol"
             raise
         except OSError as e:
             self.ended = f"the agent's stream failed: {e}"
-            raise AgentGone(self.ended, heard) from e
+            raise AgentGone(self.ended, sent) from e
 
     def close(self) -> None:
         """Let go: EOF on its stdin (the agent exits), and the container removed."""

@@ -136,7 +136,7 @@ def test_a_compile_passes_its_output_on_and_returns_its_answer(backend: FakeBack
     assert warm.alive()
 
 
-def test_the_agents_end_mid_compile_is_noticed_and_says_it_was_heard(
+def test_the_agents_end_mid_compile_is_noticed_and_says_it_was_sent(
     backend: FakeBackend,
 ) -> None:
     warm, agent = started(backend)
@@ -150,7 +150,7 @@ def test_the_agents_end_mid_compile_is_noticed_and_says_it_was_heard(
     in_thread(agent, script)
     with pytest.raises(AgentGone) as gone:
         warm.run(request(), lambda o: None)
-    assert gone.value.heard
+    assert gone.value.sent
     assert "agent: killed" in str(gone.value)
     assert not warm.alive()
     with pytest.raises(AgentGone):
@@ -198,7 +198,7 @@ def test_an_agent_that_never_answers_is_given_up_after_timeout_and_grace(
     backend: FakeBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("init.broker.warm.ANSWER_GRACE", 0.2)
-    warm, agent = started(backend)
+    warm, _agent = started(backend)
     began = time.monotonic()
     with pytest.raises(AgentGone):
         warm.run(request(timeout=0.2), lambda o: None)
@@ -306,7 +306,7 @@ def test_a_container_near_its_lifetime_or_of_another_profile_is_replaced(
     assert len(backend.removed) == 2
 
 
-def test_an_agent_that_ended_unheard_is_replaced_once(backend: FakeBackend) -> None:
+def test_an_agent_that_ended_while_idle_is_replaced(backend: FakeBackend) -> None:
     answering(backend)
     pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
     pool.run(where("a"), request("c1"), lambda o: None)
