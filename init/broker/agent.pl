@@ -77,6 +77,13 @@ sub reap_all {
 
 sub end_everything { reap_all() }
 
+# The compile's group; the compile itself when it has not made its group yet (a cancel that
+# came with its request): then it has started nothing else either.
+sub kill_group {
+    my ($pid) = @_;
+    kill('KILL', -$pid) or kill('KILL', $pid);
+}
+
 # /tmp (HOME) emptied for the next compile, but for the names in `keep`. Only /tmp's own
 # filesystem: the compile dir may be bound below /tmp (at its path on the broker's side), and
 # what lies on another device is never descended into nor removed.
@@ -195,27 +202,29 @@ sub run_compile {
         if ($left <= 0) {
             last if defined $status;   # D-state writers: give up on the pipes
             $reason = 'timeout';
-            kill 'KILL', -$pid;
+            kill_group($pid);
             next;
         }
         my $rin = '';
         vec($rin, $_, 1) = 1 for keys %open;
         vec($rin, 0, 1) = 1 if $stdin_open > 0;
+        # Lines already buffered first: a cancel may have come in the same read as its request.
+        while (defined(my $line = next_line())) {
+            my $msg = eval { $json->decode($line) };
+            if (ref $msg eq 'HASH' && ($msg->{op} || '') eq 'cancel' && defined $msg->{id} && $msg->{id} eq $id) {
+                $reason ||= 'cancelled';
+                kill_group($pid);
+            } else {
+                answer({ id => (ref $msg eq 'HASH' && !ref $msg->{id} ? $msg->{id} : undef),
+                         reason => 'error', message => 'busy: one compile at a time' });
+            }
+        }
         my $n = select(my $rout = $rin, undef, undef, $left);
         next if $n <= 0;   # EINTR (a child ended) or the deadline
         if ($stdin_open > 0 && vec($rout, 0, 1)) {
             read_stdin();
-            if (!$stdin_open) { $reason ||= 'cancelled'; kill 'KILL', -$pid; }
-            while (defined(my $line = next_line())) {
-                my $msg = eval { $json->decode($line) };
-                if (ref $msg eq 'HASH' && ($msg->{op} || '') eq 'cancel' && defined $msg->{id} && $msg->{id} eq $id) {
-                    $reason ||= 'cancelled';
-                    kill 'KILL', -$pid;
-                } else {
-                    answer({ id => (ref $msg eq 'HASH' ? $msg->{id} : undef), reason => 'error',
-                             message => 'busy: one compile at a time' });
-                }
-            }
+            if (!$stdin_open) { $reason ||= 'cancelled'; kill_group($pid); }
+            next;   # its lines are taken at the top
         }
         for my $fd (keys %open) {
             next unless vec($rout, $fd, 1);
