@@ -484,6 +484,24 @@ class Execution:
         return None
 
 
+@dataclass
+class Attachment:
+    """A container's attached stdio: `sock` (write: its stdin; read: multiplexed frames), and
+    the first bytes of the stream, read with the engine's answer."""
+
+    sock: socket.socket
+    first: bytes = b""
+
+    def close_stdin(self) -> None:
+        """EOF on the container's stdin (it was created with StdinOnce)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
 def _gone(message: str) -> bool:
     """An engine's words for a container that has ended or is going, whatever the status it
     came with (dockerd answers a container being removed with a 500 on some calls)."""
@@ -586,6 +604,55 @@ class DockerBackend:
                     raise
             self.remove(name)
             time.sleep(0.05)
+
+    def create(self, name: str, body: Mapping[str, Any]) -> str:
+        """Create (not start) a container named `name`; its id. ImageMissing, EngineRefused."""
+        try:
+            return str(self._create(name, body)["Id"])
+        except ApiError as e:
+            raise EngineRefused(
+                f"the engine refused the compile container: {e.message}",
+                e.status,
+                "see `sharelatex-init doctor`",
+            ) from e
+
+    def start_created(self, container: str) -> None:
+        """Start a container made by `create`; ContainerGone when it is gone meanwhile."""
+        try:
+            self.call("POST", f"/containers/{container}/start")
+        except ApiError as e:
+            if e.status in (404, 409) or _gone(e.message):
+                raise ContainerGone(e.message, e.status) from e
+            raise self._error(e) from e
+
+    def attach(self, container: str) -> Attachment:
+        """The container's stdin, stdout and stderr (`POST /containers/{id}/attach`, upgraded
+        to a raw stream): made before the start, so no byte of its output is missed. Writes go
+        to its stdin; reads are the engine's multiplexed frames."""
+        query = urlencode({"stream": "1", "stdin": "1", "stdout": "1", "stderr": "1"})
+        target = f"/v{API_VERSION}/containers/{container}/attach?{query}"
+        head = (
+            f"POST {target} HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\n"
+            "Upgrade: tcp\r\nContent-Length: 0\r\n\r\n"
+        )
+        try:
+            sock = self._connect(30.0)
+        except OSError as e:
+            raise self._error(e) from e
+        try:
+            sock.sendall(head.encode())
+            response = Response(sock)
+        except (OSError, ValueError, IndexError) as e:
+            sock.close()
+            raise self._error(e) from e
+        if response.status not in (101, 200):
+            message = response.body().decode(errors="replace")
+            sock.close()
+            if response.status in (404, 409) or _gone(message):
+                raise ContainerGone(message, response.status)
+            raise self._error(ApiError(response.status, message))
+        sock.settimeout(None)
+        return Attachment(sock, response.buffer)
 
     def exec(
         self, container: str, command: list[str], user: str, workdir: str, env: Mapping[str, str]

@@ -1,0 +1,291 @@
+# The compile agent: PID 1 of a project's warm container (init/broker/agent.py starts it).
+#
+# It reads requests on its stdin, one JSON object a line, and answers on its stdout, one JSON
+# object a line; both are the container's attached stdio, held by the broker. A compile never
+# holds them: it is forked with stdin /dev/null and stdout/stderr on pipes the agent reads and
+# frames (base64) into its own answers, and the agent makes itself non-dumpable first, so the
+# compile (same uid) cannot open /proc/1/fd/* nor ptrace it. As the namespace's PID 1 it cannot
+# be SIGKILLed or SIGSTOPped from inside; it ends on SIGTERM (docker stop, or a compile that
+# sends it: that compile ends its own container, nothing else), on EOF of its stdin (the broker
+# let go), when idle for IDLE seconds, or at LIFETIME.
+#
+# Only core perl (latexmk needs perl: every TeX Live image has it; python it may not).
+#
+# Request:  {"id":"..","argv":[..],"cwd":"/abs","timeout":S,"env":{..},"keep":[names in /tmp]}
+#           {"op":"cancel","id":".."}  (while that compile runs)
+# Answers:  {"agent":"ready","version":1,"pid":1}
+#           {"id":"..","fd":1|2,"data":"<base64>"}  the compile's output, in order
+#           {"id":"..","exit":N|null,"signal":N|null,"reason":"exit|signal|timeout|cancelled|error",
+#            "seconds":S,"leftovers":N,"message":".."}
+use strict;
+use warnings;
+use POSIX qw(:sys_wait_h :errno_h setsid dup2 _exit);
+use Time::HiRes qw(clock_gettime CLOCK_MONOTONIC);
+use JSON::PP ();
+use MIME::Base64 qw(encode_base64);
+use Errno qw(EINTR ECHILD EAGAIN);
+
+my $VERSION = 1;
+my $MAX_LINE = 1 << 20;       # a request longer than this is refused, not buffered
+my $CHUNK = 65536;            # the most compile output one answer carries
+my $DRAIN = 5;                # seconds to read what the dead compile left in its pipes
+my ($IDLE, $LIFETIME) = (@ARGV, 60, 3600)[0, 1];
+my $json = JSON::PP->new->ascii->canonical;
+my $started = now();
+my $stdin_buffer = '';
+my $stdin_open = 1;
+
+sub now { clock_gettime(CLOCK_MONOTONIC) }
+
+# The broker must be the only writer of our stdout: not dumpable means /proc/1/fd, /proc/1/mem
+# and ptrace need CAP_SYS_PTRACE, which nothing in the container has.
+sub not_dumpable {
+    my $machine = (POSIX::uname())[4];
+    my %prctl = (x86_64 => 157, aarch64 => 167, ppc64le => 171, s390x => 172);
+    my $nr = $prctl{$machine} or die "agent: no prctl number for $machine\n";
+    syscall($nr, 4, 0, 0, 0, 0) == 0 or die "agent: prctl(PR_SET_DUMPABLE, 0): $!\n";
+}
+
+sub answer {
+    my $line = $json->encode($_[0]) . "\n";
+    my $off = 0;
+    while ($off < length $line) {
+        my $n = syswrite(STDOUT, $line, length($line) - $off, $off);
+        if (!defined $n) { next if $! == EINTR; exit 0; }   # the broker is gone
+        $off += $n;
+    }
+}
+
+# A SIGCHLD handler (doing nothing) makes select return EINTR when a child ends: events, not
+# polling. TERM/INT end the container.
+$SIG{CHLD} = sub { };
+$SIG{TERM} = $SIG{INT} = sub { end_everything(); exit 0 };
+$SIG{PIPE} = 'IGNORE';
+
+sub reap_all {
+    # Kill whatever is left (kill -1 from PID 1: every other process of the container), and
+    # reap until there is no child at all: the next compile finds nothing of this one.
+    my $count = 0;
+    while (1) {
+        kill 'KILL', -1;
+        my $pid = waitpid(-1, 0);
+        if ($pid > 0) { $count++; next }
+        last if $! == ECHILD;
+    }
+    return $count;
+}
+
+sub end_everything { reap_all() }
+
+# The compile's group; the compile itself when it has not made its group yet (a cancel that
+# came with its request): then it has started nothing else either.
+sub kill_group {
+    my ($pid) = @_;
+    kill('KILL', -$pid) or kill('KILL', $pid);
+}
+
+# /tmp (HOME) emptied for the next compile, but for the names in `keep`. Only /tmp's own
+# filesystem: the compile dir may be bound below /tmp (at its path on the broker's side), and
+# what lies on another device is never descended into nor removed.
+sub empty_tmp {
+    my %keep = map { $_ => 1 } @{ $_[0] || [] };
+    my $dev = (lstat '/tmp')[0];
+    opendir(my $dh, '/tmp') or return;
+    my @names = grep { $_ ne '.' && $_ ne '..' && !$keep{$_} } readdir $dh;
+    closedir $dh;
+    remove("/tmp/$_", $dev) for @names;
+}
+
+sub remove {
+    my ($path, $dev) = @_;
+    my @st = lstat $path or return;
+    return if $st[0] != $dev;   # a mount point (the compile dir's bind): not ours to empty
+    if (-d _) {   # lstat: a symlink to a dir is unlinked, never followed
+        chmod 0700, $path;
+        if (opendir(my $dh, $path)) {
+            my @names = grep { $_ ne '.' && $_ ne '..' } readdir $dh;
+            closedir $dh;
+            remove("$path/$_", $dev) for @names;
+        }
+        rmdir $path;
+    } else {
+        unlink $path;
+    }
+}
+
+sub valid {
+    my ($r) = @_;
+    return "not an object" unless ref $r eq 'HASH';
+    return "no id" unless defined $r->{id} && !ref $r->{id};
+    return "argv: a non-empty list of strings"
+      unless ref $r->{argv} eq 'ARRAY' && @{ $r->{argv} } && !grep { !defined || ref } @{ $r->{argv} };
+    return "cwd: an absolute path" unless defined $r->{cwd} && !ref $r->{cwd} && $r->{cwd} =~ m{^/};
+    return "timeout: seconds > 0"
+      unless defined $r->{timeout} && !ref $r->{timeout} && $r->{timeout} =~ /^[0-9.]+$/ && $r->{timeout} > 0;
+    return "env: an object of strings"
+      if defined $r->{env} && (ref $r->{env} ne 'HASH' || grep { !defined || ref } values %{ $r->{env} });
+    return "keep: a list of names"
+      if defined $r->{keep} && (ref $r->{keep} ne 'ARRAY' || grep { !defined || ref || m{/} } @{ $r->{keep} });
+    return '';
+}
+
+# The next line of stdin, if a whole one is buffered; '' for one refused as too long.
+sub next_line {
+    my $i = index($stdin_buffer, "\n");
+    if ($i < 0) {
+        if (length $stdin_buffer > $MAX_LINE) { $stdin_buffer = ''; $stdin_open = -1 }
+        return undef;
+    }
+    my $line = substr($stdin_buffer, 0, $i);
+    substr($stdin_buffer, 0, $i + 1) = '';
+    return $line;
+}
+
+sub read_stdin {
+    my $n = sysread(STDIN, $stdin_buffer, $CHUNK, length $stdin_buffer);
+    return 1 if defined $n && $n > 0;
+    return 1 if !defined $n && ($! == EINTR || $! == EAGAIN);
+    $stdin_open = 0;
+    return 0;
+}
+
+sub run_compile {
+    my ($r) = @_;
+    my $id = $r->{id};
+    my $began = now();
+    pipe(my $out_r, my $out_w) or return answer({ id => $id, reason => 'error', message => "pipe: $!" });
+    pipe(my $err_r, my $err_w) or return answer({ id => $id, reason => 'error', message => "pipe: $!" });
+    my @argv = @{ $r->{argv} };
+    utf8::encode($_) for @argv;
+    my $cwd = $r->{cwd};
+    utf8::encode($cwd);
+    my $pid = fork;
+    if (!defined $pid) {
+        return answer({ id => $id, reason => 'error', message => "fork: $!", exit => undef,
+                        signal => undef, seconds => 0, leftovers => reap_all() });
+    }
+    if ($pid == 0) {
+        # The compile: a session (and process group) of its own, none of the agent's stdio.
+        $SIG{$_} = 'DEFAULT' for qw(CHLD TERM INT PIPE);
+        setsid();
+        open(STDIN, '<', '/dev/null');
+        dup2(fileno($out_w), 1);
+        dup2(fileno($err_w), 2);
+        while (my ($k, $v) = each %{ $r->{env} || {} }) {
+            utf8::encode($k); utf8::encode($v); $ENV{$k} = $v;
+        }
+        chdir $cwd or do { syswrite(STDERR, "agent: cd $cwd: $!\n"); _exit(127) };
+        { no warnings 'exec'; exec { $argv[0] } @argv; }
+        syswrite(STDERR, "agent: cannot run $argv[0]: $!\n");
+        _exit(127);
+    }
+    close $out_w;
+    close $err_w;
+    my %open = (fileno($out_r) => [$out_r, 1], fileno($err_r) => [$err_r, 2]);
+    my $deadline = $began + $r->{timeout};
+    my ($status, $reason);
+    my $leftovers = 0;
+    my $drain_until;
+    while (%open || !defined $status) {
+        if (!defined $status) {
+            my $w = waitpid($pid, WNOHANG);
+            if ($w == $pid) {
+                $status = $?;
+                # Whatever it left (a daemon in a session of its own) dies now, so the pipes
+                # close and nothing runs on into the next compile.
+                $leftovers += reap_all();
+                $drain_until = now() + $DRAIN;
+                next;
+            }
+        }
+        my $left = (defined $drain_until ? $drain_until : $deadline) - now();
+        if ($left <= 0) {
+            last if defined $status;   # D-state writers: give up on the pipes
+            $reason = 'timeout';
+            kill_group($pid);
+            next;
+        }
+        my $rin = '';
+        vec($rin, $_, 1) = 1 for keys %open;
+        vec($rin, 0, 1) = 1 if $stdin_open > 0;
+        # Lines already buffered first: a cancel may have come in the same read as its request.
+        while (defined(my $line = next_line())) {
+            my $msg = eval { $json->decode($line) };
+            if (ref $msg eq 'HASH' && ($msg->{op} || '') eq 'cancel' && defined $msg->{id} && $msg->{id} eq $id) {
+                $reason ||= 'cancelled';
+                kill_group($pid);
+            } else {
+                answer({ id => (ref $msg eq 'HASH' && !ref $msg->{id} ? $msg->{id} : undef),
+                         reason => 'error', message => 'busy: one compile at a time' });
+            }
+        }
+        my $n = select(my $rout = $rin, undef, undef, $left);
+        next if $n <= 0;   # EINTR (a child ended) or the deadline
+        if ($stdin_open > 0 && vec($rout, 0, 1)) {
+            read_stdin();
+            if (!$stdin_open) { $reason ||= 'cancelled'; kill_group($pid); }
+            next;   # its lines are taken at the top
+        }
+        for my $fd (keys %open) {
+            next unless vec($rout, $fd, 1);
+            my ($fh, $which) = @{ $open{$fd} };
+            my $got = sysread($fh, my $data, $CHUNK);
+            next if !defined $got && $! == EINTR;
+            if (!$got) { close $fh; delete $open{$fd}; next; }
+            answer({ id => $id, fd => $which, data => encode_base64($data, '') });
+        }
+    }
+    close $_->[0] for values %open;
+    $leftovers += reap_all();
+    empty_tmp($r->{keep});
+    my %end = (id => $id, seconds => sprintf('%.3f', now() - $began) + 0, leftovers => $leftovers,
+               exit => undef, signal => undef);
+    if (WIFEXITED($status)) { $end{exit} = WEXITSTATUS($status); $reason ||= 'exit'; }
+    else { $end{signal} = WTERMSIG($status); $reason ||= 'signal'; }
+    $end{reason} = $reason;
+    answer(\%end);
+}
+
+# `kill -1` ends "every other process": of the container when this is its PID 1, of the whole
+# machine's user otherwise. Never anywhere else.
+$$ == 1 or die "agent: not PID 1 of a container (pid $$): refusing to start\n";
+not_dumpable();
+binmode STDIN; binmode STDOUT;
+answer({ agent => 'ready', version => $VERSION, pid => $$ + 0 });
+my $last = now();
+while (1) {
+    while (defined(my $line = next_line())) {
+        my $r = eval { $json->decode($line) };
+        my $problem = $@ ? 'not JSON' : valid($r);
+        if (ref $r eq 'HASH' && ($r->{op} || 'run') eq 'cancel') { next }   # it ended already
+        if ($problem) {
+            answer({ id => (ref $r eq 'HASH' && !ref $r->{id} ? $r->{id} : undef), reason => 'error',
+                     message => "bad request: $problem" });
+            next;
+        }
+        run_compile($r);
+        $last = now();
+    }
+    if ($stdin_open < 0) {   # a line past MAX_LINE: refused, and the rest of it skipped
+        answer({ id => undef, reason => 'error', message => "bad request: longer than $MAX_LINE bytes" });
+        $stdin_open = 1;
+        # Skip to the end of the long line.
+        while ($stdin_open > 0 && index($stdin_buffer, "\n") < 0) {
+            $stdin_buffer = '';
+            my $rin = ''; vec($rin, 0, 1) = 1;
+            select(my $rout = $rin, undef, undef, undef);
+            read_stdin();
+        }
+        substr($stdin_buffer, 0, index($stdin_buffer, "\n") + 1) = '' if $stdin_open > 0;
+        next;
+    }
+    exit 0 unless $stdin_open;
+    my $wait = $last + $IDLE - now();
+    my $life = $started + $LIFETIME - now();
+    $wait = $life if $life < $wait;
+    exit 0 if $wait <= 0;
+    my $rin = ''; vec($rin, 0, 1) = 1;
+    my $n = select(my $rout = $rin, undef, undef, $wait);
+    if ($n > 0) { read_stdin() }
+    elsif ($n < 0) { 1 while waitpid(-1, WNOHANG) > 0 }   # EINTR: an orphan to reap
+}

@@ -1,0 +1,77 @@
+"""A compile as the broker sends it: the project's container (today's profile from
+init.compiles.profile, the agent as its command) and the agent's request (what `docker exec`
+ran: the same command, user, directory, environment and timeout)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from init.broker import agent
+from init.broker.protocol import Request
+from init.compiles.profile import ContainerSpec, Job, compile_environment, container_spec
+from init.compiles.settings import KILL_GRACE, Limits
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+# What the broker's containers carry beside the compile label: its sweep takes only these.
+BROKER_LABEL = "sharelatex-init.broker"
+# The font caches (TEXMFVAR, VARTEXFONTS) stay in /tmp between a project's compiles, as they
+# do in today's warm container: they are the project's own (a container is never shared), and
+# mktexpk's bitmaps cost seconds to remake. The rest of /tmp (HOME) is emptied.
+KEEP_IN_TMP = ("texmf-var", "texfonts")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a project's compile runs: the container's name (which says its profile) and the
+    body that creates it."""
+
+    project: str
+    name: str
+    body: Mapping[str, Any]
+
+
+def agent_body(spec: ContainerSpec, idle: float, lifetime: float) -> dict[str, Any]:
+    """The body of `POST /containers/create`: the project's profile, the agent as PID 1 with
+    its stdin open to whoever attaches first (StdinOnce: the broker letting go is its EOF)."""
+    body = spec.create_body()
+    body["Labels"] = {**body["Labels"], BROKER_LABEL: "1"}
+    body.update(
+        Entrypoint=agent.entrypoint(),
+        Cmd=agent.arguments(idle, lifetime),
+        OpenStdin=True,
+        StdinOnce=True,
+        AttachStdin=True,
+        AttachStdout=True,
+        AttachStderr=True,
+    )
+    return body
+
+
+def target(
+    job: Job, limits: Limits, seccomp: str | None, runtime: str = "runc", now: float | None = None
+) -> Target:
+    """The project's container for `job`: its name is today's with `-agent` (another
+    profile, another container), its agent idles out KILL_GRACE after the broker would have
+    retired it."""
+    spec = container_spec(job, limits, seccomp, now=time.time() if now is None else now,
+                          runtime=runtime)  # fmt: skip
+    body = agent_body(spec, limits.idle + KILL_GRACE, limits.deadlines.lifetime)
+    return Target(job.directory.project, f"{spec.name}-agent", body)
+
+
+def request(job: Job, limits: Limits, keep: tuple[str, ...] = KEEP_IN_TMP) -> Request:
+    """The agent's request for `job`: what `docker exec` was given (command, directory,
+    environment, the wall clock)."""
+    return Request(
+        id=job.compile_id,
+        argv=job.command,
+        cwd=str(job.directory.path),
+        timeout=limits.timeout,
+        env=compile_environment(limits, job.environment),
+        keep=keep,
+    )

@@ -1,0 +1,283 @@
+"""The compile agent in a real warm container (the TeX Live image, today's profile, a private
+dockerd), driven through init.broker's pool: the compile's output and exit status as a plain
+container gives them, the timeout and the leftovers, and the attacks: a compile that writes to
+or reads the agent's channel, one that forges answers, one that ends or floods the agent, and
+what it leaves in /tmp."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from init.broker import target as targets
+from init.broker.pool import Pool, PoolLimits
+from init.broker.protocol import Answer, Output, Reason, Request
+from init.broker.target import Target
+from init.broker.warm import AgentGone, WarmContainer
+from init.compiles.paths import CompileDir
+from init.compiles.profile import Job, compile_environment, load_seccomp
+from init.compiles.settings import Limits
+from init.engine.client import DockerBackend
+from tests.integration import texlive_engine
+from tests.integration.conftest import HostEngine, wait_for
+from tests.integration.texlive_engine import TEXLIVE, WWW_DATA, Compiles
+
+pytestmark = pytest.mark.root
+
+texlive = texlive_engine.texlive
+compiles = texlive_engine.compiles
+
+LIMITS = Limits(memory=256 << 20, pids=64, timeout=15, tmpfs=64 << 20, output=8 << 20, idle=60)
+HELLO = "\\documentclass{article}\\begin{document}Hello.\\end{document}\n"
+BROKEN = "\\documentclass{article}\\begin{document}\\undefinedmacro\\end{document}\n"
+LATEXMK = ("latexmk", "-pdf", "-interaction=batchmode", "-halt-on-error", "main.tex")
+
+
+@dataclass
+class Ran:
+    answer: Answer
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+@dataclass
+class Broker:
+    engine: HostEngine
+    backend: DockerBackend
+    pool: Pool
+    seccomp: str | None
+    count: list[int] = field(default_factory=lambda: [0])
+
+    def target(self, directory: Path) -> Target:
+        return targets.target(self.job(directory, ("true",)), LIMITS, self.seccomp)
+
+    def job(self, directory: Path, argv: tuple[str, ...]) -> Job:
+        place = CompileDir(directory, directory, directory.name, WWW_DATA, WWW_DATA)
+        return Job(place, argv, TEXLIVE)
+
+    def run(self, directory: Path, *argv: str, timeout: float = 15, **kw: int) -> Ran:
+        request = Request(**{**vars(targets.request(self.job(directory, argv), LIMITS)),
+                             "timeout": timeout})  # fmt: skip
+        ran = Ran(Answer(None, Reason.ERROR))
+        parts: dict[int, bytearray] = {1: bytearray(), 2: bytearray()}
+
+        def output(piece: Output) -> None:
+            parts[piece.fd] += piece.data
+
+        ran.answer = self.pool.run(self.target(directory), request, output, **kw)
+        ran.stdout, ran.stderr = bytes(parts[1]), bytes(parts[2])
+        return ran
+
+    def container(self, directory: Path) -> WarmContainer:
+        return self.pool._warm[directory.name].container  # the tests look inside
+
+
+@pytest.fixture(scope="module")
+def broker(texlive: HostEngine, compiles: Compiles) -> Iterator[Broker]:
+    backend = DockerBackend(f"unix://{texlive.socket}", 60, 5)
+    deadlines = LIMITS.deadlines
+    pool = Pool(backend, PoolLimits(4, LIMITS.idle, deadlines.lifetime, deadlines.reuse))
+    pool.sweep()
+    made = Broker(texlive, backend, pool, load_seccomp(print))
+    yield made
+    pool.close()
+
+
+def plain(engine: HostEngine, directory: Path, *argv: str) -> tuple[int, bytes]:
+    """`argv` in a plain container of the image (no profile, no init code) with the compile's
+    environment (shell escape off): status, stdout."""
+    import subprocess
+
+    env = [f"--env={k}={v}" for k, v in compile_environment(LIMITS, {}).items()]
+    done = subprocess.run(
+        ["docker", "-H", f"unix://{engine.socket}", "run", "--rm", "--network", "none",
+         *env, "-u", f"{WWW_DATA}:{WWW_DATA}", "-v", f"{directory}:{directory}",
+         "-w", str(directory),
+         "--entrypoint", argv[0], TEXLIVE, *argv[1:]],
+        capture_output=True, timeout=120,
+    )  # fmt: skip
+    return done.returncode, done.stdout
+
+
+def clean(directory: Path) -> None:
+    for path in directory.iterdir():
+        if path.name != "main.tex":
+            path.unlink()
+
+
+@pytest.mark.parametrize("document", [HELLO, BROKEN], ids=["ok", "tex-error"])
+def test_latexmk_through_the_agent_exits_and_prints_as_in_a_plain_container(
+    broker: Broker, compiles: Compiles, document: str
+) -> None:
+    directory = compiles.project(f"same-{len(document)}", {"main.tex": document})
+    status, stdout = plain(broker.engine, directory, *LATEXMK)
+    clean(directory)
+    ran = broker.run(directory, *LATEXMK)
+    assert ran.answer.reason is Reason.EXIT
+    assert (ran.answer.status, ran.stdout) == (status, stdout)
+    assert status == (0 if document == HELLO else 12)
+    assert (directory / "output.pdf").exists() is False  # jobname main here
+    assert (directory / "main.pdf").exists() == (document == HELLO)
+
+
+def test_output_and_arguments_pass_through_byte_for_byte(
+    broker: Broker, compiles: Compiles
+) -> None:
+    directory = compiles.project("bytes", {"main.tex": HELLO})
+    forged = '{"id":"x","reason":"exit","exit":0,"signal":null,"seconds":0,"leftovers":0}'
+    script = (
+        'printf "%s\\n" "$1"; printf "%s" "$2"; head -c 300000 /dev/urandom > /tmp/r; '
+        "cat /tmp/r; printf '\\377\\000junk' >&2; exit 7"
+    )
+    ran = broker.run(directory, "sh", "-c", script, "sh", forged, 'a\nb"}\n{é')
+    assert ran.answer.status == 7 and ran.answer.reason is Reason.EXIT
+    head = f'{forged}\na\nb"}}\n{{é'.encode()
+    assert ran.stdout.startswith(head) and len(ran.stdout) == len(head) + 300000
+    assert ran.stderr == b"\xff\x00junk"
+
+
+def test_the_compile_cannot_reach_the_agents_channel(broker: Broker, compiles: Compiles) -> None:
+    directory = compiles.project("channel", {"main.tex": HELLO})
+    forged = '{"id":"%s","reason":"exit","exit":0}'
+    script = (
+        "ls /proc/1/fd; "
+        f"printf '{forged}\\n' \"$ID\" > /proc/1/fd/1; "
+        "head -c 10 /proc/1/fd/0; "
+        "head -c 10 /proc/1/mem; "
+        # whatever else is open: the compile's own fds are /dev/null and its two pipes
+        "ls -l /proc/self/fd; exit 3"
+    )
+    ran = broker.run(directory, "sh", "-c", script)
+    assert ran.answer.status == 3, ran
+    assert ran.stderr.count(b"Permission denied") >= 4, ran.stderr
+    fds = ran.stdout.decode()
+    assert "/dev/null" in fds and "pipe:" in fds and "socket" not in fds
+    # And the agent is still there for the next compile, in the same container.
+    before = broker.container(directory).id
+    assert broker.run(directory, "true").answer.status == 0
+    assert broker.container(directory).id == before
+
+
+def test_a_timeout_kills_the_whole_group_and_every_leftover(
+    broker: Broker, compiles: Compiles
+) -> None:
+    directory = compiles.project("timeout", {"main.tex": HELLO})
+    began = time.monotonic()
+    ran = broker.run(
+        directory, "sh", "-c", "sleep 300 & setsid sleep 301 & nohup sleep 302 & sleep 303",
+        timeout=2,
+    )  # fmt: skip
+    assert ran.answer.reason is Reason.TIMEOUT and ran.answer.status == 137
+    assert 1.9 < ran.answer.seconds < 4 and time.monotonic() - began < 6
+    assert ran.answer.leftovers >= 3
+    after = broker.run(directory, "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+    assert b"sleep" not in after.stdout
+
+
+def test_leftovers_of_a_finished_compile_are_killed(broker: Broker, compiles: Compiles) -> None:
+    directory = compiles.project("leftovers", {"main.tex": HELLO})
+    ran = broker.run(directory, "sh", "-c", "setsid sleep 300 > /dev/null 2>&1 & exit 0")
+    assert (ran.answer.status, ran.answer.leftovers) == (0, 1)
+    after = broker.run(directory, "sh", "-c", "cat /proc/[0-9]*/cmdline | tr '\\0' ' '")
+    assert b"sleep" not in after.stdout
+
+
+def test_signals_to_every_process_do_not_end_the_agent(broker: Broker, compiles: Compiles) -> None:
+    directory = compiles.project("kill-all", {"main.tex": HELLO})
+    broker.run(directory, "true")
+    before = broker.container(directory).id
+    for signal_name in ("KILL", "STOP", "HUP", "USR1"):
+        ran = broker.run(directory, "sh", "-c", f"kill -{signal_name} 1; kill -{signal_name} -1; "
+                         "echo survived")  # fmt: skip
+        assert ran.stdout == b"survived\n", (signal_name, ran)
+    assert broker.run(directory, "true").answer.status == 0
+    assert broker.container(directory).id == before
+
+
+def test_a_fork_bomb_leaves_the_agent_working(broker: Broker, compiles: Compiles) -> None:
+    directory = compiles.project("bomb", {"main.tex": HELLO})
+    broker.run(directory, "true")
+    before = broker.container(directory).id
+    ran = broker.run(directory, "sh", "-c", "f(){ f | f & }; f; sleep 3", timeout=3)
+    assert ran.answer.reason in (Reason.TIMEOUT, Reason.EXIT) and ran.answer.leftovers > 10
+    after = broker.run(directory, "sh", "-c", "ls -d /proc/[0-9]* | wc -l")
+    assert after.answer.status == 0 and int(after.stdout) <= 4
+    assert broker.container(directory).id == before
+
+
+def test_a_compile_that_ends_the_agent_ends_only_its_own_container(
+    broker: Broker, compiles: Compiles
+) -> None:
+    victim = compiles.project("ends-agent", {"main.tex": HELLO})
+    other = compiles.project("bystander", {"main.tex": HELLO})
+    broker.run(other, "true")
+    broker.run(victim, "true")
+    gone = broker.container(victim).id
+    bystander = broker.container(other).id
+    with pytest.raises(AgentGone) as ended:
+        broker.run(victim, "sh", "-c", "kill -TERM 1; sleep 30")
+    assert ended.value.sent  # it ran: no second go
+    wait_for(
+        lambda: gone[:12] not in broker.engine.docker("ps", "-aq", "--no-trunc"), 15,
+        "the agent's container to be gone",
+    )  # fmt: skip
+    assert broker.run(other, "true").answer.status == 0
+    assert broker.container(other).id == bystander
+    assert broker.run(victim, "true").answer.status == 0
+    assert broker.container(victim).id != gone
+
+
+def test_tmp_is_empty_for_the_next_compile_but_the_font_caches(
+    broker: Broker, compiles: Compiles
+) -> None:
+    directory = compiles.project("tmp", {"main.tex": HELLO})
+    # The compile dir is under /tmp on this machine, so the container's /tmp holds its mount
+    # point: the agent must empty /tmp without reaching into it.
+    first_part = directory.parts[2]
+    script = (
+        "mkdir -p /tmp/d/e /tmp/texmf-var /tmp/.hidden && touch /tmp/a /tmp/d/e/f /tmp/.h "
+        '/tmp/texmf-var/cache && ln -s "$PWD" /tmp/link && ln -s / /tmp/root && '
+        "chmod 000 /tmp/d"
+    )
+    assert broker.run(directory, "sh", "-c", script).answer.status == 0
+    ran = broker.run(directory, "ls", "-A", "/tmp")
+    assert set(ran.stdout.decode().split()) == {"texmf-var", first_part}
+    assert broker.run(directory, "ls", "/tmp/texmf-var").stdout == b"cache\n"
+    assert (directory / "main.tex").read_text() == HELLO
+
+
+def test_cancel_stops_the_compile_at_once(broker: Broker, compiles: Compiles) -> None:
+    directory = compiles.project("cancel", {"main.tex": HELLO})
+    broker.run(directory, "true")
+    stop_r, stop_w = os.pipe()
+    os.write(stop_w, b"x")  # a stop signal already there: the compile is stopped as it starts
+    began = time.monotonic()
+    try:
+        ran = broker.run(directory, "sleep", "60", cancel_fd=stop_r)
+    finally:
+        os.close(stop_r)
+        os.close(stop_w)
+    assert ran.answer.reason is Reason.CANCELLED and ran.answer.status == 137
+    assert time.monotonic() - began < 3
+
+
+def test_the_agent_ends_when_idle_and_when_the_broker_lets_go(
+    broker: Broker, compiles: Compiles
+) -> None:
+    directory = compiles.project("idle", {"main.tex": HELLO})
+    body = dict(broker.target(directory).body)
+    body["Cmd"] = ["1", "600"]  # idle for a second
+    warm = WarmContainer.start(broker.backend, "sharelatex-init-compile-idle-test", body)
+    wait_for(lambda: not warm.alive(), 10, "the idle agent to end")
+    warm.close()
+    warm = WarmContainer.start(broker.backend, "sharelatex-init-compile-idle-test", body)
+    warm._attachment.close_stdin()  # the broker lets go (StdinOnce: EOF for the agent)
+    wait_for(lambda: not warm.alive(), 10, "the agent to end at EOF")
+    warm.close()
+    wait_for(lambda: "idle-test" not in broker.engine.docker("ps", "-a", "--format", "{{.Names}}"),
+             15, "no container left")  # fmt: skip
