@@ -51,7 +51,16 @@ GENERATIONS = {
 
 def _needs() -> None:
     require(os.geteuid() == 0, "needs root")
-    for tool in ("docker", "unshare", "containerd", "runc", "apt-get", "dpkg-deb"):
+    for tool in (
+        "docker",
+        "docker-compose",
+        "git",
+        "unshare",
+        "containerd",
+        "runc",
+        "apt-get",
+        "dpkg-deb",
+    ):
         require(shutil.which(tool) is not None, f"needs {tool} (scripts/setup installs it)")
 
 
