@@ -28,6 +28,11 @@ RUN apt-get update -q \
 
 # --- wheels: the project's wheel and its dependencies', made from the context -----------------
 FROM system AS wheels
+ARG BASE_IMAGE
+# The package needs Python 3.11+ (older Overleaf images are Ubuntu 20.04's, with 3.8): said once,
+# plainly, rather than as pip's resolver error.
+RUN python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+ || { echo "error: BASE_IMAGE=${BASE_IMAGE} has Python $(python3 -c 'import platform; print(platform.python_version())'); sharelatex-init needs 3.11 or newer: build on an image of Debian 12, Ubuntu 24.04 or newer" >&2; exit 1; }
 # pip's own settings, for a site behind a PyPI mirror or a TLS-intercepting proxy; unset, pip
 # uses PyPI and the base's CA store.
 ARG PIP_INDEX_URL
