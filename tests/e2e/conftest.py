@@ -105,9 +105,11 @@ def outer() -> Iterator[OuterEngine]:
     assert done.returncode == 0, done.stderr
     engine = OuterEngine(base)
     try:
-        # Containers a killed earlier run left behind (the data root persists).
-        for leftover in engine.docker("ps", "-aq", "--filter", f"label={E2E_LABEL}").split():
-            engine.run("rm", "-f", leftover)
+        # Containers a killed earlier run left behind (the data root persists): its sites, and
+        # the compile containers of a site killed before it could end them.
+        for label in (E2E_LABEL, COMPILE_LABEL):
+            for leftover in engine.docker("ps", "-aq", "--filter", f"label={label}").split():
+                engine.run("rm", "-f", leftover)
         for network in engine.docker(
             "network", "ls", "-q", "--filter", f"label={E2E_LABEL}"
         ).split():

@@ -33,21 +33,23 @@ def run_sibling(
     group_add: bool = False,
     data_root: str = "/var/lib/overleaf",
     config: Path | None = None,
+    defaults: bool = True,
     **env: str,
 ) -> Container:
     """The documented sibling run. The local base has no ShareLaTeX services: they would run as
     root here, so that is the services' user unless a test says otherwise; `group_add` adds
     the socket's group, as the init asks for when the user is www-data. With `config`, that dir
-    is /etc/sharelatex-init and the whole configuration: nothing more by -e."""
+    is /etc/sharelatex-init and the whole configuration: nothing more by -e; without `defaults`,
+    `env` is all the -e there is."""
     group = ["--group-add", str(os.stat(site.engine.socket).st_gid)] if group_add else []
     mounted = ["-v", f"{config}:/etc/sharelatex-init:ro"] if config else []
-    defaults = {} if config else {**SIBLING, "OVERLEAF_INIT_SERVICE_USER": "root"}
+    given = {**SIBLING, "OVERLEAF_INIT_SERVICE_USER": "root"} if defaults and not config else {}
     return site.run(
         *group,
         *mounted,
         "-v", f"{data}:{data_root}",
         "-v", f"{site.engine.socket}:/var/run/docker.sock",
-        env={**defaults, **env},
+        env={**given, **env},
     )  # fmt: skip
 
 
@@ -114,6 +116,8 @@ def test_the_sharelatex_4_layout_derives_the_host_dir_and_compiles(
         Site(site.engine, sharelatex4_image, site.base, site.containers),
         data,
         data_root="/var/lib/sharelatex",
+        defaults=False,
+        **SIBLING,
         SHARELATEX_INIT_SERVICE_USER="root",
         SHARELATEX_INIT_COMPILE_IDLE="2",
     )
@@ -188,5 +192,12 @@ def test_the_compose_example_runs_compiles_and_goes_down_leaving_nothing(
         compile_project(container, data, "e2e-compose-sibling")
         took_down = c.down()
         assert c.leftovers() == {}
-        assert outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == ""
+    # The project's warm compile container ends by itself (its idle time, 2 s), the site gone.
+    wait_for(
+        lambda: outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == "",
+        30,
+        "the compile containers to be gone: "
+        + outer.docker("ps", "-a", "--filter", f"label={COMPILE_LABEL}", "--format",
+                       "{{.Names}} {{.Status}} {{.Label \"sharelatex-init.compile\"}}"),
+    )  # fmt: skip
     print(f"compose sibling: up to /readyz 200: {took:.1f} s; down -v: {took_down:.1f} s")
