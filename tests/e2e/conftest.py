@@ -10,11 +10,15 @@ tarball, the one the whole suite shares (tests/conftest.py).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,11 +37,30 @@ E2E_LABEL = "sharelatex-init.e2e"
 COMPILE_LABEL = "sharelatex-init.compile"
 # Where the image's init looks for `docker save` tarballs by default (config.DEFAULT_TARBALL_DIR).
 TARBALL_DIR = "/var/lib/sharelatex-init/images"
+# Overleaf 5's startup guards as our fixtures have them (tests/fixtures/overleaf/init_scripts).
+GUARDS = REPO / "tests" / "fixtures" / "overleaf" / "init_scripts"
+# The two generations on the app image: a thin layer each (seconds, cached by the engine), with
+# what the init tells them apart by (config.detect_generation). Overleaf 5+: /etc/overleaf and
+# the startup guards in /etc/my_init.d, as its images have them. ShareLaTeX 4.x: /etc/sharelatex
+# and /var/www/sharelatex, no guards (4.x images have none).
+GENERATIONS = {
+    "overleaf5": "COPY init_scripts/ /etc/my_init.d/\nRUN mkdir -p /etc/overleaf\n",
+    "sharelatex4": "RUN mkdir -p /etc/sharelatex /var/www/sharelatex\n",
+}
 
 
 def _needs() -> None:
     require(os.geteuid() == 0, "needs root")
-    for tool in ("docker", "unshare", "containerd", "runc", "apt-get", "dpkg-deb"):
+    for tool in (
+        "docker",
+        "docker-compose",
+        "git",
+        "unshare",
+        "containerd",
+        "runc",
+        "apt-get",
+        "dpkg-deb",
+    ):
         require(shutil.which(tool) is not None, f"needs {tool} (scripts/setup installs it)")
 
 
@@ -82,9 +105,15 @@ def outer() -> Iterator[OuterEngine]:
     assert done.returncode == 0, done.stderr
     engine = OuterEngine(base)
     try:
-        # Containers a killed earlier run left behind (the data root persists).
-        for leftover in engine.docker("ps", "-aq", "--filter", f"label={E2E_LABEL}").split():
-            engine.run("rm", "-f", leftover)
+        # Containers a killed earlier run left behind (the data root persists): its sites, and
+        # the compile containers of a site killed before it could end them.
+        for label in (E2E_LABEL, COMPILE_LABEL):
+            for leftover in engine.docker("ps", "-aq", "--filter", f"label={label}").split():
+                engine.run("rm", "-f", leftover)
+        for network in engine.docker(
+            "network", "ls", "-q", "--filter", f"label={E2E_LABEL}"
+        ).split():
+            engine.run("network", "rm", network)
         yield engine
     finally:
         subprocess.run(
@@ -103,6 +132,35 @@ def images(outer: OuterEngine) -> dict[str, LocalImage]:
 def app_image(images: dict[str, LocalImage]) -> str:
     """The repo's Dockerfile on the local Debian base (rebuilt only when its sources change)."""
     return images["app"].name
+
+
+def build_generation(outer: OuterEngine, app: str, generation: str) -> str:
+    """The app image as `generation`'s image (GENERATIONS): `sharelatex-init:e2e-GENERATION`."""
+    name = f"sharelatex-init:e2e-{generation}"
+    with tempfile.TemporaryDirectory(prefix="generation-") as tmp:
+        context = Path(tmp)
+        shutil.copytree(GUARDS, context / "init_scripts")
+        (context / "Dockerfile").write_text(f"FROM {app}\n{GENERATIONS[generation]}")
+        done = subprocess.run(
+            ["docker", "build", "-q", "--rm", "--force-rm", "--network", "none", "-t", name,
+             str(context)],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "DOCKER_HOST": outer.url, "DOCKER_BUILDKIT": "0"},
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return name
+
+
+@pytest.fixture(scope="session")
+def overleaf5_image(outer: OuterEngine, app_image: str) -> str:
+    """The app image as an Overleaf 5+ image: its startup guards in place."""
+    return build_generation(outer, app_image, "overleaf5")
+
+
+@pytest.fixture(scope="session")
+def sharelatex4_image(outer: OuterEngine, app_image: str) -> str:
+    """The app image as a ShareLaTeX 4.x image: /var/lib/sharelatex, no guards."""
+    return build_generation(outer, app_image, "sharelatex4")
 
 
 @pytest.fixture(scope="session")
@@ -216,10 +274,184 @@ def new_site(outer: OuterEngine, image: str) -> Iterator[Site]:
 
 
 @pytest.fixture
-def site(outer: OuterEngine, app_image: str) -> Iterator[Site]:
-    with new_site(outer, app_image) as made:
+def site(outer: OuterEngine, overleaf5_image: str) -> Iterator[Site]:
+    """The app image with Overleaf 5's startup guards: every documented configuration must get
+    past them."""
+    with new_site(outer, overleaf5_image) as made:
         yield made
 
 
 def lines_with(log: str, *needles: str) -> list[str]:
     return [line for line in log.splitlines() if all(n in line for n in needles)]
+
+
+DOCUMENT = r"""\documentclass{article}
+\begin{document}
+Hello from a sandboxed compile, end to end.
+\end{document}
+"""
+# What the compile service gets posted (rootfs/etc/service/compile-api), from inside the site.
+POST_COMPILE = (
+    "import sys, urllib.request\n"
+    "r = urllib.request.Request('http://127.0.0.1:8090/compile', data=sys.stdin.buffer.read(),"
+    " headers={'Content-Type': 'text/x-tex'})\n"
+    "sys.stdout.buffer.write(urllib.request.urlopen(r, timeout=170).read())\n"
+)
+
+
+def compile_project(
+    container: Container, data: Path, project: str, data_root: str = "/var/lib/overleaf"
+) -> dict[str, Any]:
+    """A document compiled as the compile service's `latexmk` shim does it: `sharelatex-init
+    compile DIR` (issue 6) in the site, for a project dir under the data dir mounted at
+    `data_root`; the PDF is asserted on the host's side of the mount. Its JSON result."""
+    directory = data / "data" / "compiles" / project
+    directory.mkdir()
+    (directory / "main.tex").write_text(DOCUMENT)
+    os.chown(directory, 33, 33)  # www-data's: the compile runs as the dir's owner, never root
+    done = container.exec(
+        "sharelatex-init", "compile", f"{data_root}/data/compiles/{project}", "--json",
+        timeout=180,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    result: dict[str, Any] = json.loads(done.stdout)
+    assert result["status"] == "ok", result
+    assert (directory / "output.pdf").read_bytes().startswith(b"%PDF")
+    return result
+
+
+def post_compile(container: Container) -> None:
+    """A document posted to the site's compile service, as an operator or the demo does it."""
+    posted = subprocess.run(
+        ["docker", "-H", container.engine.url, "exec", "-i", container.id,
+         "/opt/sharelatex-init/bin/python", "-c", POST_COMPILE],
+        input=DOCUMENT.encode(), capture_output=True, timeout=180,
+    )  # fmt: skip
+    assert posted.returncode == 0, posted.stderr.decode(errors="replace")
+    assert posted.stdout.startswith(b"%PDF")
+
+
+# --- the compose examples, run for real ---------------------------------------------------------
+
+EXAMPLES = REPO / "examples"
+COMPOSE_PROJECT_LABEL = "com.docker.compose.project"
+READYZ_PORT = 8089
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Compose:
+    """An example compose file brought up on the outer engine with Debian's docker-compose, an
+    override file beside it (compose merges volumes by their container path, environment by
+    name): the app image, this test's host dirs, and the published port on loopback."""
+
+    engine: OuterEngine
+    example: Path
+    override: dict[str, Any]
+    directory: Path
+    project: str = field(default_factory=lambda: f"e2e{os.getpid()}{time.monotonic_ns() % 10**6}")
+    port: int = field(default_factory=free_port)  # published on 127.0.0.1; nothing forwards it
+
+    def run(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        override = self.directory / "override.yml"
+        override.write_text(json.dumps(self.override))  # JSON is YAML
+        env = {
+            **os.environ,
+            "DOCKER_HOST": self.engine.url,
+            # The example's own port variables (compose's, the container never sees them).
+            "OVERLEAF_LISTEN_IP": "127.0.0.1",
+            "OVERLEAF_PORT": str(self.port),
+        }
+        return subprocess.run(
+            ["docker-compose", "--project-name", self.project, "--project-directory",
+             str(self.directory), "-f", str(self.example), "-f", str(override), *args],
+            capture_output=True, text=True, timeout=timeout, env=env,
+        )  # fmt: skip
+
+    def up(self) -> Container:
+        began = time.monotonic()
+        done = self.run("up", "-d")
+        assert done.returncode == 0, done.stdout + done.stderr
+        (cid,) = self.engine.docker(
+            "ps", "-q", "--no-trunc", "--filter", f"label={COMPOSE_PROJECT_LABEL}={self.project}"
+        ).split()
+        return Container(self.engine, cid, began)
+
+    def wait_readyz(self, container: Container, timeout: float) -> float:
+        """Seconds from `up` until the init's /readyz answers 200, asked from the host on the
+        project's network, as a load balancer would."""
+        address = self.engine.docker(
+            "inspect", "--format", "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            container.id,
+        )  # fmt: skip
+        assert address, "the service has no address on the project's network"
+        url = f"http://{address}:{READYZ_PORT}/readyz"
+        last = ""
+
+        def ready() -> bool:
+            nonlocal last
+            if not container.running():
+                raise AssertionError(f"the service exited; log:\n{container.logs()[-4000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=3) as answer:
+                    return bool(answer.status == 200)
+            except urllib.error.HTTPError as error:
+                last = f"{error.code} {error.read().decode(errors='replace')[:300]}"
+            except OSError as error:
+                last = str(error)
+            return False
+
+        try:
+            wait_for(ready, timeout, f"{url} to answer 200")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; last answer: {last}; log:\n"
+                                 f"{container.logs()[-4000:]}") from None  # fmt: skip
+        return time.monotonic() - container.started
+
+    def down(self) -> float:
+        began = time.monotonic()
+        done = self.run("down", "-v", "--remove-orphans", timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return time.monotonic() - began
+
+    def leftovers(self) -> dict[str, str]:
+        """What the engine still holds of this project, by kind (empty: nothing)."""
+        label = f"label={COMPOSE_PROJECT_LABEL}={self.project}"
+        found = {
+            "containers": self.engine.docker("ps", "-aq", "--filter", label),
+            "networks": self.engine.docker("network", "ls", "-q", "--filter", label),
+            "volumes": self.engine.docker("volume", "ls", "-q", "--filter", label),
+        }
+        return {kind: ids for kind, ids in found.items() if ids}
+
+
+def override(image: str, volumes: list[str], environment: dict[str, str]) -> dict[str, Any]:
+    """The example's one service with this test's image, host dirs and settings; labelled, so
+    that what a killed run leaves is swept by the next (the outer fixture)."""
+    service = {
+        "image": image,
+        "labels": {E2E_LABEL: ""},
+        "volumes": volumes,
+        "environment": {"OVERLEAF_INIT_HTTP_ADDRESS": f"0.0.0.0:{READYZ_PORT}", **environment},
+    }
+    return {
+        "services": {"sharelatex": service},
+        "networks": {"default": {"labels": {E2E_LABEL: ""}}},
+    }
+
+
+@contextmanager
+def compose_site(
+    engine: OuterEngine, example: str, directory: Path, changes: dict[str, Any]
+) -> Iterator[Compose]:
+    """A Compose whose project is taken down (with its volumes) at the end, whatever happened."""
+    made = Compose(engine, EXAMPLES / example, changes, directory)
+    try:
+        yield made
+    finally:
+        made.run("down", "-v", "--remove-orphans", "--timeout", "10", timeout=180)

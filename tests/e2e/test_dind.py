@@ -1,16 +1,18 @@
 """Docker-in-docker with the real image on a real outer engine: `docker run --privileged -v
 DIR:/var/lib/docker -e SANDBOXED_COMPILES=true`, as the product documentation says.
 
-The tests of this module share one site, in order: a cold start (the inner engine is empty; the
-init loads the TeX Live image from a `docker save` tarball) to ready, a compile, `docker stop`,
-and a restart on the same volume that is ready again with nothing to install.
+The tests of this module share one site, in order: a cold start of the Overleaf 5 image (its
+startup guards in place; the init's variables given with -e; the inner engine is empty, the init
+loads the TeX Live image from a `docker save` tarball) to ready, a compile, `docker stop`; a
+restart on the same volume, the init's variables now in /etc/sharelatex-init/*.env, ready with
+nothing to install, and a compile; then the ShareLaTeX 4.x layout on that volume (data at
+/var/lib/sharelatex, the init's variables by their old names) ready and compiling.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,21 +20,20 @@ import pytest
 
 from tests.e2e.conftest import (
     COMPILE_LABEL,
+    DOCUMENT,
     TARBALL_DIR,
     Container,
     OuterEngine,
     Site,
+    compile_project,
+    compose_site,
     lines_with,
     new_site,
+    override,
+    post_compile,
 )
 from tests.integration.conftest import wait_for
 
-COMPILES = "/var/lib/overleaf/data/compiles"
-DOCUMENT = r"""\documentclass{article}
-\begin{document}
-Hello from a sandboxed compile, end to end.
-\end{document}
-"""
 # A 370 MB load on a 2-core machine shared with other tests: ~20 s alone, several times that
 # when the machine is busy.
 READY_TIMEOUT = 240.0
@@ -40,20 +41,27 @@ ENV = {"SANDBOXED_COMPILES": "true", "OVERLEAF_INIT_TEXLIVE_SOURCES": "load"}
 
 
 @pytest.fixture(scope="module")
-def dind(outer: OuterEngine, app_image: str, texlive_tarballs: Path) -> Iterator[Site]:
-    with new_site(outer, app_image) as made:
+def dind(outer: OuterEngine, overleaf5_image: str, texlive_tarballs: Path) -> Iterator[Site]:
+    with new_site(outer, overleaf5_image) as made:
         made.dir("docker")
         made.data_dir()
         yield made
 
 
-def run_dind(site: Site, tarballs: Path) -> Container:
+def run_dind(
+    site: Site,
+    tarballs: Path,
+    *options: str,
+    data_root: str = "/var/lib/overleaf",
+    env: dict[str, str] | None = None,
+) -> Container:
     return site.run(
         "--privileged",
         "-v", f"{site.dir('docker')}:/var/lib/docker",
-        "-v", f"{site.data_dir()}:/var/lib/overleaf",
+        "-v", f"{site.data_dir()}:{data_root}",
         "-v", f"{tarballs}:{TARBALL_DIR}:ro",
-        env=ENV,
+        *options,
+        env=ENV if env is None else env,
     )  # fmt: skip
 
 
@@ -76,31 +84,10 @@ def test_cold_start_installs_the_texlive_image_and_becomes_ready(cold: Container
 
 def test_a_document_compiles_in_the_inner_engine(dind: Site, cold: Container) -> None:
     cold.wait_ready(READY_TIMEOUT)
-    project = dind.data_dir() / "data" / "compiles" / "e2e-project"
-    project.mkdir()
-    (project / "main.tex").write_text(DOCUMENT)
-    os.chown(project, 33, 33)  # www-data's: the compile runs as the dir's owner, never root
-    # The compile step: `sharelatex-init compile DIR` (issue 6) runs what the compile
-    # service's latexmk shim runs, in a sandbox container of the inner engine.
-    done = cold.exec("sharelatex-init", "compile", f"{COMPILES}/e2e-project", "--json", timeout=180)
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(done.stdout)
-    assert result["status"] == "ok", result
-    assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
-    # And as an operator or the demo does it: the compile service in the container.
-    client = (
-        "import sys, urllib.request\n"
-        "r = urllib.request.Request('http://127.0.0.1:8090/compile', data=sys.stdin.buffer.read(),"
-        " headers={'Content-Type': 'text/x-tex'})\n"
-        "sys.stdout.buffer.write(urllib.request.urlopen(r, timeout=170).read())\n"
-    )
-    posted = subprocess.run(
-        ["docker", "-H", cold.engine.url, "exec", "-i", cold.id,
-         "/opt/sharelatex-init/bin/python", "-c", client],
-        input=DOCUMENT.encode(), capture_output=True, timeout=180,
-    )  # fmt: skip
-    assert posted.returncode == 0, posted.stderr.decode(errors="replace")
-    assert posted.stdout.startswith(b"%PDF")
+    # The guards ran and let it start (Overleaf 5's images refuse with status 101).
+    assert not lines_with(cold.logs(), "Refusing to startup"), cold.logs()
+    compile_project(cold, dind.data_dir(), "e2e-project")
+    post_compile(cold)
 
 
 def test_docker_stop_exits_0_in_time_and_leaves_nothing(
@@ -122,18 +109,76 @@ def test_docker_stop_exits_0_in_time_and_leaves_nothing(
     print(f"docker stop: {took:.2f} s")
 
 
-def test_a_restart_on_the_same_volume_is_ready_with_nothing_to_install(
+def test_a_restart_on_the_same_volume_configured_by_env_file_is_ready_with_nothing_to_install(
     dind: Site, cold: Container, texlive_tarballs: Path
 ) -> None:
+    """The init's variables in /etc/sharelatex-init/*.env, the old spelling among them: read,
+    consumed, and so never seen by Overleaf 5's guard; the env file is the whole configuration."""
     if cold.running():
         cold.stop(timeout=10)
-    warm = run_dind(dind, texlive_tarballs)
+    config = dind.dir("config")
+    (config / "10-site.env").write_text(
+        "SANDBOXED_COMPILES=true\nOVERLEAF_INIT_TEXLIVE_SOURCES=load\n"
+        "SHARELATEX_INIT_COMPILE_IDLE=30\n"
+    )
+    warm = run_dind(dind, texlive_tarballs, "-v", f"{config}:/etc/sharelatex-init:ro", env={})
     took = warm.wait_ready(60)
     log = warm.logs()
     assert lines_with(log, "texlive:", "present"), log
     assert not lines_with(log, "installing"), log  # no load, no pull: the volume had it
+    assert lines_with(log, "SHARELATEX_INIT_COMPILE_IDLE is the old name of"), log
+    assert not lines_with(log, "Refusing to startup"), log
+    began = time.monotonic()
+    compile_project(warm, dind.data_dir(), "e2e-env-file")
+    compiled = time.monotonic() - began
     assert warm.stop() < 2.0
-    print(f"warm start to ready: {took:.1f} s")
+    print(f"warm start to ready: {took:.1f} s; a compile: {compiled:.1f} s")
+
+
+def test_the_sharelatex_4_layout_on_that_volume_is_ready_and_compiles(
+    dind: Site, sharelatex4_image: str, texlive_tarballs: Path
+) -> None:
+    """A ShareLaTeX 4.x image (no guards): data at /var/lib/sharelatex, the init's variables by
+    their old names, each read with a one-line notice."""
+    old = {"SANDBOXED_COMPILES": "true", "SHARELATEX_INIT_TEXLIVE_SOURCES": "load"}
+    began = time.monotonic()
+    container = run_dind(
+        Site(dind.engine, sharelatex4_image, dind.base, dind.containers),
+        texlive_tarballs,
+        data_root="/var/lib/sharelatex",
+        env=old,
+    )
+    container.wait_ready(60)
+    log = container.logs()
+    (notice,) = lines_with(log, "SHARELATEX_INIT_TEXLIVE_SOURCES is the old name of")
+    assert "OVERLEAF_INIT_TEXLIVE_SOURCES" in notice
+    assert lines_with(log, "texlive:", "present"), log
+    compile_project(container, dind.data_dir(), "e2e-sharelatex4", "/var/lib/sharelatex")
+    assert container.stop() < 2.0
+    print(f"ShareLaTeX 4.x layout, start to a compiled document: {time.monotonic() - began:.1f} s")
+
+
+def test_the_compose_example_runs_compiles_and_goes_down_leaving_nothing(
+    dind: Site, texlive_tarballs: Path
+) -> None:
+    """examples/docker-compose.dind.yml with Debian's docker-compose: this site's dirs for its
+    data and its engine's volume (the TeX Live image is there already), the Overleaf 5 image."""
+    data = dind.data_dir()
+    volumes = [f"{data}:/var/lib/overleaf", f"{dind.dir('docker')}:/var/lib/docker",
+               f"{texlive_tarballs}:{TARBALL_DIR}:ro"]  # fmt: skip
+    changes = override(dind.image, volumes, {"OVERLEAF_INIT_TEXLIVE_SOURCES": "load"})
+    with compose_site(dind.engine, "docker-compose.dind.yml", dind.dir("compose"), changes) as c:
+        merged = c.run("config")
+        assert merged.returncode == 0, merged.stderr
+        assert "privileged: true" in merged.stdout and "/data/sharelatex_data" not in merged.stdout
+        container = c.up()
+        took = c.wait_readyz(container, READY_TIMEOUT)
+        assert not lines_with(container.logs(), "Refusing to startup"), container.logs()
+        compile_project(container, data, "e2e-compose-dind")
+        post_compile(container)
+        took_down = c.down()
+        assert c.leftovers() == {}
+    print(f"compose dind: up to /readyz 200: {took:.1f} s; down -v: {took_down:.1f} s")
 
 
 def test_without_a_volume_for_var_lib_docker_the_engine_is_refused_with_the_fix(

@@ -1,6 +1,8 @@
 """Sibling containers with the real image on a real outer engine: the engine's socket and the
 data dir mounted in, as the product documentation's compose file does, with
-SANDBOXED_COMPILES_HOST_DIR right, unset (derived) and wrong (exit 78)."""
+SANDBOXED_COMPILES_HOST_DIR right, unset (derived) and wrong (exit 78). The Overleaf 5 image has
+its startup guards in place (the site fixture); the configuration comes by -e or by env file; the
+ShareLaTeX 4.x layout (/var/lib/sharelatex, the old names) compiles too."""
 
 from __future__ import annotations
 
@@ -8,24 +10,46 @@ import json
 import os
 from pathlib import Path
 
-from tests.e2e.conftest import COMPILE_LABEL, Container, OuterEngine, Site, lines_with
+from tests.e2e.conftest import (
+    COMPILE_LABEL,
+    Container,
+    OuterEngine,
+    Site,
+    compile_project,
+    compose_site,
+    lines_with,
+    override,
+)
 from tests.integration.conftest import wait_for
 
 READY_TIMEOUT = 90.0
-COMPILES = "/var/lib/overleaf/data/compiles"
+SIBLING = {"SANDBOXED_COMPILES": "true", "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true"}
 
 
-def run_sibling(site: Site, data: Path, *, group_add: bool = False, **env: str) -> Container:
+def run_sibling(
+    site: Site,
+    data: Path,
+    *,
+    group_add: bool = False,
+    data_root: str = "/var/lib/overleaf",
+    config: Path | None = None,
+    defaults: bool = True,
+    **env: str,
+) -> Container:
     """The documented sibling run. The local base has no ShareLaTeX services: they would run as
     root here, so that is the services' user unless a test says otherwise; `group_add` adds
-    the socket's group, as the init asks for when the user is www-data."""
+    the socket's group, as the init asks for when the user is www-data. With `config`, that dir
+    is /etc/sharelatex-init and the whole configuration: nothing more by -e; without `defaults`,
+    `env` is all the -e there is."""
     group = ["--group-add", str(os.stat(site.engine.socket).st_gid)] if group_add else []
+    mounted = ["-v", f"{config}:/etc/sharelatex-init:ro"] if config else []
+    given = {**SIBLING, "OVERLEAF_INIT_SERVICE_USER": "root"} if defaults and not config else {}
     return site.run(
         *group,
-        "-v", f"{data}:/var/lib/overleaf",
+        *mounted,
+        "-v", f"{data}:{data_root}",
         "-v", f"{site.engine.socket}:/var/run/docker.sock",
-        env={"SANDBOXED_COMPILES": "true", "SANDBOXED_COMPILES_SIBLING_CONTAINERS": "true",
-             "OVERLEAF_INIT_SERVICE_USER": "root", **env},
+        env={**given, **env},
     )  # fmt: skip
 
 
@@ -36,16 +60,25 @@ def status(container: Container) -> dict[str, object]:
     return document
 
 
-def test_host_dir_right_is_proved_and_ready(
+def test_host_dir_right_given_by_env_file_is_proved_and_ready(
     site: Site, outer: OuterEngine, texlive_image: str
 ) -> None:
+    """The whole configuration in /etc/sharelatex-init/*.env (the old spelling of one of the
+    init's names among it): read, and past Overleaf 5's guards."""
     data = site.data_dir()
-    container = run_sibling(site, data, SANDBOXED_COMPILES_HOST_DIR=f"{data}/data/compiles")
+    config = site.dir("config")
+    (config / "10-site.env").write_text(
+        "".join(f"{name}={value}\n" for name, value in SIBLING.items())
+        + f"SANDBOXED_COMPILES_HOST_DIR={data}/data/compiles\nSHARELATEX_INIT_SERVICE_USER=root\n"
+    )
+    container = run_sibling(site, data, config=config)
     took = container.wait_ready(READY_TIMEOUT)
     log = container.logs()
     assert lines_with(log, "sibling: proof:", f"{data}/data/compiles"), log
     (line,) = lines_with(log, "sibling: host compiles dir:")
     assert f"SANDBOXED_COMPILES_HOST_DIR={data}/data/compiles is this container's" in line
+    assert lines_with(log, "SHARELATEX_INIT_SERVICE_USER is the old name of"), log
+    assert not lines_with(log, "Refusing to startup"), log
     engine = status(container)["engine"]
     assert isinstance(engine, dict) and engine["mode"] == "sibling" and engine["ready"] is True
     took_stop = container.stop()
@@ -63,20 +96,9 @@ def test_a_document_compiles_as_a_sibling(
     # The project's warm compile container ends 2 s after its last compile (default 120 s).
     container = run_sibling(site, data, OVERLEAF_INIT_COMPILE_IDLE="2")
     container.wait_ready(READY_TIMEOUT)
-    project = data / "data" / "compiles" / "e2e-sibling"
-    project.mkdir()
-    (project / "main.tex").write_text(
-        "\\documentclass{article}\\begin{document}Sibling.\\end{document}\n"
-    )
-    os.chown(project, 33, 33)  # www-data's: the compile runs as the dir's owner, never root
-    # The compile step: `sharelatex-init compile DIR` (issue 6): the compile container runs on
-    # the outer engine, bound from the host path the init derived.
-    done = container.exec(
-        "sharelatex-init", "compile", f"{COMPILES}/e2e-sibling", "--json", timeout=180
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
-    assert (project / "output.pdf").stat().st_uid == 33
+    # The compile container runs on the outer engine, bound from the host path the init derived.
+    compile_project(container, data, "e2e-sibling")
+    assert (data / "data/compiles/e2e-sibling/output.pdf").stat().st_uid == 33
     wait_for(
         lambda: outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == "",
         30,
@@ -84,16 +106,30 @@ def test_a_document_compiles_as_a_sibling(
     )
 
 
-def test_host_dir_unset_is_derived_from_the_mounts(site: Site, texlive_image: str) -> None:
+def test_the_sharelatex_4_layout_derives_the_host_dir_and_compiles(
+    site: Site, sharelatex4_image: str, texlive_image: str
+) -> None:
+    """A ShareLaTeX 4.x image (no guards): data at /var/lib/sharelatex, the init's variables
+    by their old names; the host dir derived from that mount."""
     data = site.data_dir()
-    container = run_sibling(site, data)
+    container = run_sibling(
+        Site(site.engine, sharelatex4_image, site.base, site.containers),
+        data,
+        data_root="/var/lib/sharelatex",
+        defaults=False,
+        **SIBLING,
+        SHARELATEX_INIT_SERVICE_USER="root",
+        SHARELATEX_INIT_COMPILE_IDLE="2",
+    )
     container.wait_ready(READY_TIMEOUT)
     log = container.logs()
     (line,) = lines_with(log, "sibling: host compiles dir:")
     assert "SANDBOXED_COMPILES_HOST_DIR unset" in line
     assert f"using {data}/data/compiles, derived from this container's" in line
-    assert f"-v {data}:/var/lib/overleaf" in line
+    assert f"-v {data}:/var/lib/sharelatex" in line
     assert lines_with(log, "sibling: proof:"), log
+    assert lines_with(log, "SHARELATEX_INIT_SERVICE_USER is the old name of"), log
+    compile_project(container, data, "e2e-sharelatex4", "/var/lib/sharelatex")
     assert container.stop() < 2.0
 
 
@@ -135,3 +171,33 @@ def test_the_services_reach_the_engine_only_through_the_proxy(
         "--privileged", "--user", "33", texlive_image, "true",
     )  # fmt: skip
     assert escape.returncode != 0 and "sharelatex-init proxy" in escape.stderr, escape
+
+
+def test_the_compose_example_runs_compiles_and_goes_down_leaving_nothing(
+    site: Site, outer: OuterEngine, texlive_image: str
+) -> None:
+    """examples/docker-compose.sibling.yml with Debian's docker-compose: this test's data dir
+    and the outer engine's socket for the host's, the Overleaf 5 image."""
+    data = site.data_dir()
+    volumes = [f"{data}:/var/lib/overleaf", f"{outer.socket}:/var/run/docker.sock"]
+    changes = override(site.image, volumes, {
+        "SANDBOXED_COMPILES_HOST_DIR": f"{data}/data/compiles",
+        "OVERLEAF_INIT_SERVICE_USER": "root",
+        "OVERLEAF_INIT_COMPILE_IDLE": "2",
+    })  # fmt: skip
+    with compose_site(outer, "docker-compose.sibling.yml", site.dir("compose"), changes) as c:
+        container = c.up()
+        took = c.wait_readyz(container, READY_TIMEOUT)
+        assert not lines_with(container.logs(), "Refusing to startup"), container.logs()
+        compile_project(container, data, "e2e-compose-sibling")
+        took_down = c.down()
+        assert c.leftovers() == {}
+    # The project's warm compile container ends by itself (its idle time, 2 s), the site gone.
+    wait_for(
+        lambda: outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == "",
+        30,
+        "the compile containers to be gone: "
+        + outer.docker("ps", "-a", "--filter", f"label={COMPILE_LABEL}", "--format",
+                       "{{.Names}} {{.Status}} {{.Label \"sharelatex-init.compile\"}}"),
+    )  # fmt: skip
+    print(f"compose sibling: up to /readyz 200: {took:.1f} s; down -v: {took_down:.1f} s")
