@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SAMPLE_INTERVAL = 0.1  # seconds between two walks of a compile's dir
+WALK_PAUSE = 3.0  # at least this many times a walk's own time passes before the next walk
 OWNER_RWX = stat.S_IRWXU
 Start = frozenset[tuple[str, int]]  # (relative path, inode) of each entry when a compile starts
 
@@ -46,7 +47,7 @@ class Budget:
     """What one compile may add to its dir: bytes and files (0: that one is not bounded)."""
 
     bytes: int = 1 << 30
-    files: int = 100_000
+    files: int = 20_000
 
     @property
     def on(self) -> bool:
@@ -229,6 +230,7 @@ class Watcher:
         off: tuple[Usage, Start] = (Usage(0, 0), frozenset())
         self.start_usage, self.start_entries = snapshot(root) if budget.on else off
         self.overrun: Overrun | None = None
+        self.started_at = time.monotonic()
         self.seen_at: float | None = None  # monotonic time the overrun was seen
         self.samples = 0
         self._stop = threading.Event()
@@ -248,10 +250,15 @@ class Watcher:
         return self.overrun
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        pause = self.interval
+        while not self._stop.wait(pause):
+            began = time.monotonic()
             if self.check() is not None:
                 self.on_overrun()
                 return
+            # A large dir: the walk takes at most a quarter of a core (its cost per entry is
+            # ~10 us; the walk stops at the budget, so this is bounded too).
+            pause = max(self.interval, WALK_PAUSE * (time.monotonic() - began))
 
     def stop(self, last: bool = True) -> Overrun | None:
         """Stop sampling; with `last`, one more sample when none found the compile past its
@@ -351,6 +358,7 @@ class Settled:
     files: int
     removed: int
     left: tuple[str, ...]  # relative paths that could not be removed
+    seen_after: float = 0.0  # seconds from the compile's start to the sample that saw it past
 
 
 AFTER_KILL_BOUND = 8  # the walk after the kill stops past this many budgets
@@ -369,4 +377,5 @@ def settle(watcher: Watcher) -> Settled:
         max(0, after.files - start.files),
         removed,
         tuple(left),
+        (watcher.seen_at or watcher.started_at) - watcher.started_at,
     )

@@ -47,7 +47,8 @@ class Outcome:
     errors: tuple[str, ...] = ()
     limit: Limit | None = None
     exit_code: int | None = None  # the command's own exit status (the shim passes it back)
-    written: tuple[int, int] | None = None  # limit disk: (bytes, files) it had written
+    # limit disk: (bytes, files) it had written when stopped, seconds until a sample saw it past
+    written: tuple[int, int, float] | None = None
 
     def document(self) -> dict[str, Any]:
         return {
@@ -59,12 +60,14 @@ class Outcome:
             "log": str(self.log) if self.log is not None else None,
             "seconds": round(self.seconds, 3),
             "errors": list(self.errors),
-            "written": (
-                {"bytes": self.written[0], "files": self.written[1]}
-                if self.written is not None
-                else None
-            ),
+            "written": self._written(),
         }
+
+    def _written(self) -> dict[str, Any] | None:
+        if self.written is None:
+            return None
+        written, files, seen_after = self.written
+        return {"bytes": written, "files": files, "seen_after": round(seen_after, 3)}
 
 
 def first_errors(log_text: str, lines: int = ERROR_LINES) -> tuple[str, ...]:
@@ -294,7 +297,8 @@ def classify(
     errors = first_errors(log_text)
     common = {"seconds": ran.seconds, "log": log, "errors": errors, "exit_code": ran.exit_code}
     if limit is not None:
-        written = (ran.budget.bytes, ran.budget.files) if ran.budget is not None else None
+        spent = ran.budget
+        written = (spent.bytes, spent.files, spent.seen_after) if spent is not None else None
         return Outcome(
             Status.LIMIT, limit_message(limit, limits, ran), limit=limit, written=written,
             **common,  # type: ignore[arg-type]

@@ -28,7 +28,8 @@ from init.compiles.profile import (
 from init.compiles.queue import Queue, read_record, write_record
 from init.compiles.settings import KILL_GRACE, CompileSettings
 from init.core.wakeup import SignalWakeup
-from init.engine.client import ContainerGone, DockerBackend, ImageMissing
+from init.engine.client import ApiError, ContainerGone, DockerBackend, ImageMissing
+from init.errors import EngineError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
 if TYPE_CHECKING:
@@ -272,8 +273,10 @@ class Runner:
     ) -> Ran:
         """The compile went past its budget: its container killed at once (its processes
         with it), then what it wrote counted and removed."""
-        self.backend.remove(container)
+        with contextlib.suppress(ApiError, EngineError):  # SIGKILL, before the removal's own
+            self.backend.call("POST", f"/containers/{container}/kill", query={"signal": "KILL"})
         seconds = time.monotonic() - started
+        self.backend.remove(container)
         self._forget(job)
         reader.join(5)
         if reader.is_alive():  # gVisor: removed, its stream open

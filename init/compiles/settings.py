@@ -84,9 +84,9 @@ class Limits:
     # ten compiles at once fit the compiles filesystem's default (init.engine.compiles_fs).
     disk: int = 1 << 30
     # Files and dirs: a normal compile makes tens, a TikZ-externalized or minted thesis a few
-    # thousand; 100,000 empty files are ~400 MiB of ext4 inode tables and take the watcher's
-    # walk ~0.2 s, the longest it may take.
-    files: int = 100_000
+    # thousand (4 files a figure, 1 or 2 a snippet). 20,000 keeps the watcher's walk, which
+    # stops at the budget, near 0.2 s at worst (~10 us an entry), so it bites within a second.
+    files: int = 20_000
     nofile: int = 1024
     concurrency: int = 0  # compiles at once over every runner process; 0: the CPU count
     idle: float = DEFAULT_IDLE
@@ -160,7 +160,7 @@ def limits_from_env(environ: Mapping[str, str]) -> Limits:
     read(config.COMPILE_TMPFS, "tmpfs", parse_size, "256m (at least 16m)", 16 << 20)
     read(config.COMPILE_OUTPUT_SIZE, "output", parse_size, "512m (at least 1m)", 1 << 20)
     read(config.COMPILE_DISK, "disk", off_or(parse_size, 1 << 20), "1g (at least 1m; 0: off)", 0)
-    read(config.COMPILE_FILES, "files", off_or(int, 100), "100000 (at least 100; 0: off)", 0)
+    read(config.COMPILE_FILES, "files", off_or(int, 100), "20000 (at least 100; 0: off)", 0)
     read(config.COMPILE_CONCURRENCY, "concurrency", int, "4 (0: one per CPU)", 0)
     read(
         config.COMPILE_IDLE, "idle", float,

@@ -210,21 +210,21 @@ def test_a_compile_past_its_budget_is_limit_disk_naming_the_bound(tmp_path: Path
     assert outcome.status is Status.LIMIT and outcome.limit is Limit.DISK
     assert outcome.reason.startswith("disk: the compile wrote more than 1.0 GiB in its dir")
     assert "1.2 GiB in 41 files, all removed" in outcome.reason
-    assert outcome.document()["written"] == {"bytes": 1200 * MiB, "files": 41}
-    files = Settled(Overrun("files", 0, 100_001), 0, 100_050, 100_000, ("a/b",))
+    assert outcome.document()["written"] == {"bytes": 1200 * MiB, "files": 41, "seen_after": 0.0}
+    files = Settled(Overrun("files", 0, 20_001), 0, 20_050, 20_000, ("a/b",))
     reason = classify(Ran(None, 1.0, budget=files), job, Limits()).reason
-    assert "more than 100000 files and dirs" in reason and "but for 1 (e.g. a/b)" in reason
+    assert "more than 20000 files and dirs" in reason and "but for 1 (e.g. a/b)" in reason
 
 
 def test_the_log_note_names_the_budget() -> None:
     line, detail = log_note.stop_reason(Limit.DISK, Limits())
     assert line == (
-        "the compile was stopped: it wrote more than 1024 MiB or made more than 100000 files "
+        "the compile was stopped: it wrote more than 1024 MiB or made more than 20000 files "
         "in its dir (the site's budget per compile)."
     )
     assert "removed" in detail
     only_files, _ = log_note.stop_reason(Limit.DISK, Limits(disk=0))
-    assert "more than 100000 files in its dir" in only_files
+    assert "more than 20000 files in its dir" in only_files
 
 
 def test_the_budget_variables() -> None:
@@ -233,7 +233,7 @@ def test_the_budget_variables() -> None:
     assert limits_from_env({config.COMPILE_DISK: "0", config.COMPILE_FILES: "0"}).budget == (
         Budget(0, 0)
     )
-    assert Limits().budget == Budget(1 << 30, 100_000)
+    assert Limits().budget == Budget(1 << 30, 20_000)
     with pytest.raises(ConfigError) as e:
         limits_from_env({config.COMPILE_DISK: "10k", config.COMPILE_FILES: "lots"})
     assert e.value.problems == [
