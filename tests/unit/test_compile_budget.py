@@ -238,7 +238,7 @@ def test_the_budget_variables() -> None:
         limits_from_env({config.COMPILE_DISK: "10k", config.COMPILE_FILES: "lots"})
     assert e.value.problems == [
         "OVERLEAF_INIT_COMPILE_DISK='10k' is not valid; write e.g. 1g (at least 1m; 0: off)",
-        "OVERLEAF_INIT_COMPILE_FILES='lots' is not valid; write e.g. 100000 (at least 100; 0: off)",
+        "OVERLEAF_INIT_COMPILE_FILES='lots' is not valid; write e.g. 20000 (at least 100; 0: off)",
     ]
 
 
