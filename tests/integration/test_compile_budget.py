@@ -40,8 +40,11 @@ BUDGET = {"OVERLEAF_INIT_COMPILE_DISK": "64m", "OVERLEAF_INIT_COMPILE_FILES": st
 # container is killed (an engine call): the bounds asserted, with room for a loaded two-core
 # machine. The time from the attack's first write to that sample is its own (how fast it
 # writes) plus one sampling period at most; asserted loosely, reported in the figures.
-OVERSHOOT_BYTES = 256 * MiB
-OVERSHOOT_FILES = 5000
+# The overshoot is the write rate times the time to stop: page-cache writes of ~300 MiB/s
+# here, and an engine kill of 0.2-2.5 s on this loaded machine (sparse files are excepted:
+# they are made in no time and take no disk).
+OVERSHOOT_BYTES = 768 * MiB
+OVERSHOOT_FILES = 50_000  # empty files at ~20,000-45,000/s seen here: the weakest bound
 KILL_SECONDS = 3.0
 BITE_SECONDS = 20.0
 HELLO = r"""\documentclass{article}
@@ -58,10 +61,12 @@ def rc(attack: str) -> str:
     return STAMP + attack + "\n1;\n"
 
 
-# 300 MiB in 40 files under the 8 MiB per-file limit (the issue's 281 MiB in about a second).
+# Files under the 8 MiB per-file limit (the issue's 281 MiB in 40 files in about a second), on
+# to 1 GiB (136 files): more than the budget and its allowed overshoot, so that the bound on
+# the overshoot is a real test (a compile that is never stopped writes all of it).
 MANY_FILES = rc(
     "my $block = 'x' x (1 << 20);"
-    "for my $i (0..39) { open(my $f, '>', \"junk$i\") or last;"
+    "for my $i (0..135) { open(my $f, '>', \"junk$i\") or last;"
     " for (1..7) { print $f $block or last } print $f substr($block, 0, 1 << 19); close $f }"
 )
 # 100,000 empty files (the issue's: in 4 s).
@@ -114,7 +119,6 @@ def as_www_data(compiles: Compiles, project: Path, **env: str) -> tuple[int, dic
                          **python_env, **{**BUDGET, **env}),
     )  # fmt: skip
     ended = time.time()
-    print(done.stderr[-3000:])
     lines = done.stdout.strip().splitlines()
     assert lines, f"no JSON on stdout; stderr:\n{done.stderr}"
     return done.returncode, json.loads(lines[-1]), ended
@@ -137,7 +141,7 @@ def attack(compiles: Compiles, name: str, latexmkrc: str) -> tuple[Path, dict[st
 
 
 def contained(
-    compiles: Compiles, project: Path, before: dict[str, str], kind: str
+    compiles: Compiles, project: Path, before: dict[str, str], kind: str, sparse: bool = False
 ) -> dict[str, float]:
     """Compile the attack; assert the limit, its bounds and the clean-up; its figures."""
     code, result, ended = as_www_data(compiles, project)
@@ -160,7 +164,8 @@ def contained(
     print(f"\nbudget: {project.name}: {figures}")
     assert 0 < ended - stamp < BITE_SECONDS, figures
     assert kill < KILL_SECONDS, figures
-    assert written["bytes"] < DISK + OVERSHOOT_BYTES, figures
+    if not sparse:
+        assert written["bytes"] < DISK + OVERSHOOT_BYTES, figures
     assert written["files"] < FILES + OVERSHOOT_FILES, figures
     return figures
 
@@ -191,7 +196,7 @@ def test_posix_fallocate_writes_blocks_that_count(www: Compiles) -> None:
 
 def test_sparse_files_count_by_their_size(www: Compiles) -> None:
     project, before = attack(www, "sparse", SPARSE)
-    contained(www, project, before, "wrote more than 64.0 MiB")
+    contained(www, project, before, "wrote more than 64.0 MiB", sparse=True)
 
 
 def test_a_tree_made_undeletable_is_removed(www: Compiles) -> None:
@@ -219,3 +224,16 @@ def test_fallocate_is_refused_and_reserves_nothing(www: Compiles, flags: tuple[s
 
 def test_no_container_is_left(www: Compiles) -> None:
     wait_for(lambda: www.containers() == "", 20, "no compile container left")
+
+
+def test_empty_files_in_tmp_are_bounded_by_its_inodes(www: Compiles) -> None:
+    """/tmp (a tmpfs of the container) counts no bytes for an empty file: its nr_inodes does."""
+    made = (
+        "my $n = 0; for my $i (0..99999) { open(my $f, '>', \"/tmp/e$i\") or last; close $f;"
+        " $n++ } open(my $s, '>', 'count'); print $s $n; close $s;\n1;\n"
+    )
+    project = www.project("tmpinodes", {"main.tex": HELLO, "count": "", "latexmkrc": made})
+    code, result, _ = as_www_data(www, project)
+    assert code == 0, result
+    count = int((project / "count").read_text())
+    assert 10_000 < count < 16_384, count  # what the compile's own /tmp already holds, less
