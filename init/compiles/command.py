@@ -14,7 +14,7 @@ DIR's name.
 Exit status (init.compiles.contract.Status):
   0   the PDF is there
   1   LaTeX error (the first error lines of the log follow)
-  2   a sandbox limit was hit: timeout, memory, processes or output size (named)
+  2   a sandbox limit was hit: timeout, memory, processes, output size or disk (named)
   69  the engine cannot be reached
   73  the disk of DIR (or of the output dir) is full, of space or inodes (named, with its room)
   75  the TeX Live image is not in the engine yet (the installer's progress, when it has some)
@@ -26,13 +26,16 @@ stable (machine callers, e.g. the HTTP compile service, rely on them):
   status       "ok" | "latex_error" | "limit" | "not_ready" | "config" | "engine" | "no_space"
   exit_status  the process's exit status (0, 1, 2, 69, 73, 75, 78)
   reason       one line for a person: what happened and, for a problem, the fix
-  limit        "timeout" | "memory" | "processes" | "output size" | "stopped" | null
+  limit        "timeout" | "memory" | "processes" | "output size" | "disk" | "stopped" | null
   pdf          absolute path of output.pdf (a regular file, never a link) or null
   log          absolute path of output.log or null
   seconds      wall-clock seconds of the compile itself (0 when it did not run)
   errors       list of the first error lines of the log (empty when none)
   project      the project id used
   compile_id   this compile's id (also the container label sharelatex-init.compile-id)
+  written      limit "disk": {"bytes", "files", "seen_after"}, what the compile had added to DIR
+               when it was stopped (all removed since), and the seconds until it was seen past
+               its budget; else null
 """
 
 from __future__ import annotations

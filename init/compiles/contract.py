@@ -39,6 +39,7 @@ class Limit(enum.Enum):
     MEMORY = "memory"
     PROCESSES = "processes"
     OUTPUT_SIZE = "output size"
+    DISK = "disk"  # bytes or files written past the compile's budget (init.compiles.budget)
     STOPPED = "stopped"  # SIGTERM/SIGINT/SIGHUP to the runner
 
 

@@ -88,7 +88,19 @@ def stop_reason(limit: Limit, limits: Limits) -> tuple[str, str]:
             "largest a compile may write.",
             ask,
         )
+    if limit is Limit.DISK:
+        return (
+            f"the compile was stopped: it wrote more than {_bound(limits.disk, limits.files)} in "
+            "its dir (the site's budget per compile).",
+            "What it wrote was removed; the project's own files are as they were. " + ask,
+        )
     return "the compile was stopped.", ""
+
+
+def _bound(disk: int, files: int) -> str:
+    """`1024 MiB or 100000 files`, leaving out a bound that is off."""
+    parts = ([f"{disk >> 20} MiB"] if disk else []) + ([f"{files} files"] if files else [])
+    return " or made more than ".join(parts) if len(parts) == 2 else parts[0]
 
 
 def render(line: str, detail: str = "") -> bytes:

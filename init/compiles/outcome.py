@@ -15,6 +15,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from init.compiles.budget import Settled
 from init.compiles.contract import Limit, Status
 from init.compiles.profile import JOBNAME, Job
 from init.compiles.settings import Limits
@@ -46,6 +47,8 @@ class Outcome:
     errors: tuple[str, ...] = ()
     limit: Limit | None = None
     exit_code: int | None = None  # the command's own exit status (the shim passes it back)
+    # limit disk: (bytes, files) it had written when stopped, seconds until a sample saw it past
+    written: tuple[int, int, float] | None = None
 
     def document(self) -> dict[str, Any]:
         return {
@@ -57,7 +60,14 @@ class Outcome:
             "log": str(self.log) if self.log is not None else None,
             "seconds": round(self.seconds, 3),
             "errors": list(self.errors),
+            "written": self._written(),
         }
+
+    def _written(self) -> dict[str, Any] | None:
+        if self.written is None:
+            return None
+        written, files, seen_after = self.written
+        return {"bytes": written, "files": files, "seen_after": round(seen_after, 3)}
 
 
 def first_errors(log_text: str, lines: int = ERROR_LINES) -> tuple[str, ...]:
@@ -88,6 +98,7 @@ class Ran:
     oom_killed: bool = False
     stopped_by: int | None = None  # the signal that made the runner stop it
     output: str = ""  # the command's output (its tail)
+    budget: Settled | None = None  # past its budget of bytes or files: stopped, then cleaned
 
 
 def largest_file(directory: Path) -> int:
@@ -133,6 +144,8 @@ def limit_hit(ran: Ran, limits: Limits, largest: int, log_text: str) -> Limit | 
     """Which limit ended the compile, if one did."""
     if ran.stopped_by is not None:
         return Limit.STOPPED
+    if ran.budget is not None:
+        return Limit.DISK
     if ran.timed_out:
         return Limit.TIMEOUT
     if ran.oom_killed:
@@ -247,8 +260,28 @@ def limit_message(limit: Limit, limits: Limits, ran: Ran) -> str:
         return f"output size: the compile wrote a file of {limits.output >> 20} MiB, the limit"
     if limit is Limit.PROCESSES:
         return f"processes: the compile hit the limit of {limits.pids} processes"
+    if limit is Limit.DISK and ran.budget is not None:
+        return disk_message(ran.budget, limits)
     name = signal.Signals(ran.stopped_by).name if ran.stopped_by else "a signal"
     return f"stopped: the runner got {name} and removed the compile's container"
+
+
+def disk_message(settled: Settled, limits: Limits) -> str:
+    """`disk: ...`: which bound, what was seen written, what became of it."""
+    over = settled.overrun
+    if over.kind == "hidden":
+        what = f"made a dir it cannot be counted in ({over.hidden})"
+    elif over.kind == "files":
+        what = f"made more than {limits.files} files and dirs in its dir"
+    else:
+        what = f"wrote more than {_size(limits.disk)} in its dir"
+    text = (
+        f"disk: the compile {what} (the budget of a compile) and was stopped; it had written "
+        f"{_size(settled.bytes)} in {settled.files} files, "
+    )
+    if settled.left:
+        return text + f"removed but for {len(settled.left)} (e.g. {settled.left[0]})"
+    return text + "all removed"
 
 
 def classify(
@@ -264,7 +297,12 @@ def classify(
     errors = first_errors(log_text)
     common = {"seconds": ran.seconds, "log": log, "errors": errors, "exit_code": ran.exit_code}
     if limit is not None:
-        return Outcome(Status.LIMIT, limit_message(limit, limits, ran), limit=limit, **common)  # type: ignore[arg-type]
+        spent = ran.budget
+        written = (spent.bytes, spent.files, spent.seen_after) if spent is not None else None
+        return Outcome(
+            Status.LIMIT, limit_message(limit, limits, ran), limit=limit, written=written,
+            **common,  # type: ignore[arg-type]
+        )  # fmt: skip
     if ran.exit_code != 0:
         spaces = tuple(filter(None, map(measure, written_dirs(job))))
         full = out_of_space(spaces, ran.output + log_text)

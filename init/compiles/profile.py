@@ -35,7 +35,7 @@ from pathlib import Path
 
 from init.compiles.contract import ENGINE_FLAGS, ENGINES
 from init.compiles.paths import CompileDir
-from init.compiles.settings import SHELL_ESCAPE, Limits
+from init.compiles.settings import SHELL_ESCAPE, TMPFS_INODES, Limits
 
 # The labels every compile container carries (the engine's sweeps go by them).
 from init.engine.client import COMPILE_ID_LABEL, COMPILE_LABEL, EXPIRES_LABEL, PROJECT_LABEL
@@ -228,7 +228,10 @@ def container_spec(
             "CapDrop": ["ALL"],
             "SecurityOpt": security,
             "ReadonlyRootfs": True,
-            "Tmpfs": {"/tmp": f"rw,nosuid,nodev,noexec,size={limits.tmpfs},mode=1777"},
+            "Tmpfs": {
+                "/tmp": f"rw,nosuid,nodev,noexec,size={limits.tmpfs},"
+                f"nr_inodes={TMPFS_INODES},mode=1777"
+            },
             "Memory": limits.memory,
             "MemorySwap": limits.memory,
             "PidsLimit": limits.pids,

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from init.compiles.budget import Watcher, settle
 from init.compiles.outcome import NotReady, Ran, not_ready_message
 from init.compiles.profile import (
     Job,
@@ -27,7 +28,8 @@ from init.compiles.profile import (
 from init.compiles.queue import Queue, read_record, write_record
 from init.compiles.settings import KILL_GRACE, CompileSettings
 from init.core.wakeup import SignalWakeup
-from init.engine.client import ContainerGone, DockerBackend, ImageMissing
+from init.engine.client import ApiError, ContainerGone, DockerBackend, ImageMissing
+from init.errors import EngineError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
 if TYPE_CHECKING:
@@ -161,6 +163,8 @@ class Runner:
         limits = self.settings.limits
         env = {**compile_environment(limits, job.environment)}
         command = exec_command(job, limits)
+        # The dir's usage and inodes before the compile writes (what it is counted against).
+        watcher = Watcher(job.directory.path, limits.budget, lambda: _wake(done_w, b"b"))
         started, began = time.monotonic(), time.time()
         try:
             execution = self.backend.exec(
@@ -201,8 +205,10 @@ class Runner:
 
         reader = threading.Thread(target=pump, name="compile-output", daemon=True)
         reader.start()
-        watcher = threading.Thread(target=watch, name="compile-end", daemon=True)
+        end_watch = threading.Thread(target=watch, name="compile-end", daemon=True)
         if ender is not None:
+            end_watch.start()
+        if watcher.budget.on:
             watcher.start()
         try:
             finished = signals.wait(done_r, self.deadlines.wait)
@@ -211,7 +217,10 @@ class Runner:
         seconds = time.monotonic() - started
         if ender is not None:
             ender.cancel()
-            watcher.join(5)
+            end_watch.join(5)
+        watcher.stop(last=False)  # no sample writes to done_w from here on
+        if finished and watcher.overrun is not None:
+            return self._over_budget(container, job, watcher, execution, reader, done_w, started)
         if not finished:
             # A stop signal, or the in-container timeout did not end it: remove the container.
             self.backend.remove(container)
@@ -236,6 +245,11 @@ class Runner:
         os.close(done_w)
         exit_code = execution.exit_code()
         text = tail.decode(errors="replace")
+        if watcher.budget.on and watcher.stop() is not None:
+            # Past its budget in its last 100 ms: stopped all the same, what it made removed.
+            self.backend.remove(container)
+            self._forget(job)
+            return Ran(None, seconds, budget=settle(watcher), output=text)
         timed_out = exit_code == 128 + signal.SIGKILL and seconds >= self.deadlines.timed_out_after
         oom = False
         if exit_code != 0 and not timed_out:  # None: the container died under it (gVisor)
@@ -246,6 +260,36 @@ class Runner:
             self.backend.remove(container)
             self._forget(job)
         return Ran(exit_code, seconds, timed_out=timed_out, oom_killed=oom, output=text)
+
+    def _over_budget(
+        self,
+        container: str,
+        job: Job,
+        watcher: Watcher,
+        execution: Any,
+        reader: threading.Thread,
+        done_w: int,
+        started: float,
+    ) -> Ran:
+        """The compile went past its budget: its container killed at once (its processes
+        with it), then what it wrote counted and removed."""
+        with contextlib.suppress(ApiError, EngineError):  # SIGKILL, before the removal's own
+            self.backend.call("POST", f"/containers/{container}/kill", query={"signal": "KILL"})
+        seconds = time.monotonic() - started
+        self.backend.remove(container)
+        self._forget(job)
+        reader.join(5)
+        if reader.is_alive():  # gVisor: removed, its stream open
+            execution.abort()
+            reader.join(5)
+        if not reader.is_alive():  # else it still writes to it: the fd goes with the process
+            os.close(done_w)
+        return Ran(None, seconds, budget=settle(watcher))
+
+
+def _wake(fd: int, byte: bytes) -> None:
+    with contextlib.suppress(OSError):  # the runner stopped waiting already
+        os.write(fd, byte)
 
 
 def engine_backend(

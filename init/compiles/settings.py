@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from init import config
+from init.compiles.budget import Budget
 from init.errors import ConfigError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (4 ms a compile)
@@ -23,6 +24,9 @@ if TYPE_CHECKING:
 # kpathsea's shell_escape value for each setting of OVERLEAF_INIT_COMPILE_SHELL_ESCAPE.
 SHELL_ESCAPE = {"off": "f", "restricted": "p"}
 DEFAULT_IDLE = 120.0  # seconds a project's container waits for its next compile
+# Inodes of a compile's /tmp (its size alone lets empty files take the kernel's default, half
+# the machine's RAM pages): TeX's font caches there take hundreds.
+TMPFS_INODES = 16384
 KILL_GRACE = 5.0  # seconds past the in-container timeout before the runner removes the container
 QUEUE_ALLOWANCE = 300.0  # seconds a compile may wait in the compile command's queue
 # The site's compile time limit, as Overleaf has it: COMPILE_TIMEOUT in whole seconds, 180 when
@@ -75,10 +79,22 @@ class Limits:
     timeout: float = SITE_TIMEOUT  # seconds of wall clock per compile (the site's, see there)
     tmpfs: int = 256 << 20  # bytes of /tmp (HOME, TEXMFVAR)
     output: int = 512 << 20  # bytes: RLIMIT_FSIZE, the largest file a compile may write
+    # The budget of what one compile may add to its dir (init.compiles.budget; 0: unbounded):
+    # twice the largest file, so a PDF of the largest size and its aux files always fit, and
+    # ten compiles at once fit the compiles filesystem's default (init.engine.compiles_fs).
+    disk: int = 1 << 30
+    # Files and dirs: a normal compile makes tens, a TikZ-externalized or minted thesis a few
+    # thousand (4 files a figure, 1 or 2 a snippet). 20,000 keeps the watcher's walk, which
+    # stops at the budget, near 0.2 s at worst (~10 us an entry), so it bites within a second.
+    files: int = 20_000
     nofile: int = 1024
     concurrency: int = 0  # compiles at once over every runner process; 0: the CPU count
     idle: float = DEFAULT_IDLE
     shell_escape: str = "off"
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.disk, self.files)
 
     @property
     def slots(self) -> int:
@@ -99,6 +115,18 @@ def parse_size(text: str) -> int:
     if match is None:
         raise ValueError(text)
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def off_or(parse: Callable[[str], int], low: int) -> Callable[[str], int]:
+    """`parse`, where 0 (off) is allowed besides `low` and above (ValueError below it)."""
+
+    def parse_bound(text: str) -> int:
+        value = parse(text)
+        if value != 0 and value < low:
+            raise ValueError(text)
+        return value
+
+    return parse_bound
 
 
 def limits_from_env(environ: Mapping[str, str]) -> Limits:
@@ -131,6 +159,8 @@ def limits_from_env(environ: Mapping[str, str]) -> Limits:
             values["timeout"] = site
     read(config.COMPILE_TMPFS, "tmpfs", parse_size, "256m (at least 16m)", 16 << 20)
     read(config.COMPILE_OUTPUT_SIZE, "output", parse_size, "512m (at least 1m)", 1 << 20)
+    read(config.COMPILE_DISK, "disk", off_or(parse_size, 1 << 20), "1g (at least 1m; 0: off)", 0)
+    read(config.COMPILE_FILES, "files", off_or(int, 100), "20000 (at least 100; 0: off)", 0)
     read(config.COMPILE_CONCURRENCY, "concurrency", int, "4 (0: one per CPU)", 0)
     read(
         config.COMPILE_IDLE, "idle", float,

@@ -67,7 +67,7 @@ PR_SET_PDEATHSIG = 1
 # The commands that write a TeX log: a limit or a refusal is noted there for the user.
 COMPILES = ("latexmk", *ENGINES)
 # Limits that kill the compile mid-write: what it left of the PDF is not a result.
-KILLING_LIMITS = (Limit.TIMEOUT, Limit.MEMORY, Limit.OUTPUT_SIZE)
+KILLING_LIMITS = (Limit.TIMEOUT, Limit.MEMORY, Limit.OUTPUT_SIZE, Limit.DISK)
 KILLED = 128 + signal.SIGKILL
 
 
@@ -121,7 +121,7 @@ def limit_reached(
     ran: Ran, limits: Limits, directory: CompileDir, log: Path | None
 ) -> Limit | None:
     """Which sandbox limit ended the command, if one did."""
-    if ran.exit_code == 0 and not (ran.timed_out or ran.oom_killed):
+    if ran.exit_code == 0 and not (ran.timed_out or ran.oom_killed or ran.budget):
         return None
     # The dir walk and the log only for a compile: a file of the limit's size is its doing.
     largest = largest_file(directory.path) if log is not None else 0

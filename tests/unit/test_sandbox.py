@@ -232,7 +232,9 @@ def test_the_profile_is_stricter_than_overleafs_on_every_point(tmp_path: Path) -
     assert host["CapDrop"] == ["ALL"]
     assert host["SecurityOpt"] == ["no-new-privileges", 'seccomp={"x":1}']
     assert host["ReadonlyRootfs"] is True
-    assert host["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,noexec,size={256 << 20},mode=1777"}
+    assert host["Tmpfs"] == {
+        "/tmp": f"rw,nosuid,nodev,noexec,size={256 << 20},nr_inodes=16384,mode=1777"
+    }
     assert host["Memory"] == host["MemorySwap"] == 1 << 30
     assert host["PidsLimit"] == 128
     assert host["NanoCpus"] == 1_000_000_000
@@ -439,7 +441,7 @@ def test_a_bad_project_id_is_78_with_one_json_object(
     code, document = run_compile([str(tmp_path / "p1"), "--project", ".."], env, capsys)
     assert code == 78
     assert set(document) == {"status", "exit_status", "reason", "limit", "pdf", "log",
-                             "seconds", "errors", "project", "compile_id"}  # fmt: skip
+                             "seconds", "errors", "project", "compile_id", "written"}  # fmt: skip
     assert document["status"] == "config" and document["exit_status"] == 78
     assert "project id '..'" in str(document["reason"])
 
