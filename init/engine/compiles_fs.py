@@ -183,7 +183,7 @@ def inodes(size: int) -> int:
     return max(size // BYTES_PER_INODE, 1024)
 
 
-def check(compiles_dir: Path, mounted_by_init: bool = False) -> Check:
+def check(compiles_dir: Path) -> Check:
     """`doctor`'s line (and sibling mode's at boot): whether the compiles root has a filesystem
     of its own, or shares the data dir's (the disk Mongo and Redis use, in Overleaf's setup)."""
     try:
@@ -202,7 +202,8 @@ def check(compiles_dir: Path, mounted_by_init: bool = False) -> Check:
         )
     size = stats.f_blocks * stats.f_frsize
     free = stats.f_bavail * stats.f_frsize
-    how = f" ({image_path(compiles_dir)})" if mounted_by_init else ""
+    image = image_path(compiles_dir)
+    how = f" (from {image})" if image.is_file() else ""
     return Check(
         NAME,
         Status.OK,
@@ -266,8 +267,9 @@ def apply(
         _settle_root(compiles_dir, owner)
         if hidden:
             notes.append(
-                f"{hidden} entries already in {compiles_dir} (CLSI's cache of earlier compiles) "
-                f"are hidden under the mount, not deleted: {COMPILES_SIZE}=0 shows them again"
+                f"{_count(hidden, 'entry', 'entries')} already in {compiles_dir} (CLSI's cache "
+                "of earlier compiles) are hidden under the mount, not deleted: "
+                f"{COMPILES_SIZE}=0 shows them again"
             )
         stats = os.statvfs(compiles_dir)
         notes.append(
@@ -347,6 +349,10 @@ def _run(argv: Sequence[str], fix: str, ok: Iterable[int] = (0,)) -> Any:
             f"see the log; set {COMPILES_SIZE}=0 to keep the compiles on the data dir's disk",
         )
     return done
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
 
 
 def _last_line(text: str) -> str:
