@@ -275,8 +275,7 @@ def apply(
         notes.append(
             f"{compiles_dir}: a filesystem of its own from {image}, "
             f"{_size(stats.f_blocks * stats.f_frsize)}, {stats.f_files} inodes "
-            f"(fsck {seconds.get('fsck', 0):.2f} s, mkfs {seconds.get('mkfs', 0):.2f} s, "
-            f"mount {seconds['mount']:.2f} s)"
+            f"({', '.join(f'{step} {took:.2f} s' for step, took in seconds.items())})"
         )
     except _Failed as e:
         return Result(False, tuple(notes), e.error, e.fix, seconds)

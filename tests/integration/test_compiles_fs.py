@@ -134,7 +134,7 @@ def test_the_compiles_root_is_its_own_bounded_filesystem_and_the_data_dir_keeps_
     assert os.stat(compiles).st_dev != os.stat(data).st_dev
     stats = os.statvfs(compiles)
     assert 0.9 * plan.size <= stats.f_blocks * stats.f_frsize <= plan.size
-    assert stats.f_files == plan.inodes
+    assert 0.95 * plan.inodes <= stats.f_files <= plan.inodes  # mkfs rounds to its groups
     assert (os.stat(compiles).st_uid, os.stat(compiles).st_gid) == OWNER
     assert not (compiles / "lost+found").exists()  # CLSI's expiry would take it for a project
     assert os.listdir(compiles) == []  # the old cache hidden
