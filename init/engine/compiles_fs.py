@@ -139,9 +139,10 @@ def plan(
     image = image_path(compiles_dir)
     data = compiles_dir.parent
     if size == 0:
+        unused = f"; {image} of an earlier boot is not used: remove it" if image.is_file() else ""
         return Plan(Action.OFF, compiles_dir, image, notes=(
             f"{COMPILES_SIZE}=0: {compiles_dir} stays on the data dir's filesystem; compiles "
-            "are bounded only each by its budget",
+            f"are bounded only each by its budget{unused}",
         ))  # fmt: skip
     points = mount_points() if mounts is None else frozenset(mounts)
     if str(compiles_dir) in points:
@@ -307,8 +308,12 @@ def _make(image: Path, size: int, inodes: int, owner: tuple[int, int] | None) ->
     if owner is not None:
         extended += f",root_owner={owner[0]}:{owner[1]}"
     # -m 0: no blocks kept for root (root never writes there); -N: inodes in proportion.
-    _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), "-L", LABEL, "-E", extended,
-          str(partial)], "install e2fsprogs in the image")  # fmt: skip
+    try:
+        _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-N", str(inodes), "-L", LABEL, "-E", extended,
+              str(partial)], "install e2fsprogs in the image")  # fmt: skip
+    except _Failed:
+        partial.unlink(missing_ok=True)  # ours, just made, never a filesystem
+        raise
     os.rename(partial, image)
 
 

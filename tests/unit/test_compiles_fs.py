@@ -125,3 +125,22 @@ def test_doctor_warns_when_the_compiles_root_shares_the_data_dirs_filesystem(
 
 def test_doctor_is_quiet_before_the_compiles_root_exists(tmp_path: Path) -> None:
     assert compiles_fs.check(compiles(tmp_path)).status is Status.OK
+
+
+def test_without_mkfs_the_child_says_so_and_leaves_no_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    plan = compiles_fs.plan(compiles(tmp_path), 300 * MIB, mounts=(), free=free_of(GIB))
+    result = compiles_fs.apply(plan.compiles_dir, plan.image, plan.size, plan.inodes, None, True)
+    assert not result.ok
+    assert result.error == "no mkfs.ext4 in this image"
+    assert "e2fsprogs" in result.fix and f"{config.COMPILES_SIZE}=0" in result.fix
+    assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_off_names_an_image_left_from_an_earlier_boot(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "compiles.img").write_bytes(b"")
+    plan = compiles_fs.plan(compiles(tmp_path), 0, mounts=())
+    assert "compiles.img of an earlier boot is not used: remove it" in plan.notes[0]
