@@ -245,6 +245,9 @@ def apply(
     notes: list[str] = []
     seconds: dict[str, float] = {}
     try:
+        # On a first boot the data dir is not there yet (the image's startup script makes it,
+        # and chowns it to the services' user, after this step).
+        compiles_dir.parent.mkdir(parents=True, exist_ok=True)
         if not make:
             started = time.monotonic()
             if not _fsck(image, notes):

@@ -136,7 +136,7 @@ def test_without_mkfs_the_child_says_so_and_leaves_no_image(
     assert not result.ok
     assert result.error == "no mkfs.ext4 in this image"
     assert "e2fsprogs" in result.fix and f"{config.COMPILES_SIZE}=0" in result.fix
-    assert list((tmp_path / "data").iterdir()) == []
+    assert list((tmp_path / "data").iterdir()) == []  # made (a first boot's), but empty
 
 
 def test_off_names_an_image_left_from_an_earlier_boot(tmp_path: Path) -> None:
