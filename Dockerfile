@@ -18,10 +18,12 @@ SHELL ["/bin/bash", "-euo", "pipefail", "-c"]
 # few kB) as the reference init of scripts/bench/docker-stop (`--entrypoint tini`). First, so
 # that it changes only with the base. gVisor's runsc (Debian's package, 23 MB) for
 # OVERLEAF_INIT_COMPILE_RUNTIME=runsc; a base whose archive lacks it builds without, and the
-# init then refuses runsc with the fix.
+# init then refuses runsc with the fix. e2fsprogs (mkfs.ext4, e2fsck) for the compiles root's
+# own filesystem in docker-in-docker (OVERLEAF_INIT_COMPILES_SIZE): Priority required in Debian,
+# but not every slimmed base keeps it.
 RUN apt-get update -q \
  && apt-get install -y -q --no-install-recommends python3 python3-venv ca-certificates docker.io \
-      tini \
+      tini e2fsprogs \
  && { apt-get install -y -q --no-install-recommends runsc \
       || echo "runsc is not in this base's archive: compiles can run under runc only"; } \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb

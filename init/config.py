@@ -128,6 +128,11 @@ COMPILE_RUNTIMES = ("runc", "runsc")
 # runsc's platform in docker-in-docker: auto (KVM where /dev/kvm can serve it, else ptrace).
 RUNSC_PLATFORM = "OVERLEAF_INIT_RUNSC_PLATFORM"
 RUNSC_PLATFORMS = ("auto", "ptrace", "kvm")
+# docker-in-docker: the compiles root on a filesystem of its own, a loop-mounted ext4 image of
+# this size beside it (init.engine.compiles_fs): `auto` (the default: 10 GiB, or half the data
+# dir's free space when less, when the image is first made), a size such as 20g, or 0 (off).
+COMPILES_SIZE = "OVERLEAF_INIT_COMPILES_SIZE"
+COMPILES_SIZE_MIN = 256 << 20
 
 TRUE_WORDS = frozenset({"true", "1", "yes"})
 FALSE_WORDS = frozenset({"false", "0", "no"})
@@ -173,6 +178,7 @@ class Settings:
     # (image, runtime) for every image of the allow-list, in its order.
     compile_runtimes: tuple[tuple[str, str], ...] = ()
     runsc_platform: str = "auto"
+    compiles_size: int | None = None  # bytes of the compiles filesystem; None: auto; 0: off
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -351,6 +357,7 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
             f"{RUNSC_PLATFORM}={environ[RUNSC_PLATFORM]!r} is not a gVisor platform; "
             f"use one of {', '.join(RUNSC_PLATFORMS)}"
         )
+    compiles_size = _compiles_size(environ.get(COMPILES_SIZE), problems)
     if runner == "docker" and any(r != "runc" for _, r in runtimes):
         # The services' own docker runner creates the compile containers: no Runtime of ours.
         problems.append(
@@ -389,6 +396,7 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
         compile_runner=runner,
         compile_runtimes=runtimes,
         runsc_platform=platform,
+        compiles_size=compiles_size,
         warnings=tuple(warnings),
     )
 
@@ -554,6 +562,39 @@ def _runtimes(
         else:
             chosen[image.strip()] = runtime
     return tuple((image, chosen.get(image, default)) for image in images)
+
+
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """`512m`, `10g`, `1.5GiB`, `4096` (bytes) -> bytes; ValueError otherwise. (The compile
+    runner's own copy is init.compiles.settings.parse_size: PID 1 does not import that module.)"""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None:
+        raise ValueError(text)
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def _compiles_size(value: str | None, problems: list[str]) -> int | None:
+    """COMPILES_SIZE: None for auto (unset, empty or `auto`), 0 for off, else its bytes."""
+    text = (value or "").strip().lower()
+    if text in ("", "auto"):
+        return None
+    if text in ("off", "0"):
+        return 0
+    try:
+        size = parse_size(text)
+    except ValueError:
+        size = -1
+    if size < COMPILES_SIZE_MIN:
+        problems.append(
+            f"{COMPILES_SIZE}={value!r} is not a size of at least 256m; give e.g. 20g, auto "
+            "(10g, or half the data dir's free space when less), or 0 (off)"
+        )
+        return None
+    return size
 
 
 def _sources(value: str | None, problems: list[str]) -> tuple[str, ...]:

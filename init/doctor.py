@@ -14,7 +14,7 @@ from init import config
 from init.checks import Check, Status
 from init.config import Mode, Settings
 from init.core import status_file as status_files
-from init.engine import cgroups, dockerd, privilege, storage
+from init.engine import cgroups, compiles_fs, dockerd, privilege, storage
 from init.engine.side import EngineStatus
 from init.errors import ConfigError, InitError
 
@@ -46,6 +46,8 @@ def run_checks(
         checks += dind_checks(settings, environ, status_file, root)
     if settings.mode is Mode.SIBLING:
         checks += sibling_checks(settings, environ)
+    if settings.mode is not Mode.OFF:
+        checks.append(compiles_fs.check(settings.compiles_dir))
     if settings.mode is not Mode.OFF:  # off: the "sandbox" warning above says it all
         checks.append(compile_runner_check(settings, environ, root))
         checks.append(proxy_check(status_file))

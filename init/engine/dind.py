@@ -1,7 +1,9 @@
 """Docker-in-docker mode inside PID 1: preflight, the inner dockerd's hooks, its readiness.
 
-The steps in order: the privilege check (refuse with the fix), cgroups set up, the storage
-choice (refuse a layered data root with the fix), then dockerd as the first service. Each time
+The steps in order: the privilege check (refuse with the fix), cgroups set up, the compiles
+root on a filesystem of its own (init.engine.compiles_fs: a loop-mounted ext4 image, made or
+reused by a child PID 1 waits for), the storage choice (refuse a layered data root with the
+fix), then dockerd as the first service. Each time
 dockerd starts, a child (`init.engine.ready`) waits for its API, sweeps the compile containers an
 earlier run left (the engine has just started: nothing of ours runs there yet), and reports the
 storage driver; until it reports, compiles are not ready.
@@ -20,11 +22,19 @@ no container but its own.
 from __future__ import annotations
 
 import os
+import pwd
 from collections.abc import Mapping
 from pathlib import Path
 
 from init.checks import Status
-from init.config import DOCKER_HOST, Mode, Settings
+from init.config import (
+    COMPILES_SIZE,
+    DEFAULT_SERVICE_USER,
+    DOCKER_HOST,
+    SERVICE_USER,
+    Mode,
+    Settings,
+)
 from init.core import children
 from init.core.component import Component, Phase
 from init.core.log import Log
@@ -32,7 +42,7 @@ from init.core.loop import EventLoop, Timer
 from init.core.process import Exit
 from init.core.services import ServiceSpec
 from init.core.supervisor import Service, ServiceHooks
-from init.engine import cgroups, dockerd, privilege, runtime, storage
+from init.engine import cgroups, compiles_fs, dockerd, privilege, runtime, storage
 from init.engine.ready import MODULE as READY_CHECK
 from init.engine.ready import ReadyRequest, ReadyResult
 from init.engine.side import CompileWiring, EngineStatus, Installer, OnChange, SandboxSide
@@ -89,6 +99,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
         self._self_tests = 0
         self._containerd: tuple[int, int] | None = None  # (pid, pidfd) of dockerd's containerd
         self._generation = 0  # one per start and end of dockerd: a self-test's answer is its own
+        self._compiles_mount: Path | None = None  # the compiles root, when this boot mounted it
         installer.use_socket(str(layout.socket))
 
     # -- preflight -----------------------------------------------------------------------
@@ -105,10 +116,13 @@ class InnerDocker(SandboxSide, ServiceHooks):
         for line in cgroups.describe(plan):
             self.log.info("cgroups", line)
         cgroups.apply(plan, self.root)
+        bounded = self._compiles_filesystem({**environ, **self.own})
         need = storage.bytes_needed(self.settings.all_texlive_images)
         choice = storage.plan(self.layout.data_root, self.settings.storage_driver, need_bytes=need)
         verdict = storage.check(choice)
-        if verdict.status is Status.FAIL:
+        if not bounded:
+            pass  # refused already, with the fix
+        elif verdict.status is Status.FAIL:
             self._refuse(verdict.message, verdict.fix)
         else:
             (self.log.warning if verdict.status is Status.WARN else self.log.info)(
@@ -122,6 +136,46 @@ class InnerDocker(SandboxSide, ServiceHooks):
             )
             self._spec = dockerd.service_spec(self.layout, tuple(args))
         return self.with_compiles(environ, {DOCKER_HOST: self.layout.docker_host})
+
+    def _compiles_filesystem(self, environ: Mapping[str, str]) -> bool:
+        """The compiles root on a filesystem of its own, before dockerd and the services start.
+        False when it was asked (an explicit size) and cannot be: compiles are refused with the
+        fix; auto only warns, the per-compile budget still holding each compile."""
+        fs_plan = compiles_fs.plan(
+            self.settings.compiles_dir, self.settings.compiles_size, _owner(environ)
+        )
+        warn = fs_plan.action is compiles_fs.Action.SKIP
+        for note in fs_plan.notes:
+            (self.log.warning if warn else self.log.info)(compiles_fs.NAME, note)
+        if not fs_plan.works:
+            return True
+        result = self._run_compiles_fs(fs_plan)
+        for note in result.notes:
+            self.log.info(compiles_fs.NAME, note)
+        if result.ok:
+            self._compiles_mount = fs_plan.compiles_dir
+            return True
+        message = f"cannot give {fs_plan.compiles_dir} a filesystem of its own: {result.error}"
+        if fs_plan.explicit:
+            self._refuse(message, result.fix)
+            return False
+        self.log.warning(compiles_fs.NAME, f"{message}; {result.fix}")
+        return True
+
+    def _run_compiles_fs(self, fs_plan: compiles_fs.Plan) -> compiles_fs.Result:
+        """The child that runs mkfs, fsck and mount; PID 1 waits for it (nothing else runs
+        yet), its output in the log."""
+        path = self.run_dir / "compiles-fs.json"
+        box: list[compiles_fs.Result] = []
+        try:
+            children.start(
+                self.loop, self.log, "compiles-fs", compiles_fs.MODULE, fs_plan.argv(path), path,
+                lambda document: box.append(compiles_fs.Result.from_json(document)),
+            )  # fmt: skip
+        except SpawnError as e:
+            return compiles_fs.Result(False, error=str(e), fix=f"set {COMPILES_SIZE}=0")
+        self.loop.run_until(lambda: bool(box), self.loop.clock() + compiles_fs.DEADLINE + 10)
+        return box[0] if box else compiles_fs.Result(False, error="no answer from its child")
 
     def _register_runtimes(self) -> runtime.Registration | None:
         """runsc registered with the inner dockerd when a compile image runs under it (exit 78
@@ -335,6 +389,11 @@ class InnerDocker(SandboxSide, ServiceHooks):
 
     def mark_stopped(self) -> None:
         super().mark_stopped()
+        if self._compiles_mount is not None:
+            # After dockerd and every process have ended: the filesystem is clean for the next
+            # boot's fsck, its loop device freed, and the log says so.
+            self.log.info(compiles_fs.NAME, compiles_fs.unmount(self._compiles_mount))
+            self._compiles_mount = None
         self._new_generation()
         self.state.set(Phase.STOPPED)
 
@@ -355,6 +414,17 @@ class InnerDocker(SandboxSide, ServiceHooks):
             ready_seconds=self.ready_seconds,
             runtimes=runtime.describe(self.settings, self.platform.name if self.platform else ""),
         )
+
+
+def _owner(environ: Mapping[str, str]) -> tuple[int, int] | None:
+    """(uid, gid) of the services' user, who owns the compiles root; None when unknown or root
+    (the root then stays root's, and the image's startup script chowns it)."""
+    name = environ.get(SERVICE_USER, "").strip() or DEFAULT_SERVICE_USER
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        return None
+    return (entry.pw_uid, entry.pw_gid) if entry.pw_uid and entry.pw_gid else None
 
 
 def process_name(proc: Path, pid: int) -> str:

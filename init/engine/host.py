@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from init.checks import Status
 from init.config import (
     DEFAULT_SERVICE_USER,
     DOCKER_HOST,
@@ -28,7 +29,7 @@ from init.core.component import Component, Phase
 from init.core.log import Log
 from init.core.loop import EventLoop
 from init.core.supervisor import Supervisor
-from init.engine import runtime, sibling
+from init.engine import compiles_fs, runtime, sibling
 from init.engine.sibling_check import MODULE as SIBLING_CHECK
 from init.engine.sibling_check import SiblingRequest, SiblingResult
 from init.engine.side import (
@@ -100,6 +101,9 @@ class HostDocker(SandboxSide):
             self.state.set(Phase.FAILED, "; ".join(result.problems))
             raise ConfigError(result.problems)
         self.state.set(Phase.READY)
+        shared = compiles_fs.check(settings.compiles_dir)  # no mount here: say so, with the fix
+        if shared.status is Status.WARN:
+            self.log.warning(compiles_fs.NAME, f"{shared.message}; {shared.fix}")
         compiles, output = result.host_dir_compiles, result.host_dir_output
         how = "derived from this container's mounts" if result.derived else "checked"
         self.log.info("sibling", f"host compile dir {compiles}, output dir {output} ({how})")
