@@ -267,6 +267,39 @@ def test_the_watchdog_outlives_a_compile_killing_whatever_it_runs() -> None:
             watchdog.wait()
 
 
+def test_the_watchdog_waits_for_the_first_compile_then_ends_when_idle_after_it() -> None:
+    """As a container's PID 1 (its own PID namespace and /proc): a first exec that comes later
+    than the idle time (4.4 s under gVisor, loaded) finds it still there; after a compile
+    ended by `kill -KILL -1`, it ends once idle."""
+    import subprocess
+    import time
+
+    from tests.integration.conftest import require
+
+    require(os.geteuid() == 0, "a PID namespace of its own needs root")
+    limits = Limits(idle=2, timeout=15)  # the battery's; its first exec may take 30 s
+    outer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", *watchdog_command(limits)],
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.5)
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        enter = ["nsenter", "-t", children[0], "-p", "-m"]
+        time.sleep(4)  # twice the idle time, no compile yet
+        assert outer.poll() is None, "the watchdog ended before its first compile"
+        compile_ = ["sh", "-c", "sleep 1.5; kill -KILL -1 2>/dev/null; exit 0"]
+        assert subprocess.run([*enter, *compile_], timeout=10).returncode == 0
+        began = time.monotonic()
+        assert outer.wait(10) == 0
+        assert 1.5 < time.monotonic() - began < 5  # idle 2 s, checked each second
+    finally:
+        if outer.poll() is None:
+            os.killpg(outer.pid, 9)
+            outer.wait()
+
+
 # -- doctor and status -------------------------------------------------------------------------
 
 
