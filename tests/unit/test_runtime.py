@@ -59,15 +59,15 @@ def test_a_bad_runtime_image_or_platform_is_named_with_the_fix() -> None:
     with pytest.raises(ConfigError) as e:
         settings(
             OVERLEAF_INIT_COMPILE_RUNTIME="kata,evil/img=runsc",
-            OVERLEAF_INIT_RUNSC_PLATFORM="systrap",
+            OVERLEAF_INIT_RUNSC_PLATFORM="sentry",
         )
     assert e.value.problems == [
         "OVERLEAF_INIT_COMPILE_RUNTIME: 'kata' names no runtime sharelatex-init knows; use "
         "runc or runsc (gVisor), or IMAGE=runsc for one image",
         "OVERLEAF_INIT_COMPILE_RUNTIME: 'evil/img' is not an allowed TeX Live image; choose "
         f"one of {IMAGES.replace(',', ', ')} or add it to ALL_TEX_LIVE_DOCKER_IMAGES",
-        "OVERLEAF_INIT_RUNSC_PLATFORM='systrap' is not a gVisor platform; use one of auto, "
-        "ptrace, kvm",
+        "OVERLEAF_INIT_RUNSC_PLATFORM='sentry' is not a gVisor platform; use one of auto, "
+        "ptrace, systrap, kvm",
     ]
 
 
@@ -105,8 +105,41 @@ def test_ptrace_without_kvm_and_kvm_refused_with_the_reason(tmp_path: Path) -> N
     root = fake_root(tmp_path, kvm=False, flags="vmx")
     chosen = runtime.choose_platform("auto", root, api(12))
     assert chosen.name == "ptrace" and f"no {root}/dev/kvm" in chosen.reason
-    with pytest.raises(ConfigError, match="OVERLEAF_INIT_RUNSC_PLATFORM=ptrace"):
+    with pytest.raises(ConfigError, match="use OVERLEAF_INIT_RUNSC_PLATFORM=auto"):
         runtime.choose_platform("kvm", root, api(12))
+
+
+def offers(*names: str):  # type: ignore[no-untyped-def]
+    return lambda binary: frozenset(names)
+
+
+def test_systrap_without_kvm_where_this_runsc_has_it_else_ptrace_with_the_fix(
+    tmp_path: Path,
+) -> None:
+    root = fake_root(tmp_path, kvm=False, flags="vmx")
+    new, old = offers("kvm", "ptrace", "systrap"), offers("kvm", "ptrace")
+    chosen = runtime.choose_platform("auto", root, api(12), new)
+    assert chosen.name == "systrap" and chosen.reason.startswith(f"not KVM: no {root}/dev/kvm")
+    chosen = runtime.choose_platform("auto", root, api(12), old)
+    assert chosen.name == "ptrace" and "this runsc has no systrap" in chosen.reason
+    assert "bookworm-backports" in chosen.reason
+    assert runtime.choose_platform("systrap", root, api(12), new).name == "systrap"
+    with pytest.raises(ConfigError, match="this runsc offers only kvm, ptrace; install runsc 2"):
+        runtime.choose_platform("systrap", root, api(12), old)
+    # KVM first where it can run: gVisor's fastest where the CPU virtualizes.
+    kvm_root = fake_root(tmp_path / "k", kvm=True, flags="vmx")
+    assert runtime.choose_platform("auto", kvm_root, api(12), new).name == "kvm"
+
+
+def test_the_platforms_runsc_lists(tmp_path: Path) -> None:
+    binary = tmp_path / "runsc"
+    listing = 'printf "ptrace\\nkvm\\nsystrap\\n"'
+    binary.write_text(f'#!/bin/sh\n[ "$1 $2" = "help platforms" ] && {listing}\n')
+    binary.chmod(0o755)
+    assert runtime.offered_platforms(binary) == {"ptrace", "kvm", "systrap"}
+    binary.write_text("#!/bin/sh\nexit 1\n")  # an old or broken one: the platforms every runsc has
+    assert runtime.offered_platforms(binary) == {"ptrace", "kvm"}
+    assert runtime.offered_platforms(tmp_path / "absent") == {"ptrace", "kvm"}
 
 
 def test_a_pvm_kvm_without_vmx_is_not_taken(tmp_path: Path) -> None:
