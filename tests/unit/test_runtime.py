@@ -333,6 +333,40 @@ def test_the_watchdog_waits_for_the_first_compile_then_ends_when_idle_after_it()
             outer.wait()
 
 
+def test_the_engines_self_test_runs_its_container_under_the_compile_images_runtime(
+    tmp_path: Path,
+) -> None:
+    """docker-in-docker's self-test runs a container of the compile image: under runsc when
+    compiles run under it (a runsc that cannot start a sandbox fails the self-test), under the
+    engine's default otherwise."""
+    from init.engine import ready
+    from tests.unit.test_engine_client import FakeEngine
+    from tests.unit.test_status_truth import working
+
+    engine = FakeEngine(tmp_path / "d.sock")
+    engine.routes[("GET", "/_ping")] = lambda _: (200, b"OK", {"Content-Type": "text/plain"})
+    working(engine)
+    serving = engine.serve()
+    next(serving)
+    try:
+        for under, host_config in (
+            ("runsc", {"NetworkMode": "none", "Runtime": "runsc"}),
+            ("", {"NetworkMode": "none"}),
+        ):
+            request = ready.ReadyRequest(
+                engine.path, tmp_path / "r.json", 5.0, self_test=True, image="tl", runtime=under
+            )
+            assert ready.ReadyRequest.from_argv(request.argv()) == request
+            engine.seen.clear()
+            assert ready.self_test(request).ready
+            created = next(
+                b for m, t, b in engine.seen if t.endswith(f"name={ready.SELF_TEST_NAME}")
+            )
+            assert json.loads(created)["HostConfig"] == host_config
+    finally:
+        next(serving, None)
+
+
 # -- doctor and status -------------------------------------------------------------------------
 
 
