@@ -119,8 +119,8 @@ COMPILE_RUNNERS = ("auto", "shim", "docker")
 # default; IMAGE=RUNTIME items choose per image of the allow-list, e.g. `runc,old/texlive=runsc`.
 COMPILE_RUNTIME = "OVERLEAF_INIT_COMPILE_RUNTIME"
 COMPILE_RUNTIMES = ("runc", "runsc")
-# runsc's platform in docker-in-docker: auto (KVM where /dev/kvm can serve it, else systrap
-# where the runsc has it, else ptrace).
+# runsc's platform in docker-in-docker: auto (KVM where /dev/kvm can serve it, else ptrace),
+# or one named (systrap where the runsc has it).
 RUNSC_PLATFORM = "OVERLEAF_INIT_RUNSC_PLATFORM"
 RUNSC_PLATFORMS = ("auto", "ptrace", "systrap", "kvm")
 

@@ -18,12 +18,14 @@ init.compiles.profile holds under it, with what differs written down here and in
   whole container dies (runc: only the biggest process). The engine still emits its `oom`
   event, but the exec's output stream is never closed (dockerd 20.10, runc v2 shim), so the
   runner also waits for the container's end (init.compiles.runner).
-- The platform: KVM where /dev/kvm can serve it; else systrap where the image's runsc has it
-  (runsc from mid-2023 on, e.g. Debian's 20240729 in bookworm-backports and trixie: seccomp
-  traps instead of a ptrace stop per syscall), else ptrace (Debian bookworm's 20221219 has
-  only ptrace and kvm). `runsc help platforms` says which it has. On a VM whose /dev/kvm is
-  PVM's (kvm_pvm: no vmx/svm flag in /proc/cpuinfo) runsc 20221219's KVM platform hangs in its
-  start, spinning a core: `auto` passes KVM over there and `kvm` is refused with that reason.
+- The platform: KVM where /dev/kvm can serve it, else ptrace. systrap (runsc from mid-2023 on,
+  e.g. Debian's 20240729 in bookworm-backports and trixie; `runsc help platforms` lists it) is
+  taken only when asked: measured here (2 shared cores, no KVM) under runsc 20240729 it did not
+  beat ptrace, a sandbox of either platform of that runsc cost several times the CPU of
+  20221219's ptrace per compile (its threads spin), and a fork bomb under systrap ended as an
+  engine timeout instead of the process limit. On a VM whose /dev/kvm is PVM's (kvm_pvm: no
+  vmx/svm flag in /proc/cpuinfo) runsc 20221219's KVM platform hangs in its start, spinning a
+  core: `auto` passes KVM over there and `kvm` is refused with that reason.
 
 Docker-in-docker registers runsc with the inner dockerd through a daemon config (runtime args
 need one: `--add-runtime` takes a path only). Sibling mode cannot: the host engine must offer a
@@ -187,10 +189,10 @@ def choose_platform(
         return Platform("kvm", f"{RUNSC_PLATFORM}=kvm and /dev/kvm can serve it")
     if not problem and "kvm" in offered:
         return Platform("kvm", "/dev/kvm is usable and the CPU has hardware virtualization")
-    if "systrap" in offered:
-        return Platform("systrap", f"not KVM: {problem}; systrap, this runsc's fastest without")
-    return Platform("ptrace", f"not KVM: {problem}; this runsc has no systrap, which is faster "
-                    f"({NEWER_RUNSC} has it)")  # fmt: skip
+    # systrap only when asked (the module docstring says why).
+    systrap = (f"; systrap is there too, taken only when asked ({RUNSC_PLATFORM}=systrap)"
+               if "systrap" in offered else "")  # fmt: skip
+    return Platform("ptrace", f"not KVM: {problem}{systrap}")
 
 
 # -- docker-in-docker: registering runsc with the inner dockerd ----------------------------

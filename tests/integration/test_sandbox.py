@@ -149,8 +149,12 @@ open(my $f, '>', 'net-result'); print $f "$r\n$u\n"; close $f;
     lines = (project / "net-result").read_text().splitlines()
     if compiles.runtime == "runc":
         assert lines == ["socket: Operation not permitted", "unix: Operation not permitted"]
-    else:
-        assert lines == ["connect: No route to host", "unix connect: Operation not permitted"]
+    else:  # the host's socket unreached either way (above); runsc 20240729 says "refused"
+        assert lines[0] == "connect: No route to host"
+        assert lines[1] in (
+            "unix connect: Operation not permitted",
+            "unix connect: Connection refused",
+        )
 
 
 def test_host_files_and_other_projects_cannot_be_read(

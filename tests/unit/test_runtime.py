@@ -113,16 +113,16 @@ def offers(*names: str):  # type: ignore[no-untyped-def]
     return lambda binary: frozenset(names)
 
 
-def test_systrap_without_kvm_where_this_runsc_has_it_else_ptrace_with_the_fix(
+def test_systrap_only_when_asked_and_refused_with_the_fix_where_this_runsc_lacks_it(
     tmp_path: Path,
 ) -> None:
     root = fake_root(tmp_path, kvm=False, flags="vmx")
     new, old = offers("kvm", "ptrace", "systrap"), offers("kvm", "ptrace")
     chosen = runtime.choose_platform("auto", root, api(12), new)
-    assert chosen.name == "systrap" and chosen.reason.startswith(f"not KVM: no {root}/dev/kvm")
+    assert chosen.name == "ptrace" and chosen.reason.startswith(f"not KVM: no {root}/dev/kvm")
+    assert "systrap is there too, taken only when asked" in chosen.reason
     chosen = runtime.choose_platform("auto", root, api(12), old)
-    assert chosen.name == "ptrace" and "this runsc has no systrap" in chosen.reason
-    assert "bookworm-backports" in chosen.reason
+    assert chosen.name == "ptrace" and "systrap is there" not in chosen.reason
     assert runtime.choose_platform("systrap", root, api(12), new).name == "systrap"
     with pytest.raises(ConfigError, match="this runsc offers only kvm, ptrace; install runsc 2"):
         runtime.choose_platform("systrap", root, api(12), old)
