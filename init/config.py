@@ -125,9 +125,10 @@ COMPILE_RUNNERS = ("auto", "shim", "docker")
 # default; IMAGE=RUNTIME items choose per image of the allow-list, e.g. `runc,old/texlive=runsc`.
 COMPILE_RUNTIME = "OVERLEAF_INIT_COMPILE_RUNTIME"
 COMPILE_RUNTIMES = ("runc", "runsc")
-# runsc's platform in docker-in-docker: auto (KVM where /dev/kvm can serve it, else ptrace).
+# runsc's platform in docker-in-docker: auto (KVM where /dev/kvm can serve it, else ptrace),
+# or one named (systrap where the runsc has it).
 RUNSC_PLATFORM = "OVERLEAF_INIT_RUNSC_PLATFORM"
-RUNSC_PLATFORMS = ("auto", "ptrace", "kvm")
+RUNSC_PLATFORMS = ("auto", "ptrace", "systrap", "kvm")
 # docker-in-docker: the compiles root on a filesystem of its own, a loop-mounted ext4 image of
 # this size beside it (init.engine.compiles_fs): `auto` (the default: 10 GiB, or half the data
 # dir's free space when less, when the image is first made), a size such as 20g, or 0 (off).

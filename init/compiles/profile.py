@@ -110,11 +110,18 @@ def watchdog_command(limits: Limits) -> list[str]:
     `idle` seconds, or at the container's lifetime. Its children are reaped by the shell."""
     step = 1 if limits.idle < 10 else 2
     # SIGTERM (docker stop, dockerd stopping with the site) ends it at once: the sleep runs in
-    # the background so the trap is not held up by it.
+    # the background so the trap is not held up by it. Its only child is that sleep: a
+    # compile's `kill -1` may come at any moment, and a `$(date)` it killed read as "" ended
+    # the loop and the container under the compile's exit status (1 compile in 20 at once
+    # under gVisor on a loaded machine). The clock is /proc/uptime, read by a builtin. Until
+    # the first compile shows, the quiet time starts below zero by the runner's own patience
+    # for the exec (its engine call): a first exec that took longer than the idle time to
+    # start (4.4 s under gVisor, loaded, for an idle of 2 s) found the container stopping.
+    first = int(limits.deadlines.engine_call)
     script = (
         "trap 'exit 0' TERM INT; "
-        f"end=$(( $(date +%s) + {int(limits.deadlines.lifetime)} )); quiet=0; "
-        'while [ "$(date +%s)" -lt "$end" ]; do '
+        f"read up _ < /proc/uptime; end=$(( ${{up%.*}} + {int(limits.deadlines.lifetime)} )); "
+        f'quiet=-{first}; while read up _ < /proc/uptime && [ "${{up%.*}}" -lt "$end" ]; do '
         # A sleep killed early is a compile's end (its `kill -1`): not a quiet period, however
         # short the compile was (synctex, texcount: tens of ms, never seen among the processes;
         # under gVisor the compile's own shell is gone by the time this wakes).

@@ -298,6 +298,8 @@ class InnerDocker(SandboxSide, ServiceHooks):
         # is a full copy of the image.
         full = self.state.is_(Phase.FAILED) or self._self_tests % SELF_TEST_RUN_EVERY == 0
         generation = self._generation
+        # Under the compile image's own runtime: a runsc that cannot start a sandbox fails here.
+        under = runtime.runtime_for(self.settings, self.settings.texlive_image)
         request = ReadyRequest(
             socket=self.layout.socket,
             result=self.run_dir / SELF_TEST_RESULT,
@@ -305,6 +307,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
             self_test=True,
             image=self.settings.texlive_image if full and self.driver != "vfs" else "",
             containerd=self._containerd_dir() / "containerd.sock",
+            runtime="" if under == runtime.RUNC else under,
         )
 
         def done(document: object) -> None:

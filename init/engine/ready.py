@@ -52,15 +52,18 @@ class ReadyRequest:
     self_test: bool = False  # ask whether it works now (no waiting, no sweep)
     image: str = ""  # self-test: the image to run a container of ("": none)
     containerd: Path | None = None  # self-test: containerd's socket, to see that it accepts
+    runtime: str = ""  # self-test: the OCI runtime the container runs under ("": the default)
 
     def argv(self) -> tuple[str, ...]:
         sweep = ("--sweep",) if self.sweep else ()
         self_test = ("--self-test",) if self.self_test else ()
         image = ("--image", self.image) if self.image else ()
         containerd = ("--containerd", str(self.containerd)) if self.containerd else ()
+        runtime = ("--runtime", self.runtime) if self.runtime else ()
         return (
             "--socket", str(self.socket), "--result", str(self.result),
             "--deadline", f"{self.deadline:g}", *sweep, *self_test, *image, *containerd,
+            *runtime,
         )  # fmt: skip
 
     @classmethod
@@ -75,12 +78,13 @@ class ReadyRequest:
         parser.add_argument("--self-test", action="store_true")
         parser.add_argument("--image", default="")
         parser.add_argument("--containerd", type=Path)
+        parser.add_argument("--runtime", default="")
         args = parser.parse_args(list(argv))
         if args.self_test and args.sweep:
             parser.error("a self-test never sweeps: a compile may be running")
         return cls(
             args.socket, args.result, args.deadline, args.sweep, args.self_test, args.image,
-            args.containerd,
+            args.containerd, args.runtime,
         )  # fmt: skip
 
 
@@ -212,16 +216,17 @@ def self_test(request: ReadyRequest) -> ReadyResult:
             )
     if not request.image:
         return ReadyResult(True, seconds=round(time.monotonic() - started, 3))
-    why = run_one(request.socket, request.image, started + request.deadline)
+    why = run_one(request.socket, request.image, started + request.deadline, request.runtime)
     seconds = round(time.monotonic() - started, 3)
     if why:
         return ReadyResult(False, f"the engine answers its ping but {why}", seconds)
     return ReadyResult(True, seconds=seconds)
 
 
-def run_one(socket: Path, image: str, deadline: float) -> str:
+def run_one(socket: Path, image: str, deadline: float, runtime: str = "") -> str:
     """Create, start, wait for and remove one container of `image` that exits 0 at once, by
-    the deadline (monotonic); "" when it did, else why not ("cannot run a container: ...").
+    the deadline (monotonic), under `runtime` (the compiles' own: a runsc that cannot start a
+    sandbox fails here); "" when it did, else why not ("cannot run a container: ...").
     An image not there (yet) is not the engine's fault: "" too."""
     import time
 
@@ -255,7 +260,8 @@ def run_one(socket: Path, image: str, deadline: float) -> str:
     body = {
         "Image": image, "Entrypoint": list(SELF_TEST_COMMAND[:1]),
         "Cmd": list(SELF_TEST_COMMAND[1:]), "Labels": {SELF_TEST_LABEL: "1"},
-        "NetworkDisabled": True, "HostConfig": {"NetworkMode": "none"},
+        "NetworkDisabled": True,
+        "HostConfig": {"NetworkMode": "none", **({"Runtime": runtime} if runtime else {})},
     }  # fmt: skip
     step = "create"
     try:

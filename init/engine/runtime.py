@@ -18,9 +18,14 @@ init.compiles.profile holds under it, with what differs written down here and in
   whole container dies (runc: only the biggest process). The engine still emits its `oom`
   event, but the exec's output stream is never closed (dockerd 20.10, runc v2 shim), so the
   runner also waits for the container's end (init.compiles.runner).
-- The platform: ptrace everywhere; KVM where /dev/kvm can serve it. On a VM whose /dev/kvm is
-  PVM's (kvm_pvm: no vmx/svm flag in /proc/cpuinfo) runsc 20221219's KVM platform hangs in its
-  start, spinning a core: `auto` takes ptrace there and `kvm` is refused with that reason.
+- The platform: KVM where /dev/kvm can serve it, else ptrace. systrap (runsc from mid-2023 on,
+  e.g. Debian's 20240729 in bookworm-backports and trixie; `runsc help platforms` lists it) is
+  taken only when asked: measured here (2 shared cores, no KVM) under runsc 20240729 it did not
+  beat ptrace, a sandbox of either platform of that runsc cost several times the CPU of
+  20221219's ptrace per compile (its threads spin), and a fork bomb under systrap ended as an
+  engine timeout instead of the process limit. On a VM whose /dev/kvm is PVM's (kvm_pvm: no
+  vmx/svm flag in /proc/cpuinfo) runsc 20221219's KVM platform hangs in its start, spinning a
+  core: `auto` passes KVM over there and `kvm` is refused with that reason.
 
 Docker-in-docker registers runsc with the inner dockerd through a daemon config (runtime args
 need one: `--add-runtime` takes a path only). Sibling mode cannot: the host engine must offer a
@@ -92,8 +97,28 @@ def describe(settings: Settings, platform: str = "") -> str:
 class Platform:
     """The gVisor platform chosen, and why (for the log and `doctor`)."""
 
-    name: str  # ptrace or kvm
+    name: str  # kvm, systrap or ptrace
     reason: str
+
+
+# Where a runsc with systrap comes from (gVisor's from mid-2023 on).
+NEWER_RUNSC = "runsc 20240729 (Debian bookworm-backports, trixie)"
+
+
+def offered_platforms(binary: Path) -> frozenset[str]:
+    """The platforms `runsc help platforms` lists; ptrace and kvm (every runsc's) when it
+    cannot say."""
+    import subprocess
+
+    always = frozenset({"ptrace", "kvm"})
+    try:
+        done = subprocess.run(
+            [str(binary), "help", "platforms"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return always
+    listed = {line.strip() for line in done.stdout.splitlines() if line.strip().isalpha()}
+    return frozenset(listed) | always
 
 
 def kvm_api_version(device: Path) -> int | None:
@@ -140,21 +165,34 @@ def kvm_problem(root: Path, api_version: Callable[[Path], int | None] = kvm_api_
 
 
 def choose_platform(
-    asked: str, root: Path = Path("/"), api_version: Callable[[Path], int | None] = kvm_api_version
+    asked: str,
+    root: Path = Path("/"),
+    api_version: Callable[[Path], int | None] = kvm_api_version,
+    platforms: Callable[[Path], frozenset[str]] = offered_platforms,
 ) -> Platform:
-    """ptrace or kvm for `asked` (auto, ptrace, kvm); ConfigError when kvm is asked and cannot
-    run here."""
+    """kvm, systrap or ptrace for `asked` (auto or one of them); ConfigError when the one asked
+    cannot run here."""
     if asked == "ptrace":
         return Platform("ptrace", f"{RUNSC_PLATFORM}=ptrace")
+    offered = platforms(root / RUNSC_BINARY.relative_to("/"))
+    if asked == "systrap":
+        if "systrap" not in offered:
+            raise ConfigError([f"{RUNSC_PLATFORM}=systrap: this runsc offers only "
+                               f"{', '.join(sorted(offered))}; install {NEWER_RUNSC}, or use "
+                               f"{RUNSC_PLATFORM}=auto"])  # fmt: skip
+        return Platform("systrap", f"{RUNSC_PLATFORM}=systrap")
     problem = kvm_problem(root, api_version)
     if asked == "kvm":
         if problem:
-            fix = f"use {RUNSC_PLATFORM}=ptrace (or auto)"
+            fix = f"use {RUNSC_PLATFORM}=auto (or ptrace)"
             raise ConfigError([f"{RUNSC_PLATFORM}=kvm cannot run here: {problem}; {fix}"])
         return Platform("kvm", f"{RUNSC_PLATFORM}=kvm and /dev/kvm can serve it")
-    if problem:
-        return Platform("ptrace", f"not KVM: {problem}")
-    return Platform("kvm", "/dev/kvm is usable and the CPU has hardware virtualization")
+    if not problem and "kvm" in offered:
+        return Platform("kvm", "/dev/kvm is usable and the CPU has hardware virtualization")
+    # systrap only when asked (the module docstring says why).
+    systrap = (f"; systrap is there too, taken only when asked ({RUNSC_PLATFORM}=systrap)"
+               if "systrap" in offered else "")  # fmt: skip
+    return Platform("ptrace", f"not KVM: {problem}{systrap}")
 
 
 # -- docker-in-docker: registering runsc with the inner dockerd ----------------------------

@@ -149,8 +149,12 @@ open(my $f, '>', 'net-result'); print $f "$r\n$u\n"; close $f;
     lines = (project / "net-result").read_text().splitlines()
     if compiles.runtime == "runc":
         assert lines == ["socket: Operation not permitted", "unix: Operation not permitted"]
-    else:
-        assert lines == ["connect: No route to host", "unix connect: Operation not permitted"]
+    else:  # the host's socket unreached either way (above); runsc 20240729 says "refused"
+        assert lines[0] == "connect: No route to host"
+        assert lines[1] in (
+            "unix connect: Operation not permitted",
+            "unix connect: Connection refused",
+        )
 
 
 def test_host_files_and_other_projects_cannot_be_read(
@@ -400,20 +404,18 @@ def test_sigterm_ends_a_running_compile_and_its_container(compiles: Compiles, ot
 def test_twenty_projects_at_once_all_compile(compiles: Compiles, other: Path) -> None:
     import sys
 
-    # Under gVisor one of twenty at once now and then exits 1 (seen in 2 of 3 full runs, its
-    # cause not found yet: issue 16 stays open for it); eight still fill the queue twice over.
-    count = 8 if compiles.runtime == "runsc" else 20
+    # Twenty under both runtimes, with the battery's 256 MiB. Under gVisor on a loaded machine
+    # this once lost 1 in 20: a compile's `kill -1` killed the watchdog's `$(date)` (the
+    # container ended under the compile's exit status), and a first exec late by more than
+    # the idle time found its container gone (init.compiles.profile.watchdog_command).
+    count = 20
     projects = [compiles.project(f"many{i}", {"main.tex": HELLO}) for i in range(count)]
-    # Under gVisor a sandbox's memory holds its Sentry's too (~17 MiB idle, more under load):
-    # four sandboxes at once get the headroom a site's default (1 GiB) gives, not the
-    # battery's tight 256 MiB, so that what is measured here is the queue, not memory.
-    room = {"OVERLEAF_INIT_COMPILE_MEMORY": "512m"} if compiles.runtime == "runsc" else {}
     procs = [
         subprocess.Popen(
             [sys.executable, "-m", "init.compiles.command", str(p), "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=compiles.env(**room),
+            env=compiles.env(),
         )
         for p in projects
     ]

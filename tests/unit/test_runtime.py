@@ -59,15 +59,15 @@ def test_a_bad_runtime_image_or_platform_is_named_with_the_fix() -> None:
     with pytest.raises(ConfigError) as e:
         settings(
             OVERLEAF_INIT_COMPILE_RUNTIME="kata,evil/img=runsc",
-            OVERLEAF_INIT_RUNSC_PLATFORM="systrap",
+            OVERLEAF_INIT_RUNSC_PLATFORM="sentry",
         )
     assert e.value.problems == [
         "OVERLEAF_INIT_COMPILE_RUNTIME: 'kata' names no runtime sharelatex-init knows; use "
         "runc or runsc (gVisor), or IMAGE=runsc for one image",
         "OVERLEAF_INIT_COMPILE_RUNTIME: 'evil/img' is not an allowed TeX Live image; choose "
         f"one of {IMAGES.replace(',', ', ')} or add it to ALL_TEX_LIVE_DOCKER_IMAGES",
-        "OVERLEAF_INIT_RUNSC_PLATFORM='systrap' is not a gVisor platform; use one of auto, "
-        "ptrace, kvm",
+        "OVERLEAF_INIT_RUNSC_PLATFORM='sentry' is not a gVisor platform; use one of auto, "
+        "ptrace, systrap, kvm",
     ]
 
 
@@ -105,8 +105,41 @@ def test_ptrace_without_kvm_and_kvm_refused_with_the_reason(tmp_path: Path) -> N
     root = fake_root(tmp_path, kvm=False, flags="vmx")
     chosen = runtime.choose_platform("auto", root, api(12))
     assert chosen.name == "ptrace" and f"no {root}/dev/kvm" in chosen.reason
-    with pytest.raises(ConfigError, match="OVERLEAF_INIT_RUNSC_PLATFORM=ptrace"):
+    with pytest.raises(ConfigError, match="use OVERLEAF_INIT_RUNSC_PLATFORM=auto"):
         runtime.choose_platform("kvm", root, api(12))
+
+
+def offers(*names: str):  # type: ignore[no-untyped-def]
+    return lambda binary: frozenset(names)
+
+
+def test_systrap_only_when_asked_and_refused_with_the_fix_where_this_runsc_lacks_it(
+    tmp_path: Path,
+) -> None:
+    root = fake_root(tmp_path, kvm=False, flags="vmx")
+    new, old = offers("kvm", "ptrace", "systrap"), offers("kvm", "ptrace")
+    chosen = runtime.choose_platform("auto", root, api(12), new)
+    assert chosen.name == "ptrace" and chosen.reason.startswith(f"not KVM: no {root}/dev/kvm")
+    assert "systrap is there too, taken only when asked" in chosen.reason
+    chosen = runtime.choose_platform("auto", root, api(12), old)
+    assert chosen.name == "ptrace" and "systrap is there" not in chosen.reason
+    assert runtime.choose_platform("systrap", root, api(12), new).name == "systrap"
+    with pytest.raises(ConfigError, match="this runsc offers only kvm, ptrace; install runsc 2"):
+        runtime.choose_platform("systrap", root, api(12), old)
+    # KVM first where it can run: gVisor's fastest where the CPU virtualizes.
+    kvm_root = fake_root(tmp_path / "k", kvm=True, flags="vmx")
+    assert runtime.choose_platform("auto", kvm_root, api(12), new).name == "kvm"
+
+
+def test_the_platforms_runsc_lists(tmp_path: Path) -> None:
+    binary = tmp_path / "runsc"
+    listing = 'printf "ptrace\\nkvm\\nsystrap\\n"'
+    binary.write_text(f'#!/bin/sh\n[ "$1 $2" = "help platforms" ] && {listing}\n')
+    binary.chmod(0o755)
+    assert runtime.offered_platforms(binary) == {"ptrace", "kvm", "systrap"}
+    binary.write_text("#!/bin/sh\nexit 1\n")  # an old or broken one: the platforms every runsc has
+    assert runtime.offered_platforms(binary) == {"ptrace", "kvm"}
+    assert runtime.offered_platforms(tmp_path / "absent") == {"ptrace", "kvm"}
 
 
 def test_a_pvm_kvm_without_vmx_is_not_taken(tmp_path: Path) -> None:
@@ -223,9 +256,115 @@ def test_under_runsc_the_pids_limit_bounds_host_tasks_and_nproc_the_processes(
     assert runc.name == container_name(job(tmp_path).directory, "img:1", limits)
 
 
-def test_the_watchdog_does_not_count_a_sleep_a_compile_killed_as_quiet() -> None:
-    script = watchdog_command(Limits(idle=2))[2]
-    assert "wait $! || { quiet=0; continue; }" in script
+def _kill_its_children(watchdog: int) -> int:
+    """SIGKILL every process of `watchdog`'s group but itself, as a compile's `kill -1` does
+    to every process of the container but its PID 1 (and the killer); how many."""
+    import signal
+
+    killed = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == watchdog:
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == watchdog:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except ProcessLookupError:
+            pass
+    return killed
+
+
+def test_the_watchdog_outlives_a_compile_killing_whatever_it_runs() -> None:
+    """A compile's end (`kill -KILL -1`) may come while the watchdog has any child alive. It
+    once had a `$(date +%s)` there: killed, it read as "" and ended the container under the
+    compile, whose exit status went with it (1 compile in 20 at once under gVisor, loaded).
+    Here its children are killed as fast as it makes them for 2 s (each killed sleep is a
+    compile's end, so the loop spins): it lives on. (Its idle end needs a container's own
+    /proc: the battery's compiles leave no container behind.)"""
+    import signal
+    import subprocess
+    import time
+
+    watchdog = subprocess.Popen(watchdog_command(Limits(idle=2)), start_new_session=True)
+    try:
+        kills, until = 0, time.monotonic() + 2.0
+        while time.monotonic() < until and watchdog.poll() is None:
+            kills += _kill_its_children(watchdog.pid)
+        assert watchdog.poll() is None, f"the watchdog ended after {kills} kills"
+        assert kills >= 3, "the test killed too few children to mean anything"
+        watchdog.send_signal(signal.SIGTERM)
+        assert watchdog.wait(5) == 0
+    finally:
+        if watchdog.poll() is None:
+            watchdog.kill()
+            watchdog.wait()
+
+
+def test_the_watchdog_waits_for_the_first_compile_then_ends_when_idle_after_it() -> None:
+    """As a container's PID 1 (its own PID namespace and /proc): a first exec that comes later
+    than the idle time (4.4 s under gVisor, loaded) finds it still there; after a compile
+    ended by `kill -KILL -1`, it ends once idle."""
+    import subprocess
+    import time
+
+    from tests.integration.conftest import require
+
+    require(os.geteuid() == 0, "a PID namespace of its own needs root")
+    limits = Limits(idle=2, timeout=15)  # the battery's; its first exec may take 30 s
+    outer = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", *watchdog_command(limits)],
+        start_new_session=True,
+    )
+    try:
+        time.sleep(0.5)
+        children = Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()
+        assert len(children) == 1, children
+        enter = ["nsenter", "-t", children[0], "-p", "-m"]
+        time.sleep(4)  # twice the idle time, no compile yet
+        assert outer.poll() is None, "the watchdog ended before its first compile"
+        compile_ = ["sh", "-c", "sleep 1.5; kill -KILL -1 2>/dev/null; exit 0"]
+        assert subprocess.run([*enter, *compile_], timeout=10).returncode == 0
+        began = time.monotonic()
+        assert outer.wait(10) == 0
+        assert 1.5 < time.monotonic() - began < 5  # idle 2 s, checked each second
+    finally:
+        if outer.poll() is None:
+            os.killpg(outer.pid, 9)
+            outer.wait()
+
+
+def test_the_engines_self_test_runs_its_container_under_the_compile_images_runtime(
+    tmp_path: Path,
+) -> None:
+    """docker-in-docker's self-test runs a container of the compile image: under runsc when
+    compiles run under it (a runsc that cannot start a sandbox fails the self-test), under the
+    engine's default otherwise."""
+    from init.engine import ready
+    from tests.unit.test_engine_client import FakeEngine
+    from tests.unit.test_status_truth import working
+
+    engine = FakeEngine(tmp_path / "d.sock")
+    engine.routes[("GET", "/_ping")] = lambda _: (200, b"OK", {"Content-Type": "text/plain"})
+    working(engine)
+    serving = engine.serve()
+    next(serving)
+    try:
+        for under, host_config in (
+            ("runsc", {"NetworkMode": "none", "Runtime": "runsc"}),
+            ("", {"NetworkMode": "none"}),
+        ):
+            request = ready.ReadyRequest(
+                engine.path, tmp_path / "r.json", 5.0, self_test=True, image="tl", runtime=under
+            )
+            assert ready.ReadyRequest.from_argv(request.argv()) == request
+            engine.seen.clear()
+            assert ready.self_test(request).ready
+            created = next(
+                b for m, t, b in engine.seen if t.endswith(f"name={ready.SELF_TEST_NAME}")
+            )
+            assert json.loads(created)["HostConfig"] == host_config
+    finally:
+        next(serving, None)
 
 
 # -- doctor and status -------------------------------------------------------------------------
