@@ -570,8 +570,8 @@ _SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def parse_size(text: str) -> int:
-    """`512m`, `10g`, `1.5GiB`, `4096` (bytes) -> bytes; ValueError otherwise. (The compile
-    runner's own copy is init.compiles.settings.parse_size: PID 1 does not import that module.)"""
+    """`512m`, `10g`, `1.5GiB`, `4096` (bytes) -> bytes; ValueError otherwise. Every size
+    variable's grammar (init.compiles.settings takes it from here)."""
     match = _SIZE.fullmatch(text.strip())
     if match is None:
         raise ValueError(text)

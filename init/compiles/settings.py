@@ -8,7 +8,6 @@ line naming the variable, the value and the fix.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,16 +104,8 @@ class Limits:
         return Deadlines.from_timeout(self.timeout, self.idle)
 
 
-_SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """`512m`, `1g`, `1.5GiB`, `4096` (bytes) -> bytes; ValueError otherwise."""
-    match = _SIZE.match(text)
-    if match is None:
-        raise ValueError(text)
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+# One grammar of sizes for every variable (`512m`, `1g`, `1.5GiB`, bytes): config's.
+parse_size = config.parse_size
 
 
 def off_or(parse: Callable[[str], int], low: int) -> Callable[[str], int]:
