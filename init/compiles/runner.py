@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 
+from init.compiles.identity import share_with_compile
 from init.compiles.outcome import NotReady, Ran, not_ready_message
 from init.compiles.profile import (
     Job,
@@ -125,6 +126,7 @@ class Runner:
             if signals.take() is not None:
                 return Ran(None, 0.0, stopped_by=signals.received)
             container = self._container(job)
+            share_with_compile(job.directory)
             return self._exec(container, job, signals, output)
 
     def _container(self, job: Job) -> str:
@@ -164,7 +166,7 @@ class Runner:
         started, began = time.monotonic(), time.time()
         try:
             execution = self.backend.exec(
-                container, command, f"{job.directory.uid}:{job.directory.gid}",
+                container, command, job.directory.compile_user,
                 str(job.directory.path), env,
             )  # fmt: skip
         except ContainerGone:
@@ -172,7 +174,7 @@ class Runner:
             self._forget(job)
             container = self._container(job)
             execution = self.backend.exec(
-                container, command, f"{job.directory.uid}:{job.directory.gid}",
+                container, command, job.directory.compile_user,
                 str(job.directory.path), env,
             )  # fmt: skip
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
