@@ -102,23 +102,28 @@ def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, 
 #   runs one command of a project at a time, so nothing of ours is there to lose).
 # - /tmp (HOME, TEXMFVAR, VARTEXFONTS) is emptied before and after, dotfiles and all: a
 #   `.latexmkrc`, `texmf.cnf` or font cache one compile planted there never reaches the next.
-#   rm alone in the usual case (one process); a dir the compile made 0000 or 0555 is opened up
-#   first (`chmod -R` changes a dir before it reads it). Nothing is made again: TeX and
-#   luaotfload make TEXMFVAR's dirs as they need them, as on a first compile.
+#   rm alone in the usual case (one process); when it fails, the dirs the compile made 0000 or
+#   0555 are opened up (find's `-exec ... \;` changes a dir before it reads it) and rm runs
+#   again. Neither crosses into another filesystem: a compile dir bound under /tmp (the tests
+#   put theirs there) is never entered, only the dirs above it are left (that case always takes
+#   the second try). Nothing is made again: TeX and luaotfload make TEXMFVAR's dirs as they
+#   need them, as on a first compile.
 # - What the compile made in its dir is handed back to the dir's group (init.compiles.identity):
 #   dirs rwx and setgid for the group, files readable and writable by it, never setuid or
 #   setgid. `-exec ... \;` on a dir runs before find reads it, so a 0000 dir is opened up
 #   first; in the usual case nothing needs a change and find is the one process.
 # - umask 002: what the compile writes is its group's (CLSI's) to read, replace and remove.
-_COMPILE_SCRIPT = r"""dir=$0 uid=$1; shift 2
+_COMPILE_SCRIPT = r"""dir=$0 uid=$1; shift
 umask 002
 fresh_tmp() {
   set --
   for entry in /tmp/* /tmp/.[!.]* /tmp/..?*; do
     if [ -e "$entry" ] || [ -L "$entry" ]; then set -- "$@" "$entry"; fi
   done
-  [ "$#" -eq 0 ] || rm -rf -- "$@" 2>/dev/null \
-    || { chmod -R u+rwx -- "$@" 2>/dev/null; rm -rf -- "$@" 2>/dev/null; }
+  [ "$#" -eq 0 ] && return
+  rm -rf --one-file-system -- "$@" 2>/dev/null && return
+  find "$@" -xdev -type d -user "$uid" ! -perm -u=rwx -exec chmod u+rwx {} \; 2>/dev/null
+  rm -rf --one-file-system -- "$@" 2>/dev/null
 }
 hand_back() {
   find "$dir" \( -type d -user "$uid" ! -perm -2770 -exec chmod u+rwx,g+rwxs {} \; \) \
