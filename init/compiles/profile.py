@@ -153,11 +153,14 @@ def watchdog_command(limits: Limits) -> list[str]:
     `idle` seconds, or at the container's lifetime. Its children are reaped by the shell."""
     step = 1 if limits.idle < 10 else 2
     # SIGTERM (docker stop, dockerd stopping with the site) ends it at once: the sleep runs in
-    # the background so the trap is not held up by it.
+    # the background so the trap is not held up by it. The clock is /proc/uptime read by the
+    # shell itself, never a `$(date)` child: a compile's `kill -KILL -1` may kill any child of
+    # this shell, and a killed `date` read as an empty time ended the container under the next
+    # compile (seen under gVisor, where that kill comes right after the container's start).
     script = (
-        "trap 'exit 0' TERM INT; "
-        f"end=$(( $(date +%s) + {int(limits.deadlines.lifetime)} )); quiet=0; "
-        'while [ "$(date +%s)" -lt "$end" ]; do '
+        "trap 'exit 0' TERM INT; read up _ < /proc/uptime; "
+        f"end=$(( ${{up%.*}} + {int(limits.deadlines.lifetime)} )); quiet=0; "
+        'while read up _ < /proc/uptime && [ "${up%.*}" -lt "$end" ]; do '
         # A sleep killed early is a compile's end (its `kill -1`): not a quiet period, however
         # short the compile was (synctex, texcount: tens of ms, never seen among the processes;
         # under gVisor the compile's own shell is gone by the time this wakes).
