@@ -129,7 +129,13 @@ def share_with_compile(directory: CompileDir) -> Shared:
     O_PATH for files): a link a compile planted is never followed, whatever it points at."""
     top, owner = directory.path, directory.uid
     dirs = files = 0
-    walk = os.fwalk(top, follow_symlinks=False)  # a dir we cannot read is passed over
+    try:
+        os.stat(top, follow_symlinks=False)  # os.fwalk raises for its top alone
+    except OSError as e:
+        raise ConfigError(
+            [f"compile dir {top}: {e.strerror} (uid {os.geteuid()}); run as the dir's owner"]
+        ) from e
+    walk = os.fwalk(top, follow_symlinks=False)  # a dir below we cannot read is passed over
     for n, (_, _, names, dir_fd) in enumerate(walk):
         info = os.fstat(dir_fd)
         wanted = shared_mode(info.st_mode) if info.st_uid == owner else None
