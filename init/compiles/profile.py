@@ -102,12 +102,14 @@ def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, 
 #   runs one command of a project at a time, so nothing of ours is there to lose).
 # - /tmp (HOME, TEXMFVAR, VARTEXFONTS) is emptied before and after, dotfiles and all: a
 #   `.latexmkrc`, `texmf.cnf` or font cache one compile planted there never reaches the next.
-#   rm alone in the usual case (one process); when it fails, the dirs the compile made 0000 or
-#   0555 are opened up (find's `-exec ... \;` changes a dir before it reads it) and rm runs
-#   again. Neither crosses into another filesystem: a compile dir bound under /tmp (the tests
-#   put theirs there) is never entered, only the dirs above it are left (that case always takes
-#   the second try). Nothing is made again: TeX and luaotfload make TEXMFVAR's dirs as they
-#   need them, as on a first compile.
+#   One rm of the shell's globs in the usual case (a pattern that matched nothing is a name rm
+#   -f ignores). When it fails (a dir made 0000 or 0555; more entries than one command line
+#   holds: the tmpfs's nr_inodes of empty files), find opens up the compile's dirs (its
+#   `-exec ... \;` changes a dir before it reads it) and feeds rm in batches. Neither crosses
+#   into another filesystem: a compile dir bound under /tmp (the tests put theirs there) is never
+#   entered, only the dirs above it are left (that case always takes the second way). Nothing
+#   is made again: TeX and luaotfload make TEXMFVAR's dirs as they need them, as on a first
+#   compile.
 # - What the compile made in its dir is handed back to the dir's group (init.compiles.identity):
 #   dirs rwx and setgid for the group, files readable and writable by it, never setuid or
 #   setgid. `-exec ... \;` on a dir runs before find reads it, so a 0000 dir is opened up
@@ -116,14 +118,10 @@ def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, 
 _COMPILE_SCRIPT = r"""dir=$0 uid=$1; shift
 umask 002
 fresh_tmp() {
-  set --
-  for entry in /tmp/* /tmp/.[!.]* /tmp/..?*; do
-    if [ -e "$entry" ] || [ -L "$entry" ]; then set -- "$@" "$entry"; fi
-  done
-  [ "$#" -eq 0 ] && return
-  rm -rf --one-file-system -- "$@" 2>/dev/null && return
-  find "$@" -xdev -type d -user "$uid" ! -perm -u=rwx -exec chmod u+rwx {} \; 2>/dev/null
-  rm -rf --one-file-system -- "$@" 2>/dev/null
+  rm -rf --one-file-system -- /tmp/* /tmp/.[!.]* /tmp/..?* 2>/dev/null && return
+  find /tmp -mindepth 1 -xdev -type d -user "$uid" ! -perm -u=rwx \
+    -exec chmod u+rwx {} \; 2>/dev/null
+  find /tmp -mindepth 1 -maxdepth 1 -xdev -exec rm -rf --one-file-system -- {} + 2>/dev/null
 }
 hand_back() {
   find "$dir" \( -type d -user "$uid" ! -perm -2770 -exec chmod u+rwx,g+rwxs {} \; \) \

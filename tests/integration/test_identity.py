@@ -269,6 +269,8 @@ for my $f ('/tmp/texmf-var/luatex-cache/generic/fonts/otl/lmroman10-regular.luc'
 }
 chmod(0, '/tmp/locked/inner'); chmod(0, '/tmp/locked'); chmod(0555, '/tmp/ro');
 chmod(0, '/tmp/.hidden/.f'); chmod(0, '/tmp/.hidden');
+# Many empty files: the clean must stay linear in them (a shell loop over them was not).
+for my $i (1 .. 60000) { open(my $e, '>', "/tmp/e$i") or last; close $e; }
 open(my $done, '>', 'planted'); close $done;
 1;
 """
@@ -293,6 +295,7 @@ def test_nothing_planted_in_tmp_or_home_reaches_the_next_compile(compiles: Compi
     code, result, _ = compiles.compile(project, OVERLEAF_INIT_COMPILE_IDLE="60")
     assert code == 0, result
     assert (project / "planted").exists()  # the attack ran
+    assert result["seconds"] < 12, result  # 60,000 files made and cleaned within it
     assert not (project / "planted-ran").exists()  # latexmk read ~/.latexmkrc before it was
     (container,) = compiles.containers().split()
     try:
