@@ -158,6 +158,32 @@ class Mode(enum.Enum):
 
 
 @dataclass(frozen=True)
+class UidRange:
+    """The uids compiles run as, one per project (COMPILE_UID_BASE, COMPILE_UID_RANGE;
+    init.compiles.identity says why): `size` of them from `base`. The defaults are far above
+    ordinary uids and the usual subordinate range (100000-165535), and end below 2^31 for the
+    tools that keep a uid in a signed int."""
+
+    base: int = 2_000_000_000
+    size: int = 100_000_000
+
+    def uid_for(self, project: str) -> int:
+        """The project's own uid: stable (the same on every compile and restart), no state."""
+        import zlib
+
+        return self.base + zlib.crc32(project.encode()) % self.size
+
+    def __contains__(self, uid: object) -> bool:
+        return isinstance(uid, int) and self.base <= uid < self.base + self.size
+
+    def describe(self) -> str:
+        return f"{self.base}-{self.base + self.size - 1}"
+
+
+DEFAULT_COMPILE_UIDS = UidRange()
+
+
+@dataclass(frozen=True)
 class Settings:
     """What the product's variables say, validated."""
 
@@ -180,6 +206,7 @@ class Settings:
     compile_runtimes: tuple[tuple[str, str], ...] = ()
     runsc_platform: str = "auto"
     compiles_size: int | None = None  # bytes of the compiles filesystem; None: auto; 0: off
+    compile_uids: UidRange = DEFAULT_COMPILE_UIDS
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -352,6 +379,7 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
             f"use one of {', '.join(COMPILE_RUNNERS)}"
         )
     runtimes = _runtimes(environ.get(COMPILE_RUNTIME), all_images, problems)
+    compile_uids = _compile_uids(environ, problems)
     platform = environ.get(RUNSC_PLATFORM, "").strip().lower() or "auto"
     if platform not in RUNSC_PLATFORMS:
         problems.append(
@@ -398,6 +426,7 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
         compile_runtimes=runtimes,
         runsc_platform=platform,
         compiles_size=compiles_size,
+        compile_uids=compile_uids,
         warnings=tuple(warnings),
     )
 
@@ -635,4 +664,43 @@ COMPILES_DIR = "OVERLEAF_INIT_COMPILES_DIR"
 OUTPUT_DIR = "OVERLEAF_INIT_OUTPUT_DIR"
 COMPILE_RUN_DIR = "OVERLEAF_INIT_COMPILE_RUN_DIR"
 COMPILE_API_ADDRESS = "OVERLEAF_INIT_COMPILE_API_ADDRESS"
+# The uids compiles run as, one per project (init.compiles.identity): the first, and how many.
+COMPILE_UID_BASE = "OVERLEAF_INIT_COMPILE_UID_BASE"
+COMPILE_UID_RANGE = "OVERLEAF_INIT_COMPILE_UID_RANGE"
 # -- end compiles --
+
+UID_MAX = 2**31 - 1  # the largest compile uid: some tools keep a uid in a signed 32-bit int
+
+
+def compile_uid_range(environ: Mapping[str, str]) -> UidRange:
+    """COMPILE_UID_BASE and COMPILE_UID_RANGE (the defaults when unset); ConfigError naming
+    each bad value."""
+    problems: list[str] = []
+    found = _compile_uids(environ, problems)
+    if problems:
+        raise ConfigError(problems)
+    return found
+
+
+def _compile_uids(environ: Mapping[str, str], problems: list[str]) -> UidRange:
+    default = DEFAULT_COMPILE_UIDS
+    values = {"base": default.base, "size": default.size}
+    bad = len(problems)
+    for name, key, example in (
+        (COMPILE_UID_BASE, "base", f"{default.base} (never 0)"),
+        (COMPILE_UID_RANGE, "size", f"{default.size} (at least 1)"),
+    ):
+        raw = environ.get(name, "").strip()
+        if not raw:
+            continue
+        if not (raw.isascii() and raw.isdigit()) or int(raw) < 1:
+            problems.append(f"{name}={raw!r} is not valid; write a whole number, e.g. {example}")
+        else:
+            values[key] = int(raw)
+    found = UidRange(values["base"], values["size"])
+    if len(problems) == bad and found.base + found.size - 1 > UID_MAX:
+        problems.append(
+            f"{COMPILE_UID_BASE}={found.base} with {COMPILE_UID_RANGE}={found.size} ends at uid "
+            f"{found.base + found.size - 1}, above {UID_MAX}; lower either"
+        )
+    return found if len(problems) == bad else default

@@ -84,6 +84,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The `compile` command: its exit status; the result on stdout (text or JSON)."""
     from init.compiles.environment import with_init_environment
+    from init.compiles.identity import compile_uids, read_uid_map
     from init.compiles.outcome import NotReady
     from init.compiles.paths import compile_dir
     from init.compiles.profile import Job, latexmk_command
@@ -107,7 +108,8 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
             limits = dataclasses.replace(settings.limits, timeout=options.timeout)
             settings = dataclasses.replace(settings, limits=limits)
         image = check_image(options.image, settings)
-        directory = compile_dir(options.directory, settings.places, options.project)
+        ids = compile_uids(environ, read_uid_map())
+        directory = compile_dir(options.directory, settings.places, options.project, ids)
         project = directory.project
         command = latexmk_command(directory.path, options.main, options.engine)
         job = Job(directory, command, image, environ)

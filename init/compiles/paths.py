@@ -12,7 +12,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from init import config
 from init.compiles.settings import Places
+from init.config import DEFAULT_COMPILE_UIDS, UidRange
 from init.errors import ConfigError
 
 # Overleaf's compile dirs are `<projectId>` or `<projectId>-<userId>` (24 hex digits each).
@@ -35,13 +37,24 @@ def check_project_id(project: str) -> str:
 
 @dataclass(frozen=True)
 class CompileDir:
-    """A compile dir: where it is here, and the bind source the engine needs for it."""
+    """A compile dir: where it is here, the bind source the engine needs for it, its owner,
+    and who the compile runs as (the project's own uid, the dir's group)."""
 
     path: Path  # resolved, as this process sees it; bound at the same path in the container
     source: Path  # the bind source on the engine's host
     project: str
-    uid: int
-    gid: int
+    uid: int  # the dir's owner (the services' user): never the compile's
+    gid: int  # the dir's group: the compile's only group
+    ids: UidRange = DEFAULT_COMPILE_UIDS
+
+    @property
+    def compile_uid(self) -> int:
+        return self.ids.uid_for(self.project)
+
+    @property
+    def compile_user(self) -> str:
+        """The engine's `User` for this project's compiles."""
+        return f"{self.compile_uid}:{self.gid}"
 
 
 def within(path: Path, root: Path) -> bool:
@@ -69,10 +82,13 @@ def host_path(path: Path, places: Places) -> Path:
     return path
 
 
-def compile_dir(given: Path, places: Places, project: str | None = None) -> CompileDir:
+def compile_dir(
+    given: Path, places: Places, project: str | None = None, ids: UidRange = DEFAULT_COMPILE_UIDS
+) -> CompileDir:
     """Check and resolve a compile dir: symlinks resolved (a dir that only looks as if it were
     under the compiles root is judged by where it really is), a safe project id (given, else the
-    dir's name), a non-root owner that the compile runs as."""
+    dir's name), an owner and a group that are not root's, an owner outside the compile uids
+    `ids` (the compile runs as one of them, and must never be the services' user)."""
     try:
         path = Path(os.path.realpath(given, strict=True))
     except OSError as e:
@@ -104,7 +120,24 @@ def compile_dir(given: Path, places: Places, project: str | None = None) -> Comp
                 "chgrp it to the services' group (e.g. chown -R www-data:www-data DIR)"
             ]
         )
-    return CompileDir(path, host_path(path, places), project, info.st_uid, info.st_gid)
+    if info.st_uid in ids:
+        raise ConfigError(
+            [
+                f"compile dir {path} is owned by uid {info.st_uid}, one of the compile uids "
+                f"{ids.describe()}: the compiles would share its owner's kernel limits; move "
+                f"{config.COMPILE_UID_BASE} above the services' uids (e.g. 2000000000)"
+            ]
+        )
+    if os.geteuid() != 0 and info.st_gid not in (os.getegid(), *os.getgroups()):
+        # What the compile makes is its group's: the services must be in it to read it.
+        raise ConfigError(
+            [
+                f"compile dir {path} has group {info.st_gid}, which uid {os.geteuid()} is not in: "
+                "the services could not read or remove what the compile writes; chgrp it to "
+                "the services' group (e.g. chown -R www-data:www-data DIR)"
+            ]
+        )
+    return CompileDir(path, host_path(path, places), project, info.st_uid, info.st_gid, ids)
 
 
 def check_not_a_root(path: Path, places: Places) -> None:

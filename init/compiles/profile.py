@@ -15,7 +15,8 @@ no-new-privileges, an optional seccomp file, a CPU-time ulimit, Memory of 1 TiB,
 unless `Readonly`, log driver none, a configurable user): network none; every capability
 dropped; no-new-privileges; our own seccomp allow-list with no socket call (the engine's default
 if it cannot be loaded, with a warning); read-only root; /tmp (also HOME and TEXMFVAR) a
-nosuid, nodev, noexec tmpfs of a fixed size; the compile dir's owner as uid:gid, never root;
+nosuid, nodev, noexec tmpfs of a fixed size, emptied before and after each compile; the
+project's own uid and the compile dir's group, never root's (init.compiles.identity);
 memory with swap equal to it; a process limit; a CPU limit; RLIMIT_FSIZE, RLIMIT_NOFILE,
 RLIMIT_CPU and no core files; a wall-clock limit that kills the compile; `shell_escape=f`
 (kpathsea reads it from the environment, so it holds whatever flags latexmk passes; `p`,
@@ -93,16 +94,66 @@ def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, 
     return env
 
 
-# After each compile, whatever it left running (a daemon a latexmkrc forked, in a session of
-# its own) is killed: `kill -1` reaches every process of the container but its PID 1 and itself.
-_END_LEFTOVERS = 'timeout -s KILL "$0" "$@"; status=$?; kill -KILL -1 2>/dev/null; exit $status'
+# The compile's shell, as the project's uid: $0 the compile dir, $1 the uid, then the timeout
+# and the command.
+# - `kill -KILL -1` reaches every process of the container but its PID 1 and this shell: after
+#   the compile, whatever it left running (a daemon a latexmkrc forked, in a session of its
+#   own); before it, the leftovers of an earlier compile that killed this shell (the queue
+#   runs one command of a project at a time, so nothing of ours is there to lose).
+# - /tmp (HOME, TEXMFVAR, VARTEXFONTS) is emptied before and after, dotfiles and all: a
+#   `.latexmkrc`, `texmf.cnf` or font cache one compile planted there never reaches the next.
+#   One rm of the shell's globs in the usual case (a pattern that matched nothing is a name rm
+#   -f ignores). When it fails (a dir made 0000 or 0555; more entries than one command line
+#   holds: the tmpfs's nr_inodes of empty files), find opens up the compile's dirs (its
+#   `-exec ... \;` changes a dir before it reads it) and feeds rm in batches. Neither crosses
+#   into another filesystem: a compile dir bound under /tmp (the tests put theirs there) is never
+#   entered, only the dirs above it are left (that case always takes the second way). Nothing
+#   is made again: TeX and luaotfload make TEXMFVAR's dirs as they need them, as on a first
+#   compile.
+# - What the compile made in its dir is handed back to the dir's group (init.compiles.identity):
+#   dirs rwx and setgid for the group, files readable and writable by it, never setuid or
+#   setgid. `-exec ... \;` on a dir runs before find reads it, so a 0000 dir is opened up
+#   first; in the usual case nothing needs a change and find is the one process.
+# - umask 002: what the compile writes is its group's (CLSI's) to read, replace and remove.
+_COMPILE_SCRIPT = r"""dir=$0 uid=$1; shift
+umask 002
+fresh_tmp() {
+  rm -rf --one-file-system -- /tmp/* /tmp/.[!.]* /tmp/..?* 2>/dev/null && return
+  find /tmp -mindepth 1 -xdev -type d -user "$uid" ! -perm -u=rwx \
+    -exec chmod u+rwx {} \; 2>/dev/null
+  find /tmp -mindepth 1 -maxdepth 1 -xdev -exec rm -rf --one-file-system -- {} + 2>/dev/null
+}
+hand_back() {
+  find "$dir" \( -type d -user "$uid" ! -perm -2770 -exec chmod u+rwx,g+rwxs {} \; \) \
+    -o \( -type f -user "$uid" \( ! -perm -g=rw -o -perm /6000 \) \
+          -exec chmod g+rw,ug-s {} + \) 2>/dev/null
+}
+kill -KILL -1 2>/dev/null
+fresh_tmp; hand_back
+[ "$#" -eq 0 ] && exit 0
+timeout -s KILL "$@"; status=$?
+kill -KILL -1 2>/dev/null
+fresh_tmp; hand_back
+exit $status"""
 
 
 def exec_command(job: Job, limits: Limits) -> list[str]:
-    """The compile inside the container: killed with its whole process group at the timeout,
-    by the container itself, so a runner that dies cannot leave it running; and then whatever
-    it started that is still there, so the project's next compile finds nothing of it."""
-    return ["sh", "-c", _END_LEFTOVERS, f"{limits.timeout:g}", *job.command]
+    """The compile inside the container, as the project's uid: killed with its whole process
+    group at the timeout, by the container itself, so a runner that dies cannot leave it
+    running; then whatever it started that is still there, so the project's next compile finds
+    nothing of it, not even in /tmp; and what it wrote handed back to CLSI (_COMPILE_SCRIPT)."""
+    directory = job.directory
+    return ["sh", "-c", _COMPILE_SCRIPT, str(directory.path), str(directory.compile_uid),
+            f"{limits.timeout:g}", *job.command]  # fmt: skip
+
+
+def stop_command(job: Job) -> list[str]:
+    """A compile's end from outside, in its container as the project's uid: every process of
+    the compile killed (not the container), /tmp emptied and what it wrote handed back to the
+    dir's group, so the runner (its owner, not the compile's uid) can then remove it
+    (_COMPILE_SCRIPT with no command)."""
+    directory = job.directory
+    return ["sh", "-c", _COMPILE_SCRIPT, str(directory.path), str(directory.compile_uid)]
 
 
 def watchdog_command(limits: Limits) -> list[str]:
@@ -144,6 +195,7 @@ def container_name(directory: CompileDir, image: str, limits: Limits, runtime: s
                 image,
                 directory.uid,
                 directory.gid,
+                directory.compile_uid,
                 limits.memory,
                 limits.pids,
                 limits.cpus,
@@ -210,7 +262,7 @@ def container_spec(
         name=container_name(job.directory, job.image, limits, runtime),
         image=job.image,
         command=watchdog_command(limits),
-        user=f"{job.directory.uid}:{job.directory.gid}",
+        user=job.directory.compile_user,
         working_dir=str(job.directory.path),
         environment=compile_environment(limits, {}),
         labels={

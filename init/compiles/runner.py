@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from init.compiles.budget import Watcher, settle
+from init.compiles.identity import share_with_compile
 from init.compiles.outcome import NotReady, Ran, not_ready_message
 from init.compiles.profile import (
     Job,
@@ -24,6 +25,7 @@ from init.compiles.profile import (
     container_spec,
     exec_command,
     load_seccomp,
+    stop_command,
 )
 from init.compiles.queue import Queue, read_record, write_record
 from init.compiles.settings import KILL_GRACE, CompileSettings
@@ -127,6 +129,7 @@ class Runner:
             if signals.take() is not None:
                 return Ran(None, 0.0, stopped_by=signals.received)
             container = self._container(job)
+            share_with_compile(job.directory)
             return self._exec(container, job, signals, output)
 
     def _container(self, job: Job) -> str:
@@ -168,7 +171,7 @@ class Runner:
         started, began = time.monotonic(), time.time()
         try:
             execution = self.backend.exec(
-                container, command, f"{job.directory.uid}:{job.directory.gid}",
+                container, command, job.directory.compile_user,
                 str(job.directory.path), env,
             )  # fmt: skip
         except ContainerGone:
@@ -176,7 +179,7 @@ class Runner:
             self._forget(job)
             container = self._container(job)
             execution = self.backend.exec(
-                container, command, f"{job.directory.uid}:{job.directory.gid}",
+                container, command, job.directory.compile_user,
                 str(job.directory.path), env,
             )  # fmt: skip
         done_r, done_w = os.pipe2(os.O_CLOEXEC)
@@ -271,10 +274,20 @@ class Runner:
         done_w: int,
         started: float,
     ) -> Ran:
-        """The compile went past its budget: its container killed at once (its processes
-        with it), then what it wrote counted and removed."""
-        with contextlib.suppress(ApiError, EngineError):  # SIGKILL, before the removal's own
-            self.backend.call("POST", f"/containers/{container}/kill", query={"signal": "KILL"})
+        """The compile went past its budget: its processes killed at once by an exec as its
+        uid (which also hands back what it wrote: the runner, the dir's owner, could not open
+        a dir of the compile's uid), else its container killed; then what it wrote counted
+        and removed, and the container removed."""
+        try:
+            ender = self.backend.exec(
+                container, stop_command(job), job.directory.compile_user,
+                str(job.directory.path), {},
+            )  # fmt: skip
+            for _ in ender.stream():
+                pass
+        except (ApiError, EngineError, ContainerGone):  # no exec (a full pids limit): SIGKILL
+            with contextlib.suppress(ApiError, EngineError):
+                self.backend.call("POST", f"/containers/{container}/kill", query={"signal": "KILL"})
         seconds = time.monotonic() - started
         self.backend.remove(container)
         self._forget(job)

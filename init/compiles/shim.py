@@ -56,6 +56,7 @@ from pathlib import Path
 from init.compiles import log_note
 from init.compiles.contract import ENGINES, SHIMMED_COMMANDS, Limit
 from init.compiles.environment import read_environment, with_init_environment
+from init.compiles.identity import compile_uids, read_uid_map
 from init.compiles.outcome import NotReady, Ran, largest_file, limit_hit, read_text_nofollow
 from init.compiles.paths import CompileDir, compile_dir
 from init.compiles.profile import Job
@@ -155,7 +156,8 @@ def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
     log: Path | None = None
     try:
         settings = settings_from_env(environ)
-        directory = compile_dir(work_dir(command, argv, Path(cwd)), settings.places)
+        ids = compile_uids(environ, read_uid_map())
+        directory = compile_dir(work_dir(command, argv, Path(cwd)), settings.places, ids=ids)
         log = compile_log(command, argv, directory)
         job = Job(directory, (command, *argv[1:]), settings.image, environ)
         backend = engine_backend(settings, environ)

@@ -25,6 +25,7 @@ from typing import Any
 from init.checks import Check, Status
 from init.config import (
     CONTAINER_ID,
+    DEFAULT_COMPILE_UIDS,
     DEFAULT_COMPILES_DIR,
     DEFAULT_OUTPUT_DIR,
     DEFAULT_SERVICE_USER,
@@ -50,6 +51,9 @@ PROOF_DEADLINE = 30  # seconds for the marker container to start, write and exit
 PROOF_PREFIX = ".sharelatex-init-proof-"
 PROOF_MOUNT = "/proof"  # where the marker dir is bound in the proof container
 NOBODY = (65534, 65534)
+# The proof container runs as a compile would: a uid of the compile range (this name's), in the
+# marker dir's group, writing through the group's permissions into a dir it does not own.
+PROOF_PROJECT = "sharelatex-init-proof"
 # The compile profile, cut to what `printf > file` needs (init.compiles.profile has the whole).
 PROOF_PROFILE = {
     "cap_drop": ["ALL"],
@@ -83,6 +87,7 @@ class SiblingRequest:
     deadline: float = 5.0
     grant_group: bool = False  # the init at boot: add the user to the socket's group it was given
     runtimes: tuple[str, ...] = ()  # the runtimes beyond runc that compile images run under
+    proof_uid: int = DEFAULT_COMPILE_UIDS.uid_for(PROOF_PROJECT)  # config.COMPILE_UID_BASE
 
     @classmethod
     def for_settings(
@@ -102,6 +107,7 @@ class SiblingRequest:
             "container_id": environ.get(CONTAINER_ID, ""),
             "image": settings.texlive_image,
             "runtimes": tuple(sorted(runtime.wanted(settings))),
+            "proof_uid": settings.compile_uids.uid_for(PROOF_PROJECT),
         }
         return cls(result=result, **{**values, **given})
 
@@ -114,6 +120,7 @@ class SiblingRequest:
             "--host-dir-compiles-variable", self.compiles_variable,
             "--host-dir-output-variable", self.output_variable,
             "--deadline", f"{self.deadline:g}",
+            "--proof-uid", str(self.proof_uid),
         ]  # fmt: skip
         for flag, value in (
             ("--socket", self.socket),
@@ -149,6 +156,7 @@ class SiblingRequest:
         parser.add_argument("--deadline", type=float, default=5.0)
         parser.add_argument("--grant-group", action="store_true", help="see grant_group")
         parser.add_argument("--runtime", action="append", default=[], help="see runtimes")
+        parser.add_argument("--proof-uid", type=int, default=cls.proof_uid, help="see proof_uid")
         args = parser.parse_args(list(argv))
         return cls(
             result=args.result,
@@ -165,6 +173,7 @@ class SiblingRequest:
             deadline=args.deadline,
             grant_group=args.grant_group,
             runtimes=tuple(args.runtime),
+            proof_uid=args.proof_uid,
         )
 
 
@@ -481,9 +490,12 @@ def prove(
 ) -> Proof:
     """A container on the host engine writes a marker through the host path; we read it here.
 
-    The marker goes into a fresh dir made here (owned by the proof's user): the container binds
-    only `<host dir>/<that dir>`, so it can write nothing else, and the engine finds that source
-    only if the host dir is this container's dir."""
+    The marker goes into a fresh dir made here (owned by the compiles root's owner, writable by
+    its group): the container binds only `<host dir>/<that dir>`, so it can write nothing else,
+    and the engine finds that source only if the host dir is this container's dir. It writes as
+    a compile does: a uid of the compile range (`request.proof_uid`) in the dir's group, so a
+    host whose engine cannot run that uid, or whose filesystem denies its group's write, fails
+    here, in one check, rather than in every compile."""
     here = request.compiles_dir
     host = compiles.use
     if host is None:
@@ -502,10 +514,11 @@ def prove(
     marker = PROOF_PREFIX + secrets.token_hex(8)
     made = here / marker
     try:
-        user = make_marker_dir(made, proof_user(here))
+        _, group = make_marker_dir(made, proof_user(here))
     except OSError as e:
         return Proof("skipped", f"cannot make the marker dir {made}: {e.strerror}")
     try:
+        user = (request.proof_uid, group)
         failure = write_and_read_back(engine, request.image, host, here, marker, user)
     finally:
         shutil.rmtree(made, ignore_errors=True)
@@ -554,9 +567,10 @@ def write_and_read_back(
 
 
 def proof_user(here: Path) -> tuple[int, int]:
-    """The uid:gid the proof container runs as: never root. The compiles root's owner (the
-    compiles' own user) when it is not root's, else nobody; this process's own when it is not
-    root (it can give the marker dir to nobody else)."""
+    """The uid:gid the marker dir belongs to (the proof container runs as a compile uid in its
+    group): never root. The compiles root's owner (the compiles' own user) when it is not
+    root's, else nobody; this process's own when it is not root (it can give the marker dir to
+    nobody else)."""
     if os.geteuid() != 0:
         return os.geteuid(), os.getegid()
     info = here.stat()
@@ -566,10 +580,12 @@ def proof_user(here: Path) -> tuple[int, int]:
 
 
 def make_marker_dir(path: Path, user: tuple[int, int]) -> tuple[int, int]:
-    """A fresh dir, the one thing the proof container may write, owned by its user."""
+    """A fresh dir, the one thing the proof container may write: `user`'s, its group may write
+    (as a compile dir the runner shared, init.compiles.identity)."""
     os.mkdir(path, 0o700)
     if os.geteuid() == 0:
         os.chown(path, *user)
+    os.chmod(path, 0o2770)
     return user
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from init import config
 from init.compiles import service_env
+from init.config import DEFAULT_COMPILE_UIDS
 from tests.fixtures.overleaf.local_command_runner import (
     LocalCommandRunner,
     Result,
@@ -98,7 +99,8 @@ def test_latexmk_compiles_in_the_sandbox_and_the_service_sees_success(
     assert result.error is None and result.exit_code == 0
     assert "Latexmk" in result.stdout or "Run number" in result.stdout
     assert compile_status(result, project) == "success"
-    assert (project / "output.pdf").stat().st_uid == WWW_DATA  # written in the container
+    made = (project / "output.pdf").stat()  # written in the container, by the project's uid
+    assert (made.st_uid, made.st_gid) == (DEFAULT_COMPILE_UIDS.uid_for("clsi-ok"), WWW_DATA)
 
 
 def test_a_latex_error_is_latexmks_own_status(compiles: Compiles, clsi: LocalCommandRunner) -> None:

@@ -242,7 +242,9 @@ def test_the_inits_own_runner_compiles_through_the_proxy(proxy: Proxy) -> None:
     container = backend.start(spec.name, spec.create_body())
     try:
         execution = backend.exec(container, list(job.command), spec.user, spec.working_dir, {})
-        assert b"".join(execution.stream()) == b"from-exec\n33\n"
+        # The project's own uid (init.compiles.identity): a number the proxy lets through.
+        expected = f"from-exec\n{directory.compile_uid}\n".encode()
+        assert b"".join(execution.stream()) == expected
         assert execution.exit_code() == 0
         assert not backend.oom_killed(container, time.time() - 60)  # the events call passes
         assert [c["Id"] for c in backend.containers()] == [container]  # compile ones only

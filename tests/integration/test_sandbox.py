@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from init.config import DEFAULT_COMPILE_UIDS
 from tests.integration import texlive_engine
-from tests.integration.texlive_engine import LIMITS, Compiles
+from tests.integration.texlive_engine import LIMITS, WWW_DATA, Compiles
 
 # The module's engine with the TeX Live image (runsc registered), and its compiles root.
 texlive = texlive_engine.texlive
@@ -86,7 +88,10 @@ def test_a_normal_compile_makes_a_pdf(compiles: Compiles, other: Path) -> None:
     assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
     assert result["log"] == str(project / "output.log")
     assert result["errors"] == [] and result["project"] == "normal"
-    assert (project / "output.pdf").stat().st_uid == 33  # the dir's owner, never root
+    made = (project / "output.pdf").stat()
+    # The project's own uid (never root's, never the services'), the dir's group, umask 002.
+    assert (made.st_uid, made.st_gid) == (DEFAULT_COMPILE_UIDS.uid_for("normal"), WWW_DATA)
+    assert stat.S_IMODE(made.st_mode) == 0o664
 
 
 def test_a_latex_error_exits_1_with_the_error_line(compiles: Compiles, other: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from init.config import DEFAULT_COMPILE_UIDS
 from tests.integration import texlive_engine
 from tests.integration.conftest import wait_for, write_script
 from tests.integration.texlive_engine import LIMITS, Compiles
@@ -74,7 +75,9 @@ def test_latexmk_runs_sandboxed_and_passes_its_status(compiles: Compiles, shim_d
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err.decode()
     assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
-    assert (project / "output.pdf").stat().st_uid == 33
+    # Written by the project's own uid, in the dir's group (the services' user can read it).
+    made = (project / "output.pdf").stat()
+    assert (made.st_uid, made.st_gid) == (DEFAULT_COMPILE_UIDS.uid_for("shim-ok"), 33)
     assert b"Latexmk" in out + err  # latexmk's own output comes through
 
 

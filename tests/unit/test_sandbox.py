@@ -217,10 +217,10 @@ def test_the_command_is_community_editions(tmp_path: Path) -> None:
 
 def test_the_compile_is_killed_inside_the_container_at_the_timeout(tmp_path: Path) -> None:
     the_job, limits = job(tmp_path, timeout=30.0)
-    shell, flag, script, seconds, *command = exec_command(the_job, limits)
+    shell, flag, script, where, uid, seconds, *command = exec_command(the_job, limits)
     assert (shell, flag, seconds, command) == ("sh", "-c", "30", list(the_job.command))
-    assert script.startswith('timeout -s KILL "$0" "$@";')  # $0 is the timeout
-    assert "kill -KILL -1" in script  # then whatever the compile left running
+    assert (where, uid) == (str(the_job.directory.path), str(the_job.directory.compile_uid))
+    assert 'timeout -s KILL "$@"; status=$?\nkill -KILL -1' in script  # then its leftovers
 
 
 def test_the_profile_is_stricter_than_overleafs_on_every_point(tmp_path: Path) -> None:
@@ -247,7 +247,7 @@ def test_the_profile_is_stricter_than_overleafs_on_every_point(tmp_path: Path) -
         {"Type": "bind", "Source": "/host/c/p1", "Target": str(tmp_path / "c" / "p1"),
          "ReadOnly": False, "BindOptions": {"Propagation": "rprivate"}}
     ]  # fmt: skip
-    assert spec.user == "33:33"
+    assert spec.user == f"{the_job.directory.compile_uid}:33"  # its own uid, the dir's group
     assert spec.labels == {
         "sharelatex-init.compile": "1",
         "sharelatex-init.project": "p1",

@@ -5,11 +5,14 @@ kept (the token written through the host path is read back here)."""
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from init import config
 from init.checks import Status
+from init.config import DEFAULT_COMPILE_UIDS
 from init.engine import sibling, sibling_check
 from init.engine.client import RunResult
 from init.engine.sibling_check import PROOF_MOUNT, PROOF_PREFIX, Report, SiblingRequest
@@ -94,8 +97,9 @@ def test_the_proof_container_has_the_compile_profile(tmp_path: Path) -> None:
     run = engine.runs[0]
     uid, gid = (int(n) for n in run["user"].split(":"))
     assert uid != 0 and gid != 0
+    assert uid in DEFAULT_COMPILE_UIDS  # a compile's uid, not the services'
     if os.geteuid() == 0:
-        assert (uid, gid) == sibling_check.NOBODY  # the root-owned tmp dir: nobody
+        assert gid == sibling_check.NOBODY[1]  # the root-owned tmp dir: nobody's group
     profile = run["host_config"]
     assert profile["cap_drop"] == ["ALL"]
     assert "no-new-privileges" in profile["security_opt"]
@@ -112,18 +116,28 @@ def test_the_owner_of_a_root_the_services_own_runs_the_proof(tmp_path: Path) -> 
     here = tmp_path / "compiles"
     here.mkdir()
     os.chown(here, 33, 33)
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, int]] = []
 
     class Watching(FakeEngine):
         def run_once(self, image: str, command: Sequence[str], *args: Any, **kw: Any) -> RunResult:
             ((source, _),) = kw["binds"]
             info = (here / PurePosixPath(source).name).stat()
-            seen.append((info.st_uid, info.st_gid))
+            seen.append((info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)))
             return super().run_once(image, command, *args, **kw)
 
     engine = Watching(here)
     assert prove(engine, here).status == "passed"
-    assert engine.runs[0]["user"] == "33:33" and seen == [(33, 33)]
+    # As a compile: a uid of the compile range, in the group of the dir (www-data's, 2770).
+    proof_uid = DEFAULT_COMPILE_UIDS.uid_for(sibling_check.PROOF_PROJECT)
+    assert engine.runs[0]["user"] == f"{proof_uid}:33" and seen == [(33, 33, 0o2770)]
+
+
+def test_the_proof_uid_follows_the_compile_uid_range(tmp_path: Path) -> None:
+    settings = config.load({"OVERLEAF_INIT_COMPILE_UID_BASE": "50000",
+                            "OVERLEAF_INIT_COMPILE_UID_RANGE": "10"}, tmp_path)  # fmt: skip
+    request = SiblingRequest.for_settings(settings, {}, tmp_path / "r.json")
+    assert 50000 <= request.proof_uid < 50010
+    assert SiblingRequest.from_argv(request.argv()).proof_uid == request.proof_uid
 
 
 def test_a_host_dir_that_is_not_ours_fails_naming_both_paths(tmp_path: Path) -> None:
