@@ -369,7 +369,7 @@ def test_the_containers_body_is_the_profile_with_the_agent(tmp_path: Path) -> No
     assert body["Labels"][BROKER_LABEL] == "1" and body["Labels"][COMPILE_LABEL] == "1"
     host = body["HostConfig"]
     assert host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"] and host["NetworkMode"] == "none"
-    assert body["User"] == "33:33"
+    assert body["User"] == f"{place.compile_uid}:33"  # the project's own uid, the dir's group
     sent = target.request(job, limits)
     assert sent.argv == job.command and sent.cwd == str(tmp_path)
     assert sent.env["SOURCE_DATE_EPOCH"] == "1" and sent.env["HOME"] == "/tmp"
