@@ -20,12 +20,15 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import pytest
+
+from tests.conftest import remove_later
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -357,14 +360,30 @@ class HostEngine:
         return done.stdout.decode().strip()
 
 
+def engine_ready() -> bool:
+    """Whether a host engine can start here (else `engine`'s `require` says what is missing)."""
+    return (
+        os.geteuid() == 0
+        and all(shutil.which(tool) for tool in ("dockerd", "unshare"))
+        and Path("/bin/busybox").exists()
+    )
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[HostEngine]:
     require(os.geteuid() == 0, "needs root")
     require(shutil.which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
     require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
     require(Path("/bin/busybox").exists(), "needs busybox-static")
+    with ExitStack() as stack:
+        yield start_host_engine(stack)
+
+
+def start_host_engine(stack: ExitStack) -> HostEngine:
+    """A private dockerd with busybox:test in it; stopped (by pid) and removed by `stack`."""
     # Unix socket paths (containerd's under the exec root) have at most 107 bytes.
     base = Path(tempfile.mkdtemp(prefix="sls-", dir="/tmp"))
+    stack.callback(remove_later, base)
     with (base / "dockerd.log").open("wb") as log:
         proc = subprocess.Popen(
             # In a mount namespace of its own: dockerd bind-mounts its data root onto itself,
@@ -376,20 +395,21 @@ def engine() -> Iterator[HostEngine]:
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+    stack.callback(_stop_engine, proc)
     host = HostEngine(base, proc)
-    try:
-        wait_for(lambda: _answers(host), 30, "the host engine to answer")
-        host.docker("import", "-", IMAGE, stdin=busybox_tar())
-        yield host
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        shutil.rmtree(base, ignore_errors=True)
+    wait_for(lambda: _answers(host), 30, "the host engine to answer")
+    host.docker("import", "-", IMAGE, stdin=busybox_tar())
+    return host
+
+
+def _stop_engine(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def runsc_registration(base: Path) -> tuple[str, ...]:
