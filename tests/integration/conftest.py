@@ -379,8 +379,9 @@ def engine() -> Iterator[HostEngine]:
         yield start_host_engine(stack)
 
 
-def start_host_engine(stack: ExitStack) -> HostEngine:
-    """A private dockerd with busybox:test in it; stopped (by pid) and removed by `stack`."""
+def start_host_engine(stack: ExitStack, prefix: Sequence[str] = ()) -> HostEngine:
+    """A private dockerd with busybox:test in it; stopped (by pid) and removed by `stack`.
+    `prefix`: what it runs under (tests/conftest.py's BACKGROUND, for an early job's)."""
     # Unix socket paths (containerd's under the exec root) have at most 107 bytes.
     base = Path(tempfile.mkdtemp(prefix="sls-", dir="/tmp"))
     stack.callback(remove_later, base)
@@ -388,7 +389,7 @@ def start_host_engine(stack: ExitStack) -> HostEngine:
         proc = subprocess.Popen(
             # In a mount namespace of its own: dockerd bind-mounts its data root onto itself,
             # and an unclean end must not leave that on the host.
-            ["unshare", "--mount", "--propagation", "private",
+            [*prefix, "unshare", "--mount", "--propagation", "private",
              "dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
              "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
              "--group", SOCKET_GROUP, *ENGINE_ARGS, *runsc_registration(base)],

@@ -19,14 +19,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Early, remove_later, save_if_missing
+from tests.conftest import BACKGROUND, Early, remove_later, renice_tree, save_if_missing
 from tests.integration.conftest import require, wait_for
 
 pytestmark = pytest.mark.root
@@ -86,10 +86,12 @@ class Build:
     seconds: float
 
 
-def build_images(engine: Engine, cache: Path, *args: str, **env: str) -> Build:
+def build_images(
+    engine: Engine, cache: Path, *args: str, prefix: Sequence[str] = (), **env: str
+) -> Build:
     began = time.monotonic()
     done = subprocess.run(
-        [str(BUILD_IMAGES), "--engine", engine.url, *args],
+        [*prefix, str(BUILD_IMAGES), "--engine", engine.url, *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -116,12 +118,12 @@ class Engines:
     base: Path
     started: list[Engine] = field(default_factory=list)
 
-    def start(self, name: str) -> Engine:
+    def start(self, name: str, prefix: Sequence[str] = ()) -> Engine:
         base = self.base / name
         base.mkdir()
         with (base / "dockerd.log").open("wb") as log:
             proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private",
+                [*prefix, "unshare", "--mount", "--propagation", "private",
                  "dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
                  "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
                  *ENGINE_ARGS],
@@ -172,9 +174,11 @@ def cold_build(stack: ExitStack) -> ColdBuild:
     stack.callback(remove_later, base)
     engines = Engines(base)
     stack.callback(engines.stop)
-    engine = engines.start("e1")
+    # Niced, engine and debootstrap alike, while the session's other tests run beside it.
+    engine = engines.start("e1", prefix=BACKGROUND)
     cache = base / "cache"
-    build = build_images(engine, cache)
+    build = build_images(engine, cache, prefix=BACKGROUND)
+    renice_tree(engine.proc.pid)  # the module's own tests hold time bounds
     if build.code == 0:
         save_if_missing(engine.url, "texlive")
     return ColdBuild(engines, engine, cache, build)

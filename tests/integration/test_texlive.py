@@ -23,7 +23,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ import pytest
 
 from init.engine.client import Engine
 from init.texlive import install as texlive
-from tests.conftest import Early
+from tests.conftest import BACKGROUND, Early, renice_tree
 from tests.integration.conftest import (
     CLEAN_ENV,
     REPO,
@@ -489,10 +489,10 @@ class Built:
     where: Installs  # the build's own engine (not the registry's), its status and log
 
 
-def import_base(engine: HostEngine) -> str:
+def import_base(engine: HostEngine, prefix: Sequence[str] = ()) -> str:
     """scripts/build-images' base (debootstrap + docker import; cached after the first run)."""
     done = subprocess.run(
-        [str(REPO / "scripts" / "build-images"), "--engine", f"unix://{engine.socket}",
+        [*prefix, str(REPO / "scripts" / "build-images"), "--engine", f"unix://{engine.socket}",
          "--only", "base"],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -514,9 +514,12 @@ def build_offline(stack: ExitStack) -> Built:
     """The `build` source in an engine of its own: stopped by SIGTERM once apt is under way,
     then run again to the end, its status sampled. The session's slowest set-up after
     test_images' cold build, so it starts early too (`EARLY`, tests/conftest.py)."""
-    engine = start_host_engine(stack)
+    # Niced, the engine (and so the build's container) and a debootstrap alike, while the
+    # session's other tests run beside it; the installer itself is not: its SIGTERM is timed.
+    engine = start_host_engine(stack, prefix=BACKGROUND)
     where = Installs(engine, Path(tempfile.mkdtemp(prefix="tb-", dir=engine.base)))
-    args = ("--source", "build", "--base-image", import_base(engine), "--scheme", "small")
+    base = import_base(engine, prefix=BACKGROUND)
+    args = ("--source", "build", "--base-image", base, "--scheme", "small")
     first = where.installer(*args, images=BUILT)
     stack.callback(_kill, first)
     wait_for(lambda: "apt:" in where.entry().get("note", ""), 300, "apt to be under way")
@@ -538,6 +541,7 @@ def build_offline(stack: ExitStack) -> Built:
             seen.append(entry)
         time.sleep(0.5)
     code = where.finish(second, 10)
+    renice_tree(engine.proc.pid)
     return Built(
         stopped_code, stopped_seconds, stopped_status, seen, code,
         time.monotonic() - began, where.log(), where,
