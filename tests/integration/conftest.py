@@ -379,12 +379,17 @@ def engine() -> Iterator[HostEngine]:
         yield start_host_engine(stack)
 
 
-def start_host_engine(stack: ExitStack, prefix: Sequence[str] = ()) -> HostEngine:
+def start_host_engine(
+    stack: ExitStack, prefix: Sequence[str] = (), seed: Path | None = None
+) -> HostEngine:
     """A private dockerd with busybox:test in it; stopped (by pid) and removed by `stack`.
-    `prefix`: what it runs under (tests/conftest.py's BACKGROUND, for an early job's)."""
+    `prefix`: what it runs under (tests/conftest.py's BACKGROUND, for an early job's).
+    `seed`: an image store to start with (`image_store`)."""
     # Unix socket paths (containerd's under the exec root) have at most 107 bytes.
     base = Path(tempfile.mkdtemp(prefix="sls-", dir="/tmp"))
     stack.callback(remove_later, base)
+    if seed is not None:
+        seed_data_root(seed, base / "data")
     with (base / "dockerd.log").open("wb") as log:
         proc = subprocess.Popen(
             # In a mount namespace of its own: dockerd bind-mounts its data root onto itself,
@@ -401,6 +406,38 @@ def start_host_engine(stack: ExitStack, prefix: Sequence[str] = ()) -> HostEngin
     wait_for(lambda: _answers(host), 30, "the host engine to answer")
     host.docker("import", "-", IMAGE, stdin=busybox_tar())
     return host
+
+
+@pytest.fixture(scope="session")
+def texlive_store() -> Iterator[Path]:
+    """The TeX Live image's store, for the compile runner's engines to start with
+    (texlive_engine.texlive): made on first use by a dockerd that loads the suite's cached
+    tarball (tests/conftest.py), then stopped."""
+    from tests.conftest import provide
+
+    with ExitStack() as stack:
+        engine = start_host_engine(stack)
+        provide(f"unix://{engine.socket}", "texlive")
+        _stop_engine(engine.proc)
+        store = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
+        stack.callback(remove_later, store)
+        for part in ("image", "overlay2"):
+            (engine.base / "data" / part).rename(store / part)
+        yield store
+
+
+def seed_data_root(store: Path, data: Path) -> None:
+    """`store`'s images in the data root `data` of an engine not yet started, in about a second
+    where `docker load` takes 6-30 s: the metadata copied (dockerd rewrites some of it), the
+    layers' files hard-linked. That is safe because nothing writes a layer's files in place:
+    overlayfs only reads a lower layer (a change is copied up into the container's own layer),
+    `docker rmi` unlinks its own links, and the layer dirs are each engine's own. The rest of a
+    data root (bolt databases written in place, the engine id) each engine makes anew."""
+    data.mkdir(parents=True)
+    for argv in (["cp", "-a", str(store / "image"), str(data / "image")],
+                 ["cp", "-al", str(store / "overlay2"), str(data / "overlay2")]):  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
 
 
 def _stop_engine(proc: subprocess.Popen[bytes]) -> None:
