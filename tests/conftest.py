@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
@@ -249,7 +250,16 @@ class Early(Generic[T]):
         self._future: Future[T] | None = None
         self._stack = ExitStack()
         self._lock = threading.Lock()
+        self.ran: tuple[float, float] | None = None  # (began, ended), time.monotonic()
+        self.waited = 0.0  # how long its module's fixture waited for it
         Early.made.append(self)
+
+    def _timed(self) -> T:
+        began = time.monotonic()
+        try:
+            return self._work(self._stack)
+        finally:
+            self.ran = (began, time.monotonic())
 
     def start(self, lane: ThreadPoolExecutor) -> None:
         with self._lock:
@@ -257,23 +267,27 @@ class Early(Generic[T]):
                 return
             if self._produces is not None and not local_image(self._produces).tarball.exists():
                 PRODUCERS[self._produces] = self
-            self._future = lane.submit(self._work, self._stack)
+            self._future = lane.submit(self._timed)
 
     def result(self) -> T:
         """The work's value (or its exception), waiting for it; run here and now if it was
         not started, or is still queued behind another job."""
+        began = time.monotonic()
         with self._lock:
             if self._future is not None and self._future.cancel():
                 self._future = None
             if self._future is None:
                 future: Future[T] = Future()
                 try:
-                    future.set_result(self._work(self._stack))
+                    future.set_result(self._timed())
                 except BaseException as error:
                     future.set_exception(error)
                 self._future = future
             future = self._future
-        return future.result()
+        try:
+            return future.result()
+        finally:
+            self.waited = time.monotonic() - began
 
     def wait(self) -> None:
         """Until the work has ended, if it was started; its outcome is `result()`'s."""
@@ -298,6 +312,20 @@ class Early(Generic[T]):
             except BaseException:
                 pass
         self._stack.close()
+
+
+_session_began = time.monotonic()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """How long each early job ran, when it ended, and how long its module waited for it."""
+    for job in Early.made:
+        if job.ran is not None:
+            began, ended = job.ran
+            terminalreporter.write_line(
+                f"early: {job.name}: {ended - began:.0f} s, ended {ended - _session_began:.0f} s "
+                f"into the session; its module waited {job.waited:.0f} s"
+            )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
