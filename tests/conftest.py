@@ -6,7 +6,9 @@ fastest way there is: present already (its key label matches), else loaded from 
 tarball cached under the key, else built by `scripts/build-images` and saved for the next
 engine. Every engine stays private to its tests (a test that removes an image breaks no other):
 only the tarball is shared, across modules and across runs. On a fresh machine the first engine
-that needs an image builds it (the end-to-end tests' outer engine, which runs first), the rest load.
+that needs an image builds it (the end-to-end tests' outer engine, which runs first), the rest load;
+the TeX Live image there is test_images' cold build, which the outer engine waits for rather than
+build the same image beside it (`PRODUCERS`).
 
 And the session's slowest set-ups start early: a test module lists them in `EARLY` (`Early`
 jobs); once the session's tests are collected, those of the modules that have a selected test
