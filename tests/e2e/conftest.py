@@ -82,9 +82,12 @@ def outer() -> Iterator[OuterEngine]:
     assert done.returncode == 0, done.stderr
     engine = OuterEngine(base)
     try:
-        # Containers a killed earlier run left behind (the data root persists).
-        for leftover in engine.docker("ps", "-aq", "--filter", f"label={E2E_LABEL}").split():
-            engine.run("rm", "-f", leftover)
+        # Containers a killed earlier run left behind (the data root persists): its sites, and
+        # the compile containers of a sibling-mode site removed with `rm -f` before its init
+        # could clean up (the sibling tests assert the engine has no compile container).
+        for label in (E2E_LABEL, COMPILE_LABEL):
+            for leftover in engine.docker("ps", "-aq", "--filter", f"label={label}").split():
+                engine.run("rm", "-f", leftover)
         yield engine
     finally:
         subprocess.run(
