@@ -20,12 +20,15 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import psutil
 import pytest
+
+from tests.conftest import remove_later
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -357,39 +360,94 @@ class HostEngine:
         return done.stdout.decode().strip()
 
 
+def engine_ready() -> bool:
+    """Whether a host engine can start here (else `engine`'s `require` says what is missing)."""
+    return (
+        os.geteuid() == 0
+        and all(shutil.which(tool) for tool in ("dockerd", "unshare"))
+        and Path("/bin/busybox").exists()
+    )
+
+
 @pytest.fixture(scope="module")
 def engine() -> Iterator[HostEngine]:
     require(os.geteuid() == 0, "needs root")
     require(shutil.which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
     require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
     require(Path("/bin/busybox").exists(), "needs busybox-static")
+    with ExitStack() as stack:
+        yield start_host_engine(stack)
+
+
+def start_host_engine(
+    stack: ExitStack, prefix: Sequence[str] = (), seed: Path | None = None
+) -> HostEngine:
+    """A private dockerd with busybox:test in it; stopped (by pid) and removed by `stack`.
+    `prefix`: what it runs under (tests/conftest.py's BACKGROUND, for an early job's).
+    `seed`: an image store to start with (`image_store`)."""
     # Unix socket paths (containerd's under the exec root) have at most 107 bytes.
     base = Path(tempfile.mkdtemp(prefix="sls-", dir="/tmp"))
+    stack.callback(remove_later, base)
+    if seed is not None:
+        seed_data_root(seed, base / "data")
     with (base / "dockerd.log").open("wb") as log:
         proc = subprocess.Popen(
             # In a mount namespace of its own: dockerd bind-mounts its data root onto itself,
             # and an unclean end must not leave that on the host.
-            ["unshare", "--mount", "--propagation", "private",
+            [*prefix, "unshare", "--mount", "--propagation", "private",
              "dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
              "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
              "--group", SOCKET_GROUP, *ENGINE_ARGS, *runsc_registration(base)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
+    stack.callback(_stop_engine, proc)
     host = HostEngine(base, proc)
-    try:
-        wait_for(lambda: _answers(host), 30, "the host engine to answer")
-        host.docker("import", "-", IMAGE, stdin=busybox_tar())
-        yield host
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-        shutil.rmtree(base, ignore_errors=True)
+    wait_for(lambda: _answers(host), 30, "the host engine to answer")
+    host.docker("import", "-", IMAGE, stdin=busybox_tar())
+    return host
+
+
+@pytest.fixture(scope="session")
+def texlive_store() -> Iterator[Path]:
+    """The TeX Live image's store, for the compile runner's engines to start with
+    (texlive_engine.texlive): made on first use by a dockerd that loads the suite's cached
+    tarball (tests/conftest.py), then stopped."""
+    from tests.conftest import provide
+
+    with ExitStack() as stack:
+        engine = start_host_engine(stack)
+        provide(f"unix://{engine.socket}", "texlive")
+        _stop_engine(engine.proc)
+        store = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
+        stack.callback(remove_later, store)
+        for part in ("image", "overlay2"):
+            (engine.base / "data" / part).rename(store / part)
+        yield store
+
+
+def seed_data_root(store: Path, data: Path) -> None:
+    """`store`'s images in the data root `data` of an engine not yet started, in about a second
+    where `docker load` takes 6-30 s: the metadata copied (dockerd rewrites some of it), the
+    layers' files hard-linked. That is safe because nothing writes a layer's files in place:
+    overlayfs only reads a lower layer (a change is copied up into the container's own layer),
+    `docker rmi` unlinks its own links, and the layer dirs are each engine's own. The rest of a
+    data root (bolt databases written in place, the engine id) each engine makes anew."""
+    data.mkdir(parents=True)
+    for argv in (["cp", "-a", str(store / "image"), str(data / "image")],
+                 ["cp", "-al", str(store / "overlay2"), str(data / "overlay2")]):  # fmt: skip
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+
+
+def _stop_engine(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def runsc_registration(base: Path) -> tuple[str, ...]:

@@ -1,9 +1,12 @@
 """The local images for real: `scripts/build-images` into a private dockerd, then a compile.
 
 One engine and one cold build (debootstrap, then Debian's TeX Live, scheme small) serve the
-whole module; the cache dir is fresh too, so the debootstrap really runs. Every dockerd runs in
-its own mount namespace (`unshare --mount --propagation private`), so the data root it mounts
-onto itself goes away with it.
+whole module; the cache dir is fresh too, so the debootstrap really runs. The build is the
+session's slowest set-up, so it starts in the background as soon as the tests are collected
+(`EARLY`, tests/conftest.py) and the module takes its result; on a machine whose suite cache has
+no TeX Live tarball yet, the image it built is cached as that tarball, so the session does not
+build it a second time. Every dockerd runs in its own mount namespace (`unshare --mount
+--propagation private`), so the data root it mounts onto itself goes away with it.
 """
 
 from __future__ import annotations
@@ -16,17 +19,20 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import BACKGROUND, Early, remove_later, renice_tree, save_if_missing
 from tests.integration.conftest import require, wait_for
 
 pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parents[2]
 BUILD_IMAGES = REPO / "scripts" / "build-images"
+TOOLS = ("dockerd", "docker", "debootstrap", "unshare")
 BASE = "sharelatex-init/debian:bookworm"
 TEXLIVE = "sharelatex-init/texlive:bookworm"
 ENGINE_ARGS = ("--bridge=none", "--iptables=false", "--ip-masq=false")
@@ -80,10 +86,12 @@ class Build:
     seconds: float
 
 
-def build_images(engine: Engine, cache: Path, *args: str, **env: str) -> Build:
+def build_images(
+    engine: Engine, cache: Path, *args: str, prefix: Sequence[str] = (), **env: str
+) -> Build:
     began = time.monotonic()
     done = subprocess.run(
-        [str(BUILD_IMAGES), "--engine", engine.url, *args],
+        [*prefix, str(BUILD_IMAGES), "--engine", engine.url, *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -96,7 +104,7 @@ def build_images(engine: Engine, cache: Path, *args: str, **env: str) -> Build:
 def short_tmp() -> Iterator[Path]:
     """A short base: unix socket paths (containerd's under the exec root) max 107 bytes."""
     require(os.geteuid() == 0, "needs root")
-    for tool in ("dockerd", "docker", "debootstrap", "unshare"):
+    for tool in TOOLS:
         require(shutil.which(tool) is not None, f"needs {tool} (scripts/setup installs it)")
     path = Path(tempfile.mkdtemp(prefix="sim-", dir="/tmp"))
     yield path
@@ -110,12 +118,12 @@ class Engines:
     base: Path
     started: list[Engine] = field(default_factory=list)
 
-    def start(self, name: str) -> Engine:
+    def start(self, name: str, prefix: Sequence[str] = ()) -> Engine:
         base = self.base / name
         base.mkdir()
         with (base / "dockerd.log").open("wb") as log:
             proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private",
+                [*prefix, "unshare", "--mount", "--propagation", "private",
                  "dockerd", "--data-root", str(base / "data"), "--exec-root", str(base / "exec"),
                  "--pidfile", str(base / "d.pid"), "--host", f"unix://{base / 'd.sock'}",
                  *ENGINE_ARGS],
@@ -127,16 +135,9 @@ class Engines:
         wait_for(engine.answers, 30, f"dockerd {name} to answer")
         return engine
 
-
-@pytest.fixture(scope="module")
-def engines(short_tmp: Path) -> Iterator[Engines]:
-    """Every engine started is stopped by pid at the module's end, and leaves no mount."""
-    engines = Engines(short_tmp)
-    yield engines
-    for engine in engines.started:
-        stop(engine)
-    mounts = Path("/proc/self/mountinfo").read_text()
-    assert str(short_tmp) not in mounts, "a test engine left a mount behind"
+    def stop(self) -> None:
+        for engine in self.started:
+            stop(engine)
 
 
 def stop(engine: Engine) -> None:
@@ -158,23 +159,74 @@ def stop(engine: Engine) -> None:
         engine.proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def engine(engines: Engines) -> Engine:
-    return engines.start("e1")
+@dataclass
+class ColdBuild:
+    """The cold build and where it ran: the engines' base dir, engine e1, the fresh cache."""
+
+    engines: Engines
+    engine: Engine
+    cache: Path
+    build: Build
+
+
+def cold_build(stack: ExitStack) -> ColdBuild:
+    base = Path(tempfile.mkdtemp(prefix="sim-", dir="/tmp"))
+    stack.callback(remove_later, base)
+    engines = Engines(base)
+    stack.callback(engines.stop)
+    # Niced, engine and debootstrap alike, while the session's other tests run beside it.
+    engine = engines.start("e1", prefix=BACKGROUND)
+    cache = base / "cache"
+    build = build_images(engine, cache, prefix=BACKGROUND)
+    renice_tree(engine.proc.pid)  # the module's own tests hold time bounds
+    if build.code == 0:
+        save_if_missing(engine.url, "texlive")
+    return ColdBuild(engines, engine, cache, build)
+
+
+COLD = Early(
+    "test_images: the cold build",
+    cold_build,
+    ready=lambda: os.geteuid() == 0 and all(shutil.which(tool) for tool in TOOLS),
+    produces="texlive",
+)
+EARLY = (COLD,)
 
 
 @pytest.fixture(scope="module")
-def cache(short_tmp: Path) -> Path:
-    return short_tmp / "cache"
+def early(short_tmp: Path) -> Iterator[ColdBuild]:
+    """The cold build started early (or now, if the session did not start it)."""
+    try:
+        yield COLD.result()
+    finally:
+        COLD.close()
 
 
 @pytest.fixture(scope="module")
-def cold(engine: Engine, cache: Path) -> Build:
+def engines(early: ColdBuild) -> Iterator[Engines]:
+    """Every engine started is stopped by pid at the module's end, and leaves no mount."""
+    yield early.engines
+    early.engines.stop()
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert str(early.engines.base) not in mounts, "a test engine left a mount behind"
+
+
+@pytest.fixture(scope="module")
+def engine(engines: Engines, early: ColdBuild) -> Engine:
+    return early.engine
+
+
+@pytest.fixture(scope="module")
+def cache(early: ColdBuild) -> Path:
+    return early.cache
+
+
+@pytest.fixture(scope="module")
+def cold(engine: Engine, early: ColdBuild) -> Build:
     """The one cold build of both images that every test here looks at."""
-    build = build_images(engine, cache)
-    assert build.code == 0, build.output
-    print(build.output)
-    return build
+    assert early.build.code == 0, early.build.output
+    print(early.build.output)
+    return early.build
 
 
 def test_a_cold_build_makes_both_images_step_by_step(cold: Build, cache: Path) -> None:

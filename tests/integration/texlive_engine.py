@@ -1,7 +1,8 @@
-"""A module-scoped TeX Live engine for the compile runner's tests: conftest's `engine` (a
-private dockerd, socket group www-data) with the TeX Live image in it (built once per content
-key, then loaded from the cached tarball: tests/conftest.py), and a compiles root under its
-short base dir.
+"""A module-scoped TeX Live engine for the compile runner's tests: a private dockerd as
+conftest's `engine` (socket group www-data) that starts with the TeX Live image in it (built
+once per content key, cached as a tarball: tests/conftest.py; loaded once per session into
+conftest's `texlive_store`, which each engine's data root is seeded from), and a compiles root
+under its short base dir.
 
 A test module takes the fixtures by name: `texlive = texlive_engine.texlive` and
 `compiles = texlive_engine.compiles` at its top.
@@ -15,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import provide
-from tests.integration.conftest import CLEAN_ENV, COMPILE_LABEL, HostEngine, require, wait_for
+from tests.integration.conftest import (
+    CLEAN_ENV,
+    COMPILE_LABEL,
+    HostEngine,
+    require,
+    start_host_engine,
+    wait_for,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TEXLIVE = "sharelatex-init/texlive:bookworm"
@@ -40,12 +49,20 @@ LIMITS = {
 
 
 @pytest.fixture(scope="module")
-def texlive(engine: HostEngine) -> HostEngine:
-    """The engine with the TeX Live image in it: a `docker load` of ~6 s once the session (or
-    an earlier run) has the tarball, else a build of a minute or more."""
+def texlive(texlive_store: Path) -> Iterator[HostEngine]:
+    """A private engine (as conftest's `engine`) that starts with the TeX Live image in it: its
+    data root seeded from the session's image store in about a second (conftest's
+    `seed_data_root`), where a `docker load` of the cached tarball takes 6-30 s a module."""
+    require(os.geteuid() == 0, "needs root")
+    require(shutil.which("dockerd") is not None, "needs dockerd (apt-get install docker.io)")
+    require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
+    require(Path("/bin/busybox").exists(), "needs busybox-static")
     require(shutil.which("debootstrap") is not None, "needs debootstrap (scripts/setup)")
-    assert provide(f"unix://{engine.socket}", "texlive").name == TEXLIVE
-    return engine
+    with ExitStack() as stack:
+        engine = start_host_engine(stack, seed=texlive_store)
+        # Present by its key already: provide() only looks (else it loads the tarball).
+        assert provide(f"unix://{engine.socket}", "texlive").name == TEXLIVE
+        yield engine
 
 
 @dataclass
