@@ -311,3 +311,16 @@ def test_the_agent_ends_when_idle_and_when_the_broker_lets_go(
     warm.close()
     wait_for(lambda: "idle-test" not in broker.engine.docker("ps", "-a", "--format", "{{.Names}}"),
              15, "no container left")  # fmt: skip
+
+
+def test_a_tidy_that_fails_retires_the_container(broker: Broker, compiles: Compiles) -> None:
+    directory = compiles.project("tidy-fails", {"main.tex": HELLO})
+    broker.run(directory, "true")
+    before = broker.container(directory).id
+    job = broker.job(directory, ("true",))
+    failing = Request(**{**vars(targets.request(job, LIMITS)), "tidy": ("false",)})
+    answer = broker.pool.run(broker.target(directory), failing, lambda o: None)
+    assert answer.reason is Reason.ERROR and "tidy" in answer.message
+    wait_for(lambda: not broker.container(directory).alive(), 10, "the agent to exit")
+    assert broker.run(directory, "true").answer.status == 0
+    assert broker.container(directory).id != before
