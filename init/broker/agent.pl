@@ -7,11 +7,16 @@
 # compile (same uid) cannot open /proc/1/fd/* nor ptrace it. As the namespace's PID 1 it cannot
 # be SIGKILLed or SIGSTOPped from inside; it ends on SIGTERM (docker stop, or a compile that
 # sends it: that compile ends its own container, nothing else), on EOF of its stdin (the broker
-# let go), when idle for IDLE seconds, or at LIFETIME.
+# let go), when idle for IDLE seconds, or at LIFETIME. It runs as the project's own uid in the
+# compile dir's group (the container's User), as every compile it starts, with umask 002
+# (init/compiles/identity.py: what the compile writes is its group's, CLSI's).
 #
 # Only core perl (latexmk needs perl: every TeX Live image has it; python it may not).
 #
-# Request:  {"id":"..","argv":[..],"cwd":"/abs","timeout":S,"env":{..},"keep":[names in /tmp]}
+# Request:  {"id":"..","argv":[..],"cwd":"/abs","timeout":S,"env":{..},"tidy":[..]}
+#           tidy: run before and after the compile (the broker sends the exec path's rules:
+#           /tmp emptied entirely, the compile's files handed back to the dir's group); when it
+#           fails, the agent answers and then exits: its container is never used again
 #           {"op":"cancel","id":".."}  (while that compile runs)
 # Answers:  {"agent":"ready","version":1,"pid":1}
 #           {"id":"..","fd":1|2,"data":"<base64>"}  the compile's output, in order
@@ -29,11 +34,13 @@ my $VERSION = 1;
 my $MAX_LINE = 1 << 20;       # a request longer than this is refused, not buffered
 my $CHUNK = 65536;            # the most compile output one answer carries
 my $DRAIN = 5;                # seconds to read what the dead compile left in its pipes
+my $TIDY = 10;                # seconds for the tidy before, and again after, a compile
 my ($IDLE, $LIFETIME) = (@ARGV, 60, 3600)[0, 1];
 my $json = JSON::PP->new->ascii->canonical;
 my $started = now();
 my $stdin_buffer = '';
 my $stdin_open = 1;
+my $retire = 0;               # a tidy failed: nothing may be run here again
 
 sub now { clock_gettime(CLOCK_MONOTONIC) }
 
@@ -84,33 +91,32 @@ sub kill_group {
     kill('KILL', -$pid) or kill('KILL', $pid);
 }
 
-# /tmp (HOME) emptied for the next compile, but for the names in `keep`. Only /tmp's own
-# filesystem: the compile dir may be bound below /tmp (at its path on the broker's side), and
-# what lies on another device is never descended into nor removed.
-sub empty_tmp {
-    my %keep = map { $_ => 1 } @{ $_[0] || [] };
-    my $dev = (lstat '/tmp')[0];
-    opendir(my $dh, '/tmp') or return;
-    my @names = grep { $_ ne '.' && $_ ne '..' && !$keep{$_} } readdir $dh;
-    closedir $dh;
-    remove("/tmp/$_", $dev) for @names;
-}
-
-sub remove {
-    my ($path, $dev) = @_;
-    my @st = lstat $path or return;
-    return if $st[0] != $dev;   # a mount point (the compile dir's bind): not ours to empty
-    if (-d _) {   # lstat: a symlink to a dir is unlinked, never followed
-        chmod 0700, $path;
-        if (opendir(my $dh, $path)) {
-            my @names = grep { $_ ne '.' && $_ ne '..' } readdir $dh;
-            closedir $dh;
-            remove("$path/$_", $dev) for @names;
-        }
-        rmdir $path;
-    } else {
-        unlink $path;
+# The request's tidy, in a session of its own, no stdio, waited for (at most TIDY seconds):
+# true when it exited 0. Nothing else runs meanwhile (the compile has not started, or has been
+# reaped with all it left).
+sub tidy {
+    my ($r) = @_;
+    my @argv = @{ $r->{tidy} || [] } or return 1;
+    utf8::encode($_) for @argv;
+    my $pid = fork;
+    return 0 unless defined $pid;
+    if ($pid == 0) {
+        $SIG{$_} = 'DEFAULT' for qw(CHLD TERM INT PIPE);
+        setsid();
+        open(STDIN, '<', '/dev/null');
+        open(STDOUT, '>', '/dev/null');
+        open(STDERR, '>', '/dev/null');
+        { no warnings 'exec'; exec { $argv[0] } @argv; }
+        _exit(127);
     }
+    my $late = 0;
+    local $SIG{ALRM} = sub { $late = 1; kill_group($pid) };
+    alarm $TIDY;
+    my $w = waitpid($pid, 0);   # perl waits on after the handler: the kill ends it
+    my $status = $?;
+    alarm 0;
+    reap_all();
+    return $w == $pid && !$late && $status == 0;
 }
 
 sub valid {
@@ -124,8 +130,8 @@ sub valid {
       unless defined $r->{timeout} && !ref $r->{timeout} && $r->{timeout} =~ /^[0-9.]+$/ && $r->{timeout} > 0;
     return "env: an object of strings"
       if defined $r->{env} && (ref $r->{env} ne 'HASH' || grep { !defined || ref } values %{ $r->{env} });
-    return "keep: a list of names"
-      if defined $r->{keep} && (ref $r->{keep} ne 'ARRAY' || grep { !defined || ref || m{/} } @{ $r->{keep} });
+    return "tidy: a list of strings"
+      if defined $r->{tidy} && (ref $r->{tidy} ne 'ARRAY' || grep { !defined || ref } @{ $r->{tidy} });
     return '';
 }
 
@@ -152,6 +158,11 @@ sub read_stdin {
 sub run_compile {
     my ($r) = @_;
     my $id = $r->{id};
+    if (!tidy($r)) {
+        $retire = 1;
+        return answer({ id => $id, reason => 'error', message => 'tidy before the compile failed',
+                        exit => undef, signal => undef, seconds => 0, leftovers => 0 });
+    }
     my $began = now();
     pipe(my $out_r, my $out_w) or return answer({ id => $id, reason => 'error', message => "pipe: $!" });
     pipe(my $err_r, my $err_w) or return answer({ id => $id, reason => 'error', message => "pipe: $!" });
@@ -237,9 +248,11 @@ sub run_compile {
     }
     close $_->[0] for values %open;
     $leftovers += reap_all();
-    empty_tmp($r->{keep});
-    my %end = (id => $id, seconds => sprintf('%.3f', now() - $began) + 0, leftovers => $leftovers,
-               exit => undef, signal => undef);
+    my $seconds = sprintf('%.3f', now() - $began) + 0;
+    $retire = 1 unless tidy($r);
+    my %end = (id => $id, seconds => $seconds, leftovers => $leftovers, exit => undef,
+               signal => undef);
+    $end{message} = 'tidy after the compile failed: the agent exits' if $retire;
     if (WIFEXITED($status)) { $end{exit} = WEXITSTATUS($status); $reason ||= 'exit'; }
     else { $end{signal} = WTERMSIG($status); $reason ||= 'signal'; }
     $end{reason} = $reason;
@@ -250,6 +263,7 @@ sub run_compile {
 # machine's user otherwise. Never anywhere else.
 $$ == 1 or die "agent: not PID 1 of a container (pid $$): refusing to start\n";
 not_dumpable();
+umask 002;
 binmode STDIN; binmode STDOUT;
 answer({ agent => 'ready', version => $VERSION, pid => $$ + 0 });
 my $last = now();
@@ -264,6 +278,7 @@ while (1) {
             next;
         }
         run_compile($r);
+        exit 0 if $retire;   # its container is gone before anything else runs in it
         $last = now();
     }
     if ($stdin_open < 0) {   # a line past MAX_LINE: refused, and the rest of it skipped

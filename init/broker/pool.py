@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from init.broker.protocol import Answer, Output, Request
 from init.broker.target import BROKER_LABEL, Target
 from init.broker.warm import AgentGone, WarmContainer
+from init.compiles.identity import share_with_compile
 from init.engine.client import COMPILE_LABEL
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from init.compiles.paths import CompileDir
     from init.engine.client import DockerBackend
 
 
@@ -45,11 +47,13 @@ class Pool:
         limits: PoolLimits,
         clock: Callable[[], float] = time.monotonic,
         start: Callable[..., WarmContainer] = WarmContainer.start,
+        share: Callable[[CompileDir], object] | None = None,  # share_with_compile
     ) -> None:
         self.backend = backend
         self.limits = limits
         self._clock = clock
         self._start = start
+        self._share = share_with_compile if share is None else share
         self._slots = threading.BoundedSemaphore(limits.slots)
         self._mutex = threading.Lock()
         self._turns: dict[str, threading.Lock] = {}
@@ -68,8 +72,12 @@ class Pool:
     ) -> Answer:
         """Run `request` in the project's warm container (started if need be), after the
         project's earlier compiles and within the global limit. A container whose agent had
-        ended before the request could reach it (idle, lifetime) is replaced once."""
+        ended before the request could reach it (idle, lifetime) is replaced once. The
+        compile dir is first shared with the project's uid (what CLSI wrote since the last
+        compile made group-writable), as on the exec path: here, in the project's turn, so
+        every caller of the pool gets it; ConfigError when it cannot be."""
         with self._turn(target.project), self._slots:
+            self._share(target.directory)
             for attempt in (1, 2):
                 warm = self._container(target)
                 try:

@@ -39,14 +39,15 @@ class Reason(enum.Enum):
 @dataclass(frozen=True)
 class Request:
     """One compile for the agent: argv run in `cwd` with `env` added to the container's, for at
-    most `timeout` seconds; afterwards /tmp is emptied but for the names in `keep`."""
+    most `timeout` seconds; `tidy` run before and after it (the exec path's own rules: every
+    process killed, /tmp emptied, the compile's files handed back to the dir's group)."""
 
     id: str
     argv: tuple[str, ...]
     cwd: str
     timeout: float
     env: Mapping[str, str] = field(default_factory=dict)
-    keep: tuple[str, ...] = ()
+    tidy: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
         body = {
@@ -55,7 +56,7 @@ class Request:
             "cwd": self.cwd,
             "timeout": self.timeout,
             "env": dict(self.env),
-            "keep": list(self.keep),
+            "tidy": list(self.tidy),
         }
         return (json.dumps(body, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
 

@@ -1,6 +1,8 @@
 """A compile as the broker sends it: the project's container (today's profile from
-init.compiles.profile, the agent as its command) and the agent's request (what `docker exec`
-ran: the same command, user, directory, environment and timeout)."""
+init.compiles.profile, the agent as its command, so the agent and every compile it runs are
+the project's own uid in the dir's group) and the agent's request (what `docker exec` ran: the
+same command, directory, environment and timeout, and the exec path's rules before and after
+it: profile.stop_command)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,14 @@ from dataclasses import dataclass
 
 from init.broker import agent
 from init.broker.protocol import Request
-from init.compiles.profile import ContainerSpec, Job, compile_environment, container_spec
+from init.compiles.paths import CompileDir
+from init.compiles.profile import (
+    ContainerSpec,
+    Job,
+    compile_environment,
+    container_spec,
+    stop_command,
+)
 from init.compiles.settings import KILL_GRACE, Limits
 
 TYPE_CHECKING = False
@@ -19,20 +28,18 @@ if TYPE_CHECKING:
 
 # What the broker's containers carry beside the compile label: its sweep takes only these.
 BROKER_LABEL = "sharelatex-init.broker"
-# The font caches (TEXMFVAR, VARTEXFONTS) stay in /tmp between a project's compiles, as they
-# do in today's warm container: they are the project's own (a container is never shared), and
-# mktexpk's bitmaps cost seconds to remake. The rest of /tmp (HOME) is emptied.
-KEEP_IN_TMP = ("texmf-var", "texfonts")
 
 
 @dataclass(frozen=True)
 class Target:
-    """Where a project's compile runs: the container's name (which says its profile) and the
-    body that creates it."""
+    """Where a project's compile runs: the container's name (which says its profile), the
+    body that creates it, and the compile dir (shared with the project's uid before each
+    compile: init.compiles.identity)."""
 
     project: str
     name: str
     body: Mapping[str, Any]
+    directory: CompileDir
 
 
 def agent_body(spec: ContainerSpec, idle: float, lifetime: float) -> dict[str, Any]:
@@ -61,17 +68,20 @@ def target(
     spec = container_spec(job, limits, seccomp, now=time.time() if now is None else now,
                           runtime=runtime)  # fmt: skip
     body = agent_body(spec, limits.idle + KILL_GRACE, limits.deadlines.lifetime)
-    return Target(job.directory.project, f"{spec.name}-agent", body)
+    return Target(job.directory.project, f"{spec.name}-agent", body, job.directory)
 
 
-def request(job: Job, limits: Limits, keep: tuple[str, ...] = KEEP_IN_TMP) -> Request:
+def request(job: Job, limits: Limits) -> Request:
     """The agent's request for `job`: what `docker exec` was given (command, directory,
-    environment, the wall clock)."""
+    environment, the wall clock), and for before and after it, what stops a compile on the
+    exec path (every process killed, /tmp emptied entirely, font caches too, so nothing but
+    the project's files carries over; what the compile made handed back to the dir's
+    group)."""
     return Request(
         id=job.compile_id,
         argv=job.command,
         cwd=str(job.directory.path),
         timeout=limits.timeout,
         env=compile_environment(limits, job.environment),
-        keep=keep,
+        tidy=tuple(stop_command(job)),
     )

@@ -35,7 +35,10 @@ if TYPE_CHECKING:
     from init.engine.client import Attachment, DockerBackend
 
 READY_DEADLINE = 30.0  # the agent's first line, from the container's start
-ANSWER_GRACE = 5.0  # past a request's timeout, the agent has this long to say it killed it
+# Past a request's timeout, the agent has this long to say it killed it: its drain of the
+# compile's pipes (5 s) and its tidy before and after the compile (10 s each, agent.pl), which
+# take milliseconds unless something is wrong.
+ANSWER_GRACE = 30.0
 DIAGNOSTICS = 20  # the agent's last stderr lines kept, for the message when it ends
 
 

@@ -104,6 +104,11 @@ def plain(engine: HostEngine, directory: Path, *argv: str) -> tuple[int, bytes]:
     return done.returncode, done.stdout
 
 
+def compile_uid(directory: Path) -> int:
+    """The project's own uid (the compile's, and its agent's)."""
+    return CompileDir(directory, directory, directory.name, WWW_DATA, WWW_DATA).compile_uid
+
+
 def clean(directory: Path) -> None:
     for path in directory.iterdir():
         if path.name != "main.tex":
@@ -232,23 +237,48 @@ def test_a_compile_that_ends_the_agent_ends_only_its_own_container(
     assert broker.container(victim).id != gone
 
 
-def test_tmp_is_empty_for_the_next_compile_but_the_font_caches(
+def test_nothing_in_tmp_carries_over_to_the_next_compile_not_even_the_font_caches(
     broker: Broker, compiles: Compiles
 ) -> None:
     directory = compiles.project("tmp", {"main.tex": HELLO})
     # The compile dir is under /tmp on this machine, so the container's /tmp holds its mount
-    # point: the agent must empty /tmp without reaching into it.
+    # point: /tmp must be emptied without reaching into it.
     first_part = directory.parts[2]
+    # A luaotfload cache is bytecode LuaTeX runs: one compile's must never reach the next.
+    planted = "/tmp/texmf-var/luatex-cache/generic/names/luaotfload-names.luc"
     script = (
-        "mkdir -p /tmp/d/e /tmp/texmf-var /tmp/.hidden && touch /tmp/a /tmp/d/e/f /tmp/.h "
-        '/tmp/texmf-var/cache && ln -s "$PWD" /tmp/link && ln -s / /tmp/root && '
-        "chmod 000 /tmp/d"
+        f"mkdir -p /tmp/d/e /tmp/.hidden {planted.rsplit('/', 1)[0]} && touch /tmp/a "
+        f'/tmp/d/e/f /tmp/.h {planted} && ln -s "$PWD" /tmp/link && ln -s / /tmp/root && '
+        "chmod 000 /tmp/d /tmp/texmf-var"
     )
     assert broker.run(directory, "sh", "-c", script).answer.status == 0
     ran = broker.run(directory, "ls", "-A", "/tmp")
-    assert set(ran.stdout.decode().split()) == {"texmf-var", first_part}
-    assert broker.run(directory, "ls", "/tmp/texmf-var").stdout == b"cache\n"
+    assert set(ran.stdout.decode().split()) == {first_part}
+    gone = broker.run(directory, "ls", "/tmp/texmf-var")
+    assert gone.answer.status == 2 and b"No such file" in gone.stderr
     assert (directory / "main.tex").read_text() == HELLO
+
+
+def test_what_the_compile_makes_is_its_groups_and_handed_back(
+    broker: Broker, compiles: Compiles
+) -> None:
+    directory = compiles.project("hand-back", {"main.tex": HELLO})
+    os.chmod(directory / "main.tex", 0o644)  # as CLSI writes it: the compile must rewrite it
+    script = (
+        "echo plain > made && echo again >> main.tex && echo setuid > setuid && "
+        "umask 077 && mkdir -p private/deeper && echo secret > private/deeper/file && "
+        "chmod 000 private/deeper && chmod 4700 setuid"
+    )
+    ran = broker.run(directory, "sh", "-c", script)
+    assert ran.answer.status == 0, ran.stderr
+    made = (directory / "made").stat()
+    assert made.st_uid == compile_uid(directory) and made.st_gid == WWW_DATA
+    assert oct(made.st_mode & 0o7777) == oct(0o664)  # umask 002
+    assert oct((directory / "setuid").stat().st_mode & 0o7777) == oct(0o760)  # handed back
+    deeper = (directory / "private" / "deeper").stat()
+    assert deeper.st_mode & 0o2070 == 0o2070  # the group's (CLSI's) to read and remove
+    assert (directory / "private" / "deeper" / "file").stat().st_mode & 0o060 == 0o060
+    assert (directory / "main.tex").read_text() == HELLO + "again\n"
 
 
 def test_cancel_stops_the_compile_at_once(broker: Broker, compiles: Compiles) -> None:
@@ -281,3 +311,16 @@ def test_the_agent_ends_when_idle_and_when_the_broker_lets_go(
     warm.close()
     wait_for(lambda: "idle-test" not in broker.engine.docker("ps", "-a", "--format", "{{.Names}}"),
              15, "no container left")  # fmt: skip
+
+
+def test_a_tidy_that_fails_retires_the_container(broker: Broker, compiles: Compiles) -> None:
+    directory = compiles.project("tidy-fails", {"main.tex": HELLO})
+    broker.run(directory, "true")
+    before = broker.container(directory).id
+    job = broker.job(directory, ("true",))
+    failing = Request(**{**vars(targets.request(job, LIMITS)), "tidy": ("false",)})
+    answer = broker.pool.run(broker.target(directory), failing, lambda o: None)
+    assert answer.reason is Reason.ERROR and "tidy" in answer.message
+    wait_for(lambda: not broker.container(directory).alive(), 10, "the agent to exit")
+    assert broker.run(directory, "true").answer.status == 0
+    assert broker.container(directory).id != before

@@ -271,7 +271,16 @@ LIMITS = PoolLimits(slots=2, idle=60, lifetime=600, reuse=100)
 
 
 def where(project: str, name: str = "") -> Target:
-    return Target(project, name or f"c-{project}", {})
+    place = CompileDir(Path(f"/compile/{project}"), Path(f"/compile/{project}"), project, 33, 33)
+    return Target(project, name or f"c-{project}", {}, place)
+
+
+@pytest.fixture(autouse=True)
+def shared(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The projects whose dir the pools shared (no dir is there to chmod)."""
+    made: list[str] = []
+    monkeypatch.setattr("init.broker.pool.share_with_compile", lambda d: made.append(d.project))
+    return made
 
 
 def test_a_project_reuses_its_container_until_it_is_idle(backend: FakeBackend) -> None:
@@ -373,4 +382,38 @@ def test_the_containers_body_is_the_profile_with_the_agent(tmp_path: Path) -> No
     sent = target.request(job, limits)
     assert sent.argv == job.command and sent.cwd == str(tmp_path)
     assert sent.env["SOURCE_DATE_EPOCH"] == "1" and sent.env["HOME"] == "/tmp"
-    assert sent.timeout == limits.timeout and "texmf-var" in sent.keep
+    assert sent.timeout == limits.timeout
+    # Before and after, the exec path's own rules as the project's uid: /tmp emptied entirely
+    # (no font cache kept), what the compile made handed back to the dir's group.
+    assert sent.tidy[:2] == ("sh", "-c") and "fresh_tmp; hand_back" in sent.tidy[2]
+    assert sent.tidy[3:] == (str(tmp_path), str(place.compile_uid))
+    assert made.directory == place
+
+
+def test_the_dir_is_shared_before_each_compile_is_sent(
+    backend: FakeBackend, shared: list[str]
+) -> None:
+    sent_after: list[list[str]] = []
+    original = backend.start_created
+
+    def start_created(container: str) -> None:
+        original(container)
+        agent = Agent(backend.agents[container])
+
+        def serve(agent: Agent) -> None:
+            while True:
+                try:
+                    got = agent.request()
+                except (AssertionError, OSError, ValueError):
+                    return  # the pool let go
+                sent_after.append(list(shared))
+                agent.send(end(got["id"]))
+
+        in_thread(agent, serve)
+
+    backend.start_created = start_created  # type: ignore[method-assign]
+    pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
+    pool.run(where("a"), request("c1"), lambda o: None)
+    pool.run(where("b"), request("c2"), lambda o: None)
+    pool.run(where("a"), request("c3"), lambda o: None)
+    assert sent_after == [["a"], ["a", "b"], ["a", "b", "a"]]
