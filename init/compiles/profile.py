@@ -148,10 +148,10 @@ def exec_command(job: Job, limits: Limits) -> list[str]:
 
 
 def stop_command(job: Job) -> list[str]:
-    """A compile's end from outside, in its container as the project's uid: every process of
-    the compile killed (not the container), /tmp emptied and what it wrote handed back to the
-    dir's group, so the runner (its owner, not the compile's uid) can then remove it
-    (_COMPILE_SCRIPT with no command)."""
+    """_COMPILE_SCRIPT with no command, in a project's container as its uid: every process but
+    PID 1 killed (not the container), /tmp emptied, what the compile wrote handed back to the
+    dir's group. The runner stops a compile past its budget with it (then removes what it
+    wrote, as the dir's owner); the broker's agent runs it before and after each compile."""
     directory = job.directory
     return ["sh", "-c", _COMPILE_SCRIPT, str(directory.path), str(directory.compile_uid)]
 
