@@ -498,3 +498,4 @@ def test_a_fresh_tmp_finds_the_fonts_the_image_made_and_makes_none(site: Compile
             assert [path for path in made if "/names/" not in path] == [], (name, made)
     found = (site.root / "fonts-sample2e" / "found.txt").read_text().strip()
     assert found.startswith("/var/lib/texmf/fonts/pk/"), found
+    site.wait_no_containers()  # as `other` does: the module's teardown then finds none to end
