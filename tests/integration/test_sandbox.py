@@ -462,3 +462,40 @@ def test_sibling_mode_binds_the_host_path(compiles: Compiles, other: Path) -> No
     assert result["pdf"] == f"{inside}/sib/output.pdf"
     # Made by the compile container through the host path: there on the host.
     assert (host_dir / "sib" / "output.pdf").read_bytes().startswith(b"%PDF")
+
+
+# What a compile made of the font caches in its TEXMFVAR and VARTEXFONTS, written into the
+# compile dir at latexmk's exit (a latexmkrc's END block: before the compile script empties
+# /tmp), and where kpathsea finds sample2e's bitmap font.
+FONTS_RC = perl_rc(
+    'END { system("find /tmp/texfonts /tmp/texmf-var -type f > made.txt 2>/dev/null;'
+    ' kpsewhich tcrm1000.600pk > found.txt") }'
+)
+T1_ARTICLE = HELLO.replace(
+    r"\begin{document}", "\\usepackage[T1]{fontenc}\n\\begin{document}\n\\textbf{Bold} \\textit{it}"
+)
+
+
+def test_a_fresh_tmp_finds_the_fonts_the_image_made_and_makes_none(site: Compiles) -> None:
+    """Every compile starts with an empty /tmp (issue #15), so a font cache a compile made there
+    is gone for the next: the image holds them read-only instead (init/texlive/recipes). Twice
+    each, the second in a warm container, as a project's next compile: mktexpk (~2 s a font)
+    and luaotfload's font loader make nothing; pdflatex's PK font comes from the image."""
+    documents = {
+        "fonts-sample2e": ("\\input{sample2e}\n", "pdflatex"),
+        "fonts-t1": (T1_ARTICLE, "pdflatex"),
+        "fonts-lualatex": (HELLO, "lualatex"),
+    }
+    for name, (text, engine) in documents.items():
+        project = site.project(name, {"main.tex": text, "latexmkrc": FONTS_RC})
+        for _ in range(2):
+            (project / "made.txt").unlink(missing_ok=True)
+            code, result, stderr = site.compile(project, "--engine", engine)
+            assert code == 0, (name, result, stderr)
+            made = (project / "made.txt").read_text().split()
+            # luaotfload indexes the font names in its writable cache whatever the image
+            # holds (it looks for that index nowhere else): its font caches are the image's.
+            assert [path for path in made if "/names/" not in path] == [], (name, made)
+    found = (site.root / "fonts-sample2e" / "found.txt").read_text().strip()
+    assert found.startswith("/var/lib/texmf/fonts/pk/"), found
+    site.wait_no_containers()  # as `other` does: the module's teardown then finds none to end
