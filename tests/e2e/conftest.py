@@ -299,24 +299,35 @@ POST_COMPILE = (
 )
 
 
+# A project as the compile service makes it, inside the site (in docker-in-docker the compiles
+# root is a filesystem of the site's own, init.engine.compiles_fs: the host's side of the data
+# mount no longer shows it): the dir and main.tex www-data's, then the first bytes of a file.
+MAKE_PROJECT = (
+    "import os, pathlib, sys\n"
+    "d = pathlib.Path(sys.argv[1]); d.mkdir(); (d / 'main.tex').write_text(sys.argv[2])\n"
+    "for p in (d, d / 'main.tex'): os.chown(p, 33, 33)\n"
+)
+HEAD = "import sys; sys.stdout.write(open(sys.argv[1], 'rb').read(4).decode('latin-1'))"
+PYTHON = "/opt/sharelatex-init/bin/python"
+
+
 def compile_project(
     container: Container, data: Path, project: str, data_root: str = "/var/lib/overleaf"
 ) -> dict[str, Any]:
     """A document compiled as the compile service's `latexmk` shim does it: `sharelatex-init
-    compile DIR` (issue 6) in the site, for a project dir under the data dir mounted at
-    `data_root`; the PDF is asserted on the host's side of the mount. Its JSON result."""
-    directory = data / "data" / "compiles" / project
-    directory.mkdir()
-    (directory / "main.tex").write_text(DOCUMENT)
-    os.chown(directory, 33, 33)  # www-data's: the compile runs as the dir's owner, never root
-    done = container.exec(
-        "sharelatex-init", "compile", f"{data_root}/data/compiles/{project}", "--json",
-        timeout=180,
-    )  # fmt: skip
+    compile DIR` (issue 6) in the site, for a project dir the site made under the data dir
+    mounted at `data_root` (www-data's: compiles run as a uid of the project's in its group);
+    the PDF is asserted inside the site. Its JSON result. (`data`: the host's side of the
+    mount, which sibling mode's compiles root is.)"""
+    directory = f"{data_root}/data/compiles/{project}"
+    made = container.exec(PYTHON, "-c", MAKE_PROJECT, directory, DOCUMENT)
+    assert made.returncode == 0, made.stderr
+    done = container.exec("sharelatex-init", "compile", directory, "--json", timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     assert result["status"] == "ok", result
-    assert (directory / "output.pdf").read_bytes().startswith(b"%PDF")
+    head = container.exec(PYTHON, "-c", HEAD, f"{directory}/output.pdf")
+    assert head.stdout == "%PDF", head.stdout + head.stderr
     return result
 
 

@@ -21,6 +21,7 @@ import pytest
 from tests.e2e.conftest import (
     COMPILE_LABEL,
     DOCUMENT,
+    PYTHON,
     TARBALL_DIR,
     Container,
     OuterEngine,
@@ -86,6 +87,11 @@ def test_a_document_compiles_in_the_inner_engine(dind: Site, cold: Container) ->
     cold.wait_ready(READY_TIMEOUT)
     # The guards ran and let it start (Overleaf 5's images refuse with status 101).
     assert not lines_with(cold.logs(), "Refusing to startup"), cold.logs()
+    # The compiles root is a filesystem of its own (a loop-mounted image beside it).
+    ismount = "import os, sys; sys.exit(not os.path.ismount(sys.argv[1]))"
+    root = "/var/lib/overleaf/data/compiles"
+    assert cold.exec(PYTHON, "-c", ismount, root).returncode == 0, cold.logs()
+    assert (dind.data_dir() / "data" / "compiles.img").is_file()
     compile_project(cold, dind.data_dir(), "e2e-project")
     post_compile(cold)
 
