@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from init.config import DEFAULT_COMPILE_UIDS
 from tests.e2e.conftest import (
     COMPILE_LABEL,
     Container,
@@ -98,7 +99,9 @@ def test_a_document_compiles_as_a_sibling(
     container.wait_ready(READY_TIMEOUT)
     # The compile container runs on the outer engine, bound from the host path the init derived.
     compile_project(container, data, "e2e-sibling")
-    assert (data / "data/compiles/e2e-sibling/output.pdf").stat().st_uid == 33
+    # Written through the host path by the project's own uid, in the dir's group (www-data's).
+    made = (data / "data/compiles/e2e-sibling/output.pdf").stat()
+    assert (made.st_uid, made.st_gid) == (DEFAULT_COMPILE_UIDS.uid_for("e2e-sibling"), 33)
     wait_for(
         lambda: outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == "",
         30,
