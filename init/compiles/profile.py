@@ -36,7 +36,7 @@ from pathlib import Path
 
 from init.compiles.contract import ENGINE_FLAGS, ENGINES
 from init.compiles.paths import CompileDir
-from init.compiles.settings import SHELL_ESCAPE, TMPFS_INODES, Limits
+from init.compiles.settings import KILL_GRACE, SHELL_ESCAPE, TMPFS_INODES, Limits
 
 # The labels every compile container carries (the engine's sweeps go by them).
 from init.engine.client import COMPILE_ID_LABEL, COMPILE_LABEL, EXPIRES_LABEL, PROJECT_LABEL
@@ -156,6 +156,10 @@ def stop_command(job: Job) -> list[str]:
     return ["sh", "-c", _COMPILE_SCRIPT, str(directory.path), str(directory.compile_uid)]
 
 
+# Seconds a new container waits for its first compile on top of the idle time.
+FIRST_EXEC_GRACE = 2 * KILL_GRACE
+
+
 def watchdog_command(limits: Limits) -> list[str]:
     """The container's PID 1: exits (ending the container) once only it has run there for
     `idle` seconds, or at the container's lifetime. Its children are reaped by the shell."""
@@ -165,10 +169,12 @@ def watchdog_command(limits: Limits) -> list[str]:
     # compile's `kill -1` may come at any moment, and a `$(date)` it killed read as "" ended
     # the loop and the container under the compile's exit status (1 compile in 20 at once
     # under gVisor on a loaded machine). The clock is /proc/uptime, read by a builtin. Until
-    # the first compile shows, the quiet time starts below zero by the runner's own patience
-    # for the exec (its engine call): a first exec that took longer than the idle time to
-    # start (4.4 s under gVisor, loaded, for an idle of 2 s) found the container stopping.
-    first = int(limits.deadlines.engine_call)
+    # the first compile shows, the quiet time starts below zero by FIRST_EXEC_GRACE: a first
+    # exec that took longer than the idle time to start (4.4 s under gVisor, loaded, for an
+    # idle of 2 s) found the container stopping. Not the runner's whole patience for an exec
+    # (the timeout and more): a runner SIGKILLed before its exec would leave an empty
+    # container that long.
+    first = int(FIRST_EXEC_GRACE)
     script = (
         "trap 'exit 0' TERM INT; "
         f"read up _ < /proc/uptime; end=$(( ${{up%.*}} + {int(limits.deadlines.lifetime)} )); "
