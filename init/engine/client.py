@@ -502,6 +502,15 @@ class Attachment:
             self.sock.close()
 
 
+def _refused(e: ApiError) -> EngineRefused:
+    """The engine said no to a compile container (its create or start)."""
+    return EngineRefused(
+        f"the engine refused the compile container: {e.message}",
+        e.status,
+        "see `sharelatex-init doctor`",
+    )
+
+
 def _gone(message: str) -> bool:
     """An engine's words for a container that has ended or is going, whatever the status it
     came with (dockerd answers a container being removed with a 500 on some calls)."""
@@ -577,17 +586,13 @@ class DockerBackend:
         """Create (the body of `POST /containers/create`) and start a container named `name`;
         its id. ImageMissing when the image is not in the engine. A container of that name left
         behind is removed first."""
+        self.sweep_expired()
+        container = self.create(name, body)
         try:
-            self.sweep_expired()
-            created = self._create(name, body)
-            self.call("POST", f"/containers/{created['Id']}/start")
+            self.call("POST", f"/containers/{container}/start")
         except ApiError as e:
-            raise EngineRefused(
-                f"the engine refused the compile container: {e.message}",
-                e.status,
-                "see `sharelatex-init doctor`",
-            ) from e
-        return str(created["Id"])
+            raise _refused(e) from e
+        return container
 
     def _create(self, name: str, body: Mapping[str, Any]) -> Any:
         """`POST /containers/create`; a container of that name in the way (one that ended and is
@@ -610,11 +615,7 @@ class DockerBackend:
         try:
             return str(self._create(name, body)["Id"])
         except ApiError as e:
-            raise EngineRefused(
-                f"the engine refused the compile container: {e.message}",
-                e.status,
-                "see `sharelatex-init doctor`",
-            ) from e
+            raise _refused(e) from e
 
     def start_created(self, container: str) -> None:
         """Start a container made by `create`; ContainerGone when it is gone meanwhile."""
