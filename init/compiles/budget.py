@@ -17,8 +17,9 @@ as soon as it is past the budget, so a compile that made a million files costs t
 more than one that made the budget's worth.
 
 A dir the sandbox cannot read (mode 0000, made by the compile) is given back its owner's rwx
-first (the runner runs as the dir's owner); one it still cannot read is reported as hidden,
-which is itself past the budget: what cannot be counted cannot be allowed.
+first (the runner runs as the dir's owner); one it still cannot read (the compile's own, of
+the project's uid) is reported as hidden, which is itself past the budget once it stays so for
+HIDDEN_GRACE: what cannot be counted cannot be allowed.
 
 Removal, after the compile's container is gone (nothing of it runs any more): every entry but
 those there at the start (the same name and inode), deepest first; a file of the project the
@@ -38,6 +39,11 @@ from pathlib import Path
 
 SAMPLE_INTERVAL = 0.1  # seconds between two walks of a compile's dir
 WALK_PAUSE = 3.0  # at least this many times a walk's own time passes before the next walk
+# A dir that cannot be read counts against the budget once it has stayed so this long while
+# the compile runs: a compile's last act may lock a dir that the clean-up after it (in the same
+# exec, init.compiles.profile) hands back at once, and a sample landing between the two must not
+# stop a compile that has ended. Hidden writes go uncounted at most this long.
+HIDDEN_GRACE = 1.0
 OWNER_RWX = stat.S_IRWXU
 Start = frozenset[tuple[str, int]]  # (relative path, inode) of each entry when a compile starts
 
@@ -233,6 +239,7 @@ class Watcher:
         self.started_at = time.monotonic()
         self.seen_at: float | None = None  # monotonic time the overrun was seen
         self.samples = 0
+        self._hidden_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="compile-budget", daemon=True)
 
@@ -240,13 +247,20 @@ class Watcher:
         self._thread.start()
         return self
 
-    def check(self) -> Overrun | None:
-        """One sample now (also the last one, once the compile ended)."""
+    def check(self, last: bool = False) -> Overrun | None:
+        """One sample now (`last`: the one after the compile ended, its clean-up done)."""
         stop_bytes, stop_files = bounds(self.start_usage, self.budget)
         found = overrun(self.start_usage, measure(self.root, stop_bytes, stop_files), self.budget)
         self.samples += 1
+        now = time.monotonic()
+        if found is None or found.kind != "hidden":
+            self._hidden_since = None
+        elif not last:
+            self._hidden_since = self._hidden_since or now
+            if now - self._hidden_since < HIDDEN_GRACE:
+                found = None
         if found is not None and self.overrun is None:
-            self.overrun, self.seen_at = found, time.monotonic()
+            self.overrun, self.seen_at = found, now
         return self.overrun
 
     def _run(self) -> None:
@@ -267,7 +281,7 @@ class Watcher:
         if self._thread.is_alive():
             self._thread.join()
         if self.overrun is None and last and self.budget.on:
-            self.check()
+            self.check(last=True)
         return self.overrun
 
 

@@ -257,3 +257,29 @@ def test_the_profile_answers_fallocate_eopnotsupp_and_the_proxy_accepts_it() -> 
     text = load_seccomp(lambda line: pytest.fail(line))
     assert text is not None
     seccomp.check(text)  # raises Refused when the proxy would refuse the create
+
+
+def test_a_hidden_dir_counts_once_it_stays_hidden_not_in_the_moment_before_its_hand_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A compile's last act may lock a dir that its clean-up hands back at once: a sample in
+    between must not stop it; a dir that stays unreadable while it runs is past the budget, and
+    one still unreadable after the compile (its clean-up done) is past it at once."""
+    clock = [100.0]
+    monkeypatch.setattr(budget.time, "monotonic", lambda: clock[0])
+    watcher = budget.Watcher(tmp_path, Budget(1 << 20, 100), lambda: None)
+    monkeypatch.setattr(budget, "measure", lambda *_: Usage(0, 0, hidden="sealed"))
+    assert watcher.check() is None  # just seen hidden
+    clock[0] += budget.HIDDEN_GRACE / 2
+    assert watcher.check() is None
+    monkeypatch.setattr(budget, "measure", lambda *_: Usage(0, 0))
+    assert watcher.check() is None  # handed back: the grace starts again next time
+    monkeypatch.setattr(budget, "measure", lambda *_: Usage(0, 0, hidden="sealed"))
+    clock[0] += budget.HIDDEN_GRACE / 2
+    assert watcher.check() is None
+    clock[0] += budget.HIDDEN_GRACE
+    found = watcher.check()
+    assert found is not None and found.kind == "hidden" and found.hidden == "sealed"
+    last = budget.Watcher(tmp_path, Budget(1 << 20, 100), lambda: None)
+    found = last.check(last=True)
+    assert found is not None and found.kind == "hidden"
