@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
@@ -637,9 +638,35 @@ def _proof_fix(compiles: sibling.HostDir, here: Path, socket_path: Path) -> str:
     )
 
 
+class Stopped(BaseException):
+    """PID 1 ends this check (its shutdown): unwind, so the proof container and the marker dir
+    made so far are removed on the way out (their `finally`), then end by the signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop(signum: int, frame: object) -> None:
+    # The one handler in the init that does work: this child is one-shot and blocks in the
+    # SDK's socket reads, with no loop to hear a signal in. Raising is all it does; a second
+    # signal during the clean-up is ignored.
+    for each in STOP_SIGNALS:
+        signal.signal(each, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     request = SiblingRequest.from_argv(sys.argv[1:] if argv is None else argv)
-    result = check(request, dict(os.environ))
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _stop)
+    try:
+        result = check(request, dict(os.environ))
+    except Stopped as stopped:
+        return 128 + stopped.signum
     result.write(request.result)
     return 0 if result.ok else 1
 

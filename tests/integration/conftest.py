@@ -506,16 +506,15 @@ class Site:
         self.containers.append(container_id)
         return container_id
 
-    def check(
+    def command(
         self,
         *args: str,
         data: Path | None,
         sock: str = "bound",
         sock_source: Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> tuple[int, dict[str, Any]]:
+    ) -> tuple[Path, list[str]]:
         """`python -m init.engine.sibling_check` in a private mount namespace with the product's
-        view.
+        view; where its result will be.
 
         `sock`: bound (the engine's socket, or `sock_source`), missing, or directory. Only the
         namespace sees the tmpfs over /var/lib and /run: the host's stay untouched.
@@ -531,14 +530,32 @@ class Site:
             steps.append("mkdir /run/docker.sock")  # what `-v` makes of a missing host path
         steps.append('exec "$@"')
         result = self.base / f"result-{len(list(self.base.glob('result-*')))}.json"
+        return result, [
+            "unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(steps),
+            "sh", PYTHON, "-m", "init.engine.sibling_check", "--result", str(result), *args,
+        ]  # fmt: skip
+
+    def check(
+        self,
+        *args: str,
+        data: Path | None,
+        sock: str = "bound",
+        sock_source: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> tuple[int, dict[str, Any]]:
+        """The check run to its end (see `command`): its exit status and result."""
+        result, command = self.command(*args, data=data, sock=sock, sock_source=sock_source)
         done = subprocess.run(
-            ["unshare", "--mount", "--propagation", "private", "sh", "-c", "\n".join(steps),
-             "sh", PYTHON, "-m", "init.engine.sibling_check", "--result", str(result), *args],
-            env={**CLEAN_ENV, **(env or {})}, capture_output=True, timeout=60,
-        )  # fmt: skip
+            command, env={**CLEAN_ENV, **(env or {})}, capture_output=True, timeout=60
+        )
         assert result.exists(), done.stderr.decode(errors="replace")
         document: dict[str, Any] = json.loads(result.read_text())
         return done.returncode, document
+
+    def start_check(self, *args: str, data: Path) -> subprocess.Popen[bytes]:
+        """The check, running: `unshare` and `sh` exec, so the pid is the check's own."""
+        _, command = self.command(*args, data=data)
+        return subprocess.Popen(command, env=CLEAN_ENV)
 
     def proof_containers(self) -> str:
         return self.engine.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}")

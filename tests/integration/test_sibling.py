@@ -12,12 +12,16 @@ from a container of the host engine, through the host path, to this side.
 from __future__ import annotations
 
 import grp
+import io
+import signal
 import socket
+import tarfile
+import time
 from collections.abc import Sequence
 
 import pytest
 
-from tests.integration.conftest import IMAGE, SOCKET_GROUP, Site
+from tests.integration.conftest import IMAGE, SOCKET_GROUP, Site, wait_for
 
 pytestmark = pytest.mark.root
 SOCKET_VOLUME = "-v /var/run/docker.sock:/var/run/docker.sock"
@@ -134,6 +138,47 @@ def test_the_proof_fails_when_the_inspected_bind_is_not_what_this_side_sees(site
     assert list((elsewhere / "data/compiles").iterdir()) == []
     assert list((seen_here / "data/compiles").iterdir()) == []
     assert site.proof_containers() == ""
+
+
+def slow_shell_image(site: Site, seconds: int) -> str:
+    """busybox:test whose /bin/sh sleeps `seconds` before it runs: a proof container that is
+    still running when the test wants it to be."""
+    tag = f"busybox:slow{seconds}"
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        tar.add("/bin/busybox", arcname="bin/busybox")
+        script = f'#!/bin/busybox sh\n/bin/busybox sleep {seconds}\nexec /bin/busybox sh "$@"\n'
+        member = tarfile.TarInfo("bin/sh")
+        member.mode, member.size = 0o755, len(script)
+        tar.addfile(member, io.BytesIO(script.encode()))
+    site.engine.docker("import", "-", tag, stdin=buffer.getvalue())
+    return tag
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_check_stopped_during_its_proof_removes_the_proof_container(
+    site: Site, signum: int
+) -> None:
+    """PID 1's shutdown ends a check that is proving (SIGTERM, then SIGKILL 1 s later): the
+    proof container and the marker dir go with it, nothing is left on the host engine."""
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    image = slow_shell_image(site, 30)
+    check = site.start_check("--container-id", container_id, "--image", image, data=data)
+    try:
+        wait_for(site.proof_containers, 30, "the proof container")
+        wait_for(lambda: list((data / "data/compiles").iterdir()), 5, "the marker dir")
+        stopped = time.monotonic()
+        check.send_signal(signum)
+        code = check.wait(timeout=10)
+        took = time.monotonic() - stopped
+    finally:
+        check.kill()
+        check.wait()
+    assert code == 128 + signum
+    assert took < 1.0, took  # inside PID 1's grace before its SIGKILL
+    assert site.proof_containers() == ""
+    assert list((data / "data/compiles").iterdir()) == []
 
 
 @pytest.mark.parametrize("given", ["right", "wrong", "absent"])
