@@ -75,11 +75,10 @@ $SIG{PIPE} = 'IGNORE';
 # cannot be caught, and a fault (SEGV, BUS, ILL, FPE, TRAP, SYS) keeps its default: under
 # gVisor those end, or stop, the agent and so only its own container.
 {
-    use Config;
-    my %keep = map { $_ => 1 } qw(ZERO KILL STOP CHLD CLD TERM INT PIPE CONT URG WINCH
+    my %keep = map { $_ => 1 } qw(KILL STOP CHLD CLD TERM INT PIPE CONT URG WINCH
                                   SEGV BUS ILL FPE TRAP SYS IOT);
     no warnings;
-    for my $name (split ' ', $Config{sig_name}) {
+    for my $name (keys %SIG) {   # every signal perl knows (no Config: it costs a file read)
         next if $keep{$name} || $name =~ /^NUM3[23]$/;   # 32, 33: the C library's own
         eval { $SIG{$name} = sub { } };
     }
