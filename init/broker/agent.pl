@@ -68,6 +68,21 @@ sub answer {
 $SIG{CHLD} = sub { };
 $SIG{TERM} = $SIG{INT} = sub { end_everything(); exit 0 };
 $SIG{PIPE} = 'IGNORE';
+# Linux drops a signal sent from inside the container to its PID 1 unless PID 1 handles it;
+# gVisor (runsc 20221219) delivers it: a compile's `kill -HUP 1` would end the agent there. So
+# every other signal that would end or stop it and that it can catch is caught and dropped
+# (a handler, not 'IGNORE', which the compile would inherit through exec). KILL and STOP
+# cannot be caught, and a fault (SEGV, BUS, ILL, FPE, TRAP, SYS) keeps its default: under
+# gVisor those end, or stop, the agent and so only its own container.
+{
+    my %keep = map { $_ => 1 } qw(KILL STOP CHLD CLD TERM INT PIPE CONT URG WINCH
+                                  SEGV BUS ILL FPE TRAP SYS IOT);
+    no warnings;
+    for my $name (keys %SIG) {   # every signal perl knows (no Config: it costs a file read)
+        next if $keep{$name} || $name =~ /^NUM3[23]$/;   # 32, 33: the C library's own
+        eval { $SIG{$name} = sub { } };
+    }
+}
 
 sub reap_all {
     # Kill whatever is left (kill -1 from PID 1: every other process of the container), and
@@ -83,6 +98,15 @@ sub reap_all {
 }
 
 sub end_everything { reap_all() }
+
+# select(2) that fails for another reason than a signal fails again at once: the agent would
+# spin a core and never read a request (gVisor refused pselect6 to a seccomp profile that
+# named it only so). It ends instead, saying why on stderr; the broker sees its container end.
+sub select_failed {
+    my $why = "$!";
+    end_everything();
+    die "agent: select: $why\n";
+}
 
 # The compile's group; the compile itself when it has not made its group yet (a cancel that
 # came with its request): then it has started nothing else either.
@@ -231,6 +255,7 @@ sub run_compile {
             }
         }
         my $n = select(my $rout = $rin, undef, undef, $left);
+        select_failed() if $n < 0 && $! != EINTR;
         next if $n <= 0;   # EINTR (a child ended) or the deadline
         if ($stdin_open > 0 && vec($rout, 0, 1)) {
             read_stdin();
@@ -301,6 +326,7 @@ while (1) {
     exit 0 if $wait <= 0;
     my $rin = ''; vec($rin, 0, 1) = 1;
     my $n = select(my $rout = $rin, undef, undef, $wait);
+    select_failed() if $n < 0 && $! != EINTR;
     if ($n > 0) { read_stdin() }
     elsif ($n < 0) { 1 while waitpid(-1, WNOHANG) > 0 }   # EINTR: an orphan to reap
 }

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from init.broker import target as targets
+from init.broker import warm
 from init.broker.pool import Pool, PoolLimits
-from init.broker.protocol import Answer, Output, Reason, Request
+from init.broker.protocol import Answer, Output, ProtocolError, Reason, Request
 from init.broker.target import Target
 from init.broker.warm import AgentGone, WarmContainer
 from init.compiles.paths import CompileDir
@@ -30,7 +31,7 @@ from tests.integration.texlive_engine import TEXLIVE, WWW_DATA, Compiles
 pytestmark = pytest.mark.root
 
 texlive = texlive_engine.texlive
-compiles = texlive_engine.compiles
+site = texlive_engine.site
 
 LIMITS = Limits(memory=256 << 20, pids=64, timeout=15, tmpfs=64 << 20, output=8 << 20, idle=60)
 HELLO = "\\documentclass{article}\\begin{document}Hello.\\end{document}\n"
@@ -51,10 +52,12 @@ class Broker:
     backend: DockerBackend
     pool: Pool
     seccomp: str | None
+    runtime: str
     count: list[int] = field(default_factory=lambda: [0])
 
     def target(self, directory: Path) -> Target:
-        return targets.target(self.job(directory, ("true",)), LIMITS, self.seccomp)
+        job = self.job(directory, ("true",))
+        return targets.target(job, LIMITS, self.seccomp, runtime=self.runtime)
 
     def job(self, directory: Path, argv: tuple[str, ...]) -> Job:
         place = CompileDir(directory, directory, directory.name, WWW_DATA, WWW_DATA)
@@ -77,25 +80,33 @@ class Broker:
         return self.pool._warm[directory.name].container  # the tests look inside
 
 
+@pytest.fixture(scope="module", params=texlive_engine.RUNTIMES)
+def compiles(request: pytest.FixtureRequest, site: Compiles) -> Compiles:
+    """Every case under runc and under gVisor's runsc (the engine registers it as the init
+    does), each runtime with a compiles root of its own; module-scoped: one pool each."""
+    return texlive_engine.with_runtime(site, request.param)
+
+
 @pytest.fixture(scope="module")
 def broker(texlive: HostEngine, compiles: Compiles) -> Iterator[Broker]:
     backend = DockerBackend(f"unix://{texlive.socket}", 60, 5)
     deadlines = LIMITS.deadlines
     pool = Pool(backend, PoolLimits(4, LIMITS.idle, deadlines.lifetime, deadlines.reuse))
     pool.sweep()
-    made = Broker(texlive, backend, pool, load_seccomp(print))
+    made = Broker(texlive, backend, pool, load_seccomp(print), compiles.runtime)
     yield made
     pool.close()
 
 
-def plain(engine: HostEngine, directory: Path, *argv: str) -> tuple[int, bytes]:
-    """`argv` in a plain container of the image (no profile, no init code) with the compile's
-    environment (shell escape off): status, stdout."""
+def plain(broker: Broker, directory: Path, *argv: str) -> tuple[int, bytes]:
+    """`argv` in a plain container of the image (no profile, no init code) under the broker's
+    runtime, with the compile's environment (shell escape off): status, stdout."""
     import subprocess
 
     env = [f"--env={k}={v}" for k, v in compile_environment(LIMITS, {}).items()]
     done = subprocess.run(
-        ["docker", "-H", f"unix://{engine.socket}", "run", "--rm", "--network", "none",
+        ["docker", "-H", f"unix://{broker.engine.socket}", "run", "--rm", "--network", "none",
+         "--runtime", broker.runtime,
          *env, "-u", f"{WWW_DATA}:{WWW_DATA}", "-v", f"{directory}:{directory}",
          "-w", str(directory),
          "--entrypoint", argv[0], TEXLIVE, *argv[1:]],
@@ -120,7 +131,7 @@ def test_latexmk_through_the_agent_exits_and_prints_as_in_a_plain_container(
     broker: Broker, compiles: Compiles, document: str
 ) -> None:
     directory = compiles.project(f"same-{len(document)}", {"main.tex": document})
-    status, stdout = plain(broker.engine, directory, *LATEXMK)
+    status, stdout = plain(broker, directory, *LATEXMK)
     clean(directory)
     ran = broker.run(directory, *LATEXMK)
     assert ran.answer.reason is Reason.EXIT
@@ -148,6 +159,9 @@ def test_output_and_arguments_pass_through_byte_for_byte(
 
 def test_the_compile_cannot_reach_the_agents_channel(broker: Broker, compiles: Compiles) -> None:
     directory = compiles.project("channel", {"main.tex": HELLO})
+    if broker.runtime == "runsc":
+        channel_under_gvisor(broker, compiles, directory)
+        return
     forged = '{"id":"%s","reason":"exit","exit":0}'
     script = (
         "ls /proc/1/fd; "
@@ -166,6 +180,71 @@ def test_the_compile_cannot_reach_the_agents_channel(broker: Broker, compiles: C
     before = broker.container(directory).id
     assert broker.run(directory, "true").answer.status == 0
     assert broker.container(directory).id == before
+
+
+def channel_under_gvisor(broker: Broker, compiles: Compiles, directory: Path) -> None:
+    """gVisor (runsc 20221219) differs: its /proc/PID/fd is open to every process of the
+    sandbox (no ptrace-access check, whatever PR_SET_DUMPABLE says; /proc/1/mem does honour
+    it), so a compile can write lines to the agent's stdout, the broker's stream, and read
+    its stdin. What holds: a line the broker did not expect is a protocol break, which ends
+    this project's container (never used again) and reaches no other project's."""
+    other = compiles.project("channel-bystander", {"main.tex": HELLO})
+    broker.run(other, "true")
+    bystander = broker.container(other).id
+    broker.run(directory, "true")
+    before = broker.container(directory).id
+    forged = '{"id":"forged","reason":"exit","exit":0,"signal":null,"seconds":0,"leftovers":0}'
+    memory = broker.run(directory, "sh", "-c", "head -c 10 /proc/1/mem")
+    assert b"Permission denied" in memory.stderr, memory  # the agent's memory: refused
+    with pytest.raises(ProtocolError):
+        broker.run(directory, "sh", "-c", f"printf '%s\\n' '{forged}' > /proc/1/fd/1; sleep 5")
+    assert directory.name not in broker.pool._warm  # retired at once
+    wait_for(
+        lambda: before[:12] not in broker.engine.docker("ps", "-aq", "--no-trunc"), 15,
+        "the container whose channel was forged to be gone",
+    )  # fmt: skip
+    assert broker.run(directory, "true").answer.status == 0
+    assert broker.container(directory).id != before
+    assert broker.run(other, "true").answer.status == 0
+    assert broker.container(other).id == bystander
+
+
+# What our seccomp allow-list refuses (every socket call) and what it allows (select(3): glibc
+# makes it pselect6, which gVisor knows as "pselect", a name the profile carries for it).
+SECCOMP_PROBE = r"""
+use Socket;
+print socket(my $s, PF_INET, SOCK_STREAM, 0) ? "inet: made\n" : "inet: $!\n";
+print socket(my $u, PF_UNIX, SOCK_STREAM, 0) ? "unix: made\n" : "unix: $!\n";
+print socketpair(my $x, my $y, PF_UNIX, SOCK_STREAM, 0) ? "pair: made\n" : "pair: $!\n";
+my $n = select(undef, undef, undef, 0.01);
+print "select: ", ($n < 0 ? "$!" : $n), "\n";
+"""
+REFUSED = [
+    "inet: Operation not permitted",
+    "unix: Operation not permitted",
+    "pair: Operation not permitted",
+    "select: 0",
+]
+
+
+def test_a_compile_run_by_the_agent_is_under_our_seccomp_profile(
+    broker: Broker, compiles: Compiles
+) -> None:
+    """Under runsc too: gVisor's Sentry applies the container's profile (--oci-seccomp) to
+    its init and the init's descendants, and every compile is the agent's child. A `docker
+    exec` into the same container, today's compile path, gets no profile under runsc (the
+    README's "Compiles under gVisor"): the probe tells the two apart, so it can fail."""
+    directory = compiles.project("seccomp", {"main.tex": HELLO})
+    ran = broker.run(directory, "perl", "-e", SECCOMP_PROBE)
+    assert ran.answer.status == 0, ran
+    assert ran.stdout.decode().splitlines() == REFUSED
+    user = f"{compile_uid(directory)}:{WWW_DATA}"
+    container = broker.container(directory).id
+    by_exec = broker.engine.docker("exec", "-u", user, container, "perl", "-e", SECCOMP_PROBE)
+    if broker.runtime == "runc":
+        assert by_exec.splitlines() == REFUSED
+    else:
+        assert by_exec.splitlines() == ["inet: made", "unix: made", "pair: made", "select: 0"]
 
 
 def test_a_timeout_kills_the_whole_group_and_every_leftover(
@@ -192,16 +271,43 @@ def test_leftovers_of_a_finished_compile_are_killed(broker: Broker, compiles: Co
     assert b"sleep" not in after.stdout
 
 
-def test_signals_to_every_process_do_not_end_the_agent(broker: Broker, compiles: Compiles) -> None:
+def test_signals_to_every_process_do_not_end_the_agent(
+    broker: Broker, compiles: Compiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
     directory = compiles.project("kill-all", {"main.tex": HELLO})
     broker.run(directory, "true")
     before = broker.container(directory).id
-    for signal_name in ("KILL", "STOP", "HUP", "USR1"):
-        ran = broker.run(directory, "sh", "-c", f"kill -{signal_name} 1; kill -{signal_name} -1; "
+    # Linux drops what a process of the container sends its PID 1 unless PID 1 handles it;
+    # gVisor delivers it, so the agent catches every signal it can (HUP, USR1, a real-time
+    # one...). KILL and STOP to PID 1 it cannot: under runsc they are tried below, apart.
+    gvisor = broker.runtime == "runsc"
+    for signal_name in ("KILL", "STOP", "HUP", "USR1", "QUIT", "ALRM", "34"):
+        to_pid1 = "" if gvisor and signal_name in ("KILL", "STOP") else f"kill -{signal_name} 1; "
+        ran = broker.run(directory, "sh", "-c", f"{to_pid1}kill -{signal_name} -1; "
                          "echo survived")  # fmt: skip
         assert ran.stdout == b"survived\n", (signal_name, ran)
     assert broker.run(directory, "true").answer.status == 0
     assert broker.container(directory).id == before
+    if not gvisor:
+        return
+    # KILL ends the agent under gVisor, so its container and nothing else (as a compile's
+    # `kill -TERM 1` does under both): the next compile gets a fresh one.
+    with pytest.raises(AgentGone) as ended:
+        broker.run(directory, "sh", "-c", "kill -KILL 1; sleep 30")
+    assert ended.value.sent
+    assert broker.run(directory, "true").answer.status == 0
+    killed = broker.container(directory).id
+    assert killed != before
+    # STOP leaves it stopped: no answer comes, and the broker gives the container up after
+    # the request's timeout and the agent's grace, as for a compile that runs to its timeout
+    # (the grace shortened here: 30 s in the broker).
+    monkeypatch.setattr(warm, "ANSWER_GRACE", 2.0)
+    began = time.monotonic()
+    with pytest.raises(AgentGone) as stopped:
+        broker.run(directory, "sh", "-c", "kill -STOP 1", timeout=2)
+    assert stopped.value.sent and time.monotonic() - began < 10
+    assert broker.run(directory, "true").answer.status == 0
+    assert broker.container(directory).id != killed
 
 
 def test_a_fork_bomb_leaves_the_agent_working(broker: Broker, compiles: Compiles) -> None:
@@ -252,10 +358,12 @@ def test_nothing_in_tmp_carries_over_to_the_next_compile_not_even_the_font_cache
         "chmod 000 /tmp/d /tmp/texmf-var"
     )
     assert broker.run(directory, "sh", "-c", script).answer.status == 0
-    ran = broker.run(directory, "ls", "-A", "/tmp")
-    assert set(ran.stdout.decode().split()) == {first_part}
-    gone = broker.run(directory, "ls", "/tmp/texmf-var")
-    assert gone.answer.status == 2 and b"No such file" in gone.stderr
+    # find, not ls: coreutils 9.1's statx(2) fails with EINVAL under gVisor (README).
+    ran = broker.run(directory, "find", "/tmp", "-mindepth", "1", "-maxdepth", "1", "-printf",
+                     "%f\\n")  # fmt: skip
+    assert set(ran.stdout.decode().split()) == {first_part}, ran
+    gone = broker.run(directory, "find", "/tmp/texmf-var")
+    assert gone.answer.status == 1 and b"No such file" in gone.stderr, gone
     assert (directory / "main.tex").read_text() == HELLO
 
 
