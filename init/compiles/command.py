@@ -45,7 +45,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Status
@@ -53,11 +53,12 @@ from init.errors import EX_CONFIG, ConfigError, EngineError, InitError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI imports this)
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TextIO
 
-    from init.compiles.outcome import Outcome
+    from init.compiles.outcome import Outcome, Ran
     from init.compiles.profile import Job
     from init.compiles.settings import CompileSettings
+    from init.config import UidRange
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -85,11 +86,8 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
     """The `compile` command: its exit status; the result on stdout (text or JSON)."""
     from init.compiles.environment import with_init_environment
     from init.compiles.identity import compile_uids, read_uid_map
-    from init.compiles.outcome import NotReady
-    from init.compiles.paths import compile_dir
-    from init.compiles.profile import Job, latexmk_command
     from init.compiles.runner import die_of
-    from init.compiles.settings import check_image, settings_from_env
+    from init.compiles.settings import settings_from_env
     from init.core import status_file
 
     try:  # inside the site's container: compile as its services do
@@ -98,38 +96,61 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
         environ = with_init_environment(environ, document.compile_environment)
     except (OSError, ValueError):
         pass  # no init running here: by hand on a host
-    project = options.project
-    compile_id = ""
-    try:
-        settings = settings_from_env(environ)
-        if options.timeout is not None:
-            if options.timeout < 1:
-                raise ConfigError([f"--timeout {options.timeout:g}: give at least 1 second"])
-            limits = dataclasses.replace(settings.limits, timeout=options.timeout)
-            settings = dataclasses.replace(settings, limits=limits)
-        image = check_image(options.image, settings)
-        ids = compile_uids(environ, read_uid_map())
-        directory = compile_dir(options.directory, settings.places, options.project, ids)
-        project = directory.project
-        command = latexmk_command(directory.path, options.main, options.engine)
-        job = Job(directory, command, image, environ)
-        compile_id = job.compile_id
-        outcome, stopped_by = _compile(settings, job, options.json)
-    except ConfigError as e:
-        return _report(options, _failure(Status.CONFIG, "\n".join(e.problems)), project)
-    except NotReady as e:
-        return _report(options, _failure(Status.NOT_READY, str(e)), project)
-    except EngineError as e:
-        return _report(options, _failure(Status.ENGINE, str(e)), project, compile_id)
-    code = _report(options, outcome, project, compile_id)
+
+    def load() -> tuple[CompileSettings, UidRange]:
+        return settings_from_env(environ), compile_uids(environ, read_uid_map())
+
+    code, stopped_by = answer(options, environ, load, _execute, sys.stdout, sys.stderr)
     if stopped_by is not None:
         sys.stdout.flush()
         die_of(stopped_by)
     return code
 
 
-def _compile(settings: CompileSettings, job: Job, quiet: bool) -> tuple[Outcome, int | None]:
-    from init.compiles.outcome import classify
+def answer(
+    options: argparse.Namespace,
+    environ: Mapping[str, str],
+    load: Callable[[], tuple[CompileSettings, UidRange]],
+    execute: Callable[[CompileSettings, Job], Ran],
+    out: TextIO,
+    err: TextIO,
+) -> tuple[int, int | None]:
+    """The compile `options` ask for, run by `execute` with the settings `load` gives: its
+    exit status and the signal to die of (a stop); the report written to `out` and `err`."""
+    from init.compiles.outcome import NotReady, classify
+    from init.compiles.paths import compile_dir
+    from init.compiles.profile import Job, latexmk_command
+    from init.compiles.settings import check_image
+
+    project = options.project
+    compile_id = ""
+    try:
+        settings, ids = load()
+        if options.timeout is not None:
+            if options.timeout < 1:
+                raise ConfigError([f"--timeout {options.timeout:g}: give at least 1 second"])
+            limits = dataclasses.replace(settings.limits, timeout=options.timeout)
+            settings = dataclasses.replace(settings, limits=limits)
+        image = check_image(options.image, settings)
+        directory = compile_dir(options.directory, settings.places, options.project, ids)
+        project = directory.project
+        command = latexmk_command(directory.path, options.main, options.engine)
+        job = Job(directory, command, image, environ)
+        compile_id = job.compile_id
+        ran = execute(settings, job)
+        outcome = classify(ran, job, settings.limits)
+    except ConfigError as e:
+        failed = _failure(Status.CONFIG, "\n".join(e.problems))
+        return _report(options, failed, project, "", out, err), None
+    except NotReady as e:
+        return _report(options, _failure(Status.NOT_READY, str(e)), project, "", out, err), None
+    except EngineError as e:
+        failed = _failure(Status.ENGINE, str(e))
+        return _report(options, failed, project, compile_id, out, err), None
+    return _report(options, outcome, project, compile_id, out, err), ran.stopped_by
+
+
+def _execute(settings: CompileSettings, job: Job) -> Ran:
     from init.compiles.runner import Runner, engine_backend
 
     def warn(line: str) -> None:
@@ -137,11 +158,9 @@ def _compile(settings: CompileSettings, job: Job, quiet: bool) -> tuple[Outcome,
 
     backend = engine_backend(settings)
     try:
-        runner = Runner(settings, backend, warn)
-        ran = runner.run(job)
+        return Runner(settings, backend, warn).run(job)
     finally:
         backend.close()
-    return classify(ran, job, settings.limits), ran.stopped_by
 
 
 def _failure(status: Status, reason: str) -> Outcome:
@@ -151,15 +170,20 @@ def _failure(status: Status, reason: str) -> Outcome:
 
 
 def _report(
-    options: argparse.Namespace, outcome: Outcome, project: str | None, compile_id: str = ""
+    options: argparse.Namespace,
+    outcome: Outcome,
+    project: str | None,
+    compile_id: str,
+    out: TextIO,
+    err: TextIO,
 ) -> int:
     code = int(outcome.status)
     if options.json:
         document = outcome.document()
         document.update(project=project, compile_id=compile_id or None, exit_status=code)
-        print(json.dumps(document))
+        print(json.dumps(document), file=out)
         return code
-    stream = sys.stdout if outcome.status is Status.OK else sys.stderr
+    stream = out if outcome.status is Status.OK else err
     for line in outcome.reason.splitlines():
         print(f"compile: {line}", file=stream)
     if outcome.status is Status.OK and outcome.pdf is not None:

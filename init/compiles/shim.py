@@ -50,7 +50,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from init.compiles import log_note
@@ -61,7 +61,8 @@ from init.compiles.outcome import NotReady, Ran, largest_file, limit_hit, read_t
 from init.compiles.paths import CompileDir, compile_dir
 from init.compiles.profile import Job
 from init.compiles.runner import Runner, die_of, engine_backend
-from init.compiles.settings import Limits, settings_from_env
+from init.compiles.settings import CompileSettings, Limits, settings_from_env
+from init.config import UidRange
 from init.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, EngineError
 
 PR_SET_PDEATHSIG = 1
@@ -148,48 +149,78 @@ def note(log: Path | None, directory: CompileDir | None, line: str, detail: str 
 
 def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
     """Run `argv` (a shimmed command and its arguments) in the sandbox; its exit status."""
+    try:
+        settings = settings_from_env(environ)
+        ids = compile_uids(environ, read_uid_map())
+    except ConfigError as e:
+        return fail(f"{'; '.join(e.problems)} (the command was not run)", EX_CONFIG)
+    backend = engine_backend(settings, environ)
+    runner = Runner(settings, backend, warn)
+    out = sys.stdout.buffer
+
+    def copy(chunk: bytes) -> None:
+        try:
+            out.write(chunk)
+            out.flush()
+        except OSError:
+            pass  # the caller stopped reading: the compile goes on
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    code, stopped_by = answer(
+        argv, environ, cwd, settings, ids, lambda job: runner.run(job, copy), say
+    )
+    if stopped_by is not None:
+        die_of(stopped_by)
+    return code
+
+
+def answer(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    cwd: str,
+    settings: CompileSettings,
+    ids: UidRange,
+    execute: Callable[[Job], Ran],
+    say: Callable[[str], None],
+) -> tuple[int, int | None]:
+    """Run `argv` with `execute` (the broker's run of a Job): the exit status and the signal
+    to die of (a stop), its lines for stderr given to `say`."""
+
+    def fail(message: str, status: int) -> int:
+        say(f"sharelatex-init shim: {message}")
+        return status
+
     if not argv or os.path.basename(argv[0]) not in SHIMMED_COMMANDS:
         usage = f"python -m init.compiles.shim {{{','.join(SHIMMED_COMMANDS)}}} ARGS..."
-        return fail(f"usage: {usage}", EX_CONFIG)
+        return fail(f"usage: {usage}", EX_CONFIG), None
     command = os.path.basename(argv[0])
     directory: CompileDir | None = None
     log: Path | None = None
     try:
-        settings = settings_from_env(environ)
-        ids = compile_uids(environ, read_uid_map())
         directory = compile_dir(work_dir(command, argv, Path(cwd)), settings.places, ids=ids)
         log = compile_log(command, argv, directory)
         job = Job(directory, (command, *argv[1:]), settings.image, environ)
-        backend = engine_backend(settings, environ)
-        runner = Runner(settings, backend, warn)
-        out = sys.stdout.buffer
-
-        def copy(chunk: bytes) -> None:
-            try:
-                out.write(chunk)
-                out.flush()
-            except OSError:
-                pass  # the caller stopped reading: the compile goes on
-
-        ran = runner.run(job, copy)
+        ran = execute(job)
     except ConfigError as e:
         reason = "; ".join(e.problems)
         note(log, directory, "the compile did not run: the site's sandbox is misconfigured.",
              "Tell the site's administrator: " + reason)  # fmt: skip
-        return fail(f"{reason} (the command was not run)", EX_CONFIG)
+        return fail(f"{reason} (the command was not run)", EX_CONFIG), None
     except NotReady as e:
         note(log, directory, "the compile did not run: the TeX Live image is not ready yet.",
              f"Try again in a few minutes. ({e})")  # fmt: skip
-        return fail(f"{e} (the command was not run; try again later)", EX_TEMPFAIL)
+        return fail(f"{e} (the command was not run; try again later)", EX_TEMPFAIL), None
     except EngineError as e:
         note(log, directory, "the compile did not run: its sandbox cannot be reached.",
              "Try again later; if it persists, tell the site's administrator.")  # fmt: skip
-        return fail(f"{e} (the command was not run: never outside the sandbox)", EX_TEMPFAIL)
+        return fail(f"{e} (the command was not run: never outside the sandbox)", EX_TEMPFAIL), None
     if ran.stopped_by is not None:
-        die_of(ran.stopped_by)
+        return KILLED, ran.stopped_by
     limit = limit_reached(ran, settings.limits, directory, log)
     if limit is None:
-        return ran.exit_code if ran.exit_code is not None else KILLED
+        return (ran.exit_code if ran.exit_code is not None else KILLED), None
     line, detail = log_note.stop_reason(limit, settings.limits)
     fail(line, 0)
     if log is not None:
@@ -197,7 +228,7 @@ def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
         if limit in KILLING_LIMITS:
             log_note.remove(log.parent, f"{log.stem}.pdf")
     code = ran.exit_code
-    return code if code is not None and code > 1 else KILLED
+    return (code if code is not None and code > 1 else KILLED), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
