@@ -36,6 +36,10 @@ from init.broker.messages import (
     decode_answer,
 )
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the shim's start
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
 DEFAULT_WAIT = 10.0  # seconds a client waits for a broker that is (re)starting
@@ -84,9 +88,11 @@ def call(
     out: int = 1,
     err: int = 2,
     who: str = "sharelatex-init",
+    down: Callable[[str], int] | None = None,
 ) -> int:
     """Send `request` to the broker at `path`; the compile's output to fd `out` as it comes;
-    the exit status (or death by the signal the Final names)."""
+    the exit status (or death by the signal the Final names). No broker within `wait`: its
+    one line to `down` (its status returned), else to fd `err` and 69."""
     wakeup_r, wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
     for signum in STOP_SIGNALS:
@@ -94,10 +100,14 @@ def call(
     try:
         sock = connect(path, wait, wakeup_r)
     except BrokerDown as e:
-        _write(err, f"{who}: the compile broker does not answer at {path} ({e}, waited "
-                    f"{wait:g} s): it runs with the site when sandboxed compiles are on; see "
-                    "`sharelatex-init status` and the site's log (the compile was not run)"
-                    "\n")  # fmt: skip
+        line = (
+            f"the compile broker does not answer at {path} ({e}, waited {wait:g} s): it runs "
+            "with the site when sandboxed compiles are on; see `sharelatex-init status` and "
+            "the site's log (the compile was not run)"
+        )
+        if down is not None:
+            return down(line)
+        _write(err, f"{who}: {line}\n")
         return EX_UNAVAILABLE
     except KeyboardInterrupt:
         taken = os.read(wakeup_r, 64)

@@ -63,7 +63,9 @@ class Pool:
         clock: Callable[[], float] = time.monotonic,
         start: Callable[..., WarmContainer] = WarmContainer.start,
         share: Callable[[CompileDir], object] | None = None,  # share_with_compile
+        owner: str = "1",  # the broker's containers carry it (target.BROKER_LABEL)
     ) -> None:
+        self.owner = owner
         self.backend = backend
         self.limits = limits
         self._clock = clock
@@ -199,12 +201,13 @@ class Pool:
         return retired
 
     def sweep(self) -> list[str]:
-        """Remove every broker container the engine has (the broker or the engine has just
-        started: none of them is ours to reuse); their short ids."""
+        """Remove every container of this broker (`owner`) the engine has (the broker or the
+        engine has just started: none of them is ours to reuse); their short ids. Another
+        broker's on the same engine (another site's socket) are left to it."""
         removed = []
         for found in self.backend.containers():
             labels = found.get("Labels") or {}
-            if labels.get(COMPILE_LABEL) and labels.get(BROKER_LABEL):
+            if labels.get(COMPILE_LABEL) and labels.get(BROKER_LABEL) == self.owner:
                 self.backend.remove(found["Id"])
                 removed.append(str(found["Id"])[:12])
         return removed

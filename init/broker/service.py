@@ -3,11 +3,11 @@ the compile path (issue 14).
 
 It reads the compile settings once (init.compiles.settings, from its environment), owns the
 engine client and the pool of warm containers, sweeps the broker's containers left by an
-earlier run, and listens on a unix socket beside the init's status file (config.BROKER_SOCKET,
-mode 0660, group the services' own) for its thin clients: the shim, `sharelatex-init compile`,
-the HTTP compile service (init.broker.client). Each connection is served by a thread of its own
-(init.broker.session); the main thread waits in one select on the socket, its signals and the
-next idle container's retirement, so an idle broker wakes up never.
+earlier run, and listens on a unix socket (config.COMPILE_BROKER_SOCKET, else beside the init's
+status file; mode 0660, group the services' own) for its thin clients (init.broker.client: the
+shim, `sharelatex-init compile`, and through it the HTTP compile service). Each connection is
+served by a thread of its own (init.broker.session); the main thread waits in one select on the
+socket, its signals and the next idle container's retirement: an idle broker never wakes up.
 
 SIGTERM or SIGINT: no new connection, every compile stopped (its client is told to try again),
 every container retired, exit 0, within about a second.
@@ -37,7 +37,7 @@ from init.broker.session import Session, stop_all
 from init.compiles.identity import compile_uids, read_uid_map
 from init.compiles.profile import load_seccomp
 from init.compiles.runner import engine_backend
-from init.compiles.settings import CompileSettings, settings_from_env
+from init.compiles.settings import broker_socket, settings_from_env
 from init.config import UidRange
 from init.core.wakeup import SignalWakeup
 from init.errors import EX_CONFIG, EX_UNAVAILABLE, ConfigError, EngineError
@@ -51,11 +51,6 @@ STOP_GRACE = 0.8
 
 def log(line: str) -> None:
     print(f"compile broker: {line}", file=sys.stderr, flush=True)
-
-
-def socket_path(settings: CompileSettings) -> Path:
-    """Where the broker listens: beside the init's status file (the init's run dir)."""
-    return settings.status_file.parent / config.BROKER_SOCKET
 
 
 def services_gid(environ: Mapping[str, str]) -> int | None:
@@ -178,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in e.problems:
             log(problem)
         return EX_CONFIG
+    path = broker_socket(environ)
     backend = engine_backend(settings, environ)
     limits = settings.limits
     pool = Pool(
@@ -188,9 +184,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             lifetime=limits.deadlines.lifetime,
             reuse=limits.deadlines.reuse,
         ),
+        # Whose containers these are, for the sweep: on a host engine (sibling mode) other
+        # sites' brokers share the engine, and the socket's path alone is every site's.
+        owner=f"{socket.gethostname()}:{path}",
     )
     broker = Broker(settings, backend, pool, load_seccomp(lambda line: log(f"warning: {line}")))
-    path = socket_path(settings)
     with SignalWakeup(STOP_SIGNALS) as wakeup:
         try:
             left = pool.sweep()

@@ -4,7 +4,8 @@
                               [--image IMAGE] [--timeout S] [--project ID] [--json]
 
 Runs `latexmk -cd -jobname=output -auxdir=DIR -outdir=DIR ... DIR/MAIN` (what Community
-Edition's compile service runs) in the project's sandbox container (init.compiles.runner); the
+Edition's compile service runs) in the project's sandbox container, through the compile broker
+(init.broker: this command is its client; `answer` is the broker's side); the
 PDF and the log are left in DIR as `output.pdf` and `output.log`. DIR under the compiles root
 (OVERLEAF_INIT_COMPILES_DIR, default /var/lib/sharelatex/data/compiles) is bound from the
 sibling host dir when SANDBOXED_COMPILES_HOST_DIR_COMPILES is set; any other DIR is bound as it
@@ -15,7 +16,7 @@ Exit status (init.compiles.contract.Status):
   0   the PDF is there
   1   LaTeX error (the first error lines of the log follow)
   2   a sandbox limit was hit: timeout, memory, processes, output size or disk (named)
-  69  the engine cannot be reached
+  69  the engine cannot be reached, or no compile broker answers (its socket is named)
   73  the disk of DIR (or of the output dir) is full, of space or inodes (named, with its room)
   75  the TeX Live image is not in the engine yet (the installer's progress, when it has some)
   78  configuration (one line: the variable or option, the value, the fix)
@@ -83,11 +84,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """The `compile` command: its exit status; the result on stdout (text or JSON)."""
+    """The `compile` command, as a client of the compile broker (init.broker.client): its exit
+    status; the result on stdout (text or JSON) as the broker made it. No broker answering:
+    69, with one line (or, with --json, the one JSON object) naming its socket."""
+    from init.broker.client import DEFAULT_WAIT, call
+    from init.broker.messages import CommandRequest
     from init.compiles.environment import with_init_environment
-    from init.compiles.identity import compile_uids, read_uid_map
-    from init.compiles.runner import die_of
-    from init.compiles.settings import settings_from_env
+    from init.compiles.settings import broker_socket
     from init.core import status_file
 
     try:  # inside the site's container: compile as its services do
@@ -96,15 +99,42 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
         environ = with_init_environment(environ, document.compile_environment)
     except (OSError, ValueError):
         pass  # no init running here: by hand on a host
+    try:
+        check_locally(options, environ)
+    except ConfigError as e:
+        failed = _failure(Status.CONFIG, "\n".join(e.problems))
+        return _report(options, failed, options.project, "", sys.stdout, sys.stderr)
+    request = CommandRequest(
+        directory=os.path.abspath(options.directory), main=options.main, engine=options.engine,
+        image=options.image, timeout=options.timeout, project=options.project,
+        json=options.json, env=dict(environ),
+    )  # fmt: skip
 
-    def load() -> tuple[CompileSettings, UidRange]:
-        return settings_from_env(environ), compile_uids(environ, read_uid_map())
+    def down(line: str) -> int:
+        if not options.json:
+            print(f"compile: {line}", file=sys.stderr)
+            return int(Status.ENGINE)
+        failed = _failure(Status.ENGINE, line)
+        return _report(options, failed, options.project, "", sys.stdout, sys.stderr)
 
-    code, stopped_by = answer(options, environ, load, _execute, sys.stdout, sys.stderr)
-    if stopped_by is not None:
-        sys.stdout.flush()
-        die_of(stopped_by)
-    return code
+    sys.stdout.flush()
+    return call(str(broker_socket(environ)), request, DEFAULT_WAIT, down=down)
+
+
+def check_locally(options: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """What can be refused without the broker, at once and by name (ConfigError): the site's
+    compile settings as this environment has them (the broker reads the same at its start),
+    and the options that do not depend on the dir."""
+    from init.compiles.paths import check_project_id
+    from init.compiles.profile import latexmk_command
+    from init.compiles.settings import settings_from_env
+
+    settings_from_env(environ)
+    if options.project is not None:
+        check_project_id(options.project)
+    if options.timeout is not None and options.timeout < 1:
+        raise ConfigError([f"--timeout {options.timeout:g}: give at least 1 second"])
+    latexmk_command(Path("/"), options.main, options.engine)
 
 
 def answer(
@@ -148,19 +178,6 @@ def answer(
         failed = _failure(Status.ENGINE, str(e))
         return _report(options, failed, project, compile_id, out, err), None
     return _report(options, outcome, project, compile_id, out, err), ran.stopped_by
-
-
-def _execute(settings: CompileSettings, job: Job) -> Ran:
-    from init.compiles.runner import Runner, engine_backend
-
-    def warn(line: str) -> None:
-        print(f"compile: warning: {line}", file=sys.stderr)
-
-    backend = engine_backend(settings)
-    try:
-        return Runner(settings, backend, warn).run(job)
-    finally:
-        backend.close()
 
 
 def _failure(status: Status, reason: str) -> Outcome:

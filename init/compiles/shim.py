@@ -39,10 +39,12 @@ compile's status then goes by output.pdf: `success`, else `failure`):
                              later: no engine or no image yet) or 78 (configuration). The
                              command is never run outside the sandbox.
 
-Ending: the caller's death is noticed through PR_SET_PDEATHSIG (a SIGTERM when the parent goes),
-and a SIGKILLed shim cannot clean up at all, so the container does not rely on it: the command
-runs under `timeout -s KILL` inside it, and its PID 1 ends it after the idle time
-(init.compiles.profile).
+Where it runs: in the compile broker (init.broker), whose thin client the shim is
+(init.broker.client: the shims PID 1 writes run it under `python3 -I -S`; `main` here is the
+same client for `python -m init.compiles.shim`). `answer` is the broker's side: the command's
+compile dir, its job, the outcome of its run, the log note. A stop signal to the client is sent
+on as a stop, and the client dies of it; a client that is SIGKILLed, or whose caller is, stops
+its compile at once (the broker sees its connection close, or its parent's pidfd).
 """
 
 from __future__ import annotations
@@ -56,40 +58,18 @@ from pathlib import Path
 from init.compiles import log_note
 from init.compiles.contract import ENGINES, SHIMMED_COMMANDS, Limit
 from init.compiles.environment import read_environment, with_init_environment
-from init.compiles.identity import compile_uids, read_uid_map
 from init.compiles.outcome import NotReady, Ran, largest_file, limit_hit, read_text_nofollow
 from init.compiles.paths import CompileDir, compile_dir
 from init.compiles.profile import Job
-from init.compiles.runner import Runner, die_of, engine_backend
-from init.compiles.settings import CompileSettings, Limits, settings_from_env
+from init.compiles.settings import CompileSettings, Limits
 from init.config import UidRange
 from init.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, EngineError
 
-PR_SET_PDEATHSIG = 1
 # The commands that write a TeX log: a limit or a refusal is noted there for the user.
 COMPILES = ("latexmk", *ENGINES)
 # Limits that kill the compile mid-write: what it left of the PDF is not a result.
 KILLING_LIMITS = (Limit.TIMEOUT, Limit.MEMORY, Limit.OUTPUT_SIZE, Limit.DISK)
 KILLED = 128 + signal.SIGKILL
-
-
-def follow_parent(parent: int) -> None:
-    """SIGTERM to us when the process that started us ends (SIGKILL included)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:  # it ended before the prctl took: nobody waits for us
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def fail(message: str, status: int) -> int:
-    print(f"sharelatex-init shim: {message}", file=sys.stderr, flush=True)
-    return status
-
-
-def warn(line: str) -> None:
-    print(f"sharelatex-init shim: warning: {line}", file=sys.stderr, flush=True)
 
 
 def synctex_pdf(argv: Sequence[str]) -> str | None:
@@ -145,35 +125,6 @@ def note(log: Path | None, directory: CompileDir | None, line: str, detail: str 
     if log is not None and directory is not None:
         owner = (directory.uid, directory.gid)
         log_note.append(log.parent, log.name, log_note.render(line, detail), owner)
-
-
-def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
-    """Run `argv` (a shimmed command and its arguments) in the sandbox; its exit status."""
-    try:
-        settings = settings_from_env(environ)
-        ids = compile_uids(environ, read_uid_map())
-    except ConfigError as e:
-        return fail(f"{'; '.join(e.problems)} (the command was not run)", EX_CONFIG)
-    backend = engine_backend(settings, environ)
-    runner = Runner(settings, backend, warn)
-    out = sys.stdout.buffer
-
-    def copy(chunk: bytes) -> None:
-        try:
-            out.write(chunk)
-            out.flush()
-        except OSError:
-            pass  # the caller stopped reading: the compile goes on
-
-    def say(line: str) -> None:
-        print(line, file=sys.stderr, flush=True)
-
-    code, stopped_by = answer(
-        argv, environ, cwd, settings, ids, lambda job: runner.run(job, copy), say
-    )
-    if stopped_by is not None:
-        die_of(stopped_by)
-    return code
 
 
 def answer(
@@ -232,6 +183,13 @@ def answer(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m init.compiles.shim COMMAND ARGS...`: the command sent to the compile broker
+    (init.broker.client), whose socket is config.COMPILE_BROKER_SOCKET or beside the status
+    file. The shims PID 1 writes run the client itself, under `python3 -I -S`."""
+    from init.broker.client import DEFAULT_WAIT, call
+    from init.broker.messages import ShimRequest
+    from init.compiles.settings import broker_socket
+
     args = list(sys.argv[1:] if argv is None else argv)
     environ: Mapping[str, str] = os.environ
     if args[:1] == ["--environment"] and len(args) > 1:
@@ -239,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # does not carry the init's own variables); the services' own environment wins.
         environ = with_init_environment(os.environ, read_environment(Path(args[1])))
         args = args[2:]
-    follow_parent(os.getppid())
-    return run(args, environ, os.getcwd())
+    request = ShimRequest(tuple(args), os.getcwd(), dict(os.environ))
+    return call(str(broker_socket(environ)), request, DEFAULT_WAIT, who="sharelatex-init shim")
 
 
 if __name__ == "__main__":

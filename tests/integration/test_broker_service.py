@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ import pytest
 from init.broker.messages import CommandRequest
 from tests.integration import texlive_engine
 from tests.integration.conftest import wait_for
-from tests.integration.texlive_engine import LIMITS, Compiles
+from tests.integration.texlive_engine import BROKER_SOCKET, LIMITS, Compiles
 
 texlive = texlive_engine.texlive
 compiles = texlive_engine.compiles
@@ -48,24 +47,13 @@ def clsi_command(directory: Path) -> list[str]:
 
 
 def socket_of(compiles: Compiles) -> Path:
-    return compiles.status_file.parent / "broker.sock"
+    return Path(compiles.env()[BROKER_SOCKET])
 
 
-@pytest.fixture(scope="module")
-def broker(compiles: Compiles) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**compiles.env(), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "init.broker.service"], env=env, cwd=REPO,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    try:
-        wait_for(lambda: socket_of(compiles).exists() or proc.poll() is not None, 30, "socket")
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+@pytest.fixture
+def broker(compiles: Compiles) -> subprocess.Popen[bytes]:
+    """The site's broker (the harness's: texlive_engine.Compiles starts one per environment)."""
+    return compiles.broker(compiles.env())
 
 
 def spawn(
@@ -119,6 +107,7 @@ def test_sigterm_to_the_client_stops_the_compile_and_it_dies_of_it(
     compiles: Compiles, broker: subprocess.Popen[bytes]
 ) -> None:
     project = compiles.project("broker-term", {"main.tex": LOOP})
+    compiles.wait_no_containers()
     proc = spawn(compiles, clsi_command(project), project)
     wait_for(lambda: (project / "output.log").exists(), 60, "TeX to run")
     began = time.monotonic()
@@ -126,6 +115,7 @@ def test_sigterm_to_the_client_stops_the_compile_and_it_dies_of_it(
     proc.communicate(timeout=20)
     assert proc.returncode == -signal.SIGTERM
     assert time.monotonic() - began < 3
+    assert compiles.containers() == ""  # a stopped compile's container is not kept
     # The project's turn is free at once: the next compile does not wait for the loop's end.
     (project / "main.tex").write_text(HELLO)
     began = time.monotonic()
@@ -179,6 +169,7 @@ def test_no_broker_is_waited_for_then_one_line_and_69(compiles: Compiles, tmp_pa
 def test_sigterm_to_the_broker_ends_it_fast_with_no_container_left(
     compiles: Compiles, broker: subprocess.Popen[bytes]
 ) -> None:
+    path = socket_of(compiles)
     project = compiles.project("broker-stop", {"main.tex": LOOP})
     client = spawn(compiles, clsi_command(project), project)
     wait_for(lambda: (project / "output.log").exists(), 60, "TeX to run")
@@ -191,4 +182,4 @@ def test_sigterm_to_the_broker_ends_it_fast_with_no_container_left(
     assert b"stopping" in err
     assert compiles.containers() == ""
     assert stopped_after < 2
-    assert not socket_of(compiles).exists()
+    assert not path.exists()
