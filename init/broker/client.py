@@ -17,11 +17,10 @@ cost of a compile's client (init.broker.messages is its one import from the pack
 
 from __future__ import annotations
 
+import _socket as socket  # not `socket`, nor `signal`: their enums (and re) cost the shim ~10 ms
 import errno
 import os
 import select
-import signal
-import socket
 import sys
 import time
 
@@ -38,7 +37,10 @@ from init.broker.messages import (
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing: the shim's start
 if TYPE_CHECKING:
+    import signal  # the same functions and numbers, typed
     from collections.abc import Callable
+else:
+    import _signal as signal
 
 EX_USAGE = 64
 EX_UNAVAILABLE = 69
@@ -113,9 +115,11 @@ def call(
         taken = os.read(wakeup_r, 64)
         die_of(taken[0] if taken else signal.SIGTERM)
         return EX_UNAVAILABLE
-    with sock:
+    try:
         sock.sendall(request.encode())
         return _follow(sock, wakeup_r, out, err, who)
+    finally:
+        sock.close()
 
 
 def _follow(sock: socket.socket, wakeup: int, out: int, err: int, who: str) -> int:

@@ -4,8 +4,8 @@ compile service's PATH through `/run/sharelatex-init/shim/<command>` (init.compi
 Community Edition's compile service (services/clsi, LocalCommandRunner) spawns each command by
 name from PATH, cwd the compile dir, in its own process group, stdin and stdout piped, stderr
 to /dev/null, with no timeout of its own; a stop SIGTERMs the group. The shim runs the same
-command in the project's sandbox container (init.compiles.runner), the dir bound at the same
-absolute path (in sibling mode from the host path), its output copied to ours.
+command in the project's sandbox container (through the compile broker), the dir bound at the
+same absolute path (in sibling mode from the host path), its output copied to ours.
 
 What it runs (contract.SHIMMED_COMMANDS): every command the service's CompileManager runs on a
 project's files, at overleaf/overleaf 28ad3b03b71c:

@@ -69,3 +69,29 @@ def test_a_request_that_does_not_fit_is_refused(line: bytes) -> None:
 def test_an_answer_that_does_not_fit_is_refused(line: bytes) -> None:
     with pytest.raises(MessageError):
         decode_answer(line)
+
+
+def test_the_hand_written_json_reads_back_as_json_reads_it() -> None:
+    odd = '\udcff\U0001f600\x00\x1f\x7f"\\/\u2028é'  # a byte os.fsdecode kept, an emoji, controls
+    request = ShimRequest(("latexmk", odd), "/c/" + odd, {odd: odd})
+    assert decode_request(request.encode().rstrip(b"\n")) == request
+    for timeout in (0.5, 1e300, float("inf")):
+        back = decode_request(CommandRequest("/d", timeout=timeout).encode().strip())
+        assert isinstance(back, CommandRequest) and back.timeout == timeout
+    final = Final(2, "out \udcff", 'err\n{"status":0}\n', None)
+    assert decode_answer(final.encode().strip()) == final
+
+
+def test_the_shims_client_starts_without_json_re_or_dataclasses() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    code = (
+        f"import sys; sys.path.insert(0, {str(root)!r}); import init.broker.client; "
+        "heavy = {'json', 're', 'dataclasses', 'enum', 'signal', 'socket'}; "
+        "print(sorted(heavy & set(sys.modules)))"
+    )
+    done = subprocess.run([sys.executable, "-I", "-S", "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "[]", done.stderr
