@@ -39,13 +39,16 @@ def docker_side(
     """The Docker side for `settings.mode`, its parts wired together."""
     if settings is None or settings.mode is Mode.OFF:
         return DockerSide()
+    from init.broker.supervision import BrokerService
     from init.compiles.service_env import ServicesCompile
+    from init.config import BROKER_SOCKET_NAME, COMPILE_BROKER_SOCKET
     from init.proxy.service import ProxyService
     from init.texlive.job import TexLiveJob
 
     run_dir = status_file.parent
+    broker = Path(environ.get(COMPILE_BROKER_SOCKET) or run_dir / BROKER_SOCKET_NAME)
     installer = TexLiveJob(log, settings, status_file, on_change=on_change)
-    wiring = ServicesCompile(settings, run_dir / "shim", sys.executable)
+    wiring = ServicesCompile(settings, run_dir / "shim", sys.executable, broker=broker)
     side: SandboxSide
     if settings.mode is Mode.DIND:
         from init.engine.dind import InnerDocker
@@ -63,6 +66,7 @@ def docker_side(
 
         side = HostDocker(loop, log, settings, run_dir, installer, wiring, on_change=on_change)
     side.use_proxy(ProxyService(settings, run_dir / "docker.sock"))
+    side.use_broker(BrokerService(broker))
     side.keep_own(environ)
     return side
 

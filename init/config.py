@@ -98,6 +98,10 @@ TEXLIVE_SCHEME = "OVERLEAF_INIT_TEXLIVE_SCHEME"
 TEXLIVE_SCHEMES = ("small", "full")
 HTTP_ADDRESS = "OVERLEAF_INIT_HTTP_ADDRESS"
 STATUS_FILE_VARIABLE = "OVERLEAF_INIT_STATUS_FILE"  # where PID 1 keeps its status
+# The compile broker's socket (init.broker.service); unset: `broker.sock` beside the status file
+# (the init's run dir), where the services' shims and `sharelatex-init compile` find it.
+COMPILE_BROKER_SOCKET = "OVERLEAF_INIT_COMPILE_BROKER_SOCKET"
+BROKER_SOCKET_NAME = "broker.sock"
 CONFIG_DIR_VARIABLE = "OVERLEAF_INIT_CONFIG_DIR"  # the dir of *.env files
 LOG_LEVEL = "OVERLEAF_INIT_LOG_LEVEL"
 CONTAINER_ID = "OVERLEAF_INIT_CONTAINER_ID"  # sibling: this container's id when /proc can't tell

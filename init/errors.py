@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 EX_USAGE = 2
+EX_UNAVAILABLE = 69  # sysexits: a service is down (the compile broker)
 EX_TEMPFAIL = 75  # sysexits: try again later (TeX Live still installing)
 EX_CONFIG = 78  # sysexits: configuration error
 

@@ -7,9 +7,11 @@ the retirement is a timer the broker's loop asks for (`next_retirement`), not a 
 
 from __future__ import annotations
 
+import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from init.broker.protocol import Answer, Output, Request
@@ -17,11 +19,21 @@ from init.broker.target import BROKER_LABEL, Target
 from init.broker.warm import AgentGone, WarmContainer
 from init.compiles.identity import share_with_compile
 from init.engine.client import COMPILE_LABEL
+from init.errors import EngineError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from init.compiles.paths import CompileDir
     from init.engine.client import DockerBackend
+
+
+# While a compile waits for its project's turn or a slot, how often it looks at its cancel fd (a
+# lock cannot be waited on beside an fd; the wait is the queue's only, never an idle broker's).
+QUEUE_LOOK = 0.05
+
+
+class Cancelled(Exception):
+    """The compile was cancelled while it waited for its turn: it never ran."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,9 @@ class PoolLimits:
     idle: float  # a container unused this long is retired
     lifetime: float  # a container's life (its agent exits then, whatever happens)
     reuse: float  # a container is used again only with this much of its life left
+
+
+_FREE = threading.Lock()  # a turn nobody holds: for a project that never compiled
 
 
 @dataclass
@@ -48,7 +63,9 @@ class Pool:
         clock: Callable[[], float] = time.monotonic,
         start: Callable[..., WarmContainer] = WarmContainer.start,
         share: Callable[[CompileDir], object] | None = None,  # share_with_compile
+        owner: str = "1",  # the broker's containers carry it (target.BROKER_LABEL)
     ) -> None:
+        self.owner = owner
         self.backend = backend
         self.limits = limits
         self._clock = clock
@@ -58,6 +75,7 @@ class Pool:
         self._mutex = threading.Lock()
         self._turns: dict[str, threading.Lock] = {}
         self._warm: dict[str, _Warm] = {}
+        self._closed = False  # the broker is stopping: no container is started any more
 
     def _turn(self, project: str) -> threading.Lock:
         with self._mutex:
@@ -69,17 +87,27 @@ class Pool:
         request: Request,
         output: Callable[[Output], None],
         cancel_fd: int | None = None,
+        placed: Callable[[str], None] | None = None,
+        finish: Callable[[Answer, str], bool] | None = None,
     ) -> Answer:
         """Run `request` in the project's warm container (started if need be), after the
         project's earlier compiles and within the global limit. A container whose agent had
         ended before the request could reach it (idle, lifetime) is replaced once. The
         compile dir is first shared with the project's uid (what CLSI wrote since the last
         compile made group-writable), as on the exec path: here, in the project's turn, so
-        every caller of the pool gets it; ConfigError when it cannot be."""
-        with self._turn(target.project), self._slots:
+        every caller of the pool gets it; ConfigError when it cannot be.
+
+        A byte on `cancel_fd` while it waits for its turn raises Cancelled. In the turn,
+        `placed(container id)` is called before the request is sent, and `finish(answer,
+        container id)` after it is answered: True retires the container (its compile went
+        past a limit), before the project's next compile can start."""
+        turn = self._turn(target.project)
+        with self._waited(turn, cancel_fd), self._waited(self._slots, cancel_fd):
             self._share(target.directory)
             for attempt in (1, 2):
                 warm = self._container(target)
+                if placed is not None:
+                    placed(warm.container.id)
                 try:
                     answer = warm.container.run(request, output, cancel_fd)
                 except AgentGone as e:
@@ -91,8 +119,25 @@ class Pool:
                     self._retire(target.project)
                     raise
                 warm.last_used = self._clock()
+                if finish is not None and finish(answer, warm.container.id):
+                    self._retire(target.project)
                 return answer
         raise AssertionError("unreachable: the second attempt returns or raises")
+
+    @staticmethod
+    @contextmanager
+    def _waited(
+        lock: threading.Lock | threading.BoundedSemaphore, cancel_fd: int | None
+    ) -> Iterator[None]:
+        if cancel_fd is None:
+            lock.acquire()
+        while cancel_fd is not None and not lock.acquire(timeout=QUEUE_LOOK):
+            if select.select([cancel_fd], [], [], 0)[0]:
+                raise Cancelled()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _container(self, target: Target) -> _Warm:
         """The project's container if it may take a compile now, else a new one."""
@@ -104,10 +149,17 @@ class Pool:
             if warm.name == target.name and left > self.limits.reuse and warm.container.alive():
                 return warm
             self._retire(target.project)
+        if self._closed:
+            raise AgentGone("the broker is stopping")
         container = self._start(self.backend, target.name, dict(target.body))
         warm = _Warm(container, target.name, now, now)
         with self._mutex:
-            self._warm[target.project] = warm
+            closed = self._closed
+            if not closed:
+                self._warm[target.project] = warm
+        if closed:  # closed while it started: close missed it
+            container.close()
+            raise AgentGone("the broker is stopping")
         return warm
 
     def _retire(self, project: str) -> None:
@@ -117,9 +169,14 @@ class Pool:
             warm.container.close()
 
     def next_retirement(self) -> float | None:
-        """When (on the pool's clock) the next idle container is due to be retired."""
+        """When (on the pool's clock) the next idle container is due to be retired; a project
+        compiling now has none (its end sets another: the broker's loop is woken then)."""
         with self._mutex:
-            times = [w.last_used + self.limits.idle for w in self._warm.values()]
+            times = [
+                w.last_used + self.limits.idle
+                for p, w in self._warm.items()
+                if not self._turns.get(p, _FREE).locked()
+            ]
         return min(times, default=None)
 
     def retire_idle(self) -> list[str]:
@@ -144,19 +201,31 @@ class Pool:
         return retired
 
     def sweep(self) -> list[str]:
-        """Remove every broker container the engine has (the broker or the engine has just
-        started: none of them is ours to reuse); their short ids."""
+        """Remove every container of this broker (`owner`) the engine has (the broker or the
+        engine has just started: none of them is ours to reuse); their short ids. Another
+        broker's on the same engine (another site's socket) are left to it."""
         removed = []
         for found in self.backend.containers():
             labels = found.get("Labels") or {}
-            if labels.get(COMPILE_LABEL) and labels.get(BROKER_LABEL):
+            if labels.get(COMPILE_LABEL) and labels.get(BROKER_LABEL) == self.owner:
                 self.backend.remove(found["Id"])
                 removed.append(str(found["Id"])[:12])
         return removed
 
-    def close(self) -> None:
-        """Retire every container."""
-        with self._mutex:
-            projects = list(self._warm)
-        for project in projects:
+    def _retire_quietly(self, project: str) -> None:
+        try:
             self._retire(project)
+        except EngineError:
+            pass  # the engine is going too: its own sweep at its next start takes the container
+
+    def close(self) -> None:
+        """Retire every container, all at once (the broker is stopping: each removal is an
+        engine round trip, and the site's stop has 2 s)."""
+        with self._mutex:
+            self._closed = True
+            projects = list(self._warm)
+        threads = [threading.Thread(target=self._retire_quietly, args=(p,)) for p in projects]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()

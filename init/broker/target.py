@@ -42,11 +42,14 @@ class Target:
     directory: CompileDir
 
 
-def agent_body(spec: ContainerSpec, idle: float, lifetime: float) -> dict[str, Any]:
+def agent_body(
+    spec: ContainerSpec, idle: float, lifetime: float, owner: str = "1"
+) -> dict[str, Any]:
     """The body of `POST /containers/create`: the project's profile, the agent as PID 1 with
-    its stdin open to whoever attaches first (StdinOnce: the broker letting go is its EOF)."""
+    its stdin open to whoever attaches first (StdinOnce: the broker letting go is its EOF);
+    labelled with its broker (`owner`: its socket), whose sweep takes it."""
     body = spec.create_body()
-    body["Labels"] = {**body["Labels"], BROKER_LABEL: "1"}
+    body["Labels"] = {**body["Labels"], BROKER_LABEL: owner}
     body.update(
         Entrypoint=agent.entrypoint(),
         Cmd=agent.arguments(idle, lifetime),
@@ -60,14 +63,19 @@ def agent_body(spec: ContainerSpec, idle: float, lifetime: float) -> dict[str, A
 
 
 def target(
-    job: Job, limits: Limits, seccomp: str | None, runtime: str = "runc", now: float | None = None
+    job: Job,
+    limits: Limits,
+    seccomp: str | None,
+    runtime: str = "runc",
+    now: float | None = None,
+    owner: str = "1",
 ) -> Target:
     """The project's container for `job`: its name is today's with `-agent` (another
     profile, another container), its agent idles out KILL_GRACE after the broker would have
     retired it."""
     spec = container_spec(job, limits, seccomp, now=time.time() if now is None else now,
                           runtime=runtime)  # fmt: skip
-    body = agent_body(spec, limits.idle + KILL_GRACE, limits.deadlines.lifetime)
+    body = agent_body(spec, limits.idle + KILL_GRACE, limits.deadlines.lifetime, owner)
     return Target(job.directory.project, f"{spec.name}-agent", body, job.directory)
 
 

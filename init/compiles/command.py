@@ -4,7 +4,8 @@
                               [--image IMAGE] [--timeout S] [--project ID] [--json]
 
 Runs `latexmk -cd -jobname=output -auxdir=DIR -outdir=DIR ... DIR/MAIN` (what Community
-Edition's compile service runs) in the project's sandbox container (init.compiles.runner); the
+Edition's compile service runs) in the project's sandbox container, through the compile broker
+(init.broker: this command is its client; `answer` is the broker's side); the
 PDF and the log are left in DIR as `output.pdf` and `output.log`. DIR under the compiles root
 (OVERLEAF_INIT_COMPILES_DIR, default /var/lib/sharelatex/data/compiles) is bound from the
 sibling host dir when SANDBOXED_COMPILES_HOST_DIR_COMPILES is set; any other DIR is bound as it
@@ -15,7 +16,7 @@ Exit status (init.compiles.contract.Status):
   0   the PDF is there
   1   LaTeX error (the first error lines of the log follow)
   2   a sandbox limit was hit: timeout, memory, processes, output size or disk (named)
-  69  the engine cannot be reached
+  69  the engine cannot be reached, or no compile broker answers (its socket is named)
   73  the disk of DIR (or of the output dir) is full, of space or inodes (named, with its room)
   75  the TeX Live image is not in the engine yet (the installer's progress, when it has some)
   78  configuration (one line: the variable or option, the value, the fix)
@@ -45,7 +46,7 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Status
@@ -53,11 +54,12 @@ from init.errors import EX_CONFIG, ConfigError, EngineError, InitError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (the CLI imports this)
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, TextIO
 
-    from init.compiles.outcome import Outcome
+    from init.compiles.outcome import Outcome, Ran
     from init.compiles.profile import Job
     from init.compiles.settings import CompileSettings
+    from init.config import UidRange
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -82,14 +84,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """The `compile` command: its exit status; the result on stdout (text or JSON)."""
+    """The `compile` command, as a client of the compile broker (init.broker.client): its exit
+    status; the result on stdout (text or JSON) as the broker made it. No broker answering:
+    69, with one line (or, with --json, the one JSON object) naming its socket."""
+    from init.broker.client import DEFAULT_WAIT, call
+    from init.broker.messages import CommandRequest
     from init.compiles.environment import with_init_environment
-    from init.compiles.identity import compile_uids, read_uid_map
-    from init.compiles.outcome import NotReady
-    from init.compiles.paths import compile_dir
-    from init.compiles.profile import Job, latexmk_command
-    from init.compiles.runner import die_of
-    from init.compiles.settings import check_image, settings_from_env
+    from init.compiles.settings import broker_socket
     from init.core import status_file
 
     try:  # inside the site's container: compile as its services do
@@ -98,50 +99,85 @@ def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
         environ = with_init_environment(environ, document.compile_environment)
     except (OSError, ValueError):
         pass  # no init running here: by hand on a host
+    try:
+        check_locally(options, environ)
+    except ConfigError as e:
+        failed = _failure(Status.CONFIG, "\n".join(e.problems))
+        return _report(options, failed, options.project, "", sys.stdout, sys.stderr)
+    request = CommandRequest(
+        directory=os.path.abspath(options.directory), main=options.main, engine=options.engine,
+        image=options.image, timeout=options.timeout, project=options.project,
+        json=options.json, env=dict(environ),
+    )  # fmt: skip
+
+    def down(line: str) -> int:
+        if not options.json:
+            print(f"compile: {line}", file=sys.stderr)
+            return int(Status.ENGINE)
+        failed = _failure(Status.ENGINE, line)
+        return _report(options, failed, options.project, "", sys.stdout, sys.stderr)
+
+    sys.stdout.flush()
+    return call(str(broker_socket(environ)), request, DEFAULT_WAIT, down=down)
+
+
+def check_locally(options: argparse.Namespace, environ: Mapping[str, str]) -> None:
+    """What can be refused without the broker, at once and by name (ConfigError): the site's
+    compile settings as this environment has them (the broker reads the same at its start),
+    and the options that do not depend on the dir."""
+    from init.compiles.paths import check_project_id
+    from init.compiles.profile import latexmk_command
+    from init.compiles.settings import settings_from_env
+
+    settings_from_env(environ)
+    if options.project is not None:
+        check_project_id(options.project)
+    if options.timeout is not None and options.timeout < 1:
+        raise ConfigError([f"--timeout {options.timeout:g}: give at least 1 second"])
+    latexmk_command(Path("/"), options.main, options.engine)
+
+
+def answer(
+    options: argparse.Namespace,
+    environ: Mapping[str, str],
+    load: Callable[[], tuple[CompileSettings, UidRange]],
+    execute: Callable[[CompileSettings, Job], Ran],
+    out: TextIO,
+    err: TextIO,
+) -> tuple[int, int | None]:
+    """The compile `options` ask for, run by `execute` with the settings `load` gives: its
+    exit status and the signal to die of (a stop); the report written to `out` and `err`."""
+    from init.compiles.outcome import NotReady, classify
+    from init.compiles.paths import compile_dir
+    from init.compiles.profile import Job, latexmk_command
+    from init.compiles.settings import check_image
+
     project = options.project
     compile_id = ""
     try:
-        settings = settings_from_env(environ)
+        settings, ids = load()
         if options.timeout is not None:
             if options.timeout < 1:
                 raise ConfigError([f"--timeout {options.timeout:g}: give at least 1 second"])
             limits = dataclasses.replace(settings.limits, timeout=options.timeout)
             settings = dataclasses.replace(settings, limits=limits)
         image = check_image(options.image, settings)
-        ids = compile_uids(environ, read_uid_map())
         directory = compile_dir(options.directory, settings.places, options.project, ids)
         project = directory.project
         command = latexmk_command(directory.path, options.main, options.engine)
         job = Job(directory, command, image, environ)
         compile_id = job.compile_id
-        outcome, stopped_by = _compile(settings, job, options.json)
+        ran = execute(settings, job)
+        outcome = classify(ran, job, settings.limits)
     except ConfigError as e:
-        return _report(options, _failure(Status.CONFIG, "\n".join(e.problems)), project)
+        failed = _failure(Status.CONFIG, "\n".join(e.problems))
+        return _report(options, failed, project, "", out, err), None
     except NotReady as e:
-        return _report(options, _failure(Status.NOT_READY, str(e)), project)
+        return _report(options, _failure(Status.NOT_READY, str(e)), project, "", out, err), None
     except EngineError as e:
-        return _report(options, _failure(Status.ENGINE, str(e)), project, compile_id)
-    code = _report(options, outcome, project, compile_id)
-    if stopped_by is not None:
-        sys.stdout.flush()
-        die_of(stopped_by)
-    return code
-
-
-def _compile(settings: CompileSettings, job: Job, quiet: bool) -> tuple[Outcome, int | None]:
-    from init.compiles.outcome import classify
-    from init.compiles.runner import Runner, engine_backend
-
-    def warn(line: str) -> None:
-        print(f"compile: warning: {line}", file=sys.stderr)
-
-    backend = engine_backend(settings)
-    try:
-        runner = Runner(settings, backend, warn)
-        ran = runner.run(job)
-    finally:
-        backend.close()
-    return classify(ran, job, settings.limits), ran.stopped_by
+        failed = _failure(Status.ENGINE, str(e))
+        return _report(options, failed, project, compile_id, out, err), None
+    return _report(options, outcome, project, compile_id, out, err), ran.stopped_by
 
 
 def _failure(status: Status, reason: str) -> Outcome:
@@ -151,15 +187,20 @@ def _failure(status: Status, reason: str) -> Outcome:
 
 
 def _report(
-    options: argparse.Namespace, outcome: Outcome, project: str | None, compile_id: str = ""
+    options: argparse.Namespace,
+    outcome: Outcome,
+    project: str | None,
+    compile_id: str,
+    out: TextIO,
+    err: TextIO,
 ) -> int:
     code = int(outcome.status)
     if options.json:
         document = outcome.document()
         document.update(project=project, compile_id=compile_id or None, exit_status=code)
-        print(json.dumps(document))
+        print(json.dumps(document), file=out)
         return code
-    stream = sys.stdout if outcome.status is Status.OK else sys.stderr
+    stream = out if outcome.status is Status.OK else err
     for line in outcome.reason.splitlines():
         print(f"compile: {line}", file=stream)
     if outcome.status is Status.OK and outcome.pdf is not None:

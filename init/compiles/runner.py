@@ -1,8 +1,8 @@
-"""The compile runner: a job queued, then run by `docker exec` in its project's container,
-waited for with the stop signals as events, and the container replaced when it may not be
-reused. `init.compiles.command` (the `compile` subcommand) and `init.compiles.shim` (the
-`latexmk` on the services' PATH) are its two callers; every engine call goes through the
-backend they give it (init.engine.client.DockerBackend).
+"""The exec path's runner: a job queued, then run by `docker exec` in its project's container,
+waited for with its stops as events, and the container replaced when it may not be reused.
+Its one caller is the compile broker, for images under gVisor (init.broker.execute: the agent
+does not run there yet); every engine call goes through the broker's backend
+(init.engine.client.DockerBackend).
 """
 
 from __future__ import annotations
@@ -48,9 +48,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 class StopSignals:
     """SIGTERM/SIGINT/SIGHUP taken, not acted on: they arrive as bytes on a wakeup fd that the
-    runner's select waits on beside the compile; the runner stops the container and then
-    re-raises the signal on itself so its caller sees it die of it (Community Edition checks
-    for SIGTERM)."""
+    runner's select waits on beside the compile; the runner stops the container and says which
+    signal stopped it (Ran.stopped_by). The broker's stops (init.broker.execute.StopFd) take
+    this interface."""
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -88,13 +88,6 @@ class StopSignals:
         return False
 
 
-def die_of(signum: int) -> None:
-    """End this process by `signum`, as if it had never been caught."""
-    signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
-    os.kill(os.getpid(), signum)
-
-
 # -- the runner -----------------------------------------------------------------------------
 
 
@@ -122,10 +115,16 @@ class Runner:
             self._seccomp_loaded = True
         return self._seccomp
 
-    def run(self, job: Job, output: Callable[[bytes], None] = lambda chunk: None) -> Ran:
+    def run(
+        self,
+        job: Job,
+        output: Callable[[bytes], None] = lambda chunk: None,
+        stop: StopSignals | None = None,
+    ) -> Ran:
         """Queue, then run `job` in its project's container; the signal that stopped it is in
-        `Ran.stopped_by` (the caller decides to die of it)."""
-        with self.queue.turn(job.directory.project), StopSignals() as signals:
+        `Ran.stopped_by` (the caller decides to die of it). `stop`: where stops come from
+        (the broker's: its client's stop), else this process's own stop signals."""
+        with self.queue.turn(job.directory.project), stop or StopSignals() as signals:
             if signals.take() is not None:
                 return Ran(None, 0.0, stopped_by=signals.received)
             container = self._container(job)

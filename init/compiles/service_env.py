@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shlex
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,20 +201,35 @@ def runner_user(environ: Mapping[str, str], users: UserIds = passwd_ids) -> str:
     return f"{uid}:{gid}"
 
 
-def shim_script(python: str, command: str, directory: Path | None = None) -> str:
-    """The script for `command`; given the dir it is written to, it names the compile settings
-    written beside it (init.compiles.environment)."""
+def shim_script(
+    python: str, command: str, directory: Path | None = None, broker: Path | None = None
+) -> str:
+    """The script for `command`. Given the broker's socket: the broker's thin client, started
+    isolated (`-I -S`: no site-packages, no environment variable of Python's; the package by
+    its own path), as the whole cost of a compile's start. Else the shim module; given the dir
+    it is written to, it names the compile settings written beside it
+    (init.compiles.environment)."""
+    if broker is not None:
+        package_root = Path(__file__).resolve().parents[2]
+        code = (
+            f"import sys; sys.path.insert(0, {str(package_root)!r}); "
+            "from init.broker.client import main; sys.exit(main())"
+        )
+        return (
+            f"#!/bin/sh\nexec {python} -I -S -c {shlex.quote(code)} --socket "
+            f'{shlex.quote(str(broker))} {command} "$@"\n'
+        )
     settings = f" --environment {directory / ENVIRONMENT_FILE}" if directory is not None else ""
     return f'#!/bin/sh\nexec {python} -m init.compiles.shim{settings} {command} "$@"\n'
 
 
-def write_shims(directory: Path, python: str) -> None:
+def write_shims(directory: Path, python: str, broker: Path | None = None) -> None:
     """One small script per command in `directory` (replaced whole: never half-written)."""
     directory.mkdir(parents=True, exist_ok=True)
     for command in SHIMMED_COMMANDS:
         target = directory / command
         tmp = directory / f".{command}.tmp"
-        tmp.write_text(shim_script(python, command, directory))
+        tmp.write_text(shim_script(python, command, directory, broker))
         tmp.chmod(0o755)
         os.replace(tmp, target)
 
@@ -294,7 +310,9 @@ class ServicesCompile(CompileWiring):
         python: str,
         root: Path = Path("/"),
         users: UserIds = passwd_ids,
+        broker: Path | None = None,  # the compile broker's socket: the shims are its clients
     ):
+        self.broker = broker
         self.settings = settings
         self.shim_dir = shim_dir
         self.python = python
@@ -306,7 +324,7 @@ class ServicesCompile(CompileWiring):
 
     def environment(self, environ: Mapping[str, str]) -> dict[str, str]:
         if self.runner == "shim":
-            write_shims(self.shim_dir, self.python)
+            write_shims(self.shim_dir, self.python, self.broker)
             self.unsandboxed = unsandboxed_conversions(environ)
         else:
             self.plan = docker_runner_plan(self.settings, environ, self.users)

@@ -255,6 +255,16 @@ def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
     )
 
 
+def broker_socket(environ: Mapping[str, str]) -> Path:
+    """The compile broker's socket: config.COMPILE_BROKER_SOCKET, else beside the status file."""
+    from init.core import status_file as status
+
+    given = environ.get(config.COMPILE_BROKER_SOCKET, "").strip()
+    if given:
+        return Path(given)
+    return status.status_path(environ).parent / config.BROKER_SOCKET_NAME
+
+
 def check_image(image: str | None, settings: CompileSettings) -> str:
     """The image to use: the default, or one of the allow-list (else ConfigError)."""
     if not image:

@@ -4,8 +4,8 @@ compile service's PATH through `/run/sharelatex-init/shim/<command>` (init.compi
 Community Edition's compile service (services/clsi, LocalCommandRunner) spawns each command by
 name from PATH, cwd the compile dir, in its own process group, stdin and stdout piped, stderr
 to /dev/null, with no timeout of its own; a stop SIGTERMs the group. The shim runs the same
-command in the project's sandbox container (init.compiles.runner), the dir bound at the same
-absolute path (in sibling mode from the host path), its output copied to ours.
+command in the project's sandbox container (through the compile broker), the dir bound at the
+same absolute path (in sibling mode from the host path), its output copied to ours.
 
 What it runs (contract.SHIMMED_COMMANDS): every command the service's CompileManager runs on a
 project's files, at overleaf/overleaf 28ad3b03b71c:
@@ -39,10 +39,12 @@ compile's status then goes by output.pdf: `success`, else `failure`):
                              later: no engine or no image yet) or 78 (configuration). The
                              command is never run outside the sandbox.
 
-Ending: the caller's death is noticed through PR_SET_PDEATHSIG (a SIGTERM when the parent goes),
-and a SIGKILLed shim cannot clean up at all, so the container does not rely on it: the command
-runs under `timeout -s KILL` inside it, and its PID 1 ends it after the idle time
-(init.compiles.profile).
+Where it runs: in the compile broker (init.broker), whose thin client the shim is
+(init.broker.client: the shims PID 1 writes run it under `python3 -I -S`; `main` here is the
+same client for `python -m init.compiles.shim`). `answer` is the broker's side: the command's
+compile dir, its job, the outcome of its run, the log note. A stop signal to the client is sent
+on as a stop, and the client dies of it; a client that is SIGKILLed, or whose caller is, stops
+its compile at once (the broker sees its connection close, or its parent's pidfd).
 """
 
 from __future__ import annotations
@@ -50,45 +52,24 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from init.compiles import log_note
 from init.compiles.contract import ENGINES, SHIMMED_COMMANDS, Limit
 from init.compiles.environment import read_environment, with_init_environment
-from init.compiles.identity import compile_uids, read_uid_map
 from init.compiles.outcome import NotReady, Ran, largest_file, limit_hit, read_text_nofollow
 from init.compiles.paths import CompileDir, compile_dir
 from init.compiles.profile import Job
-from init.compiles.runner import Runner, die_of, engine_backend
-from init.compiles.settings import Limits, settings_from_env
+from init.compiles.settings import CompileSettings, Limits
+from init.config import UidRange
 from init.errors import EX_CONFIG, EX_TEMPFAIL, ConfigError, EngineError
 
-PR_SET_PDEATHSIG = 1
 # The commands that write a TeX log: a limit or a refusal is noted there for the user.
 COMPILES = ("latexmk", *ENGINES)
 # Limits that kill the compile mid-write: what it left of the PDF is not a result.
 KILLING_LIMITS = (Limit.TIMEOUT, Limit.MEMORY, Limit.OUTPUT_SIZE, Limit.DISK)
 KILLED = 128 + signal.SIGKILL
-
-
-def follow_parent(parent: int) -> None:
-    """SIGTERM to us when the process that started us ends (SIGKILL included)."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:  # it ended before the prctl took: nobody waits for us
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def fail(message: str, status: int) -> int:
-    print(f"sharelatex-init shim: {message}", file=sys.stderr, flush=True)
-    return status
-
-
-def warn(line: str) -> None:
-    print(f"sharelatex-init shim: warning: {line}", file=sys.stderr, flush=True)
 
 
 def synctex_pdf(argv: Sequence[str]) -> str | None:
@@ -146,50 +127,51 @@ def note(log: Path | None, directory: CompileDir | None, line: str, detail: str 
         log_note.append(log.parent, log.name, log_note.render(line, detail), owner)
 
 
-def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
-    """Run `argv` (a shimmed command and its arguments) in the sandbox; its exit status."""
+def answer(
+    argv: Sequence[str],
+    environ: Mapping[str, str],
+    cwd: str,
+    settings: CompileSettings,
+    ids: UidRange,
+    execute: Callable[[Job], Ran],
+    say: Callable[[str], None],
+) -> tuple[int, int | None]:
+    """Run `argv` with `execute` (the broker's run of a Job): the exit status and the signal
+    to die of (a stop), its lines for stderr given to `say`."""
+
+    def fail(message: str, status: int) -> int:
+        say(f"sharelatex-init shim: {message}")
+        return status
+
     if not argv or os.path.basename(argv[0]) not in SHIMMED_COMMANDS:
         usage = f"python -m init.compiles.shim {{{','.join(SHIMMED_COMMANDS)}}} ARGS..."
-        return fail(f"usage: {usage}", EX_CONFIG)
+        return fail(f"usage: {usage}", EX_CONFIG), None
     command = os.path.basename(argv[0])
     directory: CompileDir | None = None
     log: Path | None = None
     try:
-        settings = settings_from_env(environ)
-        ids = compile_uids(environ, read_uid_map())
         directory = compile_dir(work_dir(command, argv, Path(cwd)), settings.places, ids=ids)
         log = compile_log(command, argv, directory)
         job = Job(directory, (command, *argv[1:]), settings.image, environ)
-        backend = engine_backend(settings, environ)
-        runner = Runner(settings, backend, warn)
-        out = sys.stdout.buffer
-
-        def copy(chunk: bytes) -> None:
-            try:
-                out.write(chunk)
-                out.flush()
-            except OSError:
-                pass  # the caller stopped reading: the compile goes on
-
-        ran = runner.run(job, copy)
+        ran = execute(job)
     except ConfigError as e:
         reason = "; ".join(e.problems)
         note(log, directory, "the compile did not run: the site's sandbox is misconfigured.",
              "Tell the site's administrator: " + reason)  # fmt: skip
-        return fail(f"{reason} (the command was not run)", EX_CONFIG)
+        return fail(f"{reason} (the command was not run)", EX_CONFIG), None
     except NotReady as e:
         note(log, directory, "the compile did not run: the TeX Live image is not ready yet.",
              f"Try again in a few minutes. ({e})")  # fmt: skip
-        return fail(f"{e} (the command was not run; try again later)", EX_TEMPFAIL)
+        return fail(f"{e} (the command was not run; try again later)", EX_TEMPFAIL), None
     except EngineError as e:
         note(log, directory, "the compile did not run: its sandbox cannot be reached.",
              "Try again later; if it persists, tell the site's administrator.")  # fmt: skip
-        return fail(f"{e} (the command was not run: never outside the sandbox)", EX_TEMPFAIL)
+        return fail(f"{e} (the command was not run: never outside the sandbox)", EX_TEMPFAIL), None
     if ran.stopped_by is not None:
-        die_of(ran.stopped_by)
+        return KILLED, ran.stopped_by
     limit = limit_reached(ran, settings.limits, directory, log)
     if limit is None:
-        return ran.exit_code if ran.exit_code is not None else KILLED
+        return (ran.exit_code if ran.exit_code is not None else KILLED), None
     line, detail = log_note.stop_reason(limit, settings.limits)
     fail(line, 0)
     if log is not None:
@@ -197,10 +179,17 @@ def run(argv: Sequence[str], environ: Mapping[str, str], cwd: str) -> int:
         if limit in KILLING_LIMITS:
             log_note.remove(log.parent, f"{log.stem}.pdf")
     code = ran.exit_code
-    return code if code is not None and code > 1 else KILLED
+    return (code if code is not None and code > 1 else KILLED), None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m init.compiles.shim COMMAND ARGS...`: the command sent to the compile broker
+    (init.broker.client), whose socket is config.COMPILE_BROKER_SOCKET or beside the status
+    file. The shims PID 1 writes run the client itself, under `python3 -I -S`."""
+    from init.broker.client import DEFAULT_WAIT, call
+    from init.broker.messages import ShimRequest
+    from init.compiles.settings import broker_socket
+
     args = list(sys.argv[1:] if argv is None else argv)
     environ: Mapping[str, str] = os.environ
     if args[:1] == ["--environment"] and len(args) > 1:
@@ -208,8 +197,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # does not carry the init's own variables); the services' own environment wins.
         environ = with_init_environment(os.environ, read_environment(Path(args[1])))
         args = args[2:]
-    follow_parent(os.getppid())
-    return run(args, environ, os.getcwd())
+    request = ShimRequest(tuple(args), os.getcwd(), dict(os.environ))
+    return call(str(broker_socket(environ)), request, DEFAULT_WAIT, who="sharelatex-init shim")
 
 
 if __name__ == "__main__":

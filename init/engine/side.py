@@ -141,6 +141,15 @@ class EngineProxy:
         raise NotImplementedError
 
 
+class CompileBroker:
+    """The compile broker (init.broker.supervision, wired in by init.boot): given the engine
+    side's variables, the service that owns the compile path; it talks to the engine itself,
+    never through the services' proxy."""
+
+    def spec(self, environ: Mapping[str, str]) -> ServiceSpec:
+        raise NotImplementedError
+
+
 class SandboxSide(DockerSide):
     """What docker-in-docker and sibling mode share: the installer and the services' compile
     environment on top of the engine's own variables."""
@@ -156,15 +165,23 @@ class SandboxSide(DockerSide):
         self._supervisor: Supervisor | None = None
         self.proxy: EngineProxy | None = None
         self._proxy_spec: ServiceSpec | None = None
+        self.broker: CompileBroker | None = None
+        self._broker_spec: ServiceSpec | None = None
 
     def use_proxy(self, proxy: EngineProxy) -> None:
         """The services reach the engine through `proxy` only (started with the engine)."""
         self.proxy = proxy
 
+    def use_broker(self, broker: CompileBroker) -> None:
+        """The services' compiles go through `broker` (started with the engine)."""
+        self.broker = broker
+
     def with_compiles(
         self, environ: Mapping[str, str], engine_env: Mapping[str, str]
     ) -> dict[str, str]:
         """`engine_env` plus what the services need to compile through it."""
+        if self.broker is not None:  # the engine itself, not the proxy: the broker is the init's
+            self._broker_spec = self.broker.spec({**environ, **self.own, **engine_env})
         if self.proxy is not None:
             self._proxy_spec = self.proxy.spec({**environ, **self.own, **engine_env})
             engine_env = {**engine_env, DOCKER_HOST: self.proxy.docker_host}
@@ -185,10 +202,12 @@ class SandboxSide(DockerSide):
         self.own = {k: v for k, v in environ.items() if k.startswith(OWN_PREFIX)}
 
     def start(self, supervisor: Supervisor) -> None:
-        """The proxy, right after the engine (so it stops after the services, before it)."""
+        """The proxy and the broker, right after the engine (so they stop after the services,
+        before it)."""
         self._supervisor = supervisor
-        if self._proxy_spec is not None:
-            supervisor.start([self._proxy_spec])
+        specs = [s for s in (self._proxy_spec, self._broker_spec) if s is not None]
+        if specs:
+            supervisor.start(specs)
 
     def start_installer(self) -> None:
         """The installer, once the engine answers (at most once; never while stopping)."""

@@ -108,13 +108,17 @@ kill(34, $child) for 1 .. $limit + 10;
 ($count, $limit) = sigq();
 held($count, $limit); wait_release(); kill('KILL', $child); waitpid($child, 0);
 """,
-    # Pipes grown to 1 MiB (F_SETPIPE_SZ) until the uid is at pipe-user-pages-soft; the next
-    # pipe it makes then gets 2 pages instead of 16 (F_GETPIPE_SZ).
+    # Pipes grown to 1 MiB (F_SETPIPE_SZ) until the uid is near pipe-user-pages-soft, then new
+    # pipes of 16 pages until the uid is at it: the next pipe it makes then gets 2 pages instead
+    # of 16 (F_GETPIPE_SZ). What else the uid holds (the compile agent's own output pipes) is
+    # taken up by the second loop.
     "pipes": r"""
 my @pipes; my $grown = 0; my $err = 0;
 for (1 .. 200) { pipe(my $r, my $w) or last; push @pipes, $r, $w;
                  if (!fcntl($w, 1031, 1048576)) { $err = $! + 0; last; } $grown++; }
-pipe(my $r2, my $w2); my $size = fcntl($w2, 1032, 0);
+my $size = 0;
+for (1 .. 1000) { pipe(my $r2, my $w2) or last; push @pipes, $r2, $w2;
+                  $size = fcntl($w2, 1032, 0); last if $size < 65536; }
 held($grown, $err, $size); wait_release();
 """,
 }
@@ -151,7 +155,10 @@ def check_held(kind: str, held: list[str]) -> None:
     else:
         grown, err, size = (int(v) for v in held)
         soft = int(Path("/proc/sys/fs/pipe-user-pages-soft").read_text())
-        assert grown == soft // 256 and err == 1 and size == 8192, held  # EPERM, squeezed
+        # EPERM, then squeezed: the uid is at its soft limit. One 1 MiB pipe fewer under the
+        # broker: the agent's two output pipes (16 pages each) are the project's uid's too.
+        assert soft // 256 - 1 <= grown <= soft // 256, held
+        assert err == 1 and size == 8192, held
 
 
 @pytest.mark.parametrize("kind", sorted(TAKE))

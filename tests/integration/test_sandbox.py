@@ -441,17 +441,26 @@ def test_sibling_mode_binds_the_host_path(compiles: Compiles, other: Path) -> No
     (host_dir / "sib" / "main.tex").write_text(HELLO)
     texlive_engine.chown_tree(host_dir, 33)
     inside = "/var/lib/overleaf/data/compiles"
+    # The site's own view of its data dir is the namespace's: its compile broker runs there
+    # too, as it runs in the site's container.
+    socket_path = host_dir.parent / "sibling-broker.sock"
     script = "\n".join(
         [
             "set -e",
             "mount -t tmpfs tmpfs /var/lib",
             f"mkdir -p {inside}",
             f"mount --bind '{host_dir}' {inside}",
-            'exec "$@"',
+            f"{sys.executable} -m init.broker.service 2>'{socket_path}.log' & broker=$!",
+            f"while [ ! -S '{socket_path}' ] && kill -0 $broker; do sleep 0.05; done",
+            'set +e; "$@"; status=$?',
+            "kill -TERM $broker; wait $broker",
+            "exit $status",
         ]
     )
-    env = compiles.env(SANDBOXED_COMPILES_HOST_DIR_COMPILES=str(host_dir))
+    env = compiles.site_env(SANDBOXED_COMPILES_HOST_DIR_COMPILES=str(host_dir))
     del env["OVERLEAF_INIT_COMPILES_DIR"]  # the product's default path
+    env[texlive_engine.BROKER_SOCKET] = str(socket_path)
+    env["PYTHONPATH"] = str(texlive_engine.REPO)
     done = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
          sys.executable, "-m", "init.compiles.command", f"{inside}/sib", "--json"],

@@ -11,13 +11,16 @@ A test module takes the fixtures by name: `texlive = texlive_engine.texlive` and
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,10 @@ class Compiles:
     run_dir: Path
     status_file: Path
     runtime: str = "runc"  # OVERLEAF_INIT_COMPILE_RUNTIME: runc or runsc (gVisor)
+    # The compile brokers of this site, by socket: one per environment the tests compile with
+    # (a broker reads its settings once); shared with `with_runtime`'s copies, stopped by pid
+    # at the site's teardown.
+    brokers: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def project(self, name: str, files: dict[str, str | bytes]) -> Path:
         directory = self.root / name
@@ -89,6 +96,11 @@ class Compiles:
         return directory
 
     def env(self, **extra: str) -> dict[str, str]:
+        """The site's environment with `extra`, and the socket of a broker started with it."""
+        return self.with_broker(self.site_env(**extra))
+
+    def site_env(self, **extra: str) -> dict[str, str]:
+        """The site's environment with `extra` (no broker started for it)."""
         return {
             **CLEAN_ENV,
             "DOCKER_HOST": f"unix://{self.engine.socket}",
@@ -99,6 +111,33 @@ class Compiles:
             "OVERLEAF_INIT_COMPILE_RUNTIME": self.runtime,
             **extra,
         }
+
+    def with_broker(self, env: dict[str, str]) -> dict[str, str]:
+        """`env` with BROKER_SOCKET set to a broker's that runs with `env` (started now if
+        none does yet)."""
+        env = {k: v for k, v in env.items() if k != BROKER_SOCKET}
+        key = hashlib.sha256(json.dumps(sorted(env.items())).encode()).hexdigest()[:12]
+        socket_path = self.status_file.parent / f"broker-{key}.sock"
+        env[BROKER_SOCKET] = str(socket_path)
+        broker = self.brokers.get(str(socket_path))
+        if broker is None or broker.poll() is not None:
+            self.brokers[str(socket_path)] = start_broker(env, socket_path)
+        return env
+
+    def broker(self, env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """The broker `env` (from `env()`) compiles through."""
+        return self.brokers[env[BROKER_SOCKET]]
+
+    def stop_brokers(self) -> None:
+        for key, broker in list(self.brokers.items()):
+            if broker.poll() is None:
+                broker.send_signal(signal.SIGTERM)
+                try:
+                    broker.wait(30)
+                except subprocess.TimeoutExpired:
+                    broker.kill()
+                    broker.wait()
+            del self.brokers[key]
 
     def compile(
         self, directory: Path, *args: str, timeout: float = 120, **env: str
@@ -121,6 +160,28 @@ class Compiles:
         wait_for(lambda: self.containers() == "", timeout, "no compile container left")
 
 
+BROKER_SOCKET = "OVERLEAF_INIT_COMPILE_BROKER_SOCKET"
+
+
+def start_broker(env: dict[str, str], socket_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m init.broker.service` with `env`, once it listens on `socket_path`; its log
+    beside the socket."""
+    socket_path.parent.mkdir(parents=True, exist_ok=True)
+    with socket_path.with_suffix(".log").open("ab") as log:
+        broker = subprocess.Popen(
+            [sys.executable, "-m", "init.broker.service"], env={**env, "PYTHONPATH": str(REPO)},
+            cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: socket_path.exists() or broker.poll() is not None, 60, "the broker")
+    except AssertionError:
+        broker.kill()
+        broker.wait()
+        raise
+    assert broker.poll() is None, socket_path.with_suffix(".log").read_text()
+    return broker
+
+
 def chown_tree(directory: Path, uid: int) -> None:
     for root, dirs, files in os.walk(directory):
         os.chown(root, uid, uid)
@@ -134,7 +195,10 @@ def compiles_root(texlive: HostEngine) -> Iterator[Compiles]:
     root.mkdir(parents=True)
     os.chmod(base, 0o755)
     made = Compiles(texlive, root, base / "run", base / "status.json")
-    yield made
+    try:
+        yield made
+    finally:
+        made.stop_brokers()
     for container in made.containers().split():
         done = subprocess.run(
             ["docker", "-H", f"unix://{texlive.socket}", "rm", "-f", container],

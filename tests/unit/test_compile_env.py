@@ -61,6 +61,23 @@ def test_the_shim_scripts_run_the_shim_module_with_their_name(tmp_path: Path) ->
     assert out.stdout == f"-m init.compiles.shim --environment {environment} latexmk -pdf a b.tex\n"
 
 
+def test_with_a_broker_the_shim_scripts_are_its_isolated_client(tmp_path: Path) -> None:
+    import sys
+
+    # A path too long for a unix socket: refused at once (a missing one is waited for 10 s).
+    socket_path = tmp_path / "run dir" / ("x" * 120) / "broker.sock"
+    compile_env.write_shims(tmp_path / "shim", sys.executable, socket_path)
+    done = subprocess.run(
+        [tmp_path / "shim" / "latexmk", "-pdf"], capture_output=True, text=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "/nonexistent"}, timeout=60,
+    )  # fmt: skip
+    # The client itself ran (no broker there: its one line, naming the socket).
+    assert done.returncode == 69
+    assert str(socket_path) in done.stderr and len(done.stderr.splitlines()) == 1
+    script = (tmp_path / "shim" / "latexmk").read_text()
+    assert f"{sys.executable} -I -S -c" in script
+
+
 def test_the_init_hands_its_compile_settings_to_the_shim_not_to_the_services(
     tmp_path: Path,
 ) -> None:

@@ -1,0 +1,241 @@
+"""One compile run by the broker: a Job through the pool to its project's agent, watched as the
+exec path watched it (its budget of bytes and files, its wall clock, the engine's OOM event, a
+stop), and what came of it as a `Ran` (init.compiles.outcome), which the shim and the compile
+command turn into their exit status and messages as before.
+
+A compile is stopped by a byte on its Stopper's fd: a stop from its client (a signal to the
+shim, the client gone), the budget's watcher, or the broker stopping. The agent then kills its
+process group and tidies, and answers "cancelled".
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from init.broker import target as targets
+from init.broker.pool import Cancelled, Pool
+from init.broker.protocol import Answer, Output, ProtocolError, Reason
+from init.broker.warm import AgentGone
+from init.compiles.budget import Watcher, settle
+from init.compiles.outcome import NotReady, Ran, not_ready_message
+from init.compiles.profile import Job
+from init.compiles.runner import Runner, StopSignals
+from init.compiles.settings import CompileSettings
+from init.engine.client import DockerBackend, EngineRefused, ImageMissing
+
+TAIL = 65536  # the output kept for the outcome's classification (a fork failure, its last lines)
+
+# Why a compile was stopped.
+BUDGET = "budget"
+STOP = "stop"  # its client asked (a signal), or its client is gone
+SHUTDOWN = "shutdown"  # the broker is stopping
+
+
+class BrokerStopping(Exception):
+    """The broker stopped this compile because it is stopping itself."""
+
+
+class Stopper:
+    """A compile's stop: the first reason given wins; a byte on `fd` tells the pool and the
+    agent's connection (both wait on it beside their own fds)."""
+
+    def __init__(self) -> None:
+        self.fd, self._write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.reason: str | None = None
+        self.signal: int | None = None
+        self._lock = threading.Lock()
+
+    def trip(self, reason: str, signum: int | None = None) -> None:
+        with self._lock:
+            if self.reason is not None:
+                return
+            self.reason, self.signal = reason, signum
+        try:
+            os.write(self._write, b"x")
+        except OSError:
+            pass  # closed: the compile is over
+
+    def close(self) -> None:
+        with self._lock:
+            self.reason = self.reason or "closed"
+        os.close(self._write)
+        os.close(self.fd)
+
+
+@dataclass
+class Broker:
+    """What every compile shares: the settings read once, the engine, the pool, the seccomp
+    profile, and the services' environment as the broker got it."""
+
+    settings: CompileSettings
+    backend: DockerBackend
+    pool: Pool
+    seccomp: str | None
+
+
+class StopFd(StopSignals):
+    """A Stopper as the exec path's runner takes its stops (init.compiles.runner.StopSignals'
+    interface): the stop's signal, or SIGKILL for a client that is gone."""
+
+    def __init__(self, stopper: Stopper) -> None:
+        super().__init__()
+        self.stopper = stopper
+
+    def __enter__(self) -> StopFd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def take(self) -> int | None:
+        if self.received is None and self.stopper.reason is not None:
+            self.received = self.stopper.signal or signal.SIGKILL
+        return self.received
+
+    def wait(self, done_fd: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.take() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([done_fd, self.stopper.fd], [], [], left)
+            if done_fd in ready:
+                return True
+        return False
+
+
+def run(
+    broker: Broker,
+    settings: CompileSettings,
+    job: Job,
+    output: Callable[[bytes], None],
+    stopper: Stopper,
+) -> Ran:
+    """Run `job` in its project's warm container; NotReady when its image is not in the engine,
+    EngineError when the engine or the container refuses it, BrokerStopping when the broker
+    stopped it."""
+    if settings.runtime(job.image) == "runsc":
+        return _run_exec(broker, settings, job, output, stopper)
+    limits = settings.limits
+    runtime = settings.runtime(job.image)
+    place = targets.target(job, limits, broker.seccomp, runtime, owner=broker.pool.owner)
+    request = targets.request(job, limits)
+    tail = bytearray()
+    state: dict[str, object] = {}  # what the pool's turn hands over: the watcher, the start
+
+    def pass_on(message: Output) -> None:
+        output(message.data)
+        tail.extend(message.data)
+        del tail[: max(0, len(tail) - TAIL)]
+
+    def placed(container: str) -> None:
+        state["container"] = container
+        if "watcher" not in state:  # a second attempt, in a fresh container: the same compile
+            # The dir's usage before the compile writes: counted against it, in its turn.
+            watcher = Watcher(job.directory.path, limits.budget, lambda: stopper.trip(BUDGET))
+            if watcher.budget.on:
+                watcher.start()
+            state.update(watcher=watcher, began=time.time(), started=time.monotonic())
+
+    def finish(answer: Answer, container: str) -> bool:
+        """In the project's turn, the container still its: settle a budget overrun (remove
+        what the compile wrote before the next compile can start), look for the OOM event."""
+        watcher = state["watcher"]
+        assert isinstance(watcher, Watcher)
+        watcher.stop(last=False)
+        over = watcher.overrun is not None or (watcher.budget.on and watcher.stop() is not None)
+        if over:
+            state["settled"] = settle(watcher)
+            return True
+        if answer.reason is Reason.CANCELLED:
+            # Stopped: a fresh container for the project's next compile, as on the exec path
+            # (removed in this compile's turn, before its client hears the end).
+            return True
+        oom = answer.reason in (Reason.EXIT, Reason.SIGNAL) and answer.status != 0
+        if oom:
+            began = state["began"]
+            assert isinstance(began, float)
+            state["oom"] = oom = broker.backend.oom_killed(container, began)
+        return oom or limits.idle == 0
+
+    try:
+        answer = broker.pool.run(place, request, pass_on, stopper.fd, placed, finish)
+    except Cancelled:
+        return _stopped(stopper, 0.0, "")
+    except ImageMissing as e:
+        raise NotReady(not_ready_message(job.image, settings.status_file)) from e
+    except (AgentGone, ProtocolError) as e:
+        return _gone(broker, state, stopper, tail, e)
+    finally:
+        watcher = state.get("watcher")
+        if isinstance(watcher, Watcher):
+            watcher.stop(last=False)
+    seconds = time.monotonic() - float(state.get("started", time.monotonic()))  # type: ignore[arg-type]
+    text = tail.decode(errors="replace")
+    settled = state.get("settled")
+    if settled is not None:
+        return Ran(None, seconds, budget=settled, output=text)  # type: ignore[arg-type]
+    if answer.reason is Reason.ERROR:
+        raise EngineRefused(f"the compile's container refused it: {answer.message}")
+    if answer.reason is Reason.CANCELLED:
+        return _stopped(stopper, seconds, text)
+    timed_out = answer.reason is Reason.TIMEOUT
+    return Ran(
+        answer.status, seconds, timed_out=timed_out, oom_killed=bool(state.get("oom")),
+        output=text,
+    )  # fmt: skip
+
+
+def _run_exec(
+    broker: Broker,
+    settings: CompileSettings,
+    job: Job,
+    output: Callable[[bytes], None],
+    stopper: Stopper,
+) -> Ran:
+    """Under gVisor, the exec path's runner (a `docker exec` a compile into a warm container
+    with a watchdog as its PID 1): the agent does not answer under runsc yet (a request sent
+    to it there is never answered), which is another branch's work (issue 14)."""
+
+    def warn(line: str) -> None:
+        print(f"compile broker: warning: {line}", file=sys.stderr, flush=True)
+
+    ran = Runner(settings, broker.backend, warn).run(job, output, StopFd(stopper))
+    if stopper.reason == SHUTDOWN:
+        raise BrokerStopping()
+    return ran
+
+
+def _stopped(stopper: Stopper, seconds: float, text: str) -> Ran:
+    if stopper.reason == SHUTDOWN:
+        raise BrokerStopping()
+    return Ran(None, seconds, stopped_by=stopper.signal or signal.SIGKILL, output=text)
+
+
+def _gone(
+    broker: Broker, state: dict[str, object], stopper: Stopper, tail: bytearray, e: Exception
+) -> Ran:
+    """The agent ended under the compile (the OOM killer took it, the compile killed it, it
+    stopped answering): its container is gone, the compile is over. When it never reached
+    the agent, the container could not take it: the engine's refusal."""
+    if stopper.reason == SHUTDOWN:
+        raise BrokerStopping() from e
+    if isinstance(e, AgentGone) and not e.sent:
+        raise EngineRefused(f"the compile's container ended before it could run: {e}") from e
+    if stopper.reason is not None and stopper.reason != BUDGET:
+        return _stopped(stopper, 0.0, tail.decode(errors="replace"))
+    seconds = time.monotonic() - float(state.get("started", time.monotonic()))  # type: ignore[arg-type]
+    text = tail.decode(errors="replace") + f"\n(the compile's container ended: {e})"
+    oom = False
+    container = state.get("container")
+    began = state.get("began")
+    if isinstance(container, str) and isinstance(began, float):
+        oom = broker.backend.oom_killed(container, began)
+    return Ran(None, seconds, oom_killed=oom, output=text)

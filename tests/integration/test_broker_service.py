@@ -1,0 +1,185 @@
+"""The compile broker as a service, for real: `python -m init.broker.service` with a site's
+environment against a private dockerd with the TeX Live image, and its thin client
+(init.broker.client) spawned as the compile service spawns latexmk. Exit statuses and output
+pass through; a stop signal to the client stops the compile and the client dies of it; a
+SIGKILLed client (or its killed caller) stops its compile at once; a broker that is not there
+is waited for, then named in one line with exit 69; the broker's own SIGTERM ends it within a
+second or so with its containers removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from init.broker.messages import CommandRequest
+from tests.integration import texlive_engine
+from tests.integration.conftest import wait_for
+from tests.integration.texlive_engine import BROKER_SOCKET, LIMITS, Compiles
+
+texlive = texlive_engine.texlive
+compiles = texlive_engine.compiles
+
+pytestmark = pytest.mark.root
+REPO = Path(__file__).resolve().parents[2]
+TIMEOUT = float(LIMITS["OVERLEAF_INIT_COMPILE_TIMEOUT"])
+HELLO = "\\documentclass{article}\n\\begin{document}\nHello, broker.\n\\end{document}\n"
+LOOP = HELLO.replace("Hello", r"\def\x{\x}\x")
+# The shim's own start: isolated, no site-packages, the package found by its path alone.
+CLIENT = (
+    sys.executable, "-I", "-S", "-c",
+    f"import sys; sys.path.insert(0, {str(REPO)!r}); from init.broker.client import main; "
+    "sys.exit(main())",
+)  # fmt: skip
+
+
+def clsi_command(directory: Path) -> list[str]:
+    return ["latexmk", "-cd", "-jobname=output", f"-auxdir={directory}", f"-outdir={directory}",
+            "-synctex=1", "-interaction=batchmode", "-time", "-halt-on-error", "-pdf",
+            f"{directory}/main.tex"]  # fmt: skip
+
+
+def socket_of(compiles: Compiles) -> Path:
+    return Path(compiles.env()[BROKER_SOCKET])
+
+
+@pytest.fixture
+def broker(compiles: Compiles) -> subprocess.Popen[bytes]:
+    """The site's broker (the harness's: texlive_engine.Compiles starts one per environment)."""
+    return compiles.broker(compiles.env())
+
+
+def spawn(
+    compiles: Compiles, argv: list[str], cwd: Path, *client_args: str
+) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [*CLIENT, "--socket", str(socket_of(compiles)), *client_args, *argv], cwd=cwd,
+        env=compiles.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_latexmk_through_the_broker_passes_output_and_status(
+    compiles: Compiles, broker: subprocess.Popen[bytes]
+) -> None:
+    project = compiles.project("broker-ok", {"main.tex": HELLO})
+    proc = spawn(compiles, clsi_command(project), project)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err.decode()
+    assert (project / "output.pdf").read_bytes().startswith(b"%PDF")
+    assert b"Latexmk" in out  # the compile's own output, streamed as it came
+    bad = compiles.project("broker-error", {"main.tex": HELLO.replace("Hello", r"\oops")})
+    proc = spawn(compiles, clsi_command(bad), bad)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 12  # latexmk's own status
+    proc = spawn(compiles, ["pdflatex", "-interaction=batchmode", "main.tex"], bad)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 1
+
+
+def test_the_compile_command_gets_its_json_through_the_broker(
+    compiles: Compiles, broker: subprocess.Popen[bytes]
+) -> None:
+    project = compiles.project("broker-cli", {"main.tex": HELLO})
+    request = CommandRequest(str(project), json=True)
+    code = (
+        "import sys; from init.broker.client import call; from init.broker.messages import *; "
+        f"sys.exit(call({str(socket_of(compiles))!r}, {request!r}))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env={**compiles.env(), "PYTHONPATH": str(REPO)},
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["status"] == "ok" and result["pdf"] == str(project / "output.pdf")
+    assert result["project"] == "broker-cli"
+
+
+def test_sigterm_to_the_client_stops_the_compile_and_it_dies_of_it(
+    compiles: Compiles, broker: subprocess.Popen[bytes]
+) -> None:
+    project = compiles.project("broker-term", {"main.tex": LOOP})
+    compiles.wait_no_containers()
+    proc = spawn(compiles, clsi_command(project), project)
+    wait_for(lambda: (project / "output.log").exists(), 60, "TeX to run")
+    began = time.monotonic()
+    os.killpg(proc.pid, signal.SIGTERM)  # what LocalCommandRunner.kill does
+    proc.communicate(timeout=20)
+    assert proc.returncode == -signal.SIGTERM
+    assert time.monotonic() - began < 3
+    assert compiles.containers() == ""  # a stopped compile's container is not kept
+    # The project's turn is free at once: the next compile does not wait for the loop's end.
+    (project / "main.tex").write_text(HELLO)
+    began = time.monotonic()
+    proc = spawn(compiles, clsi_command(project), project)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert time.monotonic() - began < TIMEOUT / 2
+
+
+@pytest.mark.parametrize("killed", ["client", "caller"])
+def test_a_sigkilled_client_or_caller_stops_its_compile(
+    compiles: Compiles, broker: subprocess.Popen[bytes], killed: str
+) -> None:
+    project = compiles.project(f"broker-kill-{killed}", {"main.tex": LOOP})
+    command = " ".join([*(repr(a) for a in CLIENT), "--socket", str(socket_of(compiles)),
+                        *clsi_command(project)])  # fmt: skip
+    proc = subprocess.Popen(
+        ["sh", "-c", f"{command}; echo done"], cwd=project, env=compiles.env(),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    wait_for(lambda: (project / "output.log").exists(), 60, "TeX to run")
+    if killed == "client":
+        os.killpg(proc.pid, signal.SIGKILL)  # the client cannot send anything now
+    else:
+        proc.kill()  # the caller only: the client lives on, its caller gone
+    proc.wait(10)
+    began = time.monotonic()
+    (project / "main.tex").write_text(HELLO)
+    follow = spawn(compiles, clsi_command(project), project)
+    follow.communicate(timeout=60)
+    # It got the project's turn at once: the loop was stopped, not left to its 15 s limit.
+    assert follow.returncode == 0
+    assert time.monotonic() - began < TIMEOUT / 2
+
+
+def test_no_broker_is_waited_for_then_one_line_and_69(compiles: Compiles, tmp_path: Path) -> None:
+    project = compiles.project("broker-none", {"main.tex": HELLO})
+    missing = tmp_path / "broker.sock"
+    began = time.monotonic()
+    done = subprocess.run(
+        [*CLIENT, "--socket", str(missing), "--wait", "1", *clsi_command(project)],
+        cwd=project, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert done.returncode == 69
+    assert 1 <= time.monotonic() - began < 3
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "sharelatex-init status" in lines[0]
+    assert not (project / "output.pdf").exists()
+
+
+def test_sigterm_to_the_broker_ends_it_fast_with_no_container_left(
+    compiles: Compiles, broker: subprocess.Popen[bytes]
+) -> None:
+    path = socket_of(compiles)
+    project = compiles.project("broker-stop", {"main.tex": LOOP})
+    client = spawn(compiles, clsi_command(project), project)
+    wait_for(lambda: (project / "output.log").exists(), 60, "TeX to run")
+    began = time.monotonic()
+    broker.send_signal(signal.SIGTERM)
+    assert broker.wait(10) == 0
+    stopped_after = time.monotonic() - began
+    _, err = client.communicate(timeout=10)
+    assert client.returncode == 75, err  # try again: the site is stopping
+    assert b"stopping" in err
+    assert compiles.containers() == ""
+    assert stopped_after < 2
+    assert not path.exists()
