@@ -24,6 +24,15 @@ def test_a_request_head_is_read_with_its_headers() -> None:
     assert framing_of(b"GET / HTTP/1.1\r\nHost: x") == wire.Framing("none")
 
 
+def test_a_long_target_is_read_up_to_the_heads_bound() -> None:
+    """A create of Server Pro's runner carries its seccomp profile in the query (~20 KB for
+    Overleaf's own): read; a head past MAX_HEAD is refused by the reader
+    (test_a_head_past_its_bound_is_refused)."""
+    target = "/v1.41/containers/create?HostConfig=" + "%22x%22" * 5000
+    head = wire.parse_request(f"POST {target} HTTP/1.1\r\nHost: x".encode())
+    assert head.first == ("POST", target, "1") and len(target) > 32 << 10
+
+
 @pytest.mark.parametrize(
     ("raw", "why"),
     [
@@ -61,6 +70,13 @@ def reader_of(data: bytes) -> wire.Reader:
     left.sendall(data)
     left.close()
     return wire.Reader(right)
+
+
+def test_a_head_past_its_bound_is_refused() -> None:
+    target = b"/v1.41/containers/create?x=" + b"y" * wire.MAX_HEAD
+    with pytest.raises(Refused) as refused:
+        reader_of(b"POST " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n").head()
+    assert refused.value.status == 431
 
 
 def test_a_chunked_body_is_decoded_and_its_trailers_dropped() -> None:
