@@ -14,9 +14,10 @@
 # Only core perl (latexmk needs perl: every TeX Live image has it; python it may not).
 #
 # Request:  {"id":"..","argv":[..],"cwd":"/abs","timeout":S,"env":{..},"tidy":[..]}
-#           tidy: run before and after the compile (the broker sends the exec path's rules:
-#           /tmp emptied entirely, the compile's files handed back to the dir's group); when it
-#           fails, the agent answers and then exits: its container is never used again
+#           tidy: run after the compile, and before it in a container that has not tidied
+#           yet (the broker sends the exec path's rules: /tmp emptied entirely, the compile's
+#           files handed back to the dir's group); when it fails, the agent answers and then
+#           exits: its container is never used again
 #           {"op":"cancel","id":".."}  (while that compile runs)
 # Answers:  {"agent":"ready","version":1,"pid":1}
 #           {"id":"..","fd":1|2,"data":"<base64>"}  the compile's output, in order
@@ -41,6 +42,11 @@ my $started = now();
 my $stdin_buffer = '';
 my $stdin_open = 1;
 my $retire = 0;               # a tidy failed: nothing may be run here again
+# The last compile's tidy succeeded and nothing has run since (it would have failed, or the
+# agent would have exited): the tidy before the next compile would find nothing to do. A fresh
+# container tidies first: the last one of the project may have died before its tidy (the OOM
+# killer, a timeout), leaving files in the dir its group cannot yet write.
+my $tidied = 0;
 
 sub now { clock_gettime(CLOCK_MONOTONIC) }
 
@@ -182,11 +188,12 @@ sub read_stdin {
 sub run_compile {
     my ($r) = @_;
     my $id = $r->{id};
-    if (!tidy($r)) {
+    if (!$tidied && !tidy($r)) {
         $retire = 1;
         return answer({ id => $id, reason => 'error', message => 'tidy before the compile failed',
                         exit => undef, signal => undef, seconds => 0, leftovers => 0 });
     }
+    $tidied = 0;
     my $began = now();
     pipe(my $out_r, my $out_w) or return answer({ id => $id, reason => 'error', message => "pipe: $!" });
     pipe(my $err_r, my $err_w) or return answer({ id => $id, reason => 'error', message => "pipe: $!" });
@@ -275,6 +282,7 @@ sub run_compile {
     $leftovers += reap_all();
     my $seconds = sprintf('%.3f', now() - $began) + 0;
     $retire = 1 unless tidy($r);
+    $tidied = !$retire;
     my %end = (id => $id, seconds => $seconds, leftovers => $leftovers, exit => undef,
                signal => undef);
     $end{message} = 'tidy after the compile failed: the agent exits' if $retire;

@@ -39,8 +39,9 @@ class Reason(enum.Enum):
 @dataclass(frozen=True)
 class Request:
     """One compile for the agent: argv run in `cwd` with `env` added to the container's, for at
-    most `timeout` seconds; `tidy` run before and after it (the exec path's own rules: every
-    process killed, /tmp emptied, the compile's files handed back to the dir's group)."""
+    most `timeout` seconds; `tidy` run after it, and before it in a container that has not
+    tidied yet (the exec path's own rules: every process killed, /tmp emptied, the compile's
+    files handed back to the dir's group; agent.pl says why once is enough)."""
 
     id: str
     argv: tuple[str, ...]

@@ -428,7 +428,36 @@ def test_a_tidy_that_fails_retires_the_container(broker: Broker, compiles: Compi
     job = broker.job(directory, ("true",))
     failing = Request(**{**vars(targets.request(job, LIMITS)), "tidy": ("false",)})
     answer = broker.pool.run(broker.target(directory), failing, lambda o: None)
-    assert answer.reason is Reason.ERROR and "tidy" in answer.message
+    # Its container tidied after the last compile: the one after this compile is what fails.
+    assert answer.reason is Reason.EXIT and answer.status == 0, answer
+    assert answer.message == "tidy after the compile failed: the agent exits"
+    wait_for(lambda: not broker.container(directory).alive(), 10, "the agent to exit")
+    # A fresh container tidies before its first compile: there the failing tidy refuses it.
+    answer = broker.pool.run(broker.target(directory), failing, lambda o: None)
+    assert answer.reason is Reason.ERROR, answer
+    assert answer.message == "tidy before the compile failed"
     wait_for(lambda: not broker.container(directory).alive(), 10, "the agent to exit")
     assert broker.run(directory, "true").answer.status == 0
     assert broker.container(directory).id != before
+
+
+def test_the_tidy_runs_after_every_compile_and_before_only_a_containers_first(
+    broker: Broker, compiles: Compiles
+) -> None:
+    """Between two compiles in one container nothing runs: the last tidy's work stands. A fresh
+    container tidies first (the project's last one may have died before its own tidy)."""
+    directory = compiles.project("tidy-count", {"main.tex": HELLO})
+    job = broker.job(directory, ("true",))
+    count = ("/bin/sh", "-c", f"echo x >> {directory}/tidied")
+    target = broker.target(directory)
+    for i in range(3):
+        request = Request(**{**vars(targets.request(job, LIMITS)), "id": f"t{i}", "tidy": count})
+        answer = broker.pool.run(target, request, lambda o: None)
+        assert answer.reason is Reason.EXIT and answer.status == 0, answer
+    first = broker.container(directory).id
+    assert (directory / "tidied").read_text().count("x") == 1 + 3
+    broker.pool._retire(directory.name)  # the next compile in a fresh container: tidied first
+    request = Request(**{**vars(targets.request(job, LIMITS)), "id": "t3", "tidy": count})
+    assert broker.pool.run(target, request, lambda o: None).status == 0
+    assert broker.container(directory).id != first
+    assert (directory / "tidied").read_text().count("x") == 1 + 3 + 2
