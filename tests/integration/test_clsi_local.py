@@ -212,16 +212,21 @@ def test_a_half_written_pdf_of_a_stopped_compile_never_reads_as_success(
 
 
 def test_a_bad_site_timeout_is_refused_in_one_line(compiles: Compiles, tmp_path: Path) -> None:
-    clsi = service(compiles, tmp_path / "shim", COMPILE_TIMEOUT="3m",
-                   OVERLEAF_INIT_COMPILE_TIMEOUT="")  # fmt: skip
-    project = compiles.project("clsi-badtimeout", {"main.tex": HELLO})
-    started = clsi.run(latexmk_argv(), project)
-    result = finish(clsi, started, 30)
-    assert result.exit_code == 78 and not (project / "output.pdf").exists()
-    # stderr is the service's /dev/null: what it said, by hand.
-    argv = [arg.replace("$COMPILE_DIR", str(project)) for arg in latexmk_argv()]
+    """The site's COMPILE_TIMEOUT is read once, by the compile broker as it starts (PID 1 runs
+    it with the site's environment): a bad value stops it there, exit 78 and one line naming
+    the variable, the value and the fix (PID 1's log shows it at each restart); its socket is
+    never made, so no compile runs at all (the shim's clients get 69, never latexmk
+    unsandboxed: test_broker_service)."""
+    env = compiles.site_env(COMPILE_TIMEOUT="3m")
+    del env[config.COMPILE_TIMEOUT]  # unset: the site's own value is the one read
+    socket = tmp_path / "broker.sock"
     done = subprocess.run(
-        argv, cwd=project, env=clsi.environ, capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == 78
+        [sys.executable, "-m", "init.broker.service"],
+        env={**env, config.COMPILE_BROKER_SOCKET: str(socket),
+             "PYTHONPATH": str(texlive_engine.REPO)},
+        capture_output=True, text=True, timeout=60, cwd=texlive_engine.REPO,
+    )  # fmt: skip
+    assert done.returncode == 78, done.stderr
     assert done.stderr.count("\n") == 1 and "COMPILE_TIMEOUT='3m' is not valid" in done.stderr
+    assert "write whole seconds, e.g. 180" in done.stderr
+    assert not socket.exists()

@@ -139,13 +139,16 @@ def test_a_crashing_service_restarts_with_growing_delays(start: Start, layout: L
 
     # Each delay as the init kept it: from its log of an exit to its log of the next start
     # (its own clock; a stamp the restarted service writes also counts fork and exec, which a
-    # loaded machine stretches).
-    events = [json.loads(line) for line in init.log().splitlines() if line.startswith("{")]
-    crash = [e for e in events if e.get("source") == "crash" and "message" in e]
-    ends = [e["ts"] for e in crash if "restarting in" in e["message"]]
-    begins = [e["ts"] for e in crash if e["message"].startswith("started")]
-    delays = [b - a for a, b in zip(ends, begins[1:], strict=False)][:3]
-    assert len(delays) == 3, crash
+    # loaded machine stretches). Waited for in the log itself: the fourth start's stamp can be
+    # written before the init has logged that start.
+    def logged_delays() -> list[float]:
+        events = [json.loads(line) for line in init.log().splitlines() if line.startswith("{")]
+        crash = [e for e in events if e.get("source") == "crash" and "message" in e]
+        ends = [e["ts"] for e in crash if "restarting in" in e["message"]]
+        begins = [e["ts"] for e in crash if e["message"].startswith("started")]
+        return [b - a for a, b in zip(ends, begins[1:], strict=False)][:3]
+
+    delays = wait_for(lambda: len(logged_delays()) == 3 and logged_delays(), 5, "3 logged delays")
     for got, want in zip(delays, (0.5, 1.0, 2.0), strict=True):
         assert want - 0.05 <= got <= want + 0.4, f"restart delays {delays}"
 
