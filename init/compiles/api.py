@@ -417,14 +417,18 @@ def run_compile(
 def _follow(sock: _socket.socket, stopped_fd: int, allowed: float, project: str) -> Outcome:
     answers = client.Answers()
     deadline = time.monotonic() + allowed
-    watched = [sock.fileno(), stopped_fd]
+    # poll, not select: with many connections open, fd numbers pass select's 1024.
+    watched = select.poll()
+    watched.register(sock.fileno(), select.POLLIN)
+    watched.register(stopped_fd, select.POLLIN)
     stopping = False  # a Stop was sent
     stuck: dict[str, Any] = {}
     while True:
         left = deadline - time.monotonic()
         if left <= 0 and stopping:  # no answer to the Stop: the broker stops it on the close
             return Outcome(-signal.SIGKILL, stuck or _stopped(project).result)
-        if left <= 0 or stopped_fd in (ready := select.select(watched, [], [], left)[0]):
+        ready = {fd for fd, _ in watched.poll(max(0, left) * 1000)} if left > 0 else set()
+        if left <= 0 or stopped_fd in ready:
             if left <= 0:
                 stuck = {
                     "status": "stuck",
@@ -433,7 +437,7 @@ def _follow(sock: _socket.socket, stopped_fd: int, allowed: float, project: str)
                 }
             sock.sendall(Stop(signal.SIGTERM).encode())
             stopping = True
-            watched = [sock.fileno()]
+            watched.unregister(stopped_fd)
             deadline = time.monotonic() + STOP_GRACE
             continue
         if sock.fileno() not in ready:
