@@ -12,6 +12,7 @@ import socket
 import tarfile
 import threading
 import time
+import types
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -552,6 +553,23 @@ def test_a_missing_compiles_dir_says_which_variable(tmp_path: Path) -> None:
     answer = post(service, b"x", "text/x-tex")
     assert answer.status == 500
     assert "OVERLEAF_INIT_COMPILES_DIR" in json.loads(answer.body)["message"]
+
+
+def test_a_compile_past_its_deadline_is_stopped_and_answered_as_stuck(
+    service: compile_api.Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the request's deadline the broker is sent a Stop (as SIGTERM to the command's
+    process was) and its answer taken: 500 "stuck", the exit the signal makes."""
+    short = types.SimpleNamespace(command=0.3)
+    monkeypatch.setattr(compile_api.Deadlines, "from_timeout", lambda timeout: short)
+    began = time.monotonic()
+    answer = post(service, b"HANG", "text/x-tex")
+    assert time.monotonic() - began < 5
+    assert answer.status == 500
+    document = json.loads(answer.body)
+    assert (document["status"], document["exit_status"]) == ("stuck", -15)
+    assert "did not end within 0.3 s" in document["message"]
+    assert list(service.compiles_dir.iterdir()) == []
 
 
 def test_removal_never_leaves_the_compiles_root(tmp_path: Path) -> None:
