@@ -1,5 +1,6 @@
 """The broker's thin client: the shim on the services' PATH, and the transport of
-`sharelatex-init compile` and the HTTP compile service.
+`sharelatex-init compile`; the HTTP compile service (init.compiles.api, threads: no signals)
+uses its connection, its line for a broker down and its reading of the answers.
 
   python3 -I -S -c '...client.main()' --socket PATH [--wait S] COMMAND ARGS...   (the shim)
 
@@ -29,6 +30,7 @@ from init.broker.messages import (
     Chunk,
     CommandRequest,
     Final,
+    FromBroker,
     MessageError,
     ShimRequest,
     Stop,
@@ -83,6 +85,36 @@ def connect(path: str, wait: float, wakeup: int) -> socket.socket:
                 raise KeyboardInterrupt from e  # a stop signal: the caller dies of it
 
 
+def down_line(path: str, why: BrokerDown, wait: float) -> str:
+    """The one line for a broker that did not answer within `wait` (BrokerDown `why`)."""
+    return (
+        f"the compile broker does not answer at {path} ({why}, waited {wait:g} s): it runs "
+        "with the site when sandboxed compiles are on; see `sharelatex-init status` and "
+        "the site's log (the compile was not run)"
+    )
+
+
+class Answers:
+    """The broker's lines, as they come off its connection, read as its messages: `feed` the
+    bytes received, get the whole messages in them. MessageError for a line that is not one,
+    or one longer than the messages allow (the connection is not trusted further)."""
+
+    __slots__ = ("_buffer",)
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[FromBroker]:
+        self._buffer += data
+        messages: list[FromBroker] = []
+        while b"\n" in self._buffer:
+            line, _, self._buffer = self._buffer.partition(b"\n")
+            messages.append(decode_answer(line))
+        if len(self._buffer) > 2 * MAX_LINE:
+            raise MessageError("a line too long")
+        return messages
+
+
 def call(
     path: str,
     request: ShimRequest | CommandRequest,
@@ -102,11 +134,7 @@ def call(
     try:
         sock = connect(path, wait, wakeup_r)
     except BrokerDown as e:
-        line = (
-            f"the compile broker does not answer at {path} ({e}, waited {wait:g} s): it runs "
-            "with the site when sandboxed compiles are on; see `sharelatex-init status` and "
-            "the site's log (the compile was not run)"
-        )
+        line = down_line(path, e, wait)
         if down is not None:
             return down(line)
         _write(err, f"{who}: {line}\n")
@@ -124,7 +152,7 @@ def call(
 
 def _follow(sock: socket.socket, wakeup: int, out: int, err: int, who: str) -> int:
     stopped: int | None = None
-    buffer = b""
+    answers = Answers()
     while True:
         try:
             ready, _, _ = select.select([sock.fileno(), wakeup], [], [])
@@ -143,21 +171,16 @@ def _follow(sock: socket.socket, wakeup: int, out: int, err: int, who: str) -> i
             if stopped is not None:
                 die_of(stopped)
             return EX_UNAVAILABLE
-        buffer += data
-        while b"\n" in buffer:
-            line, _, buffer = buffer.partition(b"\n")
-            try:
-                message = decode_answer(line)
-            except MessageError as e:
-                _write(err, f"{who}: the compile broker sent {e}\n")
-                return EX_UNAVAILABLE
+        try:
+            messages = answers.feed(data)
+        except MessageError as e:
+            _write(err, f"{who}: the compile broker sent {e}\n")
+            return EX_UNAVAILABLE
+        for message in messages:
             if isinstance(message, Chunk):
                 _write_bytes(out, message.data)
                 continue
             return _end(message, stopped, out, err)
-        if len(buffer) > 2 * MAX_LINE:
-            _write(err, f"{who}: the compile broker sent a line too long\n")
-            return EX_UNAVAILABLE
 
 
 def _end(final: Final, stopped: int | None, out: int, err: int) -> int:

@@ -1,9 +1,10 @@
 """The compile API: POST a .tex file or a tar of a project, get the PDF or a JSON error.
 
 `python -m init.compiles.api --listen ADDR` (the `compile-api` service) puts each upload in a
-fresh project dir of its own under the compiles root, runs `sharelatex-init compile DIR
---project ID --json` on it (the sandbox, its limits and its queue are that command's), answers
-with what it said, and removes the dir. Used by the demo and by operators checking a site:
+fresh project dir of its own under the compiles root, asks the compile broker (init.broker) on
+its socket, from this process, for what `sharelatex-init compile DIR --project ID --json` does
+(the sandbox, its limits and its queue are the broker's), answers with what it said, and
+removes the dir. Used by the demo and by operators checking a site:
 
     curl --data-binary @main.tex -H 'Content-Type: text/x-tex' \\
          -o out.pdf http://127.0.0.1:8090/compile
@@ -27,7 +28,9 @@ Answers:
   422                   a LaTeX error (exit 1): the first error lines and the log's tail
   429 + Retry-After     more uploads at once than --max-pending (counted once a body is in)
   503 + Retry-After     TeX Live is still installing (exit 75): its message, as is; the engine
-                        cannot be reached (exit 69); the runner was stopped (limit "stopped");
+                        cannot be reached, or no compile broker answers at its socket within
+                        10 s (exit 69, status "engine"); the compile was stopped (limit
+                        "stopped": this service or the broker stopping);
                         more connections than --max-connections, none of them idle
   507                   the compile dir's disk is full (exit 73): the server's to fix, not the
                         document's; the same compile works once there is room
@@ -46,6 +49,7 @@ and threads, slots taken only by complete uploads; archives with bounded headers
 
 from __future__ import annotations
 
+import _socket
 import argparse
 import contextlib
 import errno
@@ -53,10 +57,10 @@ import json
 import os
 import re
 import secrets
+import select
 import shutil
 import signal
 import stat
-import subprocess
 import sys
 import tempfile
 import threading
@@ -68,10 +72,12 @@ from pathlib import Path
 from typing import IO, Any
 
 from init import config
+from init.broker import client
+from init.broker.messages import CommandRequest, Final, MessageError, Stop
 from init.compiles.archive import ArchiveLimits, Refusal, extract, megabytes
 from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Limit, Status
 from init.compiles.environment import read_environment, with_init_environment
-from init.compiles.settings import Deadlines
+from init.compiles.settings import Deadlines, broker_socket
 from init.config import COMPILE_API_ADDRESS, COMPILES_DIR
 from init.core.log import Log
 from init.errors import ConfigError
@@ -331,24 +337,29 @@ def _tail(text: str, lines: int) -> str:
 
 @dataclass(frozen=True)
 class Service:
-    """Where projects go, what runs them, and the limits."""
+    """Where projects go, the broker that runs them (its socket, how long to wait for it, the
+    environment its requests carry), and the limits."""
 
     compiles_dir: Path
-    command: tuple[str, ...] = (sys.executable, "-m", "init.compiles.command")
+    broker: Path  # the compile broker's socket (init.compiles.settings.broker_socket)
+    environ: Mapping[str, str] = field(default_factory=dict)
     limits: Limits = Limits()
     allow_keep: bool = False  # --allow-keep: clients may ask to keep their project dir
+    broker_wait: float = client.DEFAULT_WAIT  # seconds for a broker that is (re)starting
 
 
 class Compiles:
-    """The uploads in flight: their count (for --max-pending) and the compile processes, so
-    that SIGTERM can end them and wait for their answers and cleanup."""
+    """The uploads in flight: their count (for --max-pending), and a stop every compile's
+    connection to the broker watches, so that SIGTERM can stop them and wait for their
+    answers and cleanup."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
         self.stopping = False
-        self.processes: set[subprocess.Popen[bytes]] = set()
         self.changed = threading.Condition()
+        # Readable once the service stops (never drained: every compile sees it).
+        self.stopped_fd, self._stop = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def enter(self) -> bool:
         with self.changed:
@@ -363,14 +374,13 @@ class Compiles:
             self.changed.notify_all()
 
     def stop(self, grace: float) -> None:
-        """Refuse new uploads, SIGTERM every running compile command (each ends its own
-        container), and wait up to `grace` for the requests to finish."""
+        """Refuse new uploads, stop every running compile (each asks the broker to stop it, as
+        a SIGTERM to the compile command did), and wait up to `grace` for the requests."""
         deadline = time.monotonic() + grace
         with self.changed:
-            self.stopping = True
-            for proc in self.processes:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
+            if not self.stopping:
+                self.stopping = True
+                os.write(self._stop, b"x")
             while self.active and (left := deadline - time.monotonic()) > 0:
                 self.changed.wait(left)
 
@@ -378,50 +388,91 @@ class Compiles:
 def run_compile(
     service: Service, compiles: Compiles, project_dir: Path, project: str, options: Options
 ) -> Outcome:
-    argv = [
-        *service.command, str(project_dir), "--project", project, "--json",
-        "--main", options.main or "main.tex", "--engine", options.engine,
-        "--timeout", f"{options.timeout:g}",
-    ]  # fmt: skip
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True
-        )
-        with compiles.changed:
-            compiles.processes.add(proc)
-        allowed = Deadlines.from_timeout(options.timeout).command
-        try:
-            try:
-                exit_status = proc.wait(allowed)
-            except subprocess.TimeoutExpired:
-                exit_status = _end(proc)
-                return Outcome(
-                    exit_status,
-                    {
-                        "status": "stuck",
-                        "reason": f"the compile command did not end within {allowed:g} s "
-                        "(its timeout and the time it may queue); it was stopped",
-                    },
-                )
-        finally:
-            with compiles.changed:
-                compiles.processes.discard(proc)
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read(4 * 1024 * 1024).decode(errors="replace")
-        stderr = err.read(1024 * 1024).decode(errors="replace")
-    return Outcome(exit_status, _last_json(stdout), stderr)
-
-
-def _end(proc: subprocess.Popen[bytes]) -> int:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+    """The compile of `project_dir`, asked of the broker over its socket: the Outcome as the
+    compile command's process would have given it (its exit status, its JSON, its stderr).
+    Past its deadline, or when the service stops, the broker is asked to stop it (a Stop, as
+    the command's client sends on SIGTERM); no answer within STOP_GRACE: the connection is
+    closed, which stops it too."""
+    request = CommandRequest(
+        directory=str(project_dir), main=options.main or "main.tex", engine=options.engine,
+        timeout=options.timeout, project=project, json=True, env=dict(service.environ),
+    )  # fmt: skip
+    path = str(service.broker)
     try:
-        return proc.wait(STOP_GRACE)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        return proc.wait()
+        sock = client.connect(path, service.broker_wait, compiles.stopped_fd)
+    except client.BrokerDown as e:
+        return _unavailable(client.down_line(path, e, service.broker_wait), project)
+    except KeyboardInterrupt:  # the service stopped while the broker was awaited
+        return _stopped(project)
+    allowed = Deadlines.from_timeout(options.timeout).command
+    try:
+        sock.sendall(request.encode())
+        return _follow(sock, compiles.stopped_fd, allowed, project)
+    except OSError as e:
+        return _unavailable(f"the compile broker's connection failed: {e.strerror}", project)
+    finally:
+        sock.close()  # a compile still running is stopped by the broker when it sees this
+
+
+def _follow(sock: _socket.socket, stopped_fd: int, allowed: float, project: str) -> Outcome:
+    answers = client.Answers()
+    deadline = time.monotonic() + allowed
+    # poll, not select: with many connections open, fd numbers pass select's 1024.
+    watched = select.poll()
+    watched.register(sock.fileno(), select.POLLIN)
+    watched.register(stopped_fd, select.POLLIN)
+    stopping = False  # a Stop was sent
+    stuck: dict[str, Any] = {}
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 and stopping:  # no answer to the Stop: the broker stops it on the close
+            return Outcome(-signal.SIGKILL, stuck or _stopped(project).result)
+        ready = {fd for fd, _ in watched.poll(max(0, left) * 1000)} if left > 0 else set()
+        if left <= 0 or stopped_fd in ready:
+            if left <= 0:
+                stuck = {
+                    "status": "stuck",
+                    "reason": f"the compile command did not end within {allowed:g} s "
+                    "(its timeout and the time it may queue); it was stopped",
+                }
+            sock.sendall(Stop(signal.SIGTERM).encode())
+            stopping = True
+            watched.unregister(stopped_fd)
+            deadline = time.monotonic() + STOP_GRACE
+            continue
+        if sock.fileno() not in ready:
+            continue
+        data = sock.recv(1 << 16)
+        if not data:
+            return _unavailable("the compile broker ended during the compile; compile again",
+                                project)  # fmt: skip
+        try:
+            messages = answers.feed(data)
+        except MessageError as e:
+            return _unavailable(f"the compile broker sent {e}", project)
+        for message in messages:
+            if isinstance(message, Final):
+                return _finished(message, stuck)
+
+
+def _finished(final: Final, stuck: Mapping[str, Any]) -> Outcome:
+    """The Outcome of the broker's Final: what the command's process would have exited with
+    (killed by its signal: minus it, as Popen says) and printed."""
+    exit_status = -final.signal if final.signal else final.status
+    return Outcome(exit_status, dict(stuck) or _last_json(final.stdout), final.stderr)
+
+
+def _unavailable(line: str, project: str) -> Outcome:
+    """No broker to compile with: the command's own answer (exit 69, status engine)."""
+    document = {"status": Status.ENGINE.word, "exit_status": int(Status.ENGINE),
+                "reason": line, "project": project}  # fmt: skip
+    return Outcome(int(Status.ENGINE), document)
+
+
+def _stopped(project: str) -> Outcome:
+    document = {"status": Status.LIMIT.word, "limit": Limit.STOPPED.value, "project": project,
+                "reason": "the compile API is stopping; try again shortly"}  # fmt: skip
+    return Outcome(-signal.SIGTERM, document)
 
 
 def _last_json(stdout: str) -> dict[str, Any]:
@@ -671,12 +722,8 @@ def app(service: Service, compiles: Compiles, log: Log) -> App:
     return App(NAME, {"/healthz": {"GET": healthz}, "/compile": {"POST": compile_}}, log)
 
 
-def main(
-    argv: Sequence[str] | None = None,
-    environ: Mapping[str, str] | None = None,
-    command: tuple[str, ...] | None = None,
-) -> int:
-    """The service; `command` stands in for the compile command (tests)."""
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """The service."""
     env = os.environ if environ is None else environ
     parser = argparse.ArgumentParser(
         prog="python -m init.compiles.api",
@@ -738,7 +785,8 @@ def main(
     )
     service = Service(
         compiles_dir.absolute(),
-        command=command or Service.command,
+        broker_socket(env),
+        environ=env,
         limits=limits,
         allow_keep=options.allow_keep,
     )

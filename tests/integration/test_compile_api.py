@@ -1,6 +1,7 @@
 """The compile API for real: `python -m init.compiles.api` as www-data (as its run script starts
-it) on a loopback port, running the real `sharelatex-init compile` (init.compiles.command) against a
-private dockerd holding the TeX Live image that scripts/build-images makes.
+it) on a loopback port, a client of the real compile broker (init.broker, the harness's: one per
+site environment) against a private dockerd holding the TeX Live image that scripts/build-images
+makes.
 
 Each test posts what an operator would (curl --data-binary) and checks the answer, that the
 project dir is gone afterwards and that no compile container is left behind.
@@ -96,11 +97,18 @@ def site(compiles: Compiles) -> Path:  # noqa: F811
     return base
 
 
-def start_api(compiles: Compiles, site: Path, name: str, **env: str) -> Api:  # noqa: F811
+def start_api(
+    compiles: Compiles,  # noqa: F811
+    site: Path,
+    name: str,
+    broker: bool = True,
+    **env: str,
+) -> Api:
+    """The service as www-data; with a broker for its environment (`broker`), else none."""
     port = free_port()
     log_path = site.parent / f"{name}.log"
     python, python_env = www_data_python()
-    environment = compiles.env(
+    environment = (compiles.env if broker else compiles.site_env)(
         OVERLEAF_INIT_COMPILES_DIR=str(site / "compiles"),
         OVERLEAF_INIT_COMPILE_RUN_DIR=str(site / "run"),
         OVERLEAF_INIT_STATUS_FILE=str(site / "status.json"),
@@ -245,6 +253,70 @@ def test_keep_is_not_for_clients_and_a_short_body_compiles_nothing(
         sock.shutdown(socket.SHUT_WR)
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert compiles.containers() == ""
+
+
+def descendants(pid: int) -> list[str]:
+    """The command lines of `pid`'s children, and theirs."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            except OSError:
+                continue
+            found.append(cmdline.decode(errors="replace").strip())
+            found.extend(descendants(int(child)))
+    return found
+
+
+def test_a_compile_starts_no_process_of_the_service(
+    api: Api,
+    compiles: Compiles,  # noqa: F811
+    clean: None,
+) -> None:
+    """The service asks the broker over its socket: no `init.compiles.command` (nor any other
+    process) under it while a compile runs, from the upload to the answer."""
+    looping = rb"\documentclass{article}\begin{document}\def\x{\x}\x\end{document}"
+    answers: list[tuple[int, dict[str, str], bytes]] = []
+    client = threading.Thread(
+        target=lambda: answers.append(api.post(looping, "text/x-tex", "?timeout=3"))
+    )
+    seen: list[str] = []
+    client.start()
+    while client.is_alive():
+        seen.extend(descendants(api.proc.pid))
+        time.sleep(0.05)
+    client.join()
+    assert answers and answers[0][0] == 413, answers  # it did compile (and hit its timeout)
+    assert seen == [], seen
+
+
+def test_no_broker_is_503_naming_its_socket_within_the_wait(
+    compiles: Compiles,  # noqa: F811
+    site: Path,
+) -> None:
+    """No broker listening: the client's bounded wait (client.DEFAULT_WAIT, 10 s), then the
+    compile command's own answer for it (exit 69, status engine), as a 503 to retry."""
+    alone = start_api(compiles, site, "api-no-broker", broker=False)
+    try:
+        began = time.monotonic()
+        code, headers, body = alone.post(DOCUMENT, "text/x-tex")
+        took = time.monotonic() - began
+    finally:
+        stop(alone)
+    assert code == 503, body.decode(errors="replace")
+    assert headers["Retry-After"] == "10"
+    error = json.loads(body)
+    assert (error["status"], error["exit_status"]) == ("engine", 69)
+    assert f"does not answer at {site / 'broker.sock'}" in error["message"], error["message"]
+    assert "Traceback" not in alone.log() and "Traceback" not in body.decode()
+    assert 9 < took < 20, f"took {took:.1f} s"
+    assert list(alone.root.iterdir()) == []
     assert compiles.containers() == ""
 
 

@@ -1,5 +1,5 @@
 """The compile API's attack battery over real sockets: `python -m init.compiles.api`'s main in
-a process of its own, with a stand-in for the compile command (a PDF at once, or a 96 MiB one),
+a process of its own, with a stand-in for the compile broker (a PDF at once, or a 96 MiB one),
 so each attack measures the service itself: its threads, its memory (VmRSS, and VmHWM for the
 peak), and how soon an honest client is answered while the attack goes on.
 
@@ -35,26 +35,38 @@ MAX_CONNECTIONS = 64
 MAX_PENDING = 4
 HONEST_WITHIN = 3.0  # seconds an honest compile may take while an attack goes on
 DOCUMENT = b"\\documentclass{article}\\begin{document}honest\\end{document}"
+# A stand-in for the compile broker on its socket: each request answered at once as the
+# compile command would (its JSON), with a PDF (or a 96 MiB one) in the project dir.
 STAND_IN = """\
-import json, os, pathlib, sys
-args = sys.argv[1:]
-project_dir = pathlib.Path(args[0])
-rest = [a for a in args[1:] if a != "--json"]
-opts = dict(zip(rest[::2], rest[1::2]))
-with open(os.environ["STAND_IN_LOG"], "a") as log:
-    log.write(opts["--project"] + "\\n")
-main = (project_dir / opts["--main"]).read_bytes()
-pdf = project_dir / "output.pdf"
-pdf.write_bytes(b"%PDF-1.5 stand-in\\n")
-if b"BIGPDF" in main:
-    with open(pdf, "r+b") as f:
-        f.truncate(96 << 20)
-print(json.dumps({"status": "ok", "exit_status": 0, "pdf": str(pdf), "seconds": 0.01}))
+import json, os, pathlib, socket, sys, threading
+from init.broker.messages import Final, decode_request
+def serve(conn):
+    with conn:
+        data = b""
+        while b"\\n" not in data:
+            got = conn.recv(1 << 16)
+            if not got:
+                return
+            data += got
+        request = decode_request(data.partition(b"\\n")[0])
+        with open(os.environ["STAND_IN_LOG"], "a") as log:
+            log.write(request.project + "\\n")
+        project_dir = pathlib.Path(request.directory)
+        main = (project_dir / request.main).read_bytes()
+        pdf = project_dir / "output.pdf"
+        pdf.write_bytes(b"%PDF-1.5 stand-in\\n")
+        if b"BIGPDF" in main:
+            with open(pdf, "r+b") as f:
+                f.truncate(96 << 20)
+        document = {"status": "ok", "exit_status": 0, "pdf": str(pdf), "seconds": 0.01}
+        conn.sendall(Final(0, json.dumps(document) + "\\n").encode())
+listener = socket.socket(socket.AF_UNIX)
+listener.bind(sys.argv[1])
+listener.listen(64)
+while True:
+    threading.Thread(target=serve, args=(listener.accept()[0],), daemon=True).start()
 """
-DRIVER = (
-    "import sys; from init.compiles import api; "
-    "sys.exit(api.main(sys.argv[2:], command=(sys.executable, sys.argv[1])))"
-)
+DRIVER = "import sys; from init.compiles import api; sys.exit(api.main(sys.argv[1:]))"
 
 
 @dataclass
@@ -115,30 +127,39 @@ def read_all(sock: socket.socket) -> bytes:
 def service(tmp_path: Path) -> Iterator[Service]:
     compiles = tmp_path / "compiles"
     compiles.mkdir()
-    stand_in = tmp_path / "stand_in.py"
-    stand_in.write_text(STAND_IN)
+    broker_socket = tmp_path / "broker.sock"
     port = free_port()
     log_path = tmp_path / "api.log"
+    env = {
+        **os.environ,
+        "STAND_IN_LOG": str(tmp_path / "compiled.log"),
+        "OVERLEAF_INIT_COMPILE_BROKER_SOCKET": str(broker_socket),
+    }
     with log_path.open("wb") as log:
+        broker = subprocess.Popen(
+            [PYTHON, "-c", STAND_IN, str(broker_socket)], stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, cwd=REPO, env=env, start_new_session=True,
+        )  # fmt: skip
         proc = subprocess.Popen(
-            [PYTHON, "-c", DRIVER, str(stand_in), "--listen", f"127.0.0.1:{port}",
+            [PYTHON, "-c", DRIVER, "--listen", f"127.0.0.1:{port}",
              "--compiles-dir", str(compiles), "--max-pending", str(MAX_PENDING),
              "--max-connections", str(MAX_CONNECTIONS), "--max-upload-mb", "4"],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-            env={**os.environ, "STAND_IN_LOG": str(tmp_path / "compiled.log")},
-            start_new_session=True,
+            env=env, start_new_session=True,
         )  # fmt: skip
     running = Service(proc, port, compiles, log_path, tmp_path / "compiled.log")
-    wait_for(lambda: "listening on" in running.log() or proc.poll() is not None, 20, "the API")
-    assert proc.poll() is None, running.log()
-    yield running
-    proc.send_signal(signal.SIGTERM)
     try:
+        wait_for(lambda: "listening on" in running.log() or proc.poll() is not None, 20, "the API")
+        wait_for(lambda: broker_socket.exists() or broker.poll() is not None, 20, "the broker")
+        assert proc.poll() is None and broker.poll() is None, running.log()
+        yield running
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0, running.log()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for started in (proc, broker):
+            if started.poll() is None:
+                started.kill()
+                started.wait()
     assert "Traceback" not in running.log(), running.log()
 
 

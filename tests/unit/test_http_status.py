@@ -4,17 +4,22 @@ one request with a stand-in compile command (the real one: tests/integration).""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
-import sys
+import socket
 import tarfile
-from collections.abc import Mapping
+import threading
+import time
+import types
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from init.broker.messages import CommandRequest, Final, Stop, decode_request
 from init.compiles import api as compile_api
 from init.compiles import archive
 from init.compiles.api import Limits, Options, Outcome, Refusal
@@ -368,40 +373,88 @@ def test_the_log_tail_is_read_from_the_log_path(tmp_path: Path) -> None:
     assert compile_api.log_tail({"log": None}) == ""
 
 
-# -- one request through the compile API, with a stand-in for the compile command -------------
+# -- one request through the compile API, with a stand-in for the compile broker --------------
 
-STAND_IN = """\
-import json, pathlib, sys
-args = sys.argv[1:]
-project_dir = pathlib.Path(args[0])
-opts = dict(zip(args[1::2], args[2::2])) if "--json" not in args else {}
-rest = [a for a in args[1:] if a != "--json"]
-opts = dict(zip(rest[::2], rest[1::2]))
-(project_dir / "argv.json").write_text(json.dumps(args))
-main = (project_dir / opts["--main"]).read_text()
-if "FAIL" in main:
-    log = project_dir / "output.log"
-    log.write_text("! Undefined control sequence.\\nl.3 \\\\FAIL\\n")
-    print(json.dumps({"status": "latex_error", "exit_status": 1, "reason": "LaTeX error: x",
-                      "errors": ["! Undefined control sequence."], "log": str(log), "pdf": None,
-                      "limit": None, "seconds": 0.1, "project": opts["--project"]}))
-    sys.exit(1)
-pdf = project_dir / "output.pdf"
-pdf.write_bytes(b"%PDF-1.5 stand-in " + main.encode())
-print(json.dumps({"status": "ok", "exit_status": 0, "reason": "the PDF is ready",
-                  "pdf": str(pdf), "log": None, "seconds": 0.25, "errors": [], "limit": None}))
-"""
+
+def stand_in(conn: socket.socket, requests: list[CommandRequest]) -> None:
+    """Answer one request as the broker would answer the compile command's: its JSON."""
+    with conn:
+        data = b""
+        while b"\n" not in data:
+            data += conn.recv(1 << 16) or b"\n"
+        line, _, data = data.partition(b"\n")
+        request = decode_request(line)
+        assert isinstance(request, CommandRequest)
+        requests.append(request)
+        project_dir = Path(request.directory)
+        main = (project_dir / request.main).read_text()
+        if "HANG" in main:  # until it is stopped: then as a stopped compile answers
+            while b"\n" not in data:  # (it may have come with the request)
+                data += conn.recv(4096) or b"\n"
+            stop = decode_request(data.partition(b"\n")[0])
+            assert isinstance(stop, Stop)
+            document = {"status": "limit", "limit": "stopped", "reason": "stopped"}
+            conn.sendall(Final(2, json.dumps(document), signal=stop.signal).encode())
+            return
+        if "FAIL" in main:
+            log = project_dir / "output.log"
+            log.write_text("! Undefined control sequence.\nl.3 \\FAIL\n")
+            document = {
+                "status": "latex_error",
+                "exit_status": 1,
+                "reason": "LaTeX error: x",
+                "errors": ["! Undefined control sequence."],
+                "log": str(log),
+                "pdf": None,
+                "limit": None,
+                "seconds": 0.1,
+                "project": request.project,
+            }
+            conn.sendall(Final(1, json.dumps(document) + "\n").encode())
+            return
+        pdf = project_dir / "output.pdf"
+        pdf.write_bytes(b"%PDF-1.5 stand-in " + main.encode())
+        document = {
+            "status": "ok",
+            "exit_status": 0,
+            "reason": "the PDF is ready",
+            "pdf": str(pdf),
+            "log": None,
+            "seconds": 0.25,
+            "errors": [],
+            "limit": None,
+        }
+        conn.sendall(Final(0, json.dumps(document) + "\n").encode())
 
 
 @pytest.fixture
-def service(tmp_path: Path) -> compile_api.Service:
-    script = tmp_path / "stand_in.py"
-    script.write_text(STAND_IN)
+def requests(tmp_path: Path) -> Iterator[list[CommandRequest]]:
+    """The requests the stand-in broker at tmp_path/broker.sock got."""
+    got: list[CommandRequest] = []
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(str(tmp_path / "broker.sock"))
+    listener.listen(8)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn = listener.accept()[0]
+                threading.Thread(target=stand_in, args=(conn, got), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield got
+    listener.shutdown(socket.SHUT_RDWR)
+    listener.close()
+
+
+@pytest.fixture
+def service(tmp_path: Path, requests: list[CommandRequest]) -> compile_api.Service:
     compiles = tmp_path / "compiles"
     compiles.mkdir()
     return compile_api.Service(
-        compiles, (sys.executable, str(script)), Limits(max_upload=16384), allow_keep=True
-    )
+        compiles, tmp_path / "broker.sock", {"HOME": "/x"}, Limits(max_upload=16384),
+        allow_keep=True,
+    )  # fmt: skip
 
 
 def post(service: compile_api.Service, body: bytes, content_type: str, **query: str) -> Response:
@@ -420,19 +473,47 @@ def test_a_tex_upload_gets_the_pdf_and_its_dir_is_removed(service: compile_api.S
     assert list(service.compiles_dir.iterdir()) == []
 
 
-def test_keep_leaves_the_project_and_the_command_gets_the_options(
-    service: compile_api.Service,
+def test_keep_leaves_the_project_and_the_broker_gets_the_options(
+    service: compile_api.Service, requests: list[CommandRequest]
 ) -> None:
     upload = tar_bytes((member("paper.tex"), b"hello"), gz=True)
     answer = post(service, upload, "application/x-tar", keep="1", engine="xelatex")
     assert answer.status == 200
     (project_dir,) = service.compiles_dir.iterdir()
     assert dict(answer.headers)["X-Compile-Project"] == project_dir.name
-    argv = json.loads((project_dir / "argv.json").read_text())
-    assert argv == [
-        str(project_dir), "--project", project_dir.name, "--json", "--main", "paper.tex",
-        "--engine", "xelatex", "--timeout", "60",
+    assert requests == [
+        CommandRequest(str(project_dir), "paper.tex", "xelatex", None, 60.0, project_dir.name,
+                       json=True, env={"HOME": "/x"})
     ]  # fmt: skip
+
+
+def test_no_broker_is_503_engine_naming_its_socket(tmp_path: Path) -> None:
+    (tmp_path / "compiles").mkdir()
+    service = compile_api.Service(tmp_path / "compiles", tmp_path / "gone.sock", broker_wait=0.3)
+    answer = post(service, b"x", "text/x-tex")
+    assert answer.status == 503 and dict(answer.headers)["Retry-After"] == "10"
+    document = json.loads(answer.body)
+    assert (document["status"], document["exit_status"]) == ("engine", 69)
+    assert f"does not answer at {tmp_path / 'gone.sock'}" in document["message"]
+    assert "waited 0.3 s" in document["message"]
+    assert list(service.compiles_dir.iterdir()) == []
+
+
+def test_the_service_stopping_stops_the_compile_by_a_stop(service: compile_api.Service) -> None:
+    compiles = compile_api.Compiles(4)
+    app = compile_api.app(service, compiles, Log(io.StringIO()))
+    answers: list[Response] = []
+    upload = request("POST", "/compile", {}, {"content-type": "text/x-tex"}, b"HANG")
+    asking = threading.Thread(target=lambda: answers.append(app.respond(upload)))
+    asking.start()
+    while not compiles.active:
+        time.sleep(0.01)
+    compiles.stop(10)
+    asking.join(10)
+    assert answers and answers[0].status == 503
+    document = json.loads(answers[0].body)
+    assert (document["reason"], document["exit_status"]) == ("stopped", -15)
+    assert list(service.compiles_dir.iterdir()) == []
 
 
 def test_a_latex_error_is_422_with_the_log_tail(service: compile_api.Service) -> None:
@@ -468,10 +549,27 @@ def test_too_many_at_once_is_429_once_the_body_is_in(service: compile_api.Servic
 
 
 def test_a_missing_compiles_dir_says_which_variable(tmp_path: Path) -> None:
-    service = compile_api.Service(tmp_path / "missing")
+    service = compile_api.Service(tmp_path / "missing", tmp_path / "broker.sock")
     answer = post(service, b"x", "text/x-tex")
     assert answer.status == 500
     assert "OVERLEAF_INIT_COMPILES_DIR" in json.loads(answer.body)["message"]
+
+
+def test_a_compile_past_its_deadline_is_stopped_and_answered_as_stuck(
+    service: compile_api.Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the request's deadline the broker is sent a Stop (as SIGTERM to the command's
+    process was) and its answer taken: 500 "stuck", the exit the signal makes."""
+    short = types.SimpleNamespace(command=0.3)
+    monkeypatch.setattr(compile_api.Deadlines, "from_timeout", lambda timeout: short)
+    began = time.monotonic()
+    answer = post(service, b"HANG", "text/x-tex")
+    assert time.monotonic() - began < 5
+    assert answer.status == 500
+    document = json.loads(answer.body)
+    assert (document["status"], document["exit_status"]) == ("stuck", -15)
+    assert "did not end within 0.3 s" in document["message"]
+    assert list(service.compiles_dir.iterdir()) == []
 
 
 def test_removal_never_leaves_the_compiles_root(tmp_path: Path) -> None:
