@@ -23,7 +23,7 @@ from init.broker import target as targets
 from init.broker.pool import Cancelled, Pool
 from init.broker.protocol import Answer, Output, ProtocolError, Reason
 from init.broker.warm import AgentGone
-from init.compiles.budget import Watcher, settle
+from init.compiles.budget import Settled, Watcher, settle
 from init.compiles.outcome import NotReady, Ran, not_ready_message
 from init.compiles.profile import Job
 from init.compiles.runner import Runner, StopSignals
@@ -111,6 +111,22 @@ class StopFd(StopSignals):
         return False
 
 
+@dataclass
+class _Turn:
+    """What one compile's turn in the pool hands over: its container, its budget watcher and
+    when it began (set once it is placed; a second attempt keeps the first's), how it ended."""
+
+    container: str | None = None
+    watcher: Watcher | None = None
+    began: float = 0.0  # time.time(), for the engine's OOM events
+    started: float | None = None  # time.monotonic()
+    settled: Settled | None = None  # past its budget: what was removed
+    oom: bool = False
+
+    def seconds(self) -> float:
+        return 0.0 if self.started is None else time.monotonic() - self.started
+
+
 def run(
     broker: Broker,
     settings: CompileSettings,
@@ -128,7 +144,7 @@ def run(
     place = targets.target(job, limits, broker.seccomp, runtime, owner=broker.pool.owner)
     request = targets.request(job, limits)
     tail = bytearray()
-    state: dict[str, object] = {}  # what the pool's turn hands over: the watcher, the start
+    turn = _Turn()
 
     def pass_on(message: Output) -> None:
         output(message.data)
@@ -136,23 +152,23 @@ def run(
         del tail[: max(0, len(tail) - TAIL)]
 
     def placed(container: str) -> None:
-        state["container"] = container
-        if "watcher" not in state:  # a second attempt, in a fresh container: the same compile
+        turn.container = container
+        if turn.watcher is None:  # else a second attempt, in a fresh container: the same compile
             # The dir's usage before the compile writes: counted against it, in its turn.
             watcher = Watcher(job.directory.path, limits.budget, lambda: stopper.trip(BUDGET))
             if watcher.budget.on:
                 watcher.start()
-            state.update(watcher=watcher, began=time.time(), started=time.monotonic())
+            turn.watcher, turn.began, turn.started = watcher, time.time(), time.monotonic()
 
     def finish(answer: Answer, container: str) -> bool:
         """In the project's turn, the container still its: settle a budget overrun (remove
         what the compile wrote before the next compile can start), look for the OOM event."""
-        watcher = state["watcher"]
-        assert isinstance(watcher, Watcher)
+        watcher = turn.watcher
+        assert watcher is not None, "placed before it runs"
         watcher.stop(last=False)
         over = watcher.overrun is not None or (watcher.budget.on and watcher.stop() is not None)
         if over:
-            state["settled"] = settle(watcher)
+            turn.settled = settle(watcher)
             return True
         if answer.reason is Reason.CANCELLED:
             # Stopped: a fresh container for the project's next compile, as on the exec path
@@ -160,9 +176,7 @@ def run(
             return True
         oom = answer.reason in (Reason.EXIT, Reason.SIGNAL) and answer.status != 0
         if oom:
-            began = state["began"]
-            assert isinstance(began, float)
-            state["oom"] = oom = broker.backend.oom_killed(container, began)
+            turn.oom = oom = broker.backend.oom_killed(container, turn.began)
         return oom or limits.idle == 0
 
     try:
@@ -172,23 +186,21 @@ def run(
     except ImageMissing as e:
         raise NotReady(not_ready_message(job.image, settings.status_file)) from e
     except (AgentGone, ProtocolError) as e:
-        return _gone(broker, state, stopper, tail, e)
+        return _gone(broker, turn, stopper, tail, e)
     finally:
-        watcher = state.get("watcher")
-        if isinstance(watcher, Watcher):
-            watcher.stop(last=False)
-    seconds = time.monotonic() - float(state.get("started", time.monotonic()))  # type: ignore[arg-type]
+        if turn.watcher is not None:
+            turn.watcher.stop(last=False)
+    seconds = turn.seconds()
     text = tail.decode(errors="replace")
-    settled = state.get("settled")
-    if settled is not None:
-        return Ran(None, seconds, budget=settled, output=text)  # type: ignore[arg-type]
+    if turn.settled is not None:
+        return Ran(None, seconds, budget=turn.settled, output=text)
     if answer.reason is Reason.ERROR:
         raise EngineRefused(f"the compile's container refused it: {answer.message}")
     if answer.reason is Reason.CANCELLED:
         return _stopped(stopper, seconds, text)
     timed_out = answer.reason is Reason.TIMEOUT
     return Ran(
-        answer.status, seconds, timed_out=timed_out, oom_killed=bool(state.get("oom")),
+        answer.status, seconds, timed_out=timed_out, oom_killed=turn.oom,
         output=text,
     )  # fmt: skip
 
@@ -219,9 +231,7 @@ def _stopped(stopper: Stopper, seconds: float, text: str) -> Ran:
     return Ran(None, seconds, stopped_by=stopper.signal or signal.SIGKILL, output=text)
 
 
-def _gone(
-    broker: Broker, state: dict[str, object], stopper: Stopper, tail: bytearray, e: Exception
-) -> Ran:
+def _gone(broker: Broker, turn: _Turn, stopper: Stopper, tail: bytearray, e: Exception) -> Ran:
     """The agent ended under the compile (the OOM killer took it, the compile killed it, it
     stopped answering): its container is gone, the compile is over. When it never reached
     the agent, the container could not take it: the engine's refusal."""
@@ -231,11 +241,8 @@ def _gone(
         raise EngineRefused(f"the compile's container ended before it could run: {e}") from e
     if stopper.reason is not None and stopper.reason != BUDGET:
         return _stopped(stopper, 0.0, tail.decode(errors="replace"))
-    seconds = time.monotonic() - float(state.get("started", time.monotonic()))  # type: ignore[arg-type]
     text = tail.decode(errors="replace") + f"\n(the compile's container ended: {e})"
     oom = False
-    container = state.get("container")
-    began = state.get("began")
-    if isinstance(container, str) and isinstance(began, float):
-        oom = broker.backend.oom_killed(container, began)
-    return Ran(None, seconds, oom_killed=oom, output=text)
+    if turn.container is not None and turn.started is not None:
+        oom = broker.backend.oom_killed(turn.container, turn.began)
+    return Ran(None, turn.seconds(), oom_killed=oom, output=text)
