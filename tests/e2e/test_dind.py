@@ -201,8 +201,14 @@ def test_without_a_volume_for_var_lib_docker_the_engine_is_refused_with_the_fix(
     (line,) = lines_with(log, "dockerd: error:")
     assert "/var/lib/docker is on overlay" in line and fix in line
     assert "Traceback" not in log
-    # The site stays up for everything but compiles, and says why it is not ready.
-    code, why = container.probe("ready")
+
+    # The site stays up for everything but compiles, and says why it is not ready (once the
+    # status file says it: the log line comes first, the status file's write just after).
+    def said() -> tuple[int, str] | None:
+        found = container.probe("ready")
+        return None if "still starting" in found[1] else found
+
+    code, why = wait_for(said, 10, "the status file to say why")
     assert code == 1 and "/var/lib/docker is on overlay" in why, why
     assert container.probe("healthy")[0] == 0
     status = json.loads(container.exec("sharelatex-init", "status", "--json").stdout)
