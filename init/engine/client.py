@@ -32,6 +32,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from init.core import signals
 from init.errors import ConfigError, EngineError
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: PID 1 imports this
@@ -242,16 +243,23 @@ class Engine:
                     network_mode="none",
                     **dict(host_config or {}),
                 )
-                created = self._api.create_container(
-                    image,
-                    entrypoint=list(command[:1]),
-                    command=list(command[1:]),
-                    user=user,
-                    labels=dict(labels),
-                    host_config=config,
-                    network_disabled=True,
-                )
-                container_id = created["Id"]
+                # A stop signal the caller turns into an exception waits until the id is known:
+                # one raised while the engine's answer is read would leave the container created
+                # and nobody knowing its id to remove it (seen: PID 1's shutdown of the sibling
+                # check left its proof container behind, "Created").
+                mask = signals.hold()
+                try:
+                    container_id = self._api.create_container(
+                        image,
+                        entrypoint=list(command[:1]),
+                        command=list(command[1:]),
+                        user=user,
+                        labels=dict(labels),
+                        host_config=config,
+                        network_disabled=True,
+                    )["Id"]
+                finally:
+                    signals.restore(mask)
                 self._api.start(container_id)
                 status = int(self._api.wait(container_id, timeout=deadline)["StatusCode"])
                 output = self._api.logs(container_id).decode(errors="replace").strip()

@@ -552,9 +552,11 @@ class Site:
         document: dict[str, Any] = json.loads(result.read_text())
         return done.returncode, document
 
-    def start_check(self, *args: str, data: Path) -> subprocess.Popen[bytes]:
+    def start_check(
+        self, *args: str, data: Path, sock_source: Path | None = None
+    ) -> subprocess.Popen[bytes]:
         """The check, running: `unshare` and `sh` exec, so the pid is the check's own."""
-        _, command = self.command(*args, data=data)
+        _, command = self.command(*args, data=data, sock_source=sock_source)
         return subprocess.Popen(command, env=CLEAN_ENV)
 
     def proof_containers(self) -> str:

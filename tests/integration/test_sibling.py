@@ -15,9 +15,13 @@ import grp
 import io
 import signal
 import socket
+import os
 import tarfile
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -176,6 +180,97 @@ def test_a_check_stopped_during_its_proof_removes_the_proof_container(
         check.kill()
         check.wait()
     assert code == 128 + signum
+    assert took < 1.0, took  # inside PID 1's grace before its SIGKILL
+    assert site.proof_containers() == ""
+    assert list((data / "data/compiles").iterdir()) == []
+
+
+class HeldCreate:
+    """A relay in front of the engine's socket that holds the engine's answer to a container
+    create until `release` is set: a check can be stopped while it waits for that answer, after
+    the engine has made the container."""
+
+    def __init__(self, engine_socket: Path, path: Path) -> None:
+        self.engine_socket = engine_socket
+        self.create_seen = threading.Event()
+        self.release = threading.Event()
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        held = os.stat(engine_socket)  # the engine socket's group and mode, for the access check
+        os.chown(path, held.st_uid, held.st_gid)
+        os.chmod(path, held.st_mode & 0o777)
+        self.server.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return  # closed
+            upstream = socket.socket(socket.AF_UNIX)
+            upstream.connect(str(self.engine_socket))
+            holding = threading.Event()
+            threading.Thread(target=self._up, args=(client, upstream, holding), daemon=True).start()
+            threading.Thread(
+                target=self._down, args=(upstream, client, holding), daemon=True
+            ).start()
+
+    def _up(self, source: socket.socket, target: socket.socket, holding: threading.Event) -> None:
+        with source, target:
+            while data := source.recv(65536):
+                if b"/containers/create" in data:
+                    holding.set()  # before the engine can answer it
+                    self.create_seen.set()
+                target.sendall(data)
+
+    def _down(self, source: socket.socket, target: socket.socket, held: threading.Event) -> None:
+        try:
+            while data := source.recv(65536):
+                if held.is_set():
+                    self.release.wait(30)
+                target.sendall(data)
+        except OSError:
+            pass  # the other side closed
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.close()
+
+
+@contextmanager
+def held_create(site: Site) -> Iterator[HeldCreate]:
+    relay = HeldCreate(site.engine.socket, site.base / "held.sock")
+    try:
+        yield relay
+    finally:
+        relay.close()
+
+
+def test_a_check_stopped_while_its_proof_container_is_created_removes_it(site: Site) -> None:
+    """The stop arrives while the engine's answer to the create is on its way (the container
+    made, its id not yet read): the check learns the id first, then ends, and removes it. Seen
+    in CI: the proof container left behind "Created" after PID 1's shutdown."""
+    data = site.data_dir()
+    container_id = site.container(str(data))
+    with held_create(site) as relay:
+        check = site.start_check(
+            "--container-id", container_id, "--image", IMAGE, data=data,
+            sock_source=site.base / "held.sock",
+        )  # fmt: skip
+        try:
+            assert relay.create_seen.wait(30), "no create reached the engine"
+            wait_for(site.proof_containers, 10, "the engine to have made the proof container")
+            stopped = time.monotonic()
+            check.send_signal(signal.SIGTERM)
+            time.sleep(0.2)  # the signal is in; the check is still reading the answer
+            relay.release.set()
+            code = check.wait(timeout=10)
+            took = time.monotonic() - stopped
+        finally:
+            check.kill()
+            check.wait()
+    assert code == 128 + signal.SIGTERM
     assert took < 1.0, took  # inside PID 1's grace before its SIGKILL
     assert site.proof_containers() == ""
     assert list((data / "data/compiles").iterdir()) == []
