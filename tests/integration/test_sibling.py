@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import grp
 import io
+import os
 import signal
 import socket
-import os
 import tarfile
 import threading
 import time
