@@ -122,8 +122,13 @@ class HostDocker(SandboxSide):
 
     def prove_again(self) -> None:
         """Once the compile image is present (the proof at boot is skipped without it): run the
-        check again in the background; a failure now keeps compiles off and says why."""
+        check again in the background; a failure now keeps compiles off and says why. When the
+        boot's proof passed (the image was there), it stands: a second proof container would
+        only be one more thing a shutdown can catch half-made."""
         if self.request is None:
+            return
+        if self.result.proof.status == "passed":
+            self.log.info("sibling", "the boot's proof stands: no proof again after the install")
             return
 
         def done(document: object) -> None:

@@ -187,6 +187,10 @@ def test_the_image_as_a_real_sibling_container_derives_proves_and_stops_cleanly(
     assert status["pid"] == 1
     assert status["engine"]["mode"] == "sibling" and status["engine"]["ready"] is True
     assert status["engine"]["proof"]["status"] == "passed", status["engine"]["proof"]
+    # The image was there at boot: the installer's end runs no second proof (CI once caught
+    # one half-made by the shutdown).
+    wait_for(lambda: "the boot's proof stands" in logs(), 60, "the installer's end")
+    assert len([line for line in logs().splitlines() if "sibling: proof:" in line]) == 1
     began = time.monotonic()
     site.engine.docker("stop", "-t", "10", container_id)
     took = time.monotonic() - began
