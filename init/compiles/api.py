@@ -386,11 +386,17 @@ class Compiles:
 
 
 def run_compile(
-    service: Service, compiles: Compiles, project_dir: Path, project: str, options: Options
+    service: Service,
+    compiles: Compiles,
+    project_dir: Path,
+    project: str,
+    options: Options,
+    client_fd: int | None = None,
 ) -> Outcome:
     """The compile of `project_dir`, asked of the broker over its socket: the Outcome as the
     compile command's process would have given it (its exit status, its JSON, its stderr).
-    Past its deadline, or when the service stops, the broker is asked to stop it (a Stop, as
+    Past its deadline, when the service stops, or when the HTTP client closes its connection
+    (`client_fd`: nobody is left to take the PDF), the broker is asked to stop it (a Stop, as
     the command's client sends on SIGTERM); no answer within STOP_GRACE: the connection is
     closed, which stops it too."""
     request = CommandRequest(
@@ -407,52 +413,67 @@ def run_compile(
     allowed = Deadlines.from_timeout(options.timeout).command
     try:
         sock.sendall(request.encode())
-        return _follow(sock, compiles.stopped_fd, allowed, project)
+        return _follow(sock, compiles.stopped_fd, allowed, project, client_fd)
     except OSError as e:
         return _unavailable(f"the compile broker's connection failed: {e.strerror}", project)
     finally:
         sock.close()  # a compile still running is stopped by the broker when it sees this
 
 
-def _follow(sock: _socket.socket, stopped_fd: int, allowed: float, project: str) -> Outcome:
+def _follow(
+    sock: _socket.socket, stopped_fd: int, allowed: float, project: str, client_fd: int | None
+) -> Outcome:
     answers = client.Answers()
     deadline = time.monotonic() + allowed
     # poll, not select: with many connections open, fd numbers pass select's 1024.
     watched = select.poll()
     watched.register(sock.fileno(), select.POLLIN)
     watched.register(stopped_fd, select.POLLIN)
+    if client_fd is not None:
+        # Only its end: a request the client pipelined behind this one is no reason to stop.
+        watched.register(client_fd, select.POLLRDHUP)
     stopping = False  # a Stop was sent
     stuck: dict[str, Any] = {}
+
+    def stop(why: dict[str, Any]) -> None:
+        nonlocal stopping, deadline
+        if stopping:
+            return
+        stuck.update(why)
+        sock.sendall(Stop(signal.SIGTERM).encode())
+        stopping = True
+        deadline = time.monotonic() + STOP_GRACE
+
     while True:
         left = deadline - time.monotonic()
         if left <= 0 and stopping:  # no answer to the Stop: the broker stops it on the close
             return Outcome(-signal.SIGKILL, stuck or _stopped(project).result)
-        ready = {fd for fd, _ in watched.poll(max(0, left) * 1000)} if left > 0 else set()
-        if left <= 0 or stopped_fd in ready:
-            if left <= 0:
-                stuck = {
-                    "status": "stuck",
-                    "reason": f"the compile command did not end within {allowed:g} s "
-                    "(its timeout and the time it may queue); it was stopped",
-                }
-            sock.sendall(Stop(signal.SIGTERM).encode())
-            stopping = True
+        if left <= 0:
+            stop({
+                "status": "stuck",
+                "reason": f"the compile command did not end within {allowed:g} s "
+                "(its timeout and the time it may queue); it was stopped",
+            })  # fmt: skip
+            continue
+        ready = {fd for fd, _ in watched.poll(left * 1000)}
+        if sock.fileno() in ready:  # first: an answer that came with the client's end stands
+            data = sock.recv(1 << 16)
+            if not data:
+                return _unavailable("the compile broker ended during the compile; compile "
+                                    "again", project)  # fmt: skip
+            try:
+                messages = answers.feed(data)
+            except MessageError as e:
+                return _unavailable(f"the compile broker sent {e}", project)
+            for message in messages:
+                if isinstance(message, Final):
+                    return _finished(message, stuck)
+        if stopped_fd in ready:
             watched.unregister(stopped_fd)
-            deadline = time.monotonic() + STOP_GRACE
-            continue
-        if sock.fileno() not in ready:
-            continue
-        data = sock.recv(1 << 16)
-        if not data:
-            return _unavailable("the compile broker ended during the compile; compile again",
-                                project)  # fmt: skip
-        try:
-            messages = answers.feed(data)
-        except MessageError as e:
-            return _unavailable(f"the compile broker sent {e}", project)
-        for message in messages:
-            if isinstance(message, Final):
-                return _finished(message, stuck)
+            stop({})  # the service is stopping: the broker's answer says "stopped"
+        if client_fd is not None and client_fd in ready:
+            watched.unregister(client_fd)
+            stop({"status": "stopped", "reason": "the client closed its connection"})
 
 
 def _finished(final: Final, stuck: Mapping[str, Any]) -> Outcome:
@@ -554,7 +575,9 @@ def handle_compile(service: Service, compiles: Compiles, log: Log, request: Requ
                 retry_after=RETRY_AFTER_BUSY,
             )
         try:
-            return _compile_spooled(service, compiles, log, spool, options, kind)
+            return _compile_spooled(
+                service, compiles, log, spool, options, kind, request.connection
+            )
         finally:
             compiles.leave()
 
@@ -577,6 +600,7 @@ def _compile_spooled(
     spool: IO[bytes],
     options: Options,
     kind: str,
+    client_fd: int | None = None,
 ) -> Response:
     project = new_project_id()
     project_dir = service.compiles_dir / project
@@ -585,7 +609,9 @@ def _compile_spooled(
     except OSError as e:
         return _no_compiles_dir(service, log, e)
     try:
-        return _compile_upload(service, compiles, spool, project_dir, project, options, kind)
+        return _compile_upload(
+            service, compiles, spool, project_dir, project, options, kind, client_fd
+        )
     finally:
         if not options.keep:
             remove_project_dir(service.compiles_dir, project_dir, log)
@@ -599,6 +625,7 @@ def _compile_upload(
     project: str,
     options: Options,
     kind: str,
+    client_fd: int | None = None,
 ) -> Response:
     try:
         if kind == "tex":
@@ -612,7 +639,9 @@ def _compile_upload(
     except Refusal as e:
         return refused(e, project)
     started = time.monotonic()
-    outcome = run_compile(service, compiles, project_dir, project, _with_main(options, main))
+    outcome = run_compile(
+        service, compiles, project_dir, project, _with_main(options, main), client_fd
+    )
     if outcome.exit_status != Status.OK:
         return failure_response(outcome, project)
     pdf = _pdf_path(outcome.result, project_dir, main)

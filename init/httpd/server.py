@@ -124,6 +124,9 @@ class Request:
     headers: Mapping[str, str]  # names in lower case
     body: Body
     content_length: int | None
+    # The client's connection: POLLRDHUP on it says the client has closed its end (a handler
+    # that runs long watches it, as nginx does for a proxied request). None: not a socket.
+    connection: int | None = None
 
     def accepts_json(self) -> bool:
         return "application/json" in self.headers.get("accept", "")
@@ -413,6 +416,7 @@ class _Handler(BaseHTTPRequestHandler):
             headers={k.lower(): v for k, v in self.headers.items()},
             body=Body(self.rfile, length, done=lambda: self.conn.enter(HANDLING, 0)),
             content_length=length,
+            connection=self.connection.fileno(),
         )
         with self.server.busy:
             self.server.inflight += 1

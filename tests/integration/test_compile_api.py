@@ -296,6 +296,30 @@ def test_a_compile_starts_no_process_of_the_service(
     assert seen == [], seen
 
 
+def test_a_client_that_goes_away_stops_its_compile(
+    api: Api,
+    compiles: Compiles,  # noqa: F811
+    clean: None,
+) -> None:
+    """A client that closes its connection mid-compile (curl's ^C): nobody is left to take the
+    PDF, so the compile is stopped at once, not run on to its timeout (60 s here), holding a
+    compile slot and the project's container."""
+    looping = rb"\documentclass{article}\begin{document}\def\x{\x}\x\end{document}"
+    with socket.create_connection(("127.0.0.1", api.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /compile?timeout=60 HTTP/1.1\r\nContent-Type: text/x-tex\r\n"
+            + f"Content-Length: {len(looping)}\r\n\r\n".encode()
+            + looping
+        )
+        wait_for(lambda: compiles.containers(), 60, "the compile's container")
+        wait_for(lambda: list(api.root.iterdir()), 10, "the project dir")
+    closed = time.monotonic()
+    wait_for(lambda: not list(api.root.iterdir()), 30, "the project dir's removal")
+    took = time.monotonic() - closed
+    compiles.wait_no_containers(30)  # a stopped compile's container is retired
+    assert took < 10, f"took {took:.1f} s"
+
+
 def test_no_broker_is_503_naming_its_socket_within_the_wait(
     compiles: Compiles,  # noqa: F811
     site: Path,

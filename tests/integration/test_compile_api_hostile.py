@@ -97,12 +97,16 @@ class Service:
     def connect(self, timeout: float = 5.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
-    def raw(self, data: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
-        """Send `data`, half-close, read the whole answer: (status, body)."""
+    def raw(
+        self, data: bytes, timeout: float = 10.0, half_close: bool = True
+    ) -> tuple[int, bytes]:
+        """Send `data`, half-close (a client's end, which stops a compile that runs), read the
+        whole answer: (status, body)."""
         with self.connect(timeout) as sock:
             sock.sendall(data)
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_WR)
+            if half_close:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_WR)
             answer = read_all(sock)
         head, _, body = answer.partition(b"\r\n\r\n")
         return int(head.split()[1]), body
@@ -112,7 +116,7 @@ class Service:
             f"POST /compile{query} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode() + body
-        return self.raw(request, timeout=30)[0]
+        return self.raw(request, timeout=30, half_close=False)[0]
 
 
 def read_all(sock: socket.socket) -> bytes:
