@@ -266,7 +266,13 @@ class Engine:
             return RunResult(status, output)
         finally:
             if container_id:
-                self.remove(container_id)
+                # Held the same way: a stop that came as the container ended would otherwise
+                # cut its removal short (seen: an exited proof container left behind).
+                mask = signals.hold()
+                try:
+                    self.remove(container_id)
+                finally:
+                    signals.restore(mask)
 
     # -- images ------------------------------------------------------------------------------
 

@@ -185,14 +185,16 @@ def test_a_check_stopped_during_its_proof_removes_the_proof_container(
     assert list((data / "data/compiles").iterdir()) == []
 
 
-class HeldCreate:
-    """A relay in front of the engine's socket that holds the engine's answer to a container
-    create until `release` is set: a check can be stopped while it waits for that answer, after
-    the engine has made the container."""
+class Held:
+    """A relay in front of the engine's socket that holds one kind of call until `release` is
+    set: the engine's answer to it (the engine has done it, the caller does not know yet), or
+    the call itself (not done yet; dropped if its caller is gone by then). A check can be
+    stopped in either moment."""
 
-    def __init__(self, engine_socket: Path, path: Path) -> None:
+    def __init__(self, engine_socket: Path, path: Path, call: bytes, hold: str) -> None:
         self.engine_socket = engine_socket
-        self.create_seen = threading.Event()
+        self.call, self.hold = call, hold
+        self.seen = threading.Event()
         self.release = threading.Event()
         self.server = socket.socket(socket.AF_UNIX)
         self.server.bind(str(path))
@@ -219,15 +221,19 @@ class HeldCreate:
     def _up(self, source: socket.socket, target: socket.socket, holding: threading.Event) -> None:
         with source, target:
             while data := source.recv(65536):
-                if b"/containers/create" in data:
+                if self.call in data and not self.seen.is_set():
                     holding.set()  # before the engine can answer it
-                    self.create_seen.set()
+                    self.seen.set()
+                    if self.hold == "call":
+                        self.release.wait(30)
+                        if gone(source):
+                            return  # its caller went: the call never reaches the engine
                 target.sendall(data)
 
     def _down(self, source: socket.socket, target: socket.socket, held: threading.Event) -> None:
         try:
             while data := source.recv(65536):
-                if held.is_set():
+                if held.is_set() and self.hold == "answer":
                     self.release.wait(30)
                 target.sendall(data)
         except OSError:
@@ -238,32 +244,50 @@ class HeldCreate:
         self.server.close()
 
 
+def gone(sock: socket.socket) -> bool:
+    """The other end has closed (nothing more to read, ever)."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 @contextmanager
-def held_create(site: Site) -> Iterator[HeldCreate]:
-    relay = HeldCreate(site.engine.socket, site.base / "held.sock")
+def held(site: Site, call: bytes, hold: str) -> Iterator[Held]:
+    relay = Held(site.engine.socket, site.base / "held.sock", call, hold)
     try:
         yield relay
     finally:
         relay.close()
 
 
-def test_a_check_stopped_while_its_proof_container_is_created_removes_it(site: Site) -> None:
+@pytest.mark.parametrize(
+    ("call", "hold"),
+    [(b"/containers/create", "answer"), (b"DELETE /", "call")],
+    ids=["created-unanswered", "removal-unsent"],
+)
+def test_a_check_stopped_between_its_engine_calls_removes_its_proof_container(
+    site: Site, call: bytes, hold: str
+) -> None:
     """The stop arrives while the engine's answer to the create is on its way (the container
-    made, its id not yet read): the check learns the id first, then ends, and removes it. Seen
-    in CI: the proof container left behind "Created" after PID 1's shutdown."""
+    made, its id not yet read), or as the finished proof's container is about to be removed:
+    the check finishes that call, then ends, and nothing is left. Seen in CI: the proof
+    container left behind after PID 1's shutdown, "Created" once, "Exited (0)" once."""
     data = site.data_dir()
     container_id = site.container(str(data))
-    with held_create(site) as relay:
+    with held(site, call, hold) as relay:
         check = site.start_check(
             "--container-id", container_id, "--image", IMAGE, data=data,
             sock_source=site.base / "held.sock",
         )  # fmt: skip
         try:
-            assert relay.create_seen.wait(30), "no create reached the engine"
+            assert relay.seen.wait(30), f"no {call!r} reached the relay"
             wait_for(site.proof_containers, 10, "the engine to have made the proof container")
             stopped = time.monotonic()
             check.send_signal(signal.SIGTERM)
-            time.sleep(0.2)  # the signal is in; the check is still reading the answer
+            time.sleep(0.2)  # the signal is in; the check is still in that call
             relay.release.set()
             code = check.wait(timeout=10)
             took = time.monotonic() - stopped
