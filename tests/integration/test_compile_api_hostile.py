@@ -97,9 +97,7 @@ class Service:
     def connect(self, timeout: float = 5.0) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
-    def raw(
-        self, data: bytes, timeout: float = 10.0, half_close: bool = True
-    ) -> tuple[int, bytes]:
+    def raw(self, data: bytes, timeout: float = 10.0, half_close: bool = True) -> tuple[int, bytes]:
         """Send `data`, half-close (a client's end, which stops a compile that runs), read the
         whole answer: (status, body)."""
         with self.connect(timeout) as sock:
