@@ -11,8 +11,8 @@ one warm container driven over its attached stdio (`warm`), and the per-project 
 concurrency limits, idle retirement and sweep (`pool`, `target`).
 
 May import: the standard library, `init.errors`, `init.config`, `init.compiles` (the profile,
-settings, paths, identity, budget and outcome; the shim's and the command's answers; the exec
-path's runner while images under gVisor still use it), `init.engine.client` (the one module
+settings, paths, identity, budget and outcome; the shim's and the command's answers),
+`init.engine.client` (the one module
 that talks to an engine) and `init.core.wakeup` (signals as bytes). `supervision` alone, which
 PID 1 imports, may import `init.core.services` and `init.engine.side`. `client` imports the
 standard library only: it starts under `python3 -I -S` for every compile.

@@ -1,7 +1,7 @@
-"""One compile run by the broker: a Job through the pool to its project's agent, watched as the
-exec path watched it (its budget of bytes and files, its wall clock, the engine's OOM event, a
-stop), and what came of it as a `Ran` (init.compiles.outcome), which the shim and the compile
-command turn into their exit status and messages as before.
+"""One compile run by the broker: a Job through the pool to its project's agent, under either
+runtime (runc, gVisor's runsc), watched (its budget of bytes and files, its wall clock, the
+engine's OOM event, a stop), and what came of it as a `Ran` (init.compiles.outcome), which the
+shim and the compile command turn into their exit status and messages.
 
 A compile is stopped by a byte on its Stopper's fd: a stop from its client (a signal to the
 shim, the client gone), the budget's watcher, or the broker stopping. The agent then kills its
@@ -11,9 +11,7 @@ process group and tidies, and answers "cancelled".
 from __future__ import annotations
 
 import os
-import select
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +24,6 @@ from init.broker.warm import AgentGone
 from init.compiles.budget import Settled, Watcher, settle
 from init.compiles.outcome import NotReady, Ran, not_ready_message
 from init.compiles.profile import Job
-from init.compiles.runner import Runner, StopSignals
 from init.compiles.settings import CompileSettings
 from init.engine.client import DockerBackend, EngineRefused, ImageMissing
 
@@ -80,37 +77,6 @@ class Broker:
     seccomp: str | None
 
 
-class StopFd(StopSignals):
-    """A Stopper as the exec path's runner takes its stops (init.compiles.runner.StopSignals'
-    interface): the stop's signal, or SIGKILL for a client that is gone."""
-
-    def __init__(self, stopper: Stopper) -> None:
-        super().__init__()
-        self.stopper = stopper
-
-    def __enter__(self) -> StopFd:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-    def take(self) -> int | None:
-        if self.received is None and self.stopper.reason is not None:
-            self.received = self.stopper.signal or signal.SIGKILL
-        return self.received
-
-    def wait(self, done_fd: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while self.take() is None:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            ready, _, _ = select.select([done_fd, self.stopper.fd], [], [], left)
-            if done_fd in ready:
-                return True
-        return False
-
-
 @dataclass
 class _Turn:
     """What one compile's turn in the pool hands over: its container, its budget watcher and
@@ -137,8 +103,6 @@ def run(
     """Run `job` in its project's warm container; NotReady when its image is not in the engine,
     EngineError when the engine or the container refuses it, BrokerStopping when the broker
     stopped it."""
-    if settings.runtime(job.image) == "runsc":
-        return _run_exec(broker, settings, job, output, stopper)
     limits = settings.limits
     runtime = settings.runtime(job.image)
     place = targets.target(job, limits, broker.seccomp, runtime, owner=broker.pool.owner)
@@ -203,26 +167,6 @@ def run(
         answer.status, seconds, timed_out=timed_out, oom_killed=turn.oom,
         output=text,
     )  # fmt: skip
-
-
-def _run_exec(
-    broker: Broker,
-    settings: CompileSettings,
-    job: Job,
-    output: Callable[[bytes], None],
-    stopper: Stopper,
-) -> Ran:
-    """Under gVisor, the exec path's runner (a `docker exec` a compile into a warm container
-    with a watchdog as its PID 1): the agent does not answer under runsc yet (a request sent
-    to it there is never answered), which is another branch's work (issue 14)."""
-
-    def warn(line: str) -> None:
-        print(f"compile broker: warning: {line}", file=sys.stderr, flush=True)
-
-    ran = Runner(settings, broker.backend, warn).run(job, output, StopFd(stopper))
-    if stopper.reason == SHUTDOWN:
-        raise BrokerStopping()
-    return ran
 
 
 def _stopped(stopper: Stopper, seconds: float, text: str) -> Ran:

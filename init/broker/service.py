@@ -36,10 +36,10 @@ from init.broker.pool import Pool, PoolLimits
 from init.broker.session import Session, stop_all
 from init.compiles.identity import compile_uids, read_uid_map
 from init.compiles.profile import load_seccomp
-from init.compiles.runner import engine_backend
-from init.compiles.settings import broker_socket, settings_from_env
+from init.compiles.settings import KILL_GRACE, CompileSettings, broker_socket, settings_from_env
 from init.config import UidRange
 from init.core.wakeup import SignalWakeup
+from init.engine.client import DockerBackend
 from init.errors import EX_CONFIG, EX_UNAVAILABLE, ConfigError, EngineError
 
 SOCKET_MODE = 0o660
@@ -47,6 +47,15 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # At its stop, the broker gives its compiles this long to answer their cancel (the agent kills
 # the group and tidies: tens of ms) before it retires every container regardless.
 STOP_GRACE = 0.8
+
+
+def engine_backend(
+    settings: CompileSettings, environ: Mapping[str, str] | None = None
+) -> DockerBackend:
+    """The engine the services' compiles run on (DOCKER_HOST), with the compiles' deadlines."""
+    return DockerBackend(
+        settings.engine_url, settings.limits.deadlines.engine_call, KILL_GRACE, environ
+    )
 
 
 def log(line: str) -> None:

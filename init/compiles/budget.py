@@ -1,5 +1,5 @@
 """A compile's budget of bytes and files written in its dir: counted while it runs, enforced by
-the runner (init.compiles.runner), and what the compile made removed when it goes past.
+the compile broker (init.broker.execute), and what the compile made removed when it goes past.
 
 The kernel here has no quota to give a compile (no project quota on ext4 or xfs, no tmpfs
 quota), so the fence is in three layers: `fallocate` is refused by the compile's seccomp

@@ -11,13 +11,15 @@ The SDK (and requests, urllib3) cost about 150 ms and 15 MiB a process: this mod
 only when an `Engine` is made, so PID 1 may use the rest (the labels, the errors, and
 `connect_error`, the one raw probe of a socket).
 
-The compile path keeps a lighter client, `DockerBackend`, at the end of this module: a process
-starts per compile (the shim, `compile`), and importing the SDK there cost ~150 ms (http.client
-alone 25 ms) against a 0.3 s one-page compile, a third of it. It speaks the Engine API over a
-plain socket (HTTP/1.1, one connection a request) at a fixed API version (1.41: Docker 20.10,
-the oldest engine the sibling check accepts: no version round trip); images are never inspected:
-a create that fails with "No such image" says it. Its calls (start, exec, oom_killed, remove,
-sweep_expired) are what another backend (a Kubernetes pod per project) would offer beside it.
+The compile path keeps a lighter client, `DockerBackend`, at the end of this module. It was
+written when a process started per compile, and importing the SDK there cost ~150 ms (http.client
+alone 25 ms) against a 0.3 s one-page compile; the compile broker, long-lived now, keeps it: the
+SDK would add its ~15 MiB to the broker's 17 for no call this client lacks. It speaks the Engine
+API over a plain socket (HTTP/1.1, one connection a request) at a fixed API version (1.41:
+Docker 20.10, the oldest engine the sibling check accepts: no version round trip); images are
+never inspected: a create that fails with "No such image" says it. Its calls (create, attach,
+start, oom_killed, remove, sweep_expired; exec, for the benches' reference column) are what
+another backend (a Kubernetes pod per project) would offer beside it.
 """
 
 from __future__ import annotations
@@ -532,27 +534,6 @@ def _gone(message: str) -> bool:
     return any(w in said for w in ("is not running", "removal in progress", "no such container"))
 
 
-class ContainerEnd:
-    """A container's end awaited (`POST /containers/{id}/wait?condition=not-running`): `wait`
-    blocks until it has ended (True) or the watch is cancelled (False)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-
-    def wait(self) -> bool:
-        try:
-            response = Response(self.sock)
-            return response.status == 200 and bool(response.body())
-        except (OSError, ValueError, IndexError):
-            return False
-        finally:
-            self.sock.close()
-
-    def cancel(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_RDWR)
-
-
 class DockerBackend:
     """The Docker engine at `url` (DOCKER_HOST), as the compile runner uses it."""
 
@@ -703,19 +684,6 @@ class DockerBackend:
                 raise ContainerGone(message, response.status)
             raise self._error(ApiError(response.status, message))
         return Execution(self, created["Id"], response)
-
-    def watch_end(self, container: str) -> ContainerEnd:
-        """A watch on `container`'s end. Under gVisor an exec's stream outlives a sandbox that
-        died (the OOM killer ends the Sentry): its end says the compile is over."""
-        target = f"/v{API_VERSION}/containers/{container}/wait?condition=not-running"
-        try:
-            sock = self._connect(30.0)
-            sock.settimeout(None)  # as long as the compile runs; `cancel` ends it
-            head = f"POST {target} HTTP/1.1\r\nHost: docker\r\nContent-Length: 0\r\n\r\n"
-            sock.sendall(head.encode())
-        except OSError as e:
-            raise self._error(e) from e
-        return ContainerEnd(sock)
 
     def oom_killed(self, container: str, since: float) -> bool:
         """Whether the kernel's OOM killer struck in `container` since `since` (epoch): the

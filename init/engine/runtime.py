@@ -16,8 +16,9 @@ init.compiles.profile holds under it, with what differs written down here and in
   own filter still fences the Sentry. The inner dockerd registers runsc with it.
 - Memory: the cgroup limit is on the whole sandbox; the OOM killer ends the Sentry, so the
   whole container dies (runc: only the biggest process). The engine still emits its `oom`
-  event, but the exec's output stream is never closed (dockerd 20.10, runc v2 shim), so the
-  runner also waits for the container's end (init.compiles.runner).
+  event; the agent, the container's PID 1, dies with it, so the broker sees its attached
+  stream end (init.broker.warm) and reads the event (a `docker exec`'s stream, by contrast,
+  stays open there: dockerd 20.10, runc v2 shim).
 - The platform: KVM where /dev/kvm can serve it, else ptrace. systrap (runsc from mid-2023 on,
   e.g. Debian's 20240729 in bookworm-backports and trixie; `runsc help platforms` lists it) is
   taken only when asked: measured here (2 shared cores, no KVM) under runsc 20240729 it did not

@@ -21,7 +21,6 @@ from init.compiles.profile import (
     load_seccomp,
     watchdog_command,
 )
-from init.compiles.queue import Queue
 from init.compiles.settings import (
     Limits,
     Places,
@@ -402,14 +401,6 @@ def test_not_ready_uses_the_installers_status(tmp_path: Path) -> None:
     assert "is not in the engine" in not_ready_message("img:2", status_file)
 
 
-def test_the_queue_takes_a_free_slot_and_the_projects_turn(tmp_path: Path) -> None:
-    queue = Queue(tmp_path / "run", slots=2)
-    with queue.turn("p1"), queue.turn("p2"):
-        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
-            "project-p1.lock", "project-p2.lock", "slot-0.lock", "slot-1.lock",
-        ]  # fmt: skip
-
-
 # -- the compile command's contract ---------------------------------------------------------
 
 
@@ -453,29 +444,6 @@ def test_a_bad_limit_is_78_naming_the_variable(
     code, document = run_compile([str(tmp_path)], env, capsys)
     assert code == 78
     assert str(document["reason"]).startswith("OVERLEAF_INIT_COMPILE_TIMEOUT='soon'")
-
-
-@pytest.mark.parametrize(("slots", "second"), [(4, "p1"), (1, "p2")])
-def test_the_queue_holds_a_second_compile_of_a_project_or_past_the_slots(
-    tmp_path: Path, slots: int, second: str
-) -> None:
-    import threading
-
-    queue = Queue(tmp_path / "run", slots=slots)
-    entered = threading.Event()
-
-    def other() -> None:
-        # flock locks belong to open files: another open in this process waits like another
-        # process would.
-        with Queue(tmp_path / "run", slots=slots).turn(second):
-            entered.set()
-
-    with queue.turn("p1"):
-        thread = threading.Thread(target=other)
-        thread.start()
-        assert not entered.wait(0.3), "a second compile ran while the first held its turn"
-    assert entered.wait(5), "the queued compile never ran"
-    thread.join(5)
 
 
 def test_the_containers_pid1_ends_at_once_on_sigterm(tmp_path: Path) -> None:
