@@ -13,11 +13,11 @@
 #
 # Only core perl (latexmk needs perl: every TeX Live image has it; python it may not).
 #
-# Request:  {"id":"..","argv":[..],"cwd":"/abs","timeout":S,"env":{..},"tidy":[..]}
-#           tidy: run after the compile, and before it in a container that has not tidied
-#           yet (the broker sends the exec path's rules: /tmp emptied entirely, the compile's
-#           files handed back to the dir's group); when it fails, the agent answers and then
-#           exits: its container is never used again
+# Request:  {"id":"..","argv":[..],"cwd":"/abs","timeout":S,"env":{..},"tidy":"/abs"}
+#           tidy: after the compile, and before it in a container that has not tidied yet,
+#           /tmp emptied entirely and what the compile made in that dir handed back to the
+#           dir's group (sub tidy); when it fails, the agent answers and then exits: its
+#           container is never used again
 #           {"op":"cancel","id":".."}  (while that compile runs)
 # Answers:  {"agent":"ready","version":1,"pid":1}
 #           {"id":"..","fd":1|2,"data":"<base64>"}  the compile's output, in order
@@ -121,32 +121,102 @@ sub kill_group {
     kill('KILL', -$pid) or kill('KILL', $pid);
 }
 
-# The request's tidy, in a session of its own, no stdio, waited for (at most TIDY seconds):
-# true when it exited 0. Nothing else runs meanwhile (the compile has not started, or has been
-# reaped with all it left).
+# The request's tidy, done here without a process (a shell, rm and find cost 22 ms a compile
+# under runc and ~300 ms under gVisor's ptrace platform, where every exec is dear), at most
+# TIDY seconds; true when it is done. Nothing else runs meanwhile: the compile has not started,
+# or it has been reaped with all it left (kill -1), so nothing can swap a dir for a link under
+# it. The rules are the exec path's (init/compiles/profile.py, _COMPILE_SCRIPT):
+# - /tmp (HOME, TEXMFVAR) emptied, dotfiles and all: what one compile planted there never
+#   reaches the next. A dir the compile made unreadable is opened up first. Nothing on another
+#   filesystem is entered (a compile dir bound under /tmp, as the tests have it), and the dirs
+#   that lead to one stay. Anything else that stays is a failure: the container retires.
+# - What the compile made in the dir `tidy` names is handed back to the dir's group: its dirs
+#   rwx and setgid for the group, files readable and writable by it, never setuid or setgid
+#   (init/compiles/identity.py). A dir is changed before it is read, so a 0000 one is opened.
+#   Only what this uid owns; links are never followed. The dir itself gone: a failure.
 sub tidy {
     my ($r) = @_;
-    my @argv = @{ $r->{tidy} || [] } or return 1;
-    utf8::encode($_) for @argv;
-    my $pid = fork;
-    return 0 unless defined $pid;
-    if ($pid == 0) {
-        $SIG{$_} = 'DEFAULT' for qw(CHLD TERM INT PIPE);
-        setsid();
-        open(STDIN, '<', '/dev/null');
-        open(STDOUT, '>', '/dev/null');
-        open(STDERR, '>', '/dev/null');
-        { no warnings 'exec'; exec { $argv[0] } @argv; }
-        _exit(127);
+    my $dir = $r->{tidy};
+    return 1 unless defined $dir && length $dir;
+    utf8::encode($dir);
+    my $deadline = now() + $TIDY;
+    my $ok = chdir('/tmp') && empty_here((lstat '.')[0], $deadline);
+    my @top = lstat $dir;
+    $ok = @top && -d _ && share_dir($dir, @top) && chdir($dir) && hand_back_here($deadline) && $ok;
+    chdir '/';
+    return $ok;
+}
+
+# Every entry of the working dir removed, depth first, not crossing into another filesystem
+# (`dev`): true when nothing is left but the dirs that lead to another filesystem.
+sub empty_here {
+    no warnings 'recursion';
+    my ($dev, $deadline) = @_;
+    opendir(my $dh, '.') or return 0;
+    my @names = grep { $_ ne '.' && $_ ne '..' } readdir $dh;
+    closedir $dh;
+    my $ok = 1;
+    for my $name (@names) {
+        return 0 if now() > $deadline;
+        my @st = lstat $name or next;   # gone since the listing
+        if (!-d _) { unlink $name or $ok = 0; next }
+        next if $st[0] != $dev;   # a mount point: left, and so is the path to it
+        chmod(($st[2] & 07777) | 0700, $name) if ($st[2] & 0700) != 0700 && $st[4] == $<;
+        chdir $name or do { $ok = 0; next };
+        my $emptied = empty_here($dev, $deadline);
+        chdir '..' or return 0;
+        $ok = 0 unless $emptied;
+        rmdir $name or $emptied && mount_below($name, $dev) or $ok = 0;
     }
-    my $late = 0;
-    local $SIG{ALRM} = sub { $late = 1; kill_group($pid) };
-    alarm $TIDY;
-    my $w = waitpid($pid, 0);   # perl waits on after the handler: the kill ends it
-    my $status = $?;
-    alarm 0;
-    reap_all();
-    return $w == $pid && !$late && $status == 0;
+    return $ok;
+}
+
+# A dir that could not be removed, though emptied: it still holds a mount point (a dir of
+# another filesystem), which is all empty_here leaves.
+sub mount_below {
+    my ($name, $dev) = @_;
+    opendir(my $dh, $name) or return 0;
+    my @names = grep { $_ ne '.' && $_ ne '..' } readdir $dh;
+    closedir $dh;
+    for my $entry (@names) {
+        my @st = lstat "$name/$entry" or return 0;
+        return 0 unless -d _;
+        next if $st[0] != $dev;
+        return 0 unless mount_below("$name/$entry", $dev);
+    }
+    return @names > 0;
+}
+
+# A dir of this uid made rwx and setgid for its group (the uid's rwx too).
+sub share_dir {
+    my ($name, @st) = @_;
+    return 1 unless $st[4] == $< && ($st[2] & 02770) != 02770;
+    return chmod(($st[2] & 07777) | 02770, $name);
+}
+
+# Everything below the working dir handed back to its group (see tidy).
+sub hand_back_here {
+    no warnings 'recursion';
+    my ($deadline) = @_;
+    opendir(my $dh, '.') or return 1;   # not ours to read: passed over, as find does
+    my @names = grep { $_ ne '.' && $_ ne '..' } readdir $dh;
+    closedir $dh;
+    for my $name (@names) {
+        return 0 if now() > $deadline;
+        my @st = lstat $name or next;
+        if (-d _) {
+            share_dir($name, @st);   # before it is read: a 0000 dir is opened up
+            next unless chdir $name;
+            my $ok = hand_back_here($deadline);
+            chdir '..' or return 0;
+            return 0 unless $ok;
+        } elsif (-f _ && $st[4] == $<) {
+            my $mode = $st[2] & 07777;
+            my $wanted = ($mode | 0060) & ~06000;
+            chmod($wanted, $name) if $wanted != $mode;
+        }
+    }
+    return 1;
 }
 
 sub valid {
@@ -160,8 +230,8 @@ sub valid {
       unless defined $r->{timeout} && !ref $r->{timeout} && $r->{timeout} =~ /^[0-9.]+$/ && $r->{timeout} > 0;
     return "env: an object of strings"
       if defined $r->{env} && (ref $r->{env} ne 'HASH' || grep { !defined || ref } values %{ $r->{env} });
-    return "tidy: a list of strings"
-      if defined $r->{tidy} && (ref $r->{tidy} ne 'ARRAY' || grep { !defined || ref } @{ $r->{tidy} });
+    return "tidy: an absolute path"
+      if defined $r->{tidy} && (ref $r->{tidy} || ($r->{tidy} ne '' && $r->{tidy} !~ m{^/}));
     return '';
 }
 

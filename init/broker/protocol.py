@@ -39,16 +39,16 @@ class Reason(enum.Enum):
 @dataclass(frozen=True)
 class Request:
     """One compile for the agent: argv run in `cwd` with `env` added to the container's, for at
-    most `timeout` seconds; `tidy` run after it, and before it in a container that has not
-    tidied yet (the exec path's own rules: every process killed, /tmp emptied, the compile's
-    files handed back to the dir's group; agent.pl says why once is enough)."""
+    most `timeout` seconds; after it, and before it in a container that has not tidied yet, the
+    agent's tidy (every process killed, /tmp emptied, what the compile made in the dir `tidy`
+    names handed back to the dir's group; "": none; agent.pl says why once is enough)."""
 
     id: str
     argv: tuple[str, ...]
     cwd: str
     timeout: float
     env: Mapping[str, str] = field(default_factory=dict)
-    tidy: tuple[str, ...] = ()
+    tidy: str = ""
 
     def encode(self) -> bytes:
         body = {
@@ -57,7 +57,7 @@ class Request:
             "cwd": self.cwd,
             "timeout": self.timeout,
             "env": dict(self.env),
-            "tidy": list(self.tidy),
+            "tidy": self.tidy,
         }
         return (json.dumps(body, ensure_ascii=True, separators=(",", ":")) + "\n").encode()
 

@@ -1,8 +1,7 @@
 """A compile as the broker sends it: the project's container (today's profile from
 init.compiles.profile, the agent as its command, so the agent and every compile it runs are
-the project's own uid in the dir's group) and the agent's request (what `docker exec` ran: the
-same command, directory, environment and timeout, and the exec path's rules before and after
-it: profile.stop_command)."""
+the project's own uid in the dir's group) and the agent's request (the command, directory,
+environment and timeout, and the dir the agent's tidy hands back to its group)."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from init.compiles.profile import (
     Job,
     compile_environment,
     container_spec,
-    stop_command,
 )
 from init.compiles.settings import KILL_GRACE, Limits
 
@@ -80,16 +78,15 @@ def target(
 
 
 def request(job: Job, limits: Limits) -> Request:
-    """The agent's request for `job`: what `docker exec` was given (command, directory,
-    environment, the wall clock), and for before and after it, what stops a compile on the
-    exec path (every process killed, /tmp emptied entirely, font caches too, so nothing but
-    the project's files carries over; what the compile made handed back to the dir's
-    group)."""
+    """The agent's request for `job`: its command, directory, environment and wall clock,
+    and the agent's tidy before and after it (every process killed, /tmp emptied entirely,
+    font caches too, so nothing but the project's files carries over; what the compile made
+    in its dir handed back to the dir's group)."""
     return Request(
         id=job.compile_id,
         argv=job.command,
         cwd=str(job.directory.path),
         timeout=limits.timeout,
         env=compile_environment(limits, job.environment),
-        tidy=tuple(stop_command(job)),
+        tidy=str(job.directory.path),
     )

@@ -147,15 +147,6 @@ def exec_command(job: Job, limits: Limits) -> list[str]:
             f"{limits.timeout:g}", *job.command]  # fmt: skip
 
 
-def stop_command(job: Job) -> list[str]:
-    """_COMPILE_SCRIPT with no command, in a project's container as its uid: every process but
-    PID 1 killed (not the container), /tmp emptied, what the compile wrote handed back to the
-    dir's group. The runner stops a compile past its budget with it (then removes what it
-    wrote, as the dir's owner); the broker's agent runs it before and after each compile."""
-    directory = job.directory
-    return ["sh", "-c", _COMPILE_SCRIPT, str(directory.path), str(directory.compile_uid)]
-
-
 # Seconds a new container waits for its first compile on top of the idle time.
 FIRST_EXEC_GRACE = 2 * KILL_GRACE
 

@@ -422,11 +422,12 @@ def test_the_agent_ends_when_idle_and_when_the_broker_lets_go(
 
 
 def test_a_tidy_that_fails_retires_the_container(broker: Broker, compiles: Compiles) -> None:
+    """The dir to hand back is gone (the tidy cannot be done): the agent answers, then exits."""
     directory = compiles.project("tidy-fails", {"main.tex": HELLO})
     broker.run(directory, "true")
     before = broker.container(directory).id
     job = broker.job(directory, ("true",))
-    failing = Request(**{**vars(targets.request(job, LIMITS)), "tidy": ("false",)})
+    failing = Request(**{**vars(targets.request(job, LIMITS)), "tidy": f"{directory}/gone"})
     answer = broker.pool.run(broker.target(directory), failing, lambda o: None)
     # Its container tidied after the last compile: the one after this compile is what fails.
     assert answer.reason is Reason.EXIT and answer.status == 0, answer
@@ -445,19 +446,26 @@ def test_the_tidy_runs_after_every_compile_and_before_only_a_containers_first(
     broker: Broker, compiles: Compiles
 ) -> None:
     """Between two compiles in one container nothing runs: the last tidy's work stands. A fresh
-    container tidies first (the project's last one may have died before its own tidy)."""
-    directory = compiles.project("tidy-count", {"main.tex": HELLO})
-    job = broker.job(directory, ("true",))
-    count = ("/bin/sh", "-c", f"echo x >> {directory}/tidied")
-    target = broker.target(directory)
-    for i in range(3):
-        request = Request(**{**vars(targets.request(job, LIMITS)), "id": f"t{i}", "tidy": count})
-        answer = broker.pool.run(target, request, lambda o: None)
-        assert answer.reason is Reason.EXIT and answer.status == 0, answer
-    first = broker.container(directory).id
-    assert (directory / "tidied").read_text().count("x") == 1 + 3
+    container tidies first (the project's last one may have died before its own tidy). Seen
+    through a file of the compile's uid made 0600 before each compile: a tidy hands it back
+    (0660), so the compile sees 660 where a tidy ran before it."""
+    directory = compiles.project("tidy-runs", {"main.tex": HELLO})
+    probe = directory / "probe"
+    probe.write_text("x\n")
+    os.chown(probe, compile_uid(directory), WWW_DATA)
+
+    def compile_seeing_the_probe() -> tuple[str, str]:
+        os.chmod(probe, 0o600)
+        ran = broker.run(directory, "perl", "-e", 'printf "%o", (stat "probe")[2] & 07777')
+        assert ran.answer.status == 0, ran.stderr
+        return ran.stdout.decode(), oct(probe.stat().st_mode & 0o7777)
+
+    first = compile_seeing_the_probe()
+    container = broker.container(directory).id
+    assert first == ("660", "0o660")  # a fresh container: tidied before, and after
+    assert compile_seeing_the_probe() == ("600", "0o660")  # the same one: after only
+    assert compile_seeing_the_probe() == ("600", "0o660")
+    assert broker.container(directory).id == container
     broker.pool._retire(directory.name)  # the next compile in a fresh container: tidied first
-    request = Request(**{**vars(targets.request(job, LIMITS)), "id": "t3", "tidy": count})
-    assert broker.pool.run(target, request, lambda o: None).status == 0
-    assert broker.container(directory).id != first
-    assert (directory / "tidied").read_text().count("x") == 1 + 3 + 2
+    assert compile_seeing_the_probe() == ("660", "0o660")
+    assert broker.container(directory).id != container

@@ -37,7 +37,7 @@ def test_a_request_is_one_ascii_line_whatever_its_arguments_hold() -> None:
         cwd="/compile/dir\nname",
         timeout=30,
         env={"X": "line1\nline2"},
-        tidy=("sh", "-c", "x\ny"),
+        tidy="/compile/dir\nname",
     )
     wire = request.encode()
     assert wire.endswith(b"\n") and wire.count(b"\n") == 1
@@ -45,7 +45,7 @@ def test_a_request_is_one_ascii_line_whatever_its_arguments_hold() -> None:
     back = json.loads(wire)
     assert back["argv"] == list(request.argv)
     assert back["cwd"] == request.cwd and back["env"] == {"X": "line1\nline2"}
-    assert back["tidy"] == ["sh", "-c", "x\ny"]
+    assert back["tidy"] == "/compile/dir\nname"
 
 
 def test_output_that_looks_like_an_answer_stays_output() -> None:
