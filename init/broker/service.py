@@ -4,7 +4,7 @@ the compile path (issue 14).
 It reads the compile settings once (init.compiles.settings, from its environment), owns the
 engine client and the pool of warm containers, sweeps the broker's containers left by an
 earlier run, and listens on a unix socket (config.COMPILE_BROKER_SOCKET, else beside the init's
-status file; mode 0660, group the services' own) for its thin clients (init.broker.client: the
+status file; mode 0660, group the services' own) for its thin clients (init.compiles.client: the
 shim, `sharelatex-init compile`, and through it the HTTP compile service). Each connection is
 served by a thread of its own (init.broker.session); the main thread waits in one select on the
 socket, its signals and the next idle container's retirement: an idle broker never wakes up.

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from init.broker import execute
 from init.broker.execute import SHUTDOWN, STOP, Broker, BrokerStopping, Stopper
-from init.broker.messages import (
+from init.compiles import command, shim
+from init.compiles.messages import (
     MAX_LINE,
     Chunk,
     CommandRequest,
@@ -31,7 +32,6 @@ from init.broker.messages import (
     Stop,
     decode_request,
 )
-from init.compiles import command, shim
 from init.compiles.outcome import Ran
 from init.compiles.profile import Job
 from init.compiles.settings import CompileSettings

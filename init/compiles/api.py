@@ -72,11 +72,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from init import config
-from init.broker import client
-from init.broker.messages import CommandRequest, Final, MessageError, Stop
+from init.compiles import client
 from init.compiles.archive import ArchiveLimits, Refusal, extract, megabytes
 from init.compiles.contract import DEFAULT_ENGINE, ENGINES, Limit, Status
 from init.compiles.environment import read_environment, with_init_environment
+from init.compiles.messages import CommandRequest, Final, MessageError, Stop
 from init.compiles.settings import Deadlines, broker_socket
 from init.config import COMPILE_API_ADDRESS, COMPILES_DIR
 from init.core.log import Log

@@ -84,12 +84,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(options: argparse.Namespace, environ: Mapping[str, str]) -> int:
-    """The `compile` command, as a client of the compile broker (init.broker.client): its exit
+    """The `compile` command, as a client of the compile broker (init.compiles.client): its exit
     status; the result on stdout (text or JSON) as the broker made it. No broker answering:
     69, with one line (or, with --json, the one JSON object) naming its socket."""
-    from init.broker.client import DEFAULT_WAIT, call
-    from init.broker.messages import CommandRequest
+    from init.compiles.client import DEFAULT_WAIT, call
     from init.compiles.environment import with_init_environment
+    from init.compiles.messages import CommandRequest
     from init.compiles.settings import broker_socket
     from init.core import status_file
 

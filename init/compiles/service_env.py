@@ -213,7 +213,7 @@ def shim_script(
         package_root = Path(__file__).resolve().parents[2]
         code = (
             f"import sys; sys.path.insert(0, {str(package_root)!r}); "
-            "from init.broker.client import main; sys.exit(main())"
+            "from init.compiles.client import main; sys.exit(main())"
         )
         return (
             f"#!/bin/sh\nexec {python} -I -S -c {shlex.quote(code)} --socket "

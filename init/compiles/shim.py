@@ -40,7 +40,7 @@ compile's status then goes by output.pdf: `success`, else `failure`):
                              command is never run outside the sandbox.
 
 Where it runs: in the compile broker (init.broker), whose thin client the shim is
-(init.broker.client: the shims PID 1 writes run it under `python3 -I -S`; `main` here is the
+(init.compiles.client: the shims PID 1 writes run it under `python3 -I -S`; `main` here is the
 same client for `python -m init.compiles.shim`). `answer` is the broker's side: the command's
 compile dir, its job, the outcome of its run, the log note. A stop signal to the client is sent
 on as a stop, and the client dies of it; a client that is SIGKILLed, or whose caller is, stops
@@ -184,10 +184,10 @@ def answer(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m init.compiles.shim COMMAND ARGS...`: the command sent to the compile broker
-    (init.broker.client), whose socket is config.COMPILE_BROKER_SOCKET or beside the status
+    (init.compiles.client), whose socket is config.COMPILE_BROKER_SOCKET or beside the status
     file. The shims PID 1 writes run the client itself, under `python3 -I -S`."""
-    from init.broker.client import DEFAULT_WAIT, call
-    from init.broker.messages import ShimRequest
+    from init.compiles.client import DEFAULT_WAIT, call
+    from init.compiles.messages import ShimRequest
     from init.compiles.settings import broker_socket
 
     args = list(sys.argv[1:] if argv is None else argv)

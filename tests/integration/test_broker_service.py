@@ -1,6 +1,6 @@
 """The compile broker as a service, for real: `python -m init.broker.service` with a site's
 environment against a private dockerd with the TeX Live image, and its thin client
-(init.broker.client) spawned as the compile service spawns latexmk. Exit statuses and output
+(init.compiles.client) spawned as the compile service spawns latexmk. Exit statuses and output
 pass through; a stop signal to the client stops the compile and the client dies of it; a
 SIGKILLed client (or its killed caller) stops its compile at once; a broker that is not there
 is waited for, then named in one line with exit 69; the broker's own SIGTERM ends it within a
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from init.broker.messages import CommandRequest
+from init.compiles.messages import CommandRequest
 from tests.integration import texlive_engine
 from tests.integration.conftest import wait_for
 from tests.integration.texlive_engine import BROKER_SOCKET, LIMITS, Compiles
@@ -35,7 +35,7 @@ LOOP = HELLO.replace("Hello", r"\def\x{\x}\x")
 # The shim's own start: isolated, no site-packages, the package found by its path alone.
 CLIENT = (
     sys.executable, "-I", "-S", "-c",
-    f"import sys; sys.path.insert(0, {str(REPO)!r}); from init.broker.client import main; "
+    f"import sys; sys.path.insert(0, {str(REPO)!r}); from init.compiles.client import main; "
     "sys.exit(main())",
 )  # fmt: skip
 
@@ -90,7 +90,7 @@ def test_the_compile_command_gets_its_json_through_the_broker(
     project = compiles.project("broker-cli", {"main.tex": HELLO})
     request = CommandRequest(str(project), json=True)
     code = (
-        "import sys; from init.broker.client import call; from init.broker.messages import *; "
+        "import sys; from init.compiles.client import call; from init.compiles.messages import *; "
         f"sys.exit(call({str(socket_of(compiles))!r}, {request!r}))"
     )
     done = subprocess.run(

@@ -39,7 +39,7 @@ DOCUMENT = b"\\documentclass{article}\\begin{document}honest\\end{document}"
 # compile command would (its JSON), with a PDF (or a 96 MiB one) in the project dir.
 STAND_IN = """\
 import json, os, pathlib, socket, sys, threading
-from init.broker.messages import Final, decode_request
+from init.compiles.messages import Final, decode_request
 def serve(conn):
     with conn:
         data = b""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from init.broker.messages import (
+from init.compiles.messages import (
     Chunk,
     CommandRequest,
     Final,
@@ -89,7 +89,7 @@ def test_the_shims_client_starts_without_json_re_or_dataclasses() -> None:
 
     root = Path(__file__).resolve().parents[2]
     code = (
-        f"import sys; sys.path.insert(0, {str(root)!r}); import init.broker.client; "
+        f"import sys; sys.path.insert(0, {str(root)!r}); import init.compiles.client; "
         "heavy = {'json', 're', 'dataclasses', 'enum', 'signal', 'socket'}; "
         "print(sorted(heavy & set(sys.modules)))"
     )

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from init.broker.messages import CommandRequest, Final, Stop, decode_request
 from init.compiles import api as compile_api
 from init.compiles import archive
 from init.compiles.api import Limits, Options, Outcome, Refusal
 from init.compiles.archive import ArchiveLimits
+from init.compiles.messages import CommandRequest, Final, Stop, decode_request
 from init.config import parse_address
 from init.core.log import Log
 from init.errors import ConfigError

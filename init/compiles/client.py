@@ -13,7 +13,7 @@ group) are sent on as a Stop; the client dies of that signal once the broker has
 A client killed outright closes its connection: the broker stops its compile.
 
 Standard library only, nothing read from the configuration: the shim's start is the whole
-cost of a compile's client (init.broker.messages is its one import from the package).
+cost of a compile's client (init.compiles.messages is its one import from the package).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import select
 import sys
 import time
 
-from init.broker.messages import (
+from init.compiles.messages import (
     MAX_LINE,
     Chunk,
     CommandRequest,
