@@ -197,7 +197,6 @@ class Places:
     output: Path = config.DEFAULT_OUTPUT_DIR
     host_compiles: Path | None = None  # sibling mode: the bind source of `compiles`
     host_output: Path | None = None
-    run_dir: Path = Path("/tmp")
 
 
 @dataclass(frozen=True)
@@ -229,12 +228,6 @@ def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
     except ConfigError as e:
         problems.extend(e.problems)
         limits = Limits()
-    run_dir = Path(f"/tmp/sharelatex-init-compile-{os.geteuid()}")
-    raw = environ.get(config.COMPILE_RUN_DIR, "").strip()
-    if raw and not raw.startswith("/"):
-        problems.append(
-            f"{config.COMPILE_RUN_DIR}={raw!r} is not an absolute path; give e.g. {run_dir}"
-        )
     if problems:
         raise ConfigError(problems)
     places = Places(
@@ -242,7 +235,6 @@ def settings_from_env(environ: Mapping[str, str]) -> CompileSettings:
         output=product.output_dir,
         host_compiles=product.host_dir_compiles,
         host_output=product.host_dir_output,
-        run_dir=Path(raw) if raw.startswith("/") else run_dir,
     )
     return CompileSettings(
         places=places,

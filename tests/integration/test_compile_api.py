@@ -110,7 +110,6 @@ def start_api(
     python, python_env = www_data_python()
     environment = (compiles.env if broker else compiles.site_env)(
         OVERLEAF_INIT_COMPILES_DIR=str(site / "compiles"),
-        OVERLEAF_INIT_COMPILE_RUN_DIR=str(site / "run"),
         OVERLEAF_INIT_STATUS_FILE=str(site / "status.json"),
         HOME="/var/www",
         **python_env,

@@ -24,7 +24,7 @@ import pytest
 from tests.integration import texlive_engine
 from tests.integration.conftest import wait_for
 from tests.integration.test_compile_api import AS_WWW_DATA, www_data_python
-from tests.integration.texlive_engine import REPO, WWW_DATA, Compiles
+from tests.integration.texlive_engine import REPO, Compiles
 
 texlive = texlive_engine.texlive
 compiles = texlive_engine.compiles
@@ -109,13 +109,10 @@ def as_www_data(compiles: Compiles, project: Path, **env: str) -> tuple[int, dic
     import json
 
     python, python_env = www_data_python()
-    run_dir = compiles.root.parent / "run-www"
-    run_dir.mkdir(exist_ok=True)
-    os.chown(run_dir, WWW_DATA, WWW_DATA)
     done = subprocess.run(
         [*AS_WWW_DATA, python, "-m", "init.compiles.command", str(project), "--json"],
         capture_output=True, text=True, timeout=120, cwd=REPO,
-        env=compiles.env(OVERLEAF_INIT_COMPILE_RUN_DIR=str(run_dir), HOME="/var/www",
+        env=compiles.env(HOME="/var/www",
                          **python_env, **{**BUDGET, **env}),
     )  # fmt: skip
     ended = time.time()

@@ -74,7 +74,6 @@ class Compiles:
 
     engine: HostEngine
     root: Path
-    run_dir: Path
     status_file: Path
     runtime: str = "runc"  # OVERLEAF_INIT_COMPILE_RUNTIME: runc or runsc (gVisor)
     # The compile brokers of this site, by socket: one per environment the tests compile with
@@ -105,7 +104,6 @@ class Compiles:
             **CLEAN_ENV,
             "DOCKER_HOST": f"unix://{self.engine.socket}",
             "OVERLEAF_INIT_COMPILES_DIR": str(self.root),
-            "OVERLEAF_INIT_COMPILE_RUN_DIR": str(self.run_dir),
             "OVERLEAF_INIT_STATUS_FILE": str(self.status_file),
             **LIMITS,
             "OVERLEAF_INIT_COMPILE_RUNTIME": self.runtime,
@@ -229,6 +227,5 @@ def with_runtime(site: Compiles, runtime: str) -> Compiles:
         site,
         runtime=runtime,
         root=base / "compiles",
-        run_dir=base / "run",
         status_file=base / "status.json",
     )

@@ -105,7 +105,6 @@ def test_settings_take_the_product_variables_and_our_own(tmp_path: Path) -> None
             "ALL_TEX_LIVE_DOCKER_IMAGES": "texlive/texlive:2024,texlive/texlive:2023",
             "SANDBOXED_COMPILES_HOST_DIR_COMPILES": "/srv/data/compiles",
             "OVERLEAF_INIT_COMPILES_DIR": "/data/compiles",
-            "OVERLEAF_INIT_COMPILE_RUN_DIR": str(tmp_path),
             "DOCKER_HOST": "unix:///tmp/d.sock",
         }
     )
