@@ -192,7 +192,7 @@ def compiles_root(texlive: HostEngine) -> Iterator[Compiles]:
     root = base / "compiles"
     root.mkdir(parents=True)
     os.chmod(base, 0o755)
-    made = Compiles(texlive, root, base / "run", base / "status.json")
+    made = Compiles(texlive, root, base / "status.json")
     try:
         yield made
     finally:
