@@ -51,6 +51,18 @@ COMPILE_ID_LABEL = "sharelatex-init.compile-id"
 EXPIRES_LABEL = "sharelatex-init.expires"
 
 
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """The stop and forwarded signals held for a block that must not be cut short (a caller
+    that turns a signal into an exception would leave it half done); one that came meanwhile
+    is delivered at its end."""
+    mask = signals.hold()
+    try:
+        yield
+    finally:
+        signals.restore(mask)
+
+
 class EngineUnreachable(EngineError):
     """Nothing answers on the socket, or the engine stopped answering mid-call."""
 
@@ -249,8 +261,7 @@ class Engine:
                 # one raised while the engine's answer is read would leave the container created
                 # and nobody knowing its id to remove it (seen: PID 1's shutdown of the sibling
                 # check left its proof container behind, "Created").
-                mask = signals.hold()
-                try:
+                with _uninterrupted():
                     container_id = self._api.create_container(
                         image,
                         entrypoint=list(command[:1]),
@@ -260,8 +271,6 @@ class Engine:
                         host_config=config,
                         network_disabled=True,
                     )["Id"]
-                finally:
-                    signals.restore(mask)
                 self._api.start(container_id)
                 status = int(self._api.wait(container_id, timeout=deadline)["StatusCode"])
                 output = self._api.logs(container_id).decode(errors="replace").strip()
@@ -270,11 +279,8 @@ class Engine:
             if container_id:
                 # Held the same way: a stop that came as the container ended would otherwise
                 # cut its removal short (seen: an exited proof container left behind).
-                mask = signals.hold()
-                try:
+                with _uninterrupted():
                     self.remove(container_id)
-                finally:
-                    signals.restore(mask)
 
     # -- images ------------------------------------------------------------------------------
 
