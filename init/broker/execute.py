@@ -27,6 +27,12 @@ from init.compiles.profile import Job
 from init.compiles.settings import CompileSettings
 from init.engine.client import DockerBackend, EngineRefused, ImageMissing
 
+# latexmk's and TeX's own exits (ok, a LaTeX error, latexmk's "errors in the run"): the
+# project's container is kept for its next compile. After any other end (a limit, a signal,
+# the timeout) it is replaced before that compile's client hears of it, as the exec path did:
+# what a compile that went that far left in its sandbox never meets the next one (under gVisor
+# a fork bomb's container once took over 20 s to wind down after its answer).
+CLEAN_EXITS = (0, 1, 12)
 TAIL = 65536  # the output kept for the outcome's classification (a fork failure, its last lines)
 
 # Why a compile was stopped.
@@ -141,7 +147,8 @@ def run(
         oom = answer.reason in (Reason.EXIT, Reason.SIGNAL) and answer.status != 0
         if oom:
             turn.oom = oom = broker.backend.oom_killed(container, turn.began)
-        return oom or limits.idle == 0
+        clean = answer.reason is Reason.EXIT and answer.status in CLEAN_EXITS
+        return oom or not clean or limits.idle == 0
 
     try:
         answer = broker.pool.run(place, request, pass_on, stopper.fd, placed, finish)

@@ -292,6 +292,21 @@ def test_an_infinite_loop_ends_at_the_timeout(compiles: Compiles, other: Path) -
     assert result["limit"] == "timeout"
     assert "5 s" in result["reason"]
     assert 5 <= result["seconds"] < 5 + 8
+    # Past a limit, the project's container is gone before the answer: the next compile
+    # of the project starts in a fresh one.
+    assert compiles.containers() == ""
+
+
+def test_a_latex_error_keeps_the_projects_container(compiles: Compiles, other: Path) -> None:
+    """latexmk's and TeX's own exits keep the warm container; only a limit replaces it."""
+    project = compiles.project("error-kept", {"main.tex": HELLO.replace("Hello", r"\oops")})
+    code, result, _ = compiles.compile(project)
+    assert code == 1, result
+    kept = compiles.containers()
+    assert kept != ""
+    code, result, _ = compiles.compile(project)
+    assert code == 1, result
+    assert compiles.containers() == kept
 
 
 def test_a_huge_output_file_hits_the_size_limit(compiles: Compiles, other: Path) -> None:
