@@ -7,12 +7,14 @@ the retirement is a timer the broker's loop asks for (`next_retirement`), not a 
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from init.broker.protocol import Answer, Output, Request
 from init.broker.target import BROKER_LABEL, Target
@@ -53,6 +55,37 @@ class _Warm:
     name: str
     started: float
     last_used: float
+    directory: int | None = None  # an O_PATH fd of the compile dir it binds (hold_dir)
+
+    def let_go(self) -> None:
+        """The container retired and removed, its dir let go."""
+        try:
+            self.container.close()
+        finally:
+            if self.directory is not None:
+                os.close(self.directory)
+                self.directory = None
+
+
+def hold_dir(path: Path) -> int | None:
+    """An O_PATH fd of the compile dir a new container binds (None when it cannot be opened).
+    Held, its inode cannot be freed and given to a dir made later at the same path."""
+    try:
+        return os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def still_there(held: int | None, path: Path) -> bool:
+    """The held dir is still the one at `path`: neither removed (a removed dir has no link
+    left) nor replaced. A dir that could not be held is taken as it is."""
+    if held is None:
+        return True
+    try:
+        then, now = os.fstat(held), os.stat(path)
+    except OSError:
+        return False
+    return then.st_nlink > 0 and (then.st_dev, then.st_ino) == (now.st_dev, now.st_ino)
 
 
 class Pool:
@@ -146,19 +179,27 @@ class Pool:
             warm = self._warm.get(target.project)
         if warm is not None:
             left = warm.started + self.limits.lifetime - now
-            if warm.name == target.name and left > self.limits.reuse and warm.container.alive():
+            # A dir the site removed and made again (Overleaf's "recompile from scratch"
+            # clears the project's dir) is another dir: a container bound to the old one would
+            # compile in an empty, deleted dir.
+            if (
+                warm.name == target.name
+                and still_there(warm.directory, target.directory.path)
+                and left > self.limits.reuse
+                and warm.container.alive()
+            ):
                 return warm
             self._retire(target.project)
         if self._closed:
             raise AgentGone("the broker is stopping")
         container = self._start(self.backend, target.name, dict(target.body))
-        warm = _Warm(container, target.name, now, now)
+        warm = _Warm(container, target.name, now, now, hold_dir(target.directory.path))
         with self._mutex:
             closed = self._closed
             if not closed:
                 self._warm[target.project] = warm
         if closed:  # closed while it started: close missed it
-            container.close()
+            warm.let_go()
             raise AgentGone("the broker is stopping")
         return warm
 
@@ -166,7 +207,7 @@ class Pool:
         with self._mutex:
             warm = self._warm.pop(project, None)
         if warm is not None:
-            warm.container.close()
+            warm.let_go()
 
     def next_retirement(self) -> float | None:
         """When (on the pool's clock) the next idle container is due to be retired; a project

@@ -421,6 +421,25 @@ def test_the_agent_ends_when_idle_and_when_the_broker_lets_go(
              15, "no container left")  # fmt: skip
 
 
+def test_a_dir_removed_and_made_again_is_compiled_in_a_fresh_container(
+    broker: Broker, compiles: Compiles
+) -> None:
+    """Overleaf's "recompile from scratch" removes the project's dir and makes it again: the
+    warm container's bind still holds the removed one, so the next compile gets a fresh
+    container that sees the new dir."""
+    import shutil
+
+    directory = compiles.project("remade", {"main.tex": "first\n"})
+    assert broker.run(directory, "cat", "main.tex").stdout == b"first\n"
+    first = broker.container(directory).id
+    shutil.rmtree(directory)
+    directory = compiles.project("remade", {"main.tex": "again\n"})
+    ran = broker.run(directory, "cat", "main.tex")
+    assert ran.answer.status == 0, ran.stderr
+    assert ran.stdout == b"again\n"
+    assert broker.container(directory).id != first
+
+
 def test_a_tidy_that_fails_retires_the_container(broker: Broker, compiles: Compiles) -> None:
     """The dir to hand back is gone (the tidy cannot be done): the agent answers, then exits."""
     directory = compiles.project("tidy-fails", {"main.tex": HELLO})

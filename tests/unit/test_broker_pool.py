@@ -315,6 +315,27 @@ def test_a_container_near_its_lifetime_or_of_another_profile_is_replaced(
     assert len(backend.removed) == 2
 
 
+def test_a_dir_removed_and_made_again_gets_a_fresh_container(
+    backend: FakeBackend, tmp_path: Path
+) -> None:
+    """A warm container's bind holds the dir it was started with: the site's "recompile from
+    scratch" removes the project's dir and makes it again, and the next compile must see the
+    new one."""
+    answering(backend)
+    pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
+    directory = tmp_path / "a"
+    directory.mkdir()
+    place = CompileDir(directory, directory, "a", 33, 33)
+    target = Target("a", "c-a", {}, place)
+    pool.run(target, request("c1"), lambda o: None)
+    pool.run(target, request("c2"), lambda o: None)
+    assert backend.created == 1
+    directory.rmdir()
+    directory.mkdir()
+    pool.run(target, request("c3"), lambda o: None)
+    assert backend.created == 2 and len(backend.removed) == 1
+
+
 def test_an_agent_that_ended_while_idle_is_replaced(backend: FakeBackend) -> None:
     answering(backend)
     pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
