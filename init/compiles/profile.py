@@ -94,8 +94,10 @@ def compile_environment(limits: Limits, caller: Mapping[str, str]) -> dict[str, 
     return env
 
 
-# The compile's shell, as the project's uid: $0 the compile dir, $1 the uid, then the timeout
-# and the command.
+# The exec path's compile shell (gone from the compile path: every compile is a request to
+# the project's agent, init/broker/agent.pl, whose `sub tidy` keeps these rules; this stays for
+# scripts/bench/broker's `docker exec` reference column and its unit tests), as the project's
+# uid: $0 the compile dir, $1 the uid, then the timeout and the command.
 # - `kill -KILL -1` reaches every process of the container but its PID 1 and this shell: after
 #   the compile, whatever it left running (a daemon a latexmkrc forked, in a session of its
 #   own); before it, the leftovers of an earlier compile that killed this shell (the queue
@@ -152,8 +154,10 @@ FIRST_EXEC_GRACE = 2 * KILL_GRACE
 
 
 def watchdog_command(limits: Limits) -> list[str]:
-    """The container's PID 1: exits (ending the container) once only it has run there for
-    `idle` seconds, or at the container's lifetime. Its children are reaped by the shell."""
+    """The container's PID 1 in a bare spec: exits (ending the container) once only it has
+    run there for `idle` seconds, or at the container's lifetime. Its children are reaped by
+    the shell. The broker replaces it with its agent (init.broker.target); the benches' exec
+    containers keep it."""
     step = 1 if limits.idle < 10 else 2
     # SIGTERM (docker stop, dockerd stopping with the site) ends it at once: the sleep runs in
     # the background so the trap is not held up by it. Its only child is that sleep: a
