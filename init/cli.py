@@ -101,7 +101,7 @@ def _texlive(options: Namespace, env: dict[str, str]) -> int:
     if options.texlive_args[:1] != ["install"]:
         print(
             "usage: sharelatex-init texlive install [IMAGE...] [--engine URL] "
-            "[--source pull,load,build] [--scheme small|full] [--base-image B] [--retry]",
+            "[--source pull,load,build] [--scheme basic|small|full] [--base-image B] [--retry]",
             file=sys.stderr,
         )
         return EX_USAGE

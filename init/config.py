@@ -95,7 +95,9 @@ TEXLIVE_SOURCES = "OVERLEAF_INIT_TEXLIVE_SOURCES"
 TEXLIVE_TARBALL_DIR = "OVERLEAF_INIT_TEXLIVE_TARBALL_DIR"
 TEXLIVE_BASE_IMAGE = "OVERLEAF_INIT_TEXLIVE_BASE_IMAGE"  # what the `build` source builds on
 TEXLIVE_SCHEME = "OVERLEAF_INIT_TEXLIVE_SCHEME"
-TEXLIVE_SCHEMES = ("small", "full")
+# The `build` source's package lists (init/texlive/recipes/texlive-SCHEME.packages), smallest
+# first.
+TEXLIVE_SCHEMES = ("basic", "small", "full")
 HTTP_ADDRESS = "OVERLEAF_INIT_HTTP_ADDRESS"
 STATUS_FILE_VARIABLE = "OVERLEAF_INIT_STATUS_FILE"  # where PID 1 keeps its status
 # The compile broker's socket (init.broker.service); unset: `broker.sock` beside the status file
@@ -368,7 +370,7 @@ def load(environ: Mapping[str, str], root: Path = Path("/")) -> Settings:
     if scheme not in TEXLIVE_SCHEMES:
         problems.append(
             f"{TEXLIVE_SCHEME}={environ[TEXLIVE_SCHEME]!r} is not a TeX Live scheme; "
-            f"use {' or '.join(TEXLIVE_SCHEMES)}"
+            f"use {', '.join(TEXLIVE_SCHEMES[:-1])} or {TEXLIVE_SCHEMES[-1]}"
         )
     http_address = None
     if environ.get(HTTP_ADDRESS, "").strip():

@@ -19,7 +19,6 @@ from pathlib import Path
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
 DOCKERFILE = RECIPES / "texlive.Dockerfile"
-SCHEMES = ("small", "full")
 SUITE = "bookworm"
 DEFAULT_BASE_IMAGE = f"sharelatex-init/debian:{SUITE}"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

@@ -3,7 +3,7 @@
 PID 1 (init.texlive.job) starts `python -m init.texlive.install` with an `InstallRequest`'s argv;
 the child reads it back with `InstallRequest.from_argv`, and keeps an `InstallerStatus` in a
 file beside the init's status (written by its Board, read by `status`, the probes, a compile
-asked for too early). Standard library only: PID 1 imports this module.
+asked for too early). Standard library and init.config only: PID 1 imports this module.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from init.config import TEXLIVE_SCHEMES
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing: PID 1 imports this
 if TYPE_CHECKING:
     from typing import Any
 
 MODULE = "init.texlive.install"
 SOURCES = ("pull", "load", "build")
-SCHEMES = ("small", "full")
 
 
 class ImageState(enum.Enum):
@@ -71,7 +72,7 @@ class InstallRequest:
         parser.add_argument("--source", default="pull,load", help=f"comma list of {SOURCES}")
         parser.add_argument("--tarball-dir", type=Path)
         parser.add_argument("--base-image", default="")
-        parser.add_argument("--scheme", choices=SCHEMES, default="small")
+        parser.add_argument("--scheme", choices=TEXLIVE_SCHEMES, default="small")
         parser.add_argument("--once", action="store_true", help="one round, no retries")
         args = parser.parse_args(list(argv))
         images = comma_list(args.images)

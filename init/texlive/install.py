@@ -1,7 +1,7 @@
 """A child of PID 1 that installs the TeX Live compile image(s) in the background, and reports.
 
 `python -m init.texlive.install --socket S --status F --images IMG1,IMG2 [--source pull,load,build]
-[--tarball-dir D] [--base-image B] [--scheme small|full] [--once]` makes each image present in
+[--tarball-dir D] [--base-image B] [--scheme basic|small|full] [--once]` makes each image present in
 the engine, in order (the first is the default compile image): present already, nothing to do;
 else each source in turn: `pull` from its registry (the streamed pull's per-layer bytes as one
 percentage, rate and ETA), `load` a `docker save` tarball named `tarball_name(image)` from D, or
@@ -37,7 +37,7 @@ from typing import Any, TextIO
 
 import tenacity
 
-from init.config import DOCKER_HOST
+from init.config import DOCKER_HOST, TEXLIVE_SCHEMES
 from init.engine.client import Engine, EngineRefused
 from init.errors import EngineError
 from init.texlive import build as texlive_build
@@ -741,8 +741,9 @@ def _add_source_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--scheme",
-        choices=texlive_build.SCHEMES,
-        help="`build`'s TeX Live packages: small (the default), or full (texlive-full, several GB)",
+        choices=TEXLIVE_SCHEMES,
+        help="`build`'s TeX Live packages: basic (LaTeX alone), small (the default), or full "
+        "(texlive-full, several GB)",
     )
 
 

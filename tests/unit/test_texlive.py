@@ -10,6 +10,9 @@ from typing import Any
 
 import pytest
 
+from init import config
+from init.config import TEXLIVE_SCHEMES
+from init.errors import ConfigError
 from init.texlive import build as texlive_build
 from init.texlive import install as texlive
 from init.texlive import progress
@@ -283,7 +286,25 @@ def test_packages_per_scheme() -> None:
         "texlive-latex-base", "texlive-latex-recommended", "texlive-fonts-recommended", "latexmk",
         "texlive-extra-utils",
     ]  # fmt: skip
+    assert texlive_build.packages("basic") == ["texlive-latex-base", "latexmk"]
     assert texlive_build.packages("full") == ["texlive-full"]
+
+
+def test_every_scheme_has_its_list_and_scripts_build_images_offers_the_same() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    lists = sorted(p.name for p in texlive_build.RECIPES.glob("texlive-*.packages"))
+    assert lists == sorted(f"texlive-{scheme}.packages" for scheme in TEXLIVE_SCHEMES)
+    script = (repo / "scripts" / "build-images").read_text()
+    offered = ", ".join(f'"{scheme}"' for scheme in TEXLIVE_SCHEMES)
+    assert f"\nSCHEMES = ({offered})\n" in script
+
+
+def test_a_scheme_without_a_list_is_refused_naming_the_choices() -> None:
+    with pytest.raises(ConfigError) as raised:
+        config.load({config.TEXLIVE_SCHEME: "medium"})
+    assert raised.value.problems == [
+        "OVERLEAF_INIT_TEXLIVE_SCHEME='medium' is not a TeX Live scheme; use basic, small or full"
+    ]
 
 
 def test_plan_takes_mirrors_and_proxies_from_the_environment() -> None:
