@@ -1,35 +1,36 @@
-"""What the whole suite shares: the local images, each made once per content key.
+"""What the whole suite shares: the local images, each made once per content key, and how the
+session's tests are spread over processes.
 
-Building the TeX Live image (Debian's packages, ~370 MB) takes a minute or more, the app image
+Building the TeX Live image (Debian's packages, ~530 MB) takes a minute or more, the app image
 half of one; a `docker load` of either takes seconds. So an engine that needs one gets it the
 fastest way there is: present already (its key label matches), else loaded from a `docker save`
 tarball cached under the key, else built by `scripts/build-images` and saved for the next
 engine. Every engine stays private to its tests (a test that removes an image breaks no other):
-only the tarball is shared, across modules and across runs. On a fresh machine the first engine
-that needs an image builds it (the end-to-end tests' outer engine, which runs first), the rest load;
-the TeX Live image there is test_images' cold build, which the outer engine waits for rather than
-build the same image beside it (`PRODUCERS`).
+only the tarball is shared, across modules, processes and runs. An image is built by one process
+at a time (a lock file beside its tarball): another that needs it meanwhile waits, then loads.
 
-And the session's slowest set-ups start early: a test module lists them in `EARLY` (`Early`
-jobs); once the session's tests are collected, those of the modules that have a selected test
-start in a background lane, one after the other, while the end-to-end and the other tests run
-(those modules run last). The module's fixture then takes the job's result (waiting if it is
-not done yet).
+`scripts/test` runs the tests in pytest-xdist workers, a test module to a worker (its engine is
+module-scoped), the end-to-end tests in one (they share the outer engine), the longest modules
+first (`SECONDS`, `ModuleScheduling`). A module's slowest set-up (a cold build) is an `Early` job:
+it starts in a background lane of the worker as the module begins (at the session's start, in a
+single process), while the module's other tests run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib.machinery
 import importlib.util
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -109,23 +110,30 @@ def _key_in(url: str, image: str) -> str:
 def provide(url: str, kind: str) -> LocalImage:
     """Make `kind`'s image present in the engine at `url` and its tarball cached; the image."""
     image = local_image(kind)
-    present = _key_in(url, image.name) == image.key or _loaded(url, image)
-    if not present and not image.tarball.exists() and kind in PRODUCERS:
-        # An early job is building this very image (same key) and will save it: wait for it
-        # rather than build it twice side by side. Its failure is its own tests' to report;
-        # here, build instead.
-        PRODUCERS[kind].wait()
-        present = _loaded(url, image)
-    if not present:
-        done = subprocess.run(
-            [str(BUILD_IMAGES), "--engine", url, "--only", kind],
-            capture_output=True, text=True, timeout=BUILD_TIMEOUT,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-        assert _key_in(url, image.name) == image.key, done.stdout[-3000:]
-    if not image.tarball.exists():
-        _save(url, image)
+    if _key_in(url, image.name) == image.key or _loaded(url, image):
+        return image
+    with _building(image):  # another process building it: wait, then load what it saved
+        present = _key_in(url, image.name) == image.key or _loaded(url, image)
+        if not present:
+            done = subprocess.run(
+                [str(BUILD_IMAGES), "--engine", url, "--only", kind],
+                capture_output=True, text=True, timeout=BUILD_TIMEOUT,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+            assert _key_in(url, image.name) == image.key, done.stdout[-3000:]
+        if not image.tarball.exists():
+            _save(url, image)
     return image
+
+
+@contextmanager
+def _building(image: LocalImage) -> Iterator[None]:
+    """Held while this process builds and saves `image`: the lock file of its key (flock, so a
+    killed holder frees it), waited for by another process (another worker, another run)."""
+    TARBALLS.mkdir(parents=True, exist_ok=True)
+    with (TARBALLS / f".{image.kind}-{image.key[:16]}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _loaded(url: str, image: LocalImage) -> bool:
@@ -137,15 +145,6 @@ def _loaded(url: str, image: LocalImage) -> bool:
         return True
     shutil.rmtree(image.directory, ignore_errors=True)  # broken, or another run's clean-up
     return False
-
-
-def save_if_missing(url: str, kind: str) -> None:
-    """Cache the engine's `kind` image as the suite's tarball when none is cached yet and the
-    engine's carries the key the sources give now: an image a test built for its own reasons
-    (test_images' cold build) then spares the session building it again."""
-    image = local_image(kind)
-    if not image.tarball.exists() and _key_in(url, image.name) == image.key:
-        _save(url, image)
 
 
 def provide_all(url: str, kinds: Sequence[str]) -> list[LocalImage]:
@@ -173,23 +172,22 @@ def _save(url: str, image: LocalImage) -> None:
         partial.unlink(missing_ok=True)
     older = sorted(
         (d for d in TARBALLS.glob(f"{image.kind}-*") if d != image.directory),
-        key=_mtime,
+        key=mtime,
         reverse=True,
     )
     for stale in older[KEEP - 1 :]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _mtime(path: Path) -> float:
+def mtime(path: Path) -> float:
     try:
         return path.stat().st_mtime
     except FileNotFoundError:  # another run's clean-up took it
         return 0.0
 
 
-# -- early jobs: the slowest set-ups, started in the background once the tests are collected ----
+# -- early jobs: a module's slowest set-up, started in the background as the module begins -----
 
-PRODUCERS: dict[str, Early[Any]] = {}  # kind -> the started job that will cache its tarball
 _lane: ThreadPoolExecutor | None = None
 _reaper = ThreadPoolExecutor(1, thread_name_prefix="reap")
 
@@ -230,25 +228,19 @@ class Early(Generic[T]):
     `work(stack)` makes what the module needs and registers the clean-up of each thing it
     makes on `stack` at once (an engine's stop, a dir's removal). `ready()` says whether it can
     run here at all (root, the tools): if not, it is not started, and the module's fixtures'
-    `require` skips or fails with the reason as before. One lane runs the started jobs one after
-    the other: each is a core's worth of work (apt, dpkg), and the tests beside them hold time
-    bounds. `produces` names the local image whose tarball the work caches when none is yet
-    (see `save_if_missing`).
+    `require` skips or fails with the reason as before. One lane a process runs the started
+    jobs one after the other: each is a core's worth of work (apt, dpkg), and the tests beside
+    them hold time bounds.
     """
 
     made: list[Early[Any]] = []
 
     def __init__(
-        self,
-        name: str,
-        work: Callable[[ExitStack], T],
-        ready: Callable[[], bool] = lambda: True,
-        produces: str | None = None,
+        self, name: str, work: Callable[[ExitStack], T], ready: Callable[[], bool] = lambda: True
     ) -> None:
         self.name = name
         self._work = work
         self._ready = ready
-        self._produces = produces
         self._future: Future[T] | None = None
         self._stack = ExitStack()
         self._lock = threading.Lock()
@@ -263,13 +255,14 @@ class Early(Generic[T]):
         finally:
             self.ran = (began, time.monotonic())
 
-    def start(self, lane: ThreadPoolExecutor) -> None:
+    def start(self) -> None:
+        global _lane
         with self._lock:
             if self._future is not None or not self._ready():
                 return
-            if self._produces is not None and not local_image(self._produces).tarball.exists():
-                PRODUCERS[self._produces] = self
-            self._future = lane.submit(self._timed)
+            if _lane is None:
+                _lane = ThreadPoolExecutor(1, thread_name_prefix="early")
+            self._future = _lane.submit(self._timed)
 
     def result(self) -> T:
         """The work's value (or its exception), waiting for it; run here and now if it was
@@ -291,16 +284,6 @@ class Early(Generic[T]):
         finally:
             self.waited = time.monotonic() - began
 
-    def wait(self) -> None:
-        """Until the work has ended, if it was started; its outcome is `result()`'s."""
-        with self._lock:
-            future = self._future
-        if future is not None:
-            try:
-                future.exception()
-            except BaseException:  # cancelled
-                pass
-
     def close(self) -> None:
         """Clean up what the work made. Normally the work has ended (its module took the
         result). When the session ends before that (-x, ^C), stopping what it made (its engine)
@@ -315,46 +298,147 @@ class Early(Generic[T]):
                 pass
         self._stack.close()
 
+    def summary(self) -> str | None:
+        """How long it ran, when it ended, how long its module waited for it."""
+        if self.ran is None:
+            return None
+        began, ended = self.ran
+        return (
+            f"early: {self.name}: {ended - began:.0f} s, ended {ended - _session_began:.0f} s "
+            f"into the session; its module waited {self.waited:.0f} s"
+        )
+
 
 _session_began = time.monotonic()
+_worker_summaries: list[str] = []  # the controller's, from each worker's `workeroutput`
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """How long each early job ran, when it ended, and how long its module waited for it."""
-    for job in Early.made:
-        if job.ran is not None:
-            began, ended = job.ran
-            terminalreporter.write_line(
-                f"early: {job.name}: {ended - began:.0f} s, ended {ended - _session_began:.0f} s "
-                f"into the session; its module waited {job.waited:.0f} s"
-            )
+def _early_jobs(module: object) -> Sequence[Early[Any]]:
+    return getattr(module, "EARLY", ())
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The modules with early jobs run last, in their own order: the longer their jobs have
-    run in the background by then, the less their first test waits. (Modules share nothing
-    but the image tarballs, so their order is free.)"""
-    items.sort(key=lambda item: bool(getattr(getattr(item, "module", None), "EARLY", ())))
+    """In a single process, the modules with early jobs run last, in their own order: the
+    longer their jobs have run in the background by then, the less their first test waits.
+    (Modules share nothing but the image tarballs, so their order is free.)"""
+    items.sort(key=lambda item: bool(_early_jobs(getattr(item, "module", None))))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    global _lane
-    if session.config.option.collectonly:
+    """In a single process, every selected module's early jobs start now. (A worker collects
+    every test but runs its share: there, a module's jobs start as it begins, below.)"""
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
         return
-    jobs: list[Early[Any]] = []
     for item in session.items:
-        for job in getattr(getattr(item, "module", None), "EARLY", ()):
-            if job not in jobs:
-                jobs.append(job)
-    if jobs:
-        _lane = ThreadPoolExecutor(1, thread_name_prefix="early")
-        for job in jobs:
-            job.start(_lane)
+        for job in _early_jobs(getattr(item, "module", None)):
+            job.start()
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for job in _early_jobs(getattr(item, "module", None)):
+        job.start()  # once: a started job is not started again
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    lines = [*_worker_summaries, *filter(None, (job.summary() for job in Early.made))]
+    for line in lines:
+        terminalreporter.write_line(line)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     for job in Early.made:
         job.close()
     if _lane is not None:
         _lane.shutdown(wait=True)
     _reaper.shutdown(wait=True)
+    if hasattr(session.config, "workeroutput"):  # a worker's lines, for the controller's summary
+        session.config.workeroutput["early"] = [
+            f"{line} (worker {session.config.workerinput['workerid']})"
+            for line in filter(None, (job.summary() for job in Early.made))
+        ]
+        Early.made.clear()
+    for base in _short_basetemp if exitstatus == 0 else ():
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def pytest_testnodedown(node: Any, error: object) -> None:
+    _worker_summaries.extend(getattr(node, "workeroutput", {}).get("early", ()))
+
+
+# -- the workers: a module to one, the end-to-end tests together, the longest first ------------
+
+_short_basetemp: list[Path] = []  # the controller's, made below
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """With workers, a short base for the tests' tmp dirs: a worker's is `BASE/popen-gwN`, and
+    the tests make unix sockets under theirs (at most 107 bytes a path), where pytest's own
+    base, /tmp/pytest-of-root/pytest-N, would leave 10 bytes fewer. Removed after a run that
+    passed; kept after one that failed, to look at."""
+    workers = config.getoption("numprocesses", None)
+    if workers and config.option.basetemp is None and not hasattr(config, "workerinput"):
+        _short_basetemp.append(Path(tempfile.mkdtemp(prefix="pt-", dir="/tmp")))
+        config.option.basetemp = str(_short_basetemp[0])
+
+
+# Seconds each module takes in a quiet run (its early job's included), rounded: the scheduler
+# hands out the longest first, so that no long module starts last. A module not listed counts as
+# `UNLISTED` seconds. The end-to-end tests count as one (`ModuleScheduling.unit`).
+SECONDS = {
+    "tests/integration/test_sandbox.py": 140,
+    "tests/integration/test_texlive.py": 120,
+    "tests/integration/test_images.py": 100,
+    "tests/e2e": 90,
+    "tests/integration/test_broker_agent.py": 80,
+    "tests/integration/test_docker_runner.py": 60,
+    "tests/integration/test_status_faults.py": 60,
+    "tests/integration/test_dind.py": 50,
+    "tests/integration/test_identity.py": 45,
+    "tests/integration/test_compile_api_hostile.py": 40,
+    "tests/integration/test_compile_api.py": 35,
+    "tests/integration/test_clsi_local.py": 20,
+    "tests/integration/test_compile_budget.py": 20,
+    "tests/integration/test_pid1.py": 16,
+    "tests/integration/test_broker_service.py": 15,
+    "tests/integration/test_sibling_init.py": 15,
+    "tests/integration/test_sibling.py": 12,
+    "tests/integration/test_compiles_fs.py": 10,
+    "tests/unit/test_runtime.py": 10,
+    "tests/integration/test_shim.py": 9,
+    "tests/integration/test_compile_disk.py": 9,
+}
+UNLISTED = 1
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's hook: the workers get `ModuleScheduling`'s units."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):  # type: ignore[misc]
+        """A test module is a unit (its engine is module-scoped), the end-to-end tests one
+        unit; a worker low on work gets the longest unit left."""
+
+        def __init__(self, config: pytest.Config, log: Any) -> None:
+            super().__init__(config, log)
+            self.workqueue = _LongestFirst()
+
+        def _split_scope(self, nodeid: str) -> str:
+            return unit(nodeid)
+
+    return ModuleScheduling(config, log)
+
+
+def unit(nodeid: str) -> str:
+    """The scheduling unit of a test: its module, or `tests/e2e` for an end-to-end test."""
+    path = nodeid.split("::", 1)[0]
+    return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+
+class _LongestFirst(dict[str, Any]):
+    """xdist's queue of units (it takes one with `popitem(last=False)`), giving the longest."""
+
+    def popitem(self, last: bool = True) -> tuple[str, Any]:  # type: ignore[override]
+        longest = max(self, key=lambda name: SECONDS.get(name, UNLISTED))
+        return longest, self.pop(longest)

@@ -6,6 +6,7 @@ there the missing privilege is a failure, so the suite cannot pass by skipping i
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -28,7 +29,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from tests.conftest import remove_later
+from tests.conftest import KEEP, mtime, remove_later
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -409,21 +410,33 @@ def start_host_engine(
 
 
 @pytest.fixture(scope="session")
-def texlive_store() -> Iterator[Path]:
+def texlive_store() -> Path:
     """The TeX Live image's store, for the compile runner's engines to start with
-    (texlive_engine.texlive): made on first use by a dockerd that loads the suite's cached
-    tarball (tests/conftest.py), then stopped."""
-    from tests.conftest import provide
+    (texlive_engine.texlive): made once per image key by a dockerd that loads the suite's cached
+    tarball (tests/conftest.py), then stopped; shared by the session's workers and kept for the
+    next run (one lock file: the first maker, the others wait). A dir that is there is whole: it
+    is made under another name and renamed into place."""
+    from tests.conftest import local_image, provide
 
-    with ExitStack() as stack:
-        engine = start_host_engine(stack)
-        provide(f"unix://{engine.socket}", "texlive")
-        _stop_engine(engine.proc)
-        store = Path(tempfile.mkdtemp(prefix="slt-", dir="/tmp"))
-        stack.callback(remove_later, store)
-        for part in ("image", "overlay2"):
-            (engine.base / "data" / part).rename(store / part)
-        yield store
+    image = local_image("texlive")
+    store = Path(f"/tmp/slt-{image.key[:16]}")  # on the engines' filesystem: hard links
+    with Path(f"{store}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not store.is_dir():
+            with ExitStack() as stack:
+                engine = start_host_engine(stack)
+                provide(f"unix://{engine.socket}", "texlive")
+                _stop_engine(engine.proc)
+                making = Path(tempfile.mkdtemp(prefix=f"{store.name}.", dir=store.parent))
+                for part in ("image", "overlay2"):
+                    (engine.base / "data" / part).rename(making / part)
+                making.rename(store)
+        # Other keys' stores (other sources: worktrees share the machine), as the tarballs.
+        others = sorted((d for d in store.parent.glob("slt-*") if d.is_dir() and d != store),
+                        key=mtime, reverse=True)  # fmt: skip
+        for stale in others[KEEP - 1 :]:
+            shutil.rmtree(stale, ignore_errors=True)
+    return store
 
 
 def seed_data_root(store: Path, data: Path) -> None:

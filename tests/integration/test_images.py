@@ -1,12 +1,11 @@
 """The local images for real: `scripts/build-images` into a private dockerd, then a compile.
 
-One engine and one cold build (debootstrap, then Debian's TeX Live, scheme small) serve the
-whole module; the cache dir is fresh too, so the debootstrap really runs. The build is the
-session's slowest set-up, so it starts in the background as soon as the tests are collected
-(`EARLY`, tests/conftest.py) and the module takes its result; on a machine whose suite cache has
-no TeX Live tarball yet, the image it built is cached as that tarball, so the session does not
-build it a second time. Every dockerd runs in its own mount namespace (`unshare --mount
---propagation private`), so the data root it mounts onto itself goes away with it.
+One engine and one cold build (debootstrap, then Debian's TeX Live in scheme basic: the recipe
+and the steps of the suite's scheme small, in half the time) serve the whole module; the cache
+dir is fresh too, so the debootstrap really runs. The build is the module's slowest set-up, so
+it starts early (`EARLY`, tests/conftest.py) and the module takes its result. Every dockerd runs
+in its own mount namespace (`unshare --mount --propagation private`), so the data root it mounts
+onto itself goes away with it.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BACKGROUND, Early, remove_later, renice_tree, save_if_missing
+from tests.conftest import BACKGROUND, Early, remove_later, renice_tree
 from tests.integration.conftest import require, wait_for
 
 pytestmark = pytest.mark.root
@@ -36,6 +35,9 @@ TOOLS = ("dockerd", "docker", "debootstrap", "unshare")
 BASE = "sharelatex-init/debian:bookworm"
 TEXLIVE = "sharelatex-init/texlive:bookworm"
 ENGINE_ARGS = ("--bridge=none", "--iptables=false", "--ip-masq=false")
+# The cold build's scheme: not the suite's image (scheme small, tests/conftest.py), so a
+# cold build is always this module's own, and half the work.
+SCHEME = ("--scheme", "basic")
 UNREACHABLE_MIRROR = "http://127.0.0.1:9/debian"  # the discard port: nothing listens
 SANDBOX = ("--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
            "--read-only", "--tmpfs", "/tmp")  # fmt: skip
@@ -177,10 +179,8 @@ def cold_build(stack: ExitStack) -> ColdBuild:
     # Niced, engine and debootstrap alike, while the session's other tests run beside it.
     engine = engines.start("e1", prefix=BACKGROUND)
     cache = base / "cache"
-    build = build_images(engine, cache, prefix=BACKGROUND)
+    build = build_images(engine, cache, *SCHEME, prefix=BACKGROUND)
     renice_tree(engine.proc.pid)  # the module's own tests hold time bounds
-    if build.code == 0:
-        save_if_missing(engine.url, "texlive")
     return ColdBuild(engines, engine, cache, build)
 
 
@@ -188,7 +188,6 @@ COLD = Early(
     "test_images: the cold build",
     cold_build,
     ready=lambda: os.geteuid() == 0 and all(shutil.which(tool) for tool in TOOLS),
-    produces="texlive",
 )
 EARLY = (COLD,)
 
@@ -246,7 +245,7 @@ def test_both_images_carry_their_content_keys(cold: Build, engine: Engine, cache
     assert base["sharelatex-init.image"] == "base"
     assert texlive["sharelatex-init.image"] == "texlive"
     assert base["sharelatex-init.suite"] == texlive["sharelatex-init.suite"] == "bookworm"
-    assert texlive["sharelatex-init.scheme"] == "small"
+    assert texlive["sharelatex-init.scheme"] == "basic"
     assert re.fullmatch(r"[0-9a-f]{64}", base["sharelatex-init.key"])
     assert re.fullmatch(r"[0-9a-f]{64}", texlive["sharelatex-init.key"])
     assert base["sharelatex-init.key"] != texlive["sharelatex-init.key"]
@@ -291,11 +290,11 @@ def test_the_image_has_no_compiler_and_no_network_tool(cold: Build, engine: Engi
 
 def test_a_second_run_is_a_cache_hit(cold: Build, engine: Engine, cache: Path) -> None:
     # No network either: an unreachable mirror changes nothing.
-    again = build_images(engine, cache, DEBIAN_MIRROR=UNREACHABLE_MIRROR)
+    again = build_images(engine, cache, *SCHEME, DEBIAN_MIRROR=UNREACHABLE_MIRROR)
     assert again.code == 0, again.output
     assert again.seconds < 2, again.output
     assert f"base: {BASE} present" in again.output
-    assert f"texlive: {TEXLIVE} present (scheme small" in again.output
+    assert f"texlive: {TEXLIVE} present (scheme basic" in again.output
     assert "debootstrap" not in again.output and "built" not in again.output
 
 
@@ -318,7 +317,7 @@ def test_an_unreachable_mirror_is_named(cold: Build, engine: Engine, cache: Path
     assert build.code == 1, build.output
     assert f"images: error: the Debian mirror {UNREACHABLE_MIRROR} is unreachable" in build.output
     assert "DEBIAN_MIRROR" in build.output
-    assert engine.labels(TEXLIVE)["sharelatex-init.scheme"] == "small"
+    assert engine.labels(TEXLIVE)["sharelatex-init.scheme"] == "basic"
 
 
 def test_no_engine_names_the_socket_and_how_to_start_one(short_tmp: Path) -> None:

@@ -465,7 +465,7 @@ def test_install_with_a_bad_source_is_a_usage_error(world: World) -> None:
 # -- the `build` source: offline, from Debian's packages, on the base in the engine ---------------
 
 BUILT = "local/texlive:built"
-BUILD_TIMEOUT = 900  # a cold small-scheme build takes ~70 s here; a slow mirror much longer
+BUILD_TIMEOUT = 900  # a cold basic-scheme build takes ~50 s here; a slow mirror much longer
 UNREACHABLE_MIRROR = "http://127.0.0.1:9/debian"  # the discard port: nothing listens
 DOCUMENT = r"""\documentclass{article}
 \usepackage{amsmath}
@@ -519,7 +519,7 @@ def build_offline(stack: ExitStack) -> Built:
     engine = start_host_engine(stack, prefix=BACKGROUND)
     where = Installs(engine, Path(tempfile.mkdtemp(prefix="tb-", dir=engine.base)))
     base = import_base(engine, prefix=BACKGROUND)
-    args = ("--source", "build", "--base-image", base, "--scheme", "small")
+    args = ("--source", "build", "--base-image", base, "--scheme", "basic")  # half small's work
     first = where.installer(*args, images=BUILT)
     stack.callback(_kill, first)
     wait_for(lambda: "apt:" in where.entry().get("note", ""), 300, "apt to be under way")
@@ -620,7 +620,7 @@ def test_the_next_start_builds_it_offline_from_the_base(built: Built) -> None:
     assert (entry["state"], entry["source"], entry["percent"]) == ("present", "build", 100.0)
     labels = json.loads(built.where.engine.docker("image", "inspect", "-f",
                                                   "{{json .Config.Labels}}", BUILT))  # fmt: skip
-    assert labels["sharelatex-init.scheme"] == "small"
+    assert labels["sharelatex-init.scheme"] == "basic"
     assert labels["sharelatex-init.built-by"] == "installer"
     print(f"build: {built.seconds:.1f} s, {len(built.seen)} status samples")
 
