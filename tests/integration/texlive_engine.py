@@ -1,8 +1,8 @@
 """A module-scoped TeX Live engine for the compile runner's tests: a private dockerd as
 conftest's `engine` (socket group www-data) that starts with the TeX Live image in it (built
-once per content key, cached as a tarball: tests/conftest.py; loaded once per session into
-conftest's `texlive_store`, which each engine's data root is seeded from), and a compiles root
-under its short base dir.
+once per content key, cached as a tarball: tests/conftest.py; loaded once per key into
+conftest's `texlive_store`, shared by the workers and runs, which each engine's data root is
+seeded from), and a compiles root under its short base dir.
 
 A test module takes the fixtures by name: `texlive = texlive_engine.texlive` and
 `compiles = texlive_engine.compiles` at its top.
