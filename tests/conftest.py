@@ -336,6 +336,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Before a module's first test sets up its fixtures, its early jobs start (in a worker)."""
     for job in _early_jobs(getattr(item, "module", None)):
         job.start()  # once: a started job is not started again
 
@@ -385,7 +386,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 # Seconds each module takes in a quiet run (its early job's included), rounded: the scheduler
 # hands out the longest first, so that no long module starts last. A module not listed counts as
-# `UNLISTED` seconds. The end-to-end tests count as one (`ModuleScheduling.unit`).
+# `UNLISTED` seconds. The end-to-end tests count as one (`unit`).
 SECONDS = {
     "tests/integration/test_sandbox.py": 140,
     "tests/integration/test_texlive.py": 120,
