@@ -126,8 +126,11 @@ def test_docker_stop_exits_0_in_time_and_leaves_nothing(
     # docker-stop (1.3-1.6 s here, ~1.0 s of it dockerd 20.10's own exit, which a loaded
     # machine stretches: 2.2 s seen in a full run); what is the init's own is held here.
     assert took < STOP_WITHIN, f"docker stop took {took:.2f} s"
+    # The init's own share: 0.17 s on a quiet machine; 0.50 s seen in a full run with the
+    # session's image builds beside it on the two cores. A wait in it (a service's grace, a
+    # poll, a child's timeout) would be seconds: this bound catches that, not the load.
     ours = own_share_of_the_stop(cold)
-    assert ours < 0.5, f"SIGTERM to the inner dockerd's stop signal took {ours:.2f} s"
+    assert ours < 1.5, f"SIGTERM to the inner dockerd's stop signal took {ours:.2f} s"
     assert lines_with(log, "init: exiting with status 0"), log
     # Nothing on the outer engine but the stopped container itself (`docker ps -a` is the
     # user's view); the compile dirs are untouched.
