@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from tests.conftest import KEEP, mtime, remove_later
+from tests.conftest import BACKGROUND, KEEP, mtime, remove_later
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -424,7 +424,9 @@ def texlive_store() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not store.is_dir():
             with ExitStack() as stack:
-                engine = start_host_engine(stack)
+                # Niced (its containers too: a build's apt and dpkg, on a machine with no
+                # tarball yet): the other workers' tests run beside it.
+                engine = start_host_engine(stack, prefix=BACKGROUND)
                 provide(f"unix://{engine.socket}", "texlive")
                 _stop_engine(engine.proc)
                 making = Path(tempfile.mkdtemp(prefix=f"{store.name}.", dir=store.parent))

@@ -194,6 +194,8 @@ def test_a_crashing_service_restarts_with_growing_delays(start: Start, layout: L
 
 # -- shutdown ---------------------------------------------------------------------------------
 
+GRACE = 30.0
+
 
 def test_stop_runs_pre_shutdown_then_services_in_reverse_then_post(
     start: Start, layout: Layout
@@ -212,7 +214,10 @@ echo > {m}/{name}.ready
         layout.post / "10-after",
         f"date +%s.%N > {m}/post\nps -eo args > {m}/post.ps\n",
     )
-    init = boot(start, layout, grace=8)
+    # A grace far longer than the stop takes, even on a loaded machine (a full run once saw it
+    # run out at 8 s, killing the post-shutdown script): what is held is that the init does not
+    # wait for it.
+    init = boot(start, layout, grace=GRACE)
     wait_for(lambda: all((m / f"{n}.ready").exists() for n in "abc"), 10, "the services")
 
     began = time.monotonic()
@@ -233,8 +238,8 @@ echo > {m}/{name}.ready
         if " -m init run " not in line and "10-after" not in line and line != "ps -eo args"
     ]
     assert others == [], f"still running when post-shutdown ran: {others}"
-    # Stopped as soon as the last service was gone, not at the end of the grace period.
-    assert took < 3.0
+    # Stopped as soon as the last service was gone (~0.3 s quiet), not at the end of the grace.
+    assert took < GRACE / 2, f"stop took {took:.2f} s of a {GRACE} s grace"
     assert init.service("a")["state"] == "down"
 
 
