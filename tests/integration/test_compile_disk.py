@@ -13,12 +13,13 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from tests.integration import texlive_engine
-from tests.integration.conftest import require
+from tests.integration.conftest import require, wait_for
 from tests.integration.texlive_engine import WWW_DATA, Compiles, chown_tree
 
 texlive = texlive_engine.texlive
@@ -65,8 +66,14 @@ def small_disk(compiles: Compiles, tmp_path: Path) -> Iterator[SmallDisk]:
     yield make
     for project, device in made:
         subprocess.run(["nsenter", "-t", engine_pid, "-m", "umount", str(project)], check=False)
-        subprocess.run(["umount", str(project)], check=False)
+        # Refused (busy) while the broker holds the dir its warm container binds (an O_PATH
+        # fd, init.broker.pool.hold_dir): it lets go once the container retires (IDLE).
+        wait_for(partial(_unmounted, project), 30, f"{project} to be unmounted")
         subprocess.run(["losetup", "-d", device], check=False)
+
+
+def _unmounted(point: Path) -> bool:
+    return subprocess.run(["umount", str(point)], capture_output=True).returncode == 0
 
 
 def _fill_bytes(project: Path) -> None:
