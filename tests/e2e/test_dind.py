@@ -21,7 +21,9 @@ import pytest
 from tests.e2e.conftest import (
     COMPILE_LABEL,
     DOCUMENT,
+    OWN_STOP_WITHIN,
     PYTHON,
+    STOP_WITHIN,
     TARBALL_DIR,
     Container,
     OuterEngine,
@@ -96,23 +98,6 @@ def test_a_document_compiles_in_the_inner_engine(dind: Site, cold: Container) ->
     post_compile(cold)
 
 
-STOP_WITHIN = 5.0  # seconds: half Docker's 10 s grace
-
-
-def own_share_of_the_stop(container: Container) -> float:
-    """Seconds from the init's "SIGTERM received" to its stop signal to the inner dockerd
-    (every service stopped by then), by the engine's timestamps of the log lines."""
-    lines = container.engine.run("logs", "-t", container.id).stdout.splitlines()
-
-    def when(text: str) -> float:
-        (stamp,) = [line.split()[0] for line in lines if text in line]
-        clock = stamp.rstrip("Z").split("T")[1]
-        hours, minutes, seconds = clock.split(":")
-        return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
-
-    return when("dockerd: stopping: SIGTERM") - when("init: SIGTERM received")
-
-
 def test_docker_stop_exits_0_in_time_and_leaves_nothing(
     outer: OuterEngine, dind: Site, cold: Container
 ) -> None:
@@ -126,11 +111,9 @@ def test_docker_stop_exits_0_in_time_and_leaves_nothing(
     # docker-stop (1.3-1.6 s here, ~1.0 s of it dockerd 20.10's own exit, which a loaded
     # machine stretches: 2.2 s seen in a full run); what is the init's own is held here.
     assert took < STOP_WITHIN, f"docker stop took {took:.2f} s"
-    # The init's own share: 0.17 s on a quiet machine; 0.50 s seen in a full run with the
-    # session's image builds beside it on the two cores. A wait in it (a service's grace, a
-    # poll, a child's timeout) would be seconds: this bound catches that, not the load.
-    ours = own_share_of_the_stop(cold)
-    assert ours < 1.5, f"SIGTERM to the inner dockerd's stop signal took {ours:.2f} s"
+    # The init's own share: to its stop signal to the inner dockerd, every service stopped.
+    ours = cold.seconds_between("init: SIGTERM received", "dockerd: stopping: SIGTERM")
+    assert ours < OWN_STOP_WITHIN, f"SIGTERM to the inner dockerd's stop signal took {ours:.2f} s"
     assert lines_with(log, "init: exiting with status 0"), log
     # Nothing on the outer engine but the stopped container itself (`docker ps -a` is the
     # user's view); the compile dirs are untouched.

@@ -13,6 +13,8 @@ from pathlib import Path
 from init.config import DEFAULT_COMPILE_UIDS
 from tests.e2e.conftest import (
     COMPILE_LABEL,
+    OWN_STOP_WITHIN,
+    STOP_WITHIN,
     Container,
     OuterEngine,
     Site,
@@ -84,7 +86,9 @@ def test_host_dir_right_given_by_env_file_is_proved_and_ready(
     assert isinstance(engine, dict) and engine["mode"] == "sibling" and engine["ready"] is True
     took_stop = container.stop()
     assert container.exit_code() == 0
-    assert took_stop < 2.0, took_stop
+    assert took_stop < STOP_WITHIN, took_stop
+    ours = container.seconds_between("init: SIGTERM received", "init: exiting with status 0")
+    assert ours < OWN_STOP_WITHIN, f"the init's own share of docker stop: {ours:.2f} s"
     assert outer.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}") == ""
     assert (data / "data/compiles").is_dir()
     print(f"sibling start to ready: {took:.1f} s; docker stop: {took_stop:.2f} s")
@@ -133,7 +137,9 @@ def test_the_sharelatex_4_layout_derives_the_host_dir_and_compiles(
     assert lines_with(log, "sibling: proof:"), log
     assert lines_with(log, "SHARELATEX_INIT_SERVICE_USER is the old name of"), log
     compile_project(container, data, "e2e-sharelatex4", "/var/lib/sharelatex")
-    assert container.stop() < 2.0
+    assert container.stop() < STOP_WITHIN
+    ours = container.seconds_between("init: SIGTERM received", "init: exiting with status 0")
+    assert ours < OWN_STOP_WITHIN, f"the init's own share of docker stop: {ours:.2f} s"
 
 
 def test_host_dir_wrong_exits_78_naming_both_and_the_fix(site: Site, texlive_image: str) -> None:
