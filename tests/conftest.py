@@ -128,10 +128,17 @@ def provide(url: str, kind: str) -> LocalImage:
 
 @contextmanager
 def _building(image: LocalImage) -> Iterator[None]:
-    """Held while this process builds and saves `image`: the lock file of its key (flock, so a
-    killed holder frees it), waited for by another process (another worker, another run)."""
+    """Held while this process builds and saves `image`: the lock file of its key."""
     TARBALLS.mkdir(parents=True, exist_ok=True)
-    with (TARBALLS / f".{image.kind}-{image.key[:16]}.lock").open("w") as lock:
+    with locked(TARBALLS / f".{image.kind}-{image.key[:16]}.lock"):
+        yield
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """The lock file `path` held (flock, so a killed holder frees it); another process (another
+    worker, another run) that asks for it meanwhile waits."""
+    with path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

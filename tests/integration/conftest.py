@@ -6,7 +6,6 @@ there the missing privilege is a failure, so the suite cannot pass by skipping i
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -29,7 +28,7 @@ from typing import Any, TypeVar
 import psutil
 import pytest
 
-from tests.conftest import BACKGROUND, KEEP, mtime, remove_later
+from tests.conftest import BACKGROUND, KEEP, locked, mtime, remove_later
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -420,8 +419,7 @@ def texlive_store() -> Path:
 
     image = local_image("texlive")
     store = Path(f"/tmp/slt-{image.key[:16]}")  # on the engines' filesystem: hard links
-    with Path(f"{store}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(Path(f"{store}.lock")):
         if not store.is_dir():
             with ExitStack() as stack:
                 # Niced (its containers too: a build's apt and dpkg, on a machine with no
