@@ -3,9 +3,10 @@
 PID 1 asks its docker side the same few things in every mode: prepare before anything runs (the
 checks; what the services' environment gains), the inner engine's service (docker-in-docker
 only), start what must run once the supervisor exists (the TeX Live installer), its parts of the
-status document, and to mark itself stopped. This base class is the plain init's (compiles not
-sandboxed): nothing to do. The sandboxed modes implement it in init.engine (dind.InnerDocker,
-host.HostDocker); init.boot picks one. Defined here so that the core imports no engine module.
+status document, and, when the init stops, to end its helper children and mark itself stopped.
+This base class is the plain init's (compiles not sandboxed): nothing to do. The sandboxed modes
+implement it in init.engine (dind.InnerDocker, host.HostDocker); init.boot picks one. Defined
+here so that the core imports no engine module.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ class DockerSide:
         """What the services were given to compile with (kept in the status, so that `docker
         exec ... sharelatex-init compile` by an operator compiles the same way)."""
         return {}
+
+    def end_children(self, deadline: float) -> None:
+        """The init is stopping: end its helper children still running (sibling: a check that
+        is proving the host path), their clean-up given until `deadline`; start no more."""
 
     def mark_stopped(self) -> None:
         """The init is stopping: no more restarts or checks."""

@@ -223,6 +223,10 @@ class Init:
         if self.deadline is None:
             self.deadline = self.loop.clock() + limits.grace
         self.write_status()
+        # First, before the services: a helper child still at work (the sibling check's proof
+        # container on the host engine) cleans up inside the grace, not in the 1 s that
+        # end_all_processes gives whatever is left.
+        self.docker.end_children(self._deadline())
         if services_ran:
             self.run_scripts(self.options.pre_shutdown_dir, "pre-shutdown")
         if self.supervisor is not None:  # the services, and the inner dockerd last

@@ -68,6 +68,8 @@ class HostDocker(SandboxSide):
         self.state = Component(Phase.CHECKING, on_change=on_change)
         self.request: SiblingRequest | None = None
         self.result = SiblingResult()
+        self._check: children.Child | None = None  # the last check started
+        self._stopping = False
         installer.on_done = self.prove_again
 
     def prepare(self, environ: Mapping[str, str]) -> dict[str, str]:
@@ -125,13 +127,16 @@ class HostDocker(SandboxSide):
         check again in the background; a failure now keeps compiles off and says why. When the
         boot's proof passed (the image was there), it stands: a second proof container would
         only be one more thing a shutdown can catch half-made."""
-        if self.request is None:
+        if self.request is None or self._stopping:
             return
         if self.result.proof.status == "passed":
             self.log.info("sibling", "the boot's proof stands: no proof again after the install")
             return
 
         def done(document: object) -> None:
+            if self._stopping:  # ended by end_children, its proof container removed
+                self.log.info("sibling", "the proof again was ended by the stop")
+                return
             result = SiblingResult.from_json(document)
             self.result = dataclasses.replace(self.result, proof=result.proof)
             if result.ok and result.proof.status != "failed":
@@ -161,9 +166,21 @@ class HostDocker(SandboxSide):
 
     def _start_check(self, request: SiblingRequest, on_done: Callable[[object], None]) -> None:
         """`init.engine.sibling_check` with `request`; SpawnError if it cannot start."""
-        children.start(
+        self._check = children.start(
             self.loop, self.log, "sibling", SIBLING_CHECK, request.argv(), request.result, on_done
         )
+
+    def end_children(self, deadline: float) -> None:
+        """A check still running (the proof again, after the install) is ended: its proof
+        container on the host engine, which outlives this container, is removed first (the
+        check's `finally`), inside the grace period."""
+        self._stopping = True
+        check = self._check
+        if check is None or check.ended:
+            return
+        self.log.info("sibling", "ending the check: the init is stopping")
+        if children.end(self.loop, self.log, check, deadline):
+            self.log.info("sibling", "the check has ended")
 
     @property
     def ready(self) -> bool:

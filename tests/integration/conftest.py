@@ -300,22 +300,32 @@ IMAGE = "busybox:test"
 COMPILE_LABEL = "sharelatex-init.compile"
 
 
-def busybox_tar() -> bytes:
-    """A one-binary root filesystem for `docker import`: no registry is reachable here."""
+def busybox_tar(sh_sleeps: int = 0) -> bytes:
+    """A one-binary root filesystem for `docker import`: no registry is reachable here. With
+    `sh_sleeps`, its /bin/sh sleeps that many seconds before it runs: a proof container that is
+    still running when a test wants it to be."""
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
         tar.add("/bin/busybox", arcname="bin/busybox")
-        link = tarfile.TarInfo("bin/sh")
-        link.type = tarfile.SYMTYPE
-        link.linkname = "busybox"
-        tar.addfile(link)
+        if sh_sleeps:
+            script = (
+                f'#!/bin/busybox sh\n/bin/busybox sleep {sh_sleeps}\nexec /bin/busybox sh "$@"\n'
+            )
+            member = tarfile.TarInfo("bin/sh")
+            member.mode, member.size = 0o755, len(script)
+            tar.addfile(member, io.BytesIO(script.encode()))
+        else:
+            link = tarfile.TarInfo("bin/sh")
+            link.type = tarfile.SYMTYPE
+            link.linkname = "busybox"
+            tar.addfile(link)
     return buffer.getvalue()
 
 
-def saved_image(tag: str = IMAGE) -> bytes:
+def saved_image(tag: str = IMAGE, sh_sleeps: int = 0) -> bytes:
     """`busybox_tar()` as `docker save` writes it (manifest, config, one layer), tagged `tag`:
     what the TeX Live installer's `load` source takes, made with no engine at all."""
-    layer = busybox_tar()
+    layer = busybox_tar(sh_sleeps)
     diff_id = "sha256:" + hashlib.sha256(layer).hexdigest()
     config = json.dumps(
         {

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from init.core.pid1 import Shutdown
 from tests.conftest import provide
 from tests.integration.conftest import (
     CLEAN_ENV,
@@ -240,3 +241,40 @@ def test_the_proof_runs_again_once_the_installer_has_the_image(site: Site) -> No
     assert log.index("present (load)") < log.index("sibling: proof:")
     assert code == 0
     assert site.proof_containers() == ""
+
+
+def test_a_stop_during_the_proof_again_leaves_no_proof_container_on_the_host(
+    site: Site,
+) -> None:
+    """The proof after the install is still running (its container's shell sleeps 30 s) when
+    the init is stopped. The check is ended first and given the grace period to remove its
+    container: not the kill-all's timeout, set to 0 here, which would leave it on the host."""
+    slow = "busybox:slowproof"
+    data = site.data_dir()
+    images = site.base / "images"
+    images.mkdir()
+    (images / "busybox_slowproof.tar").write_bytes(saved_image(slow, sh_sleeps=30))
+    env = {
+        "TEX_LIVE_DOCKER_IMAGE": slow,
+        "OVERLEAF_INIT_TEXLIVE_SOURCES": "load",
+        "OVERLEAF_INIT_TEXLIVE_TARBALL_DIR": str(images),
+        "KILL_ALL_PROCESSES_TIMEOUT": "0",
+    }
+    proc, base = start_init(site, site.container(str(data)), data, env)
+    try:
+        wait_for(site.proof_containers, 60, "the proof container after the install")
+        asked = time.monotonic()
+        code = stop(proc)
+        took = time.monotonic() - asked
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+        site.engine.docker("rmi", "-f", slow)
+    log = (base / "init.log").read_text()
+    assert code == 0, log
+    assert site.proof_containers() == "", log
+    assert list((data / "data/compiles").iterdir()) == []  # its marker dir went too
+    assert "sibling: ending the check: the init is stopping" in log
+    assert "sibling: the check has ended" in log
+    assert "compiles cannot run" not in log  # the stop is not a failed proof
+    assert took < Shutdown().grace, took  # never the grace's SIGKILL

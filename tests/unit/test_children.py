@@ -16,7 +16,7 @@ from init.core import children
 from init.core.log import Log
 from init.core.loop import EventLoop
 from init.errors import SpawnError
-from tests.unit.fake_system import FakeSystem
+from tests.unit.fake_system import FakeSystem, Program
 
 # A module the child runs: prints a line, then writes its result, or dies without one.
 HELPER = """
@@ -28,6 +28,17 @@ if how == "report":
         json.dump({"ok": True, "cwd": os.getcwd()}, f)
 elif how == "die":
     os._exit(3)
+elif how in ("cleans-up", "ignores-sigterm"):
+    import signal, time
+    def stop(signum, frame):
+        time.sleep(1.5)  # what it made is removed on the way out: a container, say
+        with open(result, "w") as f:
+            json.dump({"cleaned": True}, f)
+        sys.exit(128 + signum)
+    signal.signal(signal.SIGTERM, stop if how == "cleans-up" else signal.SIG_IGN)
+    with open(result + ".ready", "w"):
+        pass
+    time.sleep(60)
 """
 
 
@@ -106,5 +117,49 @@ def test_a_child_that_cannot_start_raises_spawn_error_and_leaks_no_fd(tmp_path: 
                 loop, Log(io.StringIO()), "check", "m", [], tmp_path / "r.json", lambda d: None
             )
         assert set(os.listdir("/proc/self/fd")) == before
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("how", ["cleans-up", "ignores-sigterm"])
+def test_end_gives_a_child_until_the_deadline_to_clean_up_then_kills_it(
+    loop: EventLoop, helper: str, tmp_path: Path, how: str
+) -> None:
+    """The clean-up takes 1.5 s; the deadline is 4 s away. A child that cleans up ends on its
+    own terms, its result written; one that ignores SIGTERM is killed at the deadline."""
+    done: list[dict[str, Any]] = []
+    result = tmp_path / "check.json"
+    log = io.StringIO()
+    child = children.start(loop, Log(log), "check", helper, [str(result), how], result, done.append)
+    ready, waited = Path(f"{result}.ready"), 0
+    while not ready.exists():  # its handler is set: nothing for the loop to hear, so poll
+        assert waited < 1000, "the child never got ready"
+        loop.run_until(lambda: False, loop.clock() + 0.02)
+        waited += 1
+    asked = loop.clock()
+    ended_in_time = children.end(loop, Log(log), child, asked + 4.0)
+    took = loop.clock() - asked
+    assert child.ended and len(done) == 1
+    if how == "cleans-up":
+        assert ended_in_time and done == [{"cleaned": True}]
+        assert 1.5 <= took < 4.0, took
+    else:
+        assert not ended_in_time
+        assert done == [{"error": f"{helper} killed by SIGKILL without a result"}]
+        assert 4.0 <= took < 6.0, took
+        assert "check: warning: still running at the end of the grace period" in log.getvalue()
+
+
+def test_end_of_a_child_that_has_ended_sends_nothing(tmp_path: Path) -> None:
+    system = FakeSystem({Path(sys.executable).name: Program(runs_for=1.0)})
+    loop = EventLoop(Log(io.StringIO()), (), system)
+    try:
+        done: list[dict[str, Any]] = []
+        child = children.start(
+            loop, Log(io.StringIO()), "check", "m", [], tmp_path / "r.json", done.append
+        )
+        assert loop.run_until(lambda: bool(done), 5.0)
+        assert children.end(loop, Log(io.StringIO()), child, 10.0)
+        assert system.signals == []
     finally:
         loop.close()

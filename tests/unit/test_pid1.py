@@ -8,22 +8,30 @@ reads what the fake recorded: what was spawned, where, what was signalled, and w
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import json
 import os
 import signal
 import stat
+import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from init.core import container_env
+from init.core import children, container_env
+from init.core.docker_side import DockerSide
 from init.core.log import Log
+from init.core.loop import EventLoop
 from init.core.pid1 import BootOptions, Init, Shutdown
+from init.core.supervisor import Supervisor
 from tests.unit.fake_system import Deadlock, FakeSystem, Program
+
+if TYPE_CHECKING:
+    from init.core.pid1 import SideFactory
 
 TERM, KILL, CONT = signal.SIGTERM, signal.SIGKILL, signal.SIGCONT
 IGNORES_TERM = Program(ends_on=frozenset())
@@ -89,10 +97,17 @@ def tree(tmp_path: Path) -> Tree:
 class Run:
     """One init run: its exit status and log, and the fake that played it."""
 
-    def __init__(self, tree: Tree, system: FakeSystem, grace: float = 8.0) -> None:
+    def __init__(
+        self,
+        tree: Tree,
+        system: FakeSystem,
+        grace: float = 8.0,
+        docker_side: SideFactory | None = None,
+    ) -> None:
         self.system = system
         self.log = io.StringIO()
-        self.init = Init(tree.options(grace), Log(self.log), {"PATH": "/bin"}, system)
+        options = dataclasses.replace(tree.options(grace), docker_side=docker_side)
+        self.init = Init(options, Log(self.log), {"PATH": "/bin"}, system)
         self.status: int | None = None
 
     def __call__(self) -> int:
@@ -362,6 +377,73 @@ def test_as_pid1_what_is_left_gets_sigterm_then_sigkill(tree: Tree, runs: list[R
     ]
     assert orphan.reaped
     assert "processes left after 1.0 s; killing them" in run.log.getvalue()
+
+
+class HelperSide(DockerSide):
+    """A Docker side that starts one helper child of its own (as the sibling check's proof
+    again does, init.engine.host) and ends it when asked, through init.core.children."""
+
+    def __init__(self, loop: EventLoop, log: Log, result: Path) -> None:
+        self.loop, self.log, self.result = loop, log, result
+        self.helper: children.Child | None = None
+        self.asked: list[tuple[float, float]] = []  # (when, the deadline given)
+
+    def start(self, supervisor: Supervisor) -> None:
+        self.helper = children.start(
+            self.loop, self.log, "proof", "a.module", [], self.result, lambda document: None
+        )
+
+    def end_children(self, deadline: float) -> None:
+        self.asked.append((self.loop.clock(), deadline))
+        assert self.helper is not None
+        children.end(self.loop, self.log, self.helper, deadline)
+
+
+HELPER = Path(sys.executable).name  # what the fake calls a helper child (`python -m ...`)
+
+
+def run_with_helper(
+    tree: Tree, runs: list[Run], helper: Program, grace: float
+) -> tuple[Run, HelperSide]:
+    tree.service("web")
+    tree.script(tree.pre, "10-pre")
+    system = FakeSystem({HELPER: helper, "10-pre": quick(0, 0.5)}, pid=1)
+    system.at(5.0, signal_init=TERM)
+    sides: list[HelperSide] = []
+
+    def side(loop: EventLoop, log: Log, on_change: object) -> HelperSide:
+        sides.append(HelperSide(loop, log, tree.base / "helper.json"))
+        return sides[0]
+
+    run = Run(tree, system, grace, docker_side=side)
+    runs.append(run)
+    assert run() == 0
+    return run, sides[0]
+
+
+def test_a_helper_child_gets_the_grace_to_clean_up_before_the_services_stop(
+    tree: Tree, runs: list[Run]
+) -> None:
+    """The helper takes 3 s to clean up after SIGTERM (a proof container to remove on a
+    slow engine): longer than the 1 s the kill-all gives what is left, well inside the grace."""
+    run, side = run_with_helper(tree, runs, Program(stops_in=3.0), grace=8.0)
+    assert side.asked == [(5.0, 13.0)]  # at the stop signal, with the grace period's deadline
+    assert not_cont(run.system) == [
+        (5.0, HELPER, TERM),
+        (8.5, "web", TERM),  # after it had ended (8.0), then the pre-shutdown script (0.5 s)
+    ]
+    assert run.system.children[0].ended == 8.0  # it ended by itself: never killed
+
+
+def test_a_helper_child_that_ignores_sigterm_is_killed_at_the_end_of_the_grace(
+    tree: Tree, runs: list[Run]
+) -> None:
+    run, side = run_with_helper(tree, runs, IGNORES_TERM, grace=4.0)
+    assert side.asked == [(5.0, 9.0)]
+    assert not_cont(run.system)[:2] == [(5.0, HELPER, TERM), (9.0, HELPER, KILL)]
+    log = run.log.getvalue()
+    assert "proof: warning: still running at the end of the grace period; killing it" in log
+    assert run.system.running(HELPER) is None
 
 
 def test_the_fake_refuses_to_wait_forever(tree: Tree, runs: list[Run]) -> None:
