@@ -49,6 +49,7 @@ COMPILE_LABEL = "sharelatex-init.compile"
 PROJECT_LABEL = "sharelatex-init.project"
 COMPILE_ID_LABEL = "sharelatex-init.compile-id"
 EXPIRES_LABEL = "sharelatex-init.expires"
+ENDED_WITHIN = 5.0  # s for the engine to take in the end of a container that has ended
 
 
 @contextlib.contextmanager
@@ -691,9 +692,16 @@ class DockerBackend:
             raise self._error(ApiError(response.status, message))
         return Execution(self, created["Id"], response)
 
-    def oom_killed(self, container: str, since: float) -> bool:
+    def oom_killed(self, container: str, since: float, ended: bool = False) -> bool:
         """Whether the kernel's OOM killer struck in `container` since `since` (epoch): the
-        engine's "oom" event (20.10 does not set State.OOMKilled while the container runs)."""
+        engine's "oom" event (20.10 does not set State.OOMKilled while the container runs).
+
+        `ended`: the container has ended (its agent's stream closed). That stream can close
+        before the engine has heard of the OOM kill (seen under load: gVisor's Sentry killed, the
+        compile reported as a LaTeX error). So first wait until the engine has taken the end in:
+        it handles one container's events in order, and the OOM event comes before the exit."""
+        if ended:
+            self.wait_ended(container, ENDED_WITHIN)
         query = {
             "since": f"{since - 1:.3f}",
             "until": f"{time.time():.3f}",
@@ -707,6 +715,16 @@ class DockerBackend:
         except OSError:
             return False
         return response.status == 200 and b'"oom"' in raw
+
+    def wait_ended(self, container: str, timeout: float) -> None:
+        """Until the engine says `container` is not running (`POST .../wait`, condition
+        not-running), at most `timeout` s. Gone, or no answer in time: return all the same."""
+        target = f"/v{API_VERSION}/containers/{container}/wait?condition=not-running"
+        try:
+            with self._connect(timeout) as sock:
+                request(sock, "POST", target).body()
+        except OSError:
+            return
 
     def remove(self, container: str) -> None:
         """Kill and remove; gone already (or being removed) is fine."""

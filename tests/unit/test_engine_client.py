@@ -8,6 +8,7 @@ import json
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -190,6 +191,45 @@ def test_the_sweep_removes_ended_and_expired_compile_containers_only(
     assert removed == ["ended0000000", "expired00000"]
     query = next(t for m, t, _ in fake_engine.seen if m == "GET").split("?", 1)[1]
     assert "sharelatex-init.compile" in query.replace("%22", '"').replace("%2E", ".")
+
+
+def test_the_oom_check_of_an_ended_container_first_waits_for_the_engine_to_see_the_end(
+    fake_engine: FakeEngine,
+) -> None:
+    """Its agent's stream closed before the engine heard of the OOM kill: the events are read
+    only once the engine's wait (condition not-running) has answered."""
+    order: list[str] = []
+
+    def wait(body: bytes) -> Answer:
+        order.append("wait")
+        return json_answer(200, {"StatusCode": 137})
+
+    def events(body: bytes) -> Answer:
+        order.append("events")
+        return 200, b'{"status":"oom","id":"c1"}\n', {}
+
+    fake_engine.routes[("POST", "/containers/c1/wait")] = wait
+    fake_engine.routes[("GET", "/events")] = events
+    assert backend(fake_engine).oom_killed("c1", since=100.0, ended=True)
+    assert order == ["wait", "events"]
+    waited = next(t for m, t, _ in fake_engine.seen if m == "POST")
+    assert waited.endswith("/containers/c1/wait?condition=not-running")
+    order.clear()
+    assert backend(fake_engine).oom_killed("c1", since=100.0)  # still running: no wait
+    assert order == ["events"]
+
+
+def test_a_wait_the_engine_never_answers_ends_at_its_timeout(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "mute.sock"))
+    listener.listen(4)  # accepts, never answers
+    try:
+        mute = DockerBackend(f"unix://{tmp_path}/mute.sock", 5, 5, environ={})
+        began = time.monotonic()
+        mute.wait_ended("c1", timeout=0.5)
+        assert 0.5 <= time.monotonic() - began < 3.0
+    finally:
+        listener.close()
 
 
 def test_an_engine_that_is_not_there_is_unreachable(tmp_path: Path) -> None:
