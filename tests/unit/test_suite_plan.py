@@ -33,6 +33,6 @@ def test_the_longest_unit_is_handed_out_first_and_the_unlisted_in_their_order() 
                  "tests/integration/test_sandbox.py"):  # fmt: skip
         queue[name] = {f"{name}::t": False}
     order = [queue.popitem(last=False)[0] for _ in range(len(queue))]
-    assert order == ["tests/integration/test_sandbox.py", "tests/e2e", "tests/unit/test_a.py",
-                     "tests/unit/test_b.py"]  # fmt: skip
+    timed = sorted(("tests/integration/test_sandbox.py", "tests/e2e"), key=SECONDS.__getitem__)
+    assert order == [*reversed(timed), "tests/unit/test_a.py", "tests/unit/test_b.py"]
     assert SECONDS["tests/e2e"] > UNLISTED
