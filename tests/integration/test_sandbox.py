@@ -281,7 +281,7 @@ def test_eating_memory_in_lualatex_is_killed(compiles: Compiles, other: Path) ->
     project = compiles.project("memory", {"main.tex": tex})
     # The memory limit must be what stops it, not the timeout. Under gVisor's ptrace platform
     # the eater's time to 256 MiB varies widely: 4.6 to 15.1 s over 14 runs here, against the
-    # module's 15 s timeout (which stopped it first in 6 of 12 earlier runs).
+    # module's 15 s timeout (which stopped it first in 6 of 18 earlier runs).
     code, result, _ = compiles.compile(project, "--engine", "lualatex", "--timeout", "60")
     assert code == 2, result
     assert result["limit"] == "memory", result
