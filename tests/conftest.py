@@ -391,10 +391,11 @@ def pytest_configure(config: pytest.Config) -> None:
         config.option.basetemp = str(_short_basetemp[0])
 
 
-# Seconds each module takes in a quiet run (its early job's included), rounded: the scheduler
-# hands out the longest first, so that no long module starts last. A module not listed counts as
-# `UNLISTED` seconds. The end-to-end tests count as one (`unit`).
-SECONDS = {  # a quiet four-worker run of 359b729 (junit's times per module)
+# Seconds each module took in a quiet four-worker run of 359b729 (junit's times, its early job's
+# included), rounded: the scheduler hands out the longest first, so that no long module starts
+# last. A module not listed counts as `UNLISTED` seconds. The end-to-end tests count as one
+# (`unit`).
+SECONDS = {
     "tests/integration/test_images.py": 280,
     "tests/e2e": 230,
     "tests/integration/test_sandbox.py": 200,
