@@ -387,8 +387,10 @@ class InnerDocker(SandboxSide, ServiceHooks):
         self._failed(f"containerd (pid {pid}) ended; dockerd starts it again")
 
     def _refuse(self, message: str, fix: str) -> None:
-        self.state.set(Phase.REFUSED, message, fix)
+        # Logged first: a reader of the status (written at once by the state's change) then
+        # finds the line in the log too.
         self.log.error("dockerd", f"{message}; {fix}" if fix else message)
+        self.state.set(Phase.REFUSED, message, fix)
 
     def mark_stopped(self) -> None:
         super().mark_stopped()

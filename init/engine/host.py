@@ -142,9 +142,10 @@ class HostDocker(SandboxSide):
             if result.ok and result.proof.status != "failed":
                 self.log.info("sibling", f"proof: {result.proof.message or result.proof.status}")
                 self.on_change()
-            else:
-                self.state.set(Phase.FAILED, "; ".join(result.problems))
-                self.log.error("sibling", f"compiles cannot run: {self.state.reason}")
+            else:  # logged first, as dind's refusal: the status's change comes with its line
+                reason = "; ".join(result.problems)
+                self.log.error("sibling", f"compiles cannot run: {reason}")
+                self.state.set(Phase.FAILED, reason)
 
         request = dataclasses.replace(
             self.request, result=self.run_dir / "sibling-proof.json", grant_group=False
