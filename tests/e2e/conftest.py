@@ -195,6 +195,13 @@ class Container:
         done = self.engine.run("logs", self.id)
         return done.stdout + done.stderr
 
+    def logs_once_with(self, *needles: str, timeout: float = 10) -> str:
+        """Its log, once a line holds every needle. A line the TeX Live installer prints reaches
+        the log through PID 1's relay and the engine's log copier: after the installer's own
+        status file, which the ready probe reads, may already say so."""
+        wait_for(lambda: lines_with(self.logs(), *needles), timeout, f"a line with {needles}")
+        return self.logs()
+
     def exec(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.engine.run("exec", self.id, *argv, timeout=timeout)
 

@@ -75,7 +75,7 @@ def cold(dind: Site, texlive_tarballs: Path) -> Container:
 
 def test_cold_start_installs_the_texlive_image_and_becomes_ready(cold: Container) -> None:
     took = cold.wait_ready(READY_TIMEOUT)
-    log = cold.logs()
+    log = cold.logs_once_with("texlive:", "present (load)")
     assert lines_with(log, "storage driver overlay2"), log
     assert lines_with(log, "texlive:", "present (load)"), log
     status = json.loads(cold.exec("sharelatex-init", "status", "--json").stdout)
@@ -137,7 +137,7 @@ def test_a_restart_on_the_same_volume_configured_by_env_file_is_ready_with_nothi
     )
     warm = run_dind(dind, texlive_tarballs, "-v", f"{config}:/etc/sharelatex-init:ro", env={})
     took = warm.wait_ready(60)
-    log = warm.logs()
+    log = warm.logs_once_with("texlive:", "present")
     assert lines_with(log, "texlive:", "present"), log
     assert not lines_with(log, "installing"), log  # no load, no pull: the volume had it
     assert lines_with(log, "SHARELATEX_INIT_COMPILE_IDLE is the old name of"), log
@@ -163,7 +163,7 @@ def test_the_sharelatex_4_layout_on_that_volume_is_ready_and_compiles(
         env=old,
     )
     container.wait_ready(60)
-    log = container.logs()
+    log = container.logs_once_with("texlive:", "present")
     (notice,) = lines_with(log, "SHARELATEX_INIT_TEXLIVE_SOURCES is the old name of")
     assert "OVERLEAF_INIT_TEXLIVE_SOURCES" in notice
     assert lines_with(log, "texlive:", "present"), log

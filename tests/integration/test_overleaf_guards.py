@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from init import config
-from tests.integration.conftest import Layout, Running, write_script
+from tests.integration.conftest import Layout, Running, wait_for, write_script
 
 pytestmark = pytest.mark.root
 
@@ -46,8 +46,9 @@ def test_the_inits_variables_under_either_spelling_pass_the_guards(
     layout.service("web", f"env > {m}/web.tmp && mv {m}/web.tmp {m}/web\n{WAIT_FOREVER}")
     old = config.OLD_OWN_PREFIX + "COMPILE_TIMEOUT"
     init = boot(start, layout, {config.COMPILE_MEMORY: "1g", old: "30", "OVERLEAF_APP_NAME": "x"})
-    init.wait_service("web", "up")
-    assert (m / "startup").exists() and (m / "web").exists(), init.log()
+    init.wait_service("web", "up")  # 1 s after its start: its `env > ... && mv` may be later
+    wait_for((m / "web").exists, 10, "the service's environment")
+    assert (m / "startup").exists(), init.log()
     for seen in ((m / "startup").read_text(), (m / "web").read_text(), *(
         p.read_text() for p in layout.env.iterdir()
     )):  # fmt: skip
