@@ -352,7 +352,15 @@ def compile_project(
     directory = f"{data_root}/data/compiles/{project}"
     made = container.exec(PYTHON, "-c", MAKE_PROJECT, directory, DOCUMENT)
     assert made.returncode == 0, made.stderr
-    done = container.exec("sharelatex-init", "compile", directory, "--json", timeout=180)
+    try:
+        done = container.exec("sharelatex-init", "compile", directory, "--json", timeout=180)
+    except subprocess.TimeoutExpired:
+        # Seen once, under a CPU hog (the compose dind site): what the site said meanwhile.
+        status = container.exec("sharelatex-init", "status", timeout=30)
+        raise AssertionError(
+            f"the compile of {project} did not end in 180 s\nstatus:\n{status.stdout}"
+            f"{status.stderr}\nlog (last 6000 characters):\n{container.logs()[-6000:]}"
+        ) from None
     assert done.returncode == 0, done.stdout + done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
     assert result["status"] == "ok", result
