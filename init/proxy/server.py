@@ -12,6 +12,7 @@ two sockets are spliced until either side ends: the multiplexed frames pass unto
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import selectors
@@ -386,24 +387,35 @@ class Server:
 
     def listen(self) -> socket.socket:
         """Bind the socket: root's and the services' group's (0660), or root's alone (0600).
-        A stale socket file (an earlier run's) is replaced; anything else there is an error."""
+        A stale socket file (an earlier run's) is replaced; anything else there is an error.
+        It is made under a temporary name and renamed into place once its owner, mode and
+        backlog are set: whoever sees the path finds it whole (seen: a reader found 0600)."""
         path = self.config.listen
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if stat.S_ISSOCK(path.lstat().st_mode):
-                path.unlink()
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                # What bind() said of it before: the same line from __main__.
+                raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), str(path))
         except FileNotFoundError:
             pass
+        making = path.with_name(f".{path.name}.{os.getpid()}")
+        making.unlink(missing_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)
         try:
-            sock.bind(str(path))
+            sock.bind(str(making))
         finally:
             os.umask(old)
-        if self.config.group is not None:
-            os.chown(path, 0 if os.geteuid() == 0 else -1, self.config.group)
-            os.chmod(path, 0o660)
-        sock.listen(128)
+        try:
+            if self.config.group is not None:
+                os.chown(making, 0 if os.geteuid() == 0 else -1, self.config.group)
+                os.chmod(making, 0o660)
+            sock.listen(128)
+            os.replace(making, path)  # a stale socket there goes
+        except BaseException:
+            sock.close()
+            making.unlink(missing_ok=True)
+            raise
         self.listener = sock
         return sock
 
