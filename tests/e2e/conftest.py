@@ -291,6 +291,18 @@ class Site:
 
 
 @contextmanager
+def removed_on_failure(container: Container) -> Iterator[Container]:
+    """`container`, removed if the block fails while it may run. A docker-in-docker site left
+    running keeps its engine's data root: the next site on that volume would find its engine's
+    containerd waiting forever on the first one's lock, and its test would fail for that."""
+    try:
+        yield container
+    except BaseException:
+        container.engine.run("rm", "-f", container.id)
+        raise
+
+
+@contextmanager
 def new_site(outer: OuterEngine, image: str) -> Iterator[Site]:
     """A Site whose containers are removed and dirs deleted at the end (on the host's disk:
     /tmp may be a tmpfs, where the inner engine's overlay2 is not what users run)."""
@@ -355,11 +367,10 @@ def compile_project(
     try:
         done = container.exec("sharelatex-init", "compile", directory, "--json", timeout=180)
     except subprocess.TimeoutExpired:
-        # Seen once, under a CPU hog (the compose dind site): what the site said meanwhile.
-        status = container.exec("sharelatex-init", "status", timeout=30)
+        # Seen under load (the dind sites after a restart on their volume): what the site
+        # said meanwhile.
         raise AssertionError(
-            f"the compile of {project} did not end in 180 s\nstatus:\n{status.stdout}"
-            f"{status.stderr}\nlog (last 6000 characters):\n{container.logs()[-6000:]}"
+            f"the compile of {project} did not end in 180 s\n{site_report(container)}"
         ) from None
     assert done.returncode == 0, done.stdout + done.stderr
     result: dict[str, Any] = json.loads(done.stdout)
@@ -367,6 +378,43 @@ def compile_project(
     head = container.exec(PYTHON, "-c", HEAD, f"{directory}/output.pdf")
     assert head.stdout == "%PDF", head.stdout + head.stderr
     return result
+
+
+# Each process of the site: pid, parent, state, what it waits in, its command line.
+PROCESSES = (
+    "import os\n"
+    "for pid in sorted(int(p) for p in os.listdir('/proc') if p.isdigit()):\n"
+    "    try:\n"
+    "        stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
+    "        wchan = open(f'/proc/{pid}/wchan').read()\n"
+    "        argv = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ')\n"
+    "    except OSError:\n"
+    "        continue\n"
+    "    print(pid, stat[1], stat[0], wchan or '-', argv.decode(errors='replace')[:160])\n"
+)
+
+
+def site_report(container: Container) -> str:
+    """What a site says of itself, for a failure that is a hang: its status, its processes,
+    the inner engine's containers (docker-in-docker), and its log without the inner dockerd's
+    chatter (whose last lines are kept)."""
+    parts = []
+    for title, argv in (
+        ("status", ["sharelatex-init", "status"]),
+        ("processes (pid ppid state wchan argv)", [PYTHON, "-c", PROCESSES]),
+        ("inner engine's containers", ["docker", "ps", "-a", "--no-trunc"]),
+    ):
+        try:
+            done = container.exec(*argv, timeout=30)
+            parts.append(f"{title}:\n{done.stdout}{done.stderr}")
+        except subprocess.TimeoutExpired:
+            parts.append(f"{title}: no answer in 30 s")
+    lines = container.logs().splitlines()
+    engine = [line for line in lines if line.startswith("dockerd |")]
+    ours = [line for line in lines if not line.startswith("dockerd |")]
+    parts.append("log, but the inner dockerd:\n" + "\n".join(ours[-150:]))
+    parts.append("the inner dockerd's last lines:\n" + "\n".join(engine[-25:]))
+    return "\n".join(parts)
 
 
 def post_compile(container: Container) -> None:

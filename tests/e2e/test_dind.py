@@ -34,6 +34,7 @@ from tests.e2e.conftest import (
     new_site,
     override,
     post_compile,
+    removed_on_failure,
 )
 from tests.integration.conftest import wait_for
 
@@ -136,16 +137,17 @@ def test_a_restart_on_the_same_volume_configured_by_env_file_is_ready_with_nothi
         "SHARELATEX_INIT_COMPILE_IDLE=30\n"
     )
     warm = run_dind(dind, texlive_tarballs, "-v", f"{config}:/etc/sharelatex-init:ro", env={})
-    took = warm.wait_ready(60)
-    log = warm.logs_once_with("texlive:", "present")
-    assert lines_with(log, "texlive:", "present"), log
-    assert not lines_with(log, "installing"), log  # no load, no pull: the volume had it
-    assert lines_with(log, "SHARELATEX_INIT_COMPILE_IDLE is the old name of"), log
-    assert not lines_with(log, "Refusing to startup"), log
-    began = time.monotonic()
-    compile_project(warm, dind.data_dir(), "e2e-env-file")
-    compiled = time.monotonic() - began
-    assert warm.stop() < STOP_WITHIN
+    with removed_on_failure(warm):
+        took = warm.wait_ready(60)
+        log = warm.logs_once_with("texlive:", "present")
+        assert lines_with(log, "texlive:", "present"), log
+        assert not lines_with(log, "installing"), log  # no load, no pull: the volume had it
+        assert lines_with(log, "SHARELATEX_INIT_COMPILE_IDLE is the old name of"), log
+        assert not lines_with(log, "Refusing to startup"), log
+        began = time.monotonic()
+        compile_project(warm, dind.data_dir(), "e2e-env-file")
+        compiled = time.monotonic() - began
+        assert warm.stop() < STOP_WITHIN
     print(f"warm start to ready: {took:.1f} s; a compile: {compiled:.1f} s")
 
 
@@ -162,13 +164,14 @@ def test_the_sharelatex_4_layout_on_that_volume_is_ready_and_compiles(
         data_root="/var/lib/sharelatex",
         env=old,
     )
-    container.wait_ready(60)
-    log = container.logs_once_with("texlive:", "present")
-    (notice,) = lines_with(log, "SHARELATEX_INIT_TEXLIVE_SOURCES is the old name of")
-    assert "OVERLEAF_INIT_TEXLIVE_SOURCES" in notice
-    assert lines_with(log, "texlive:", "present"), log
-    compile_project(container, dind.data_dir(), "e2e-sharelatex4", "/var/lib/sharelatex")
-    assert container.stop() < STOP_WITHIN
+    with removed_on_failure(container):
+        container.wait_ready(60)
+        log = container.logs_once_with("texlive:", "present")
+        (notice,) = lines_with(log, "SHARELATEX_INIT_TEXLIVE_SOURCES is the old name of")
+        assert "OVERLEAF_INIT_TEXLIVE_SOURCES" in notice
+        assert lines_with(log, "texlive:", "present"), log
+        compile_project(container, dind.data_dir(), "e2e-sharelatex4", "/var/lib/sharelatex")
+        assert container.stop() < STOP_WITHIN
     print(f"ShareLaTeX 4.x layout, start to a compiled document: {time.monotonic() - began:.1f} s")
 
 
