@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from init.core.backoff import SERVICE_RESTART
+from init.core.component import Phase
 from init.core.status_file import (
     Refusal,
     ServiceStatus,
@@ -145,9 +146,12 @@ def check(
             return False, restarting
     if what == "healthy":
         return True, f"the init is {document.phase}"
-    if document.phase != "running":
-        return False, "the init is still starting"
     engine = status.engine
+    # A refused or failed engine waits for the operator, not for the boot: named at once,
+    # before the boot has ended (a refusal during the boot's engine step was "still starting").
+    held = engine is not None and engine.state in (Phase.REFUSED.value, Phase.FAILED.value)
+    if document.phase != "running" and not held:
+        return False, "the init is still starting"
     if engine is not None and not engine.ready:
         why = engine.reason or engine.state
         return False, f"compiles cannot run yet: the {engine.mode} engine is not ready ({why})"

@@ -105,6 +105,20 @@ def test_ready_needs_the_engine_when_compiles_are_sandboxed() -> None:
     assert check(running(phase="starting"), "ready")[0] is False
 
 
+def test_a_refused_engine_is_named_while_the_init_still_starts() -> None:
+    """The refusal waits for the operator, not for the boot: its reason at once (a full run
+    read "still starting" after the status file already said "refused")."""
+    for state in ("refused", "failed"):
+        engine = {"mode": "dind", "ready": False, "state": state, "reason": "on overlay"}
+        passes, why = check(running(phase="starting", engine=engine), "ready")
+        assert not passes and why.endswith("dind engine is not ready (on overlay)"), why
+    starting = {"mode": "dind", "ready": False, "state": "starting", "reason": ""}
+    assert check(running(phase="starting", engine=starting), "ready") == (
+        False,
+        "the init is still starting",
+    )
+
+
 INSTALLING = {
     "image": "texlive/texlive:2024",
     "state": "installing",
