@@ -97,8 +97,10 @@ class Pool:
         start: Callable[..., WarmContainer] = WarmContainer.start,
         share: Callable[[CompileDir], object] | None = None,  # share_with_compile
         owner: str = "1",  # the broker's containers carry it (target.BROKER_LABEL)
+        log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.owner = owner
+        self._log = log
         self.backend = backend
         self.limits = limits
         self._clock = clock
@@ -144,16 +146,16 @@ class Pool:
                 try:
                     answer = warm.container.run(request, output, cancel_fd)
                 except AgentGone as e:
-                    self._retire(target.project)
+                    self._retire_after(target.project)
                     if e.sent or attempt == 2:
                         raise
                     continue
                 except BaseException:
-                    self._retire(target.project)
+                    self._retire_after(target.project)
                     raise
                 warm.last_used = self._clock()
                 if finish is not None and finish(answer, warm.container.id):
-                    self._retire(target.project)
+                    self._retire_after(target.project)
                 return answer
         raise AssertionError("unreachable: the second attempt returns or raises")
 
@@ -208,6 +210,18 @@ class Pool:
             warm = self._warm.pop(project, None)
         if warm is not None:
             warm.let_go()
+
+    def _retire_after(self, project: str) -> None:
+        """Retire the project's container once its compile has ended, whatever the engine
+        says: what the compile came to is known by then, and the engine's slowness to remove
+        the container does not change it (a gVisor fork bomb's sandbox, on a starved host,
+        kept the removal past its 30 s: the compile was reported as an engine down). The
+        container is then the engine's removal under way, or the next create's of its name
+        (which removes what is in its way), or the next sweep's."""
+        try:
+            self._retire(project)
+        except EngineError as e:
+            self._log(f"{project}: its container was not removed after its compile: {e}")
 
     def next_retirement(self) -> float | None:
         """When (on the pool's clock) the next idle container is due to be retired; a project

@@ -196,6 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Whose containers these are, for the sweep: on a host engine (sibling mode) other
         # sites' brokers share the engine, and the socket's path alone is every site's.
         owner=f"{socket.gethostname()}:{path}",
+        log=log,
     )
     broker = Broker(settings, backend, pool, load_seccomp(lambda line: log(f"warning: {line}")))
     with SignalWakeup(STOP_SIGNALS) as wakeup:

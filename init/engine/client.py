@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import struct
 import time
@@ -534,6 +535,11 @@ def _refused(e: ApiError) -> EngineRefused:
     )
 
 
+def _short_ids(text: str) -> str:
+    """`text` with each 64-digit id cut to its first 12, as `docker ps` shows them."""
+    return re.sub(r"\b([0-9a-f]{12})[0-9a-f]{52}\b", r"\1", text)
+
+
 def _gone(message: str) -> bool:
     """An engine's words for a container that has ended or is going, whatever the status it
     came with (dockerd answers a container being removed with a 500 on some calls)."""
@@ -556,9 +562,11 @@ class DockerBackend:
         self.timeout = exec_timeout  # how long an exec's stream may stay silent
         self.expiry_grace = expiry_grace  # past its expiry label, a running container is stale
 
-    def _error(self, e: BaseException) -> EngineError:
+    def _error(self, e: BaseException, asked: str = "") -> EngineError:
+        """`asked`: the request, as `METHOD /path` (its ids cut to 12): which call it was."""
+        to = f" {_short_ids(asked)}" if asked else ""
         return EngineUnreachable(
-            f"the Docker engine at {self.url} did not answer: {e}",
+            f"the Docker engine at {self.url} did not answer{to}: {e}",
             "check that it runs (`sharelatex-init status`) and DOCKER_HOST points at it",
         )
 
@@ -575,7 +583,7 @@ class DockerBackend:
                 response = request(sock, method, target, body)
                 raw = response.body()
         except OSError as e:
-            raise self._error(e) from e
+            raise self._error(e, f"{method} {path}") from e
         if response.status >= 400:
             try:
                 message = json.loads(raw).get("message", "")
@@ -638,16 +646,17 @@ class DockerBackend:
             f"POST {target} HTTP/1.1\r\nHost: docker\r\nConnection: Upgrade\r\n"
             "Upgrade: tcp\r\nContent-Length: 0\r\n\r\n"
         )
+        asked = f"POST /containers/{container}/attach"
         try:
             sock = self._connect(30.0)
         except OSError as e:
-            raise self._error(e) from e
+            raise self._error(e, asked) from e
         try:
             sock.sendall(head.encode())
             response = Response(sock)
         except (OSError, ValueError, IndexError) as e:
             sock.close()
-            raise self._error(e) from e
+            raise self._error(e, asked) from e
         if response.status not in (101, 200):
             message = response.body().decode(errors="replace")
             sock.close()
@@ -672,10 +681,11 @@ class DockerBackend:
             if e.status in (404, 409) or _gone(e.message):
                 raise ContainerGone(e.message, e.status) from e
             raise self._error(e) from e
+        asked = f"POST /exec/{created['Id']}/start"
         try:
             sock = self._connect(self.timeout)
         except OSError as e:
-            raise self._error(e) from e
+            raise self._error(e, asked) from e
         try:
             response = request(
                 sock, "POST", f"/v{API_VERSION}/exec/{created['Id']}/start",
@@ -683,7 +693,7 @@ class DockerBackend:
             )  # fmt: skip
         except OSError as e:
             sock.close()
-            raise self._error(e) from e
+            raise self._error(e, asked) from e
         if response.status >= 400:
             message = response.body().decode(errors="replace")
             sock.close()

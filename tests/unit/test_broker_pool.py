@@ -27,7 +27,7 @@ from init.broker.warm import AgentGone, WarmContainer
 from init.compiles.paths import CompileDir
 from init.compiles.profile import Job
 from init.compiles.settings import Limits
-from init.engine.client import COMPILE_LABEL, Attachment
+from init.engine.client import COMPILE_LABEL, Attachment, EngineUnreachable
 
 READY = b'{"agent":"ready","version":1,"pid":1}\n'
 
@@ -344,6 +344,47 @@ def test_an_agent_that_ended_while_idle_is_replaced(backend: FakeBackend) -> Non
     Agent(backend.agents[first]).die()  # idle end, lifetime, the engine restarted it
     assert pool.run(where("a"), request("c2"), lambda o: None).status == 0
     assert backend.created == 2 and backend.removed == [first]
+
+
+def test_an_engine_too_slow_to_remove_the_container_leaves_the_compiles_end_as_it_was(
+    backend: FakeBackend,
+) -> None:
+    """A full run's runsc fork bomb was reported as an engine down: the removal of its container,
+    in its turn after its end, passed the call's 30 s on a starved host. What the compile came
+    to stands; the removal's failure is the broker's log line."""
+    answering(backend)
+    said: list[str] = []
+    pool = Pool(backend, LIMITS, log=said.append)  # type: ignore[arg-type]
+
+    def slow(container: str) -> None:
+        raise EngineUnreachable(f"the Docker engine did not answer DELETE /containers/{container}")
+
+    backend.remove = slow  # type: ignore[method-assign]
+    answer = pool.run(where("a"), request("c1"), lambda o: None, finish=lambda a, c: True)
+    assert answer.status == 0
+    (line,) = said
+    assert line.startswith("a: its container was not removed after its compile: ")
+    assert "did not answer DELETE /containers/c-a#1" in line
+
+    # An agent that ends under its compile (gVisor's OOM kill takes the sandbox): that end is
+    # what the compile came to, not the removal's failure after it.
+    dying = FakeBackend()
+    dying.remove = slow  # type: ignore[method-assign]
+    original = dying.start_created
+
+    def start_dying(container: str) -> None:
+        original(container)
+        in_thread(Agent(dying.agents[container]), lambda agent: (agent.request(), agent.die()))
+
+    dying.start_created = start_dying  # type: ignore[method-assign]
+    pool = Pool(dying, LIMITS, log=said.append)  # type: ignore[arg-type]
+    try:
+        with pytest.raises(AgentGone) as caught:
+            pool.run(where("b"), request("c2"), lambda o: None)
+    finally:
+        for sock in dying.agents.values():
+            sock.close()
+    assert caught.value.sent and dying.created == 1 and len(said) == 2
 
 
 def test_one_compile_at_a_time_per_project_and_slots_overall(backend: FakeBackend) -> None:

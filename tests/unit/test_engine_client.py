@@ -236,7 +236,14 @@ def test_an_engine_that_is_not_there_is_unreachable(tmp_path: Path) -> None:
     gone = DockerBackend(f"unix://{tmp_path}/none.sock", 5, 5, environ={})
     with pytest.raises(EngineUnreachable) as caught:
         gone.call("GET", "/_ping")
-    assert "did not answer" in str(caught.value) and caught.value.fix
+    assert "did not answer GET /_ping" in str(caught.value) and caught.value.fix
+    long_id = "0123456789ab" + "f" * 52
+    with pytest.raises(EngineUnreachable) as caught:
+        gone.remove(long_id)
+    # Which call, its id as `docker ps` shows it (a full run's "did not answer: timed out"
+    # after a runsc fork bomb could not say which).
+    said = str(caught.value)
+    assert "did not answer DELETE /containers/0123456789ab: " in said and long_id not in said
 
 
 def test_plain_tcp_is_refused_and_only_unix_or_tls_is_taken() -> None:
