@@ -1,12 +1,13 @@
 """Docker-in-docker mode inside PID 1: preflight, the inner dockerd's hooks, its readiness.
 
-The steps in order: the privilege check (refuse with the fix), cgroups set up, the compiles
-root on a filesystem of its own (init.engine.compiles_fs: a loop-mounted ext4 image, made or
-reused by a child PID 1 waits for), the storage choice (refuse a layered data root with the
-fix), then dockerd as the first service. Each time
-dockerd starts, a child (`init.engine.ready`) waits for its API, sweeps the compile containers an
-earlier run left (the engine has just started: nothing of ours runs there yet), and reports the
-storage driver; until it reports, compiles are not ready.
+The steps in order: the privilege check (refuse with the fix), cgroups set up, the data root
+claimed for this engine alone (a second container on the same volume is refused with the
+fix: its engine would hang on the first's), the compiles root on a filesystem of its own
+(init.engine.compiles_fs: a loop-mounted ext4 image, made or reused by a child PID 1 waits
+for), the storage choice (refuse a layered data root with the fix), then dockerd as the first
+service. Each time dockerd starts, a child (`init.engine.ready`) waits for its API, sweeps the
+compile containers an earlier run left (the engine has just started: nothing of ours runs there
+yet), and reports the storage driver; until it reports, compiles are not ready.
 
 Once ready, the engine is watched for what its ping does not show (an engine that answers
 `/_ping` but cannot run a container): dockerd's containerd through a pidfd in the loop (its end
@@ -100,6 +101,7 @@ class InnerDocker(SandboxSide, ServiceHooks):
         self._containerd: tuple[int, int] | None = None  # (pid, pidfd) of dockerd's containerd
         self._generation = 0  # one per start and end of dockerd: a self-test's answer is its own
         self._compiles_mount: Path | None = None  # the compiles root, when this boot mounted it
+        self._data_root_lock: int | None = None  # storage.claim's fd, held for PID 1's life
         installer.use_socket(str(layout.socket))
 
     # -- preflight -----------------------------------------------------------------------
@@ -116,7 +118,12 @@ class InnerDocker(SandboxSide, ServiceHooks):
         for line in cgroups.describe(plan):
             self.log.info("cgroups", line)
         cgroups.apply(plan, self.root)
-        bounded = self._compiles_filesystem({**environ, **self.own})
+        claimed = storage.claim(self.layout.data_root)
+        if claimed.refused:
+            self._refuse(claimed.refused, claimed.fix)
+        self._data_root_lock = claimed.fd
+        # Refused: no compile runs, so no filesystem is made for them either.
+        bounded = not claimed.refused and self._compiles_filesystem({**environ, **self.own})
         need = storage.bytes_needed(self.settings.all_texlive_images)
         choice = storage.plan(self.layout.data_root, self.settings.storage_driver, need_bytes=need)
         verdict = storage.check(choice)

@@ -9,6 +9,7 @@ where the inner engine breaks or silently falls back to `vfs`.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,6 +201,41 @@ def _warnings(
 # named *full*) is ~6 GB. Doubled on the way in (the pulled layers and the unpacked ones).
 SMALL_IMAGE_BYTES = 2 * 10**9
 FULL_IMAGE_BYTES = 12 * 10**9
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The data root claimed for this engine alone (`claim`)."""
+
+    fd: int | None  # held for PID 1's life; None: the data root is not there, or takes no lock
+    refused: str = ""  # why this engine must not start: another holds the data root
+    fix: str = ""
+
+
+def claim(data_root: Path) -> Claim:
+    """An exclusive lock on the data root, held by PID 1 for its life (close-on-exec: no child
+    keeps it; the kernel lets go when PID 1 ends). A second container on the same volume would
+    start a second dockerd there, whose containerd waits forever for the first's metadata
+    database, and dockerd restarts it every 15 s, saying nothing useful: refused at once
+    instead, with the fix. flock(2) holds across containers: one kernel, one inode."""
+    try:
+        fd = os.open(data_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return Claim(None)  # dockerd makes it: no volume there, so nobody shares it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return Claim(
+            None,
+            f"another engine is using {data_root} (a second container on the same volume: "
+            "its engine would wait for the first's forever)",
+            f"stop the other container first, or give this one a volume of its own for {data_root}",
+        )
+    except OSError:  # a filesystem without locks (some network filesystems): not checked
+        os.close(fd)
+        return Claim(None)
+    return Claim(fd)
 
 
 def bytes_needed(images: tuple[str, ...]) -> int:

@@ -348,6 +348,35 @@ def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
     assert code == 0
 
 
+def test_a_second_init_on_the_same_data_root_is_refused_at_once_and_the_first_keeps_it(
+    start_init: Callable[..., RunningInit],
+) -> None:
+    """Two containers on one /var/lib/docker volume (an old one still running, a compose
+    project scaled to two): the second engine's containerd would wait forever on the first's
+    metadata database, dockerd restarting it every 15 s, silent on why (two CI runs' e2e sites
+    hung so). The second is refused with the fix, its dockerd never started; the first is
+    untouched; once the first has ended, the volume is free again."""
+    first = start_init()
+    first.wait_engine("ready")
+    data = first.socket.parent / "data"
+    second = start_init(data_root=data)
+    engine = second.wait_engine("refused", timeout=10)
+    assert time.monotonic() - second.started < 10
+    assert engine["reason"].startswith(f"another engine is using {data} ")
+    assert engine["fix"].startswith("stop the other container first")
+    assert second.dockerd() is None
+    assert f"another engine is using {data}" in second.log()
+    code, said = second.probe("ready")
+    assert code == 1 and "another engine is using" in said, said
+    assert second.stop()[0] == 0
+    assert first.engine()["state"] == "ready"
+    assert first.docker("info", "--format", "{{.Driver}}").returncode == 0
+    assert first.stop()[0] == 0
+    third = start_init(data_root=data)
+    third.wait_engine("ready")
+    assert third.stop()[0] == 0
+
+
 def test_overlayfs_with_the_vfs_opt_in_runs_on_vfs(start_init: Callable[..., RunningInit]) -> None:
     init = start_init(overlay=True, SANDBOXED_COMPILES_STORAGE_DRIVER="vfs")
     engine = init.wait_engine("ready")
