@@ -353,7 +353,7 @@ def test_a_second_init_on_the_same_data_root_is_refused_at_once_and_the_first_ke
 ) -> None:
     """Two containers on one /var/lib/docker volume (an old one still running, a compose
     project scaled to two): the second engine's containerd would wait forever on the first's
-    metadata database, dockerd restarting it every 15 s, silent on why (two CI runs' e2e sites
+    metadata database, dockerd restarting it every 15 s, silent on why (a CI run's e2e sites
     hung so). The second is refused with the fix, its dockerd never started; the first is
     untouched; once the first has ended, the volume is free again."""
     first = start_init()
