@@ -29,9 +29,10 @@ from init.engine.client import DockerBackend, EngineRefused, ImageMissing
 
 # latexmk's and TeX's own exits (ok, a LaTeX error, latexmk's "errors in the run"): the
 # project's container is kept for its next compile. After any other end (a limit, a signal,
-# the timeout) it is replaced before that compile's client hears of it, as the exec path did:
-# what a compile that went that far left in its sandbox never meets the next one (under gVisor
-# a fork bomb's container once took over 20 s to wind down after its answer).
+# the timeout) it is removed before the project's next compile can start, as on the exec path:
+# what a compile that went that far left in its sandbox never meets the next one. Its client
+# is answered meanwhile (init.broker.pool: under gVisor a fork bomb's sandbox took over 30 s
+# to remove on a starved host, after its agent had reaped every process of it).
 CLEAN_EXITS = (0, 1, 12)
 TAIL = 65536  # the output kept for the outcome's classification (a fork failure, its last lines)
 

@@ -16,11 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from init.broker.protocol import Answer, Output, Request
+from init.broker.protocol import Answer, Output, Reason, Request
 from init.broker.target import BROKER_LABEL, Target
 from init.broker.warm import AgentGone, WarmContainer
 from init.compiles.identity import share_with_compile
-from init.engine.client import COMPILE_LABEL
+from init.engine.client import CALL_TIMEOUT, COMPILE_LABEL
 from init.errors import EngineError
 
 TYPE_CHECKING = False
@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 # While a compile waits for its project's turn or a slot, how often it looks at its cancel fd (a
 # lock cannot be waited on beside an fd; the wait is the queue's only, never an idle broker's).
 QUEUE_LOOK = 0.05
+# How long the engine may take to remove a container retired after its compile (behind its
+# answer, in the project's turn): a gVisor fork bomb's sandbox on a starved host took over
+# 30 s, the call's usual bound, and the project's next compile then met it still there.
+REMOVE_WITHIN = 120.0
 
 
 class Cancelled(Exception):
@@ -50,6 +54,15 @@ _FREE = threading.Lock()  # a turn nobody holds: for a project that never compil
 
 
 @dataclass
+class _Held:
+    """A lock held by a compile; `passed_on`: its release is another thread's now (the
+    removal of the project's container, which holds the project's turn until it is done)."""
+
+    lock: threading.Lock | threading.BoundedSemaphore
+    passed_on: bool = False
+
+
+@dataclass
 class _Warm:
     container: WarmContainer
     name: str
@@ -57,10 +70,10 @@ class _Warm:
     last_used: float
     directory: int | None = None  # an O_PATH fd of the compile dir it binds (hold_dir)
 
-    def let_go(self) -> None:
+    def let_go(self, remove_within: float = CALL_TIMEOUT) -> None:
         """The container retired and removed, its dir let go."""
         try:
-            self.container.close()
+            self.container.close(remove_within)
         finally:
             if self.directory is not None:
                 os.close(self.directory)
@@ -111,6 +124,7 @@ class Pool:
         self._turns: dict[str, threading.Lock] = {}
         self._warm: dict[str, _Warm] = {}
         self._closed = False  # the broker is stopping: no container is started any more
+        self._removing: set[threading.Thread] = set()  # removals behind an answer (_retire_behind)
 
     def _turn(self, project: str) -> threading.Lock:
         with self._mutex:
@@ -135,9 +149,13 @@ class Pool:
         A byte on `cancel_fd` while it waits for its turn raises Cancelled. In the turn,
         `placed(container id)` is called before the request is sent, and `finish(answer,
         container id)` after it is answered: True retires the container (its compile went
-        past a limit), before the project's next compile can start."""
+        past a limit), before the project's next compile can start: a stopped compile's
+        (Answer CANCELLED) before this returns; any other's in the project's turn but after
+        this returns (its agent reaped every process of it before it answered), so that an
+        engine slow to remove it keeps the project's next compile waiting, not this one's
+        client."""
         turn = self._turn(target.project)
-        with self._waited(turn, cancel_fd), self._waited(self._slots, cancel_fd):
+        with self._waited(turn, cancel_fd) as held, self._waited(self._slots, cancel_fd):
             self._share(target.directory)
             for attempt in (1, 2):
                 warm = self._container(target)
@@ -155,7 +173,12 @@ class Pool:
                     raise
                 warm.last_used = self._clock()
                 if finish is not None and finish(answer, warm.container.id):
-                    self._retire_after(target.project)
+                    if answer.reason is Reason.CANCELLED:
+                        # A stop's caller (the compile service stopping it, the broker
+                        # stopping) goes on at once to the dir or to its own end: removed first.
+                        self._retire_after(target.project)
+                    else:
+                        self._retire_behind(target.project, held)
                 return answer
         raise AssertionError("unreachable: the second attempt returns or raises")
 
@@ -163,16 +186,18 @@ class Pool:
     @contextmanager
     def _waited(
         lock: threading.Lock | threading.BoundedSemaphore, cancel_fd: int | None
-    ) -> Iterator[None]:
+    ) -> Iterator[_Held]:
         if cancel_fd is None:
             lock.acquire()
         while cancel_fd is not None and not lock.acquire(timeout=QUEUE_LOOK):
             if select.select([cancel_fd], [], [], 0)[0]:
                 raise Cancelled()
+        held = _Held(lock)
         try:
-            yield
+            yield held
         finally:
-            lock.release()
+            if not held.passed_on:
+                lock.release()
 
     def _container(self, target: Target) -> _Warm:
         """The project's container if it may take a compile now, else a new one."""
@@ -211,17 +236,54 @@ class Pool:
         if warm is not None:
             warm.let_go()
 
-    def _retire_after(self, project: str) -> None:
-        """Retire the project's container once its compile has ended, whatever the engine
-        says: what the compile came to is known by then, and the engine's slowness to remove
-        the container does not change it (a gVisor fork bomb's sandbox, on a starved host,
-        kept the removal past its 30 s: the compile was reported as an engine down). The
-        container is then the engine's removal under way, or the next create's of its name
-        (which removes what is in its way), or the next sweep's."""
+    def _retire_behind(self, project: str, turn: _Held) -> None:
+        """Retire the project's container in a thread of its own that holds the project's
+        turn until the container is removed: the caller answers its client meanwhile. (Under
+        gVisor a fork bomb's sandbox took over 30 s to remove on a starved host: its client
+        waited that long for an answer the agent had given at once.)"""
+        with self._mutex:
+            warm = self._warm.pop(project, None)
+        if warm is None:
+            return
+
+        def remove() -> None:
+            try:
+                self._let_go(project, warm, REMOVE_WITHIN)
+            finally:
+                turn.lock.release()
+                with self._mutex:
+                    self._removing.discard(threading.current_thread())
+
+        thread = threading.Thread(target=remove, name=f"retire-{project}", daemon=True)
+        turn.passed_on = True
+        with self._mutex:
+            self._removing.add(thread)
         try:
-            self._retire(project)
+            thread.start()
+        except RuntimeError:  # no thread to be had: removed here, as before
+            turn.passed_on = False
+            with self._mutex:
+                self._removing.discard(thread)
+            self._let_go(project, warm)
+
+    def _let_go(self, project: str, warm: _Warm, remove_within: float = CALL_TIMEOUT) -> None:
+        """`warm` let go and removed. The engine's failure to remove it is logged, not raised:
+        what the compile came to stands (a starved engine's 30 s timeout on the removal once
+        made a runsc fork bomb read as an engine down). What is left is the engine's removal
+        under way, or the next create's of its name (which removes what is in its way), or
+        the next sweep's."""
+        try:
+            warm.let_go(remove_within)
         except EngineError as e:
             self._log(f"{project}: its container was not removed after its compile: {e}")
+
+    def _retire_after(self, project: str) -> None:
+        """Retire the project's container here, in its turn: its compile ended by its agent's
+        end or an error, which is what the caller goes on to raise."""
+        with self._mutex:
+            warm = self._warm.pop(project, None)
+        if warm is not None:
+            self._let_go(project, warm)
 
     def next_retirement(self) -> float | None:
         """When (on the pool's clock) the next idle container is due to be retired; a project
@@ -275,12 +337,15 @@ class Pool:
 
     def close(self) -> None:
         """Retire every container, all at once (the broker is stopping: each removal is an
-        engine round trip, and the site's stop has 2 s)."""
+        engine round trip, and the site's stop has 2 s), and wait for the removals behind an
+        answer still under way: the broker leaves no container of its own."""
         with self._mutex:
             self._closed = True
             projects = list(self._warm)
         threads = [threading.Thread(target=self._retire_quietly, args=(p,)) for p in projects]
         for thread in threads:
             thread.start()
+        with self._mutex:
+            threads += self._removing
         for thread in threads:
             thread.join()

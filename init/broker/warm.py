@@ -26,6 +26,7 @@ from init.broker.protocol import (
     cancel,
     decode,
 )
+from init.engine.client import CALL_TIMEOUT
 from init.errors import SandboxError
 
 TYPE_CHECKING = False
@@ -205,9 +206,10 @@ class WarmContainer:
             self.ended = f"the agent's stream failed: {e}"
             raise AgentGone(self.ended, sent) from e
 
-    def close(self) -> None:
-        """Let go: EOF on its stdin (the agent exits), and the container removed."""
+    def close(self, remove_within: float = CALL_TIMEOUT) -> None:
+        """Let go: EOF on its stdin (the agent exits), and the container removed (the engine
+        silent for `remove_within` s: EngineError)."""
         self.ended = self.ended or "retired"
         self._attachment.close_stdin()
         self._attachment.close()
-        self.backend.remove(self.id)
+        self.backend.remove(self.id, remove_within)

@@ -340,6 +340,7 @@ def wait_ready(url: str, deadline: float) -> tuple[Engine, float]:
 
 API_VERSION = "1.41"
 CREATE_PATIENCE = 5.0  # seconds a name may stay taken by a container being removed
+CALL_TIMEOUT = 30.0  # seconds an engine may stay silent on one call
 _SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~")
 
 
@@ -571,15 +572,20 @@ class DockerBackend:
         )
 
     def call(
-        self, method: str, path: str, body: Any = None, query: Mapping[str, str] | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        query: Mapping[str, str] | None = None,
+        timeout: float = CALL_TIMEOUT,
     ) -> Any:
         """One request; the decoded JSON answer (None when empty). ApiError on 4xx/5xx,
-        EngineError when the engine cannot be reached."""
+        EngineError when the engine cannot be reached, or is silent for `timeout` s."""
         target = f"/v{API_VERSION}{path}"
         if query:
             target += "?" + urlencode(query)
         try:
-            with self._connect(30.0) as sock:
+            with self._connect(timeout) as sock:
                 response = request(sock, method, target, body)
                 raw = response.body()
         except OSError as e:
@@ -736,10 +742,11 @@ class DockerBackend:
         except OSError:
             return
 
-    def remove(self, container: str) -> None:
+    def remove(self, container: str, timeout: float = CALL_TIMEOUT) -> None:
         """Kill and remove; gone already (or being removed) is fine."""
         try:
-            self.call("DELETE", f"/containers/{container}", query={"force": "1", "v": "1"})
+            query = {"force": "1", "v": "1"}
+            self.call("DELETE", f"/containers/{container}", query=query, timeout=timeout)
         except ApiError as e:
             if e.status not in (404, 409):
                 raise self._error(e) from e

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from init.config import DEFAULT_COMPILE_UIDS
+from init.engine.client import PROJECT_LABEL
 from tests.integration import texlive_engine
 from tests.integration.texlive_engine import LIMITS, WWW_DATA, Compiles
 
@@ -290,15 +291,26 @@ def test_eating_memory_in_lualatex_is_killed(compiles: Compiles, other: Path) ->
 
 
 def test_an_infinite_loop_ends_at_the_timeout(compiles: Compiles, other: Path) -> None:
-    project = compiles.project("loop", {"main.tex": HELLO.replace("Hello", r"\def\x{\x}\x")})
+    name = f"loop-{compiles.runtime}"  # the module's engine serves both runtimes' sites
+    project = compiles.project(name, {"main.tex": HELLO})
+    code, result, _ = compiles.compile(project)
+    assert code == 0, result
+    ours = ("ps", "-aq", "--filter", f"label={PROJECT_LABEL}={name}")
+    warm = set(compiles.engine.docker(*ours).split())
+    assert warm, "the project's warm container"
+    (project / "main.tex").write_text(HELLO.replace("Hello", r"\def\x{\x}\x"))
     code, result, _ = compiles.compile(project, "--timeout", "5")
     assert code == 2, result
     assert result["limit"] == "timeout"
     assert "5 s" in result["reason"]
     assert 5 <= result["seconds"] < 5 + 8
-    # Past a limit, the project's container is gone before the answer: the next compile
-    # of the project starts in a fresh one.
-    assert compiles.containers() == ""
+    # Past a limit, the project's container is removed before the project's next compile
+    # (its client is answered meanwhile): that compile starts in a fresh one.
+    (project / "main.tex").write_text(HELLO)
+    code, result, _ = compiles.compile(project)
+    assert code == 0, result
+    now = set(compiles.engine.docker(*ours).split())
+    assert now and not now & warm, (warm, now)
 
 
 def test_a_latex_error_keeps_the_projects_container(compiles: Compiles, other: Path) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from init.broker.pool import REMOVE_WITHIN
 from tests.conftest import provide
 from tests.integration.conftest import (
     CLEAN_ENV,
@@ -154,7 +155,9 @@ class Compiles:
     def containers(self) -> str:
         return self.engine.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}")
 
-    def wait_no_containers(self, timeout: float = 20) -> None:
+    def wait_no_containers(self, timeout: float = REMOVE_WITHIN + 10) -> None:
+        """No compile container left: each one retired after a compile is removed behind its
+        answer, which the engine may take up to REMOVE_WITHIN to do (0.1 s, mostly)."""
         wait_for(lambda: self.containers() == "", timeout, "no compile container left")
 
 

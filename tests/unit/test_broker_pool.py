@@ -65,7 +65,7 @@ class FakeBackend:
     def start_created(self, container: str) -> None:
         self.agents[container].sendall(frame(1, READY))
 
-    def remove(self, container: str) -> None:
+    def remove(self, container: str, timeout: float = 30.0) -> None:
         self.removed.append(container)
 
     def containers(self) -> list[dict[str, Any]]:
@@ -356,12 +356,14 @@ def test_an_engine_too_slow_to_remove_the_container_leaves_the_compiles_end_as_i
     said: list[str] = []
     pool = Pool(backend, LIMITS, log=said.append)  # type: ignore[arg-type]
 
-    def slow(container: str) -> None:
+    def slow(container: str, timeout: float) -> None:
         raise EngineUnreachable(f"the Docker engine did not answer DELETE /containers/{container}")
 
     backend.remove = slow  # type: ignore[method-assign]
     answer = pool.run(where("a"), request("c1"), lambda o: None, finish=lambda a, c: True)
     assert answer.status == 0
+    # The project's next compile comes after the removal (its turn is the removal's).
+    assert pool.run(where("a"), request("c1b"), lambda o: None).status == 0
     (line,) = said
     assert line.startswith("a: its container was not removed after its compile: ")
     assert "did not answer DELETE /containers/c-a#1" in line
@@ -385,6 +387,87 @@ def test_an_engine_too_slow_to_remove_the_container_leaves_the_compiles_end_as_i
         for sock in dying.agents.values():
             sock.close()
     assert caught.value.sent and dying.created == 1 and len(said) == 2
+
+
+def test_a_retired_container_is_removed_after_the_answer_before_the_projects_next_compile(
+    backend: FakeBackend,
+) -> None:
+    """Under gVisor a fork bomb's sandbox took over 30 s to remove on a starved host, after
+    its agent had answered (every process of the compile reaped): the client has its answer at
+    once; the project's next compile waits for the removal, another project's does not."""
+    answering(backend)
+    order: list[str] = []
+    release = threading.Event()
+
+    def remove(container: str, timeout: float) -> None:
+        assert release.wait(10), "the removal was never let through"
+        order.append(f"removed {container} within {timeout:g} s")
+
+    create = backend.create
+
+    def created(name: str, body: Any) -> str:
+        order.append(f"created {name}")
+        return create(name, body)
+
+    backend.remove = remove  # type: ignore[method-assign]
+    backend.create = created  # type: ignore[method-assign]
+    pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
+    # Answered while its container's removal waits.
+    assert pool.run(where("a"), request("c1"), lambda o: None, finish=lambda a, c: True).status == 0
+    again = threading.Thread(target=pool.run, args=(where("a"), request("c2"), lambda o: None))
+    again.start()
+    assert pool.run(where("b"), request("c3"), lambda o: None).status == 0
+    release.set()
+    again.join(10)
+    assert not again.is_alive()
+    # Behind the answer, the engine may take longer than a call's usual 30 s to remove it.
+    assert order == ["created c-a", "created c-b", "removed c-a#1 within 120 s", "created c-a"]
+
+
+def test_the_pools_close_waits_for_a_removal_behind_an_answer(backend: FakeBackend) -> None:
+    """The broker's stop leaves no container of its own, one still being removed included."""
+    answering(backend)
+    order: list[str] = []
+    release = threading.Event()
+
+    def remove(container: str, timeout: float) -> None:
+        assert release.wait(10), "the removal was never let through"
+        order.append(f"removed {container}")
+
+    backend.remove = remove  # type: ignore[method-assign]
+    pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
+    assert pool.run(where("a"), request("c1"), lambda o: None, finish=lambda a, c: True).status == 0
+    closing = threading.Thread(target=lambda: (pool.close(), order.append("closed")))
+    closing.start()
+    release.set()
+    closing.join(10)
+    assert order == ["removed c-a#1", "closed"]
+
+
+def test_a_stopped_compiles_container_is_removed_before_its_answer(backend: FakeBackend) -> None:
+    """Its stop's caller goes on to the dir (or the broker to its end) at once."""
+    order: list[str] = []
+    start_created = backend.start_created
+
+    def started(container: str) -> None:
+        start_created(container)
+
+        def stopped(agent: Agent) -> None:  # as the agent answers a cancel
+            got = agent.request()
+            agent.send(line({"id": got["id"], "reason": "cancelled", "signal": 15}))
+
+        in_thread(Agent(backend.agents[container]), stopped)
+
+    def finish(answer: Answer, container: str) -> bool:
+        order.append(f"finished: {answer.reason.value}")
+        return True
+
+    backend.start_created = started  # type: ignore[method-assign]
+    backend.remove = lambda c, timeout: order.append(f"removed {c}")  # type: ignore[method-assign]
+    pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
+    pool.run(where("a"), request("c1"), lambda o: None, finish=finish)
+    order.append("answered")
+    assert order == ["finished: cancelled", "removed c-a#1", "answered"]
 
 
 def test_one_compile_at_a_time_per_project_and_slots_overall(backend: FakeBackend) -> None:
