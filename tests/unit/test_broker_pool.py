@@ -389,6 +389,18 @@ def test_an_engine_too_slow_to_remove_the_container_leaves_the_compiles_end_as_i
     assert caught.value.sent and dying.created == 1 and len(said) == 2
 
 
+def held_removals(backend: FakeBackend, order: list[str]) -> threading.Event:
+    """Each removal waits for the event returned, then says so in `order`."""
+    release = threading.Event()
+
+    def remove(container: str, timeout: float) -> None:
+        assert release.wait(10), "the removal was never let through"
+        order.append(f"removed {container} within {timeout:g} s")
+
+    backend.remove = remove  # type: ignore[method-assign]
+    return release
+
+
 def test_a_retired_container_is_removed_after_the_answer_before_the_projects_next_compile(
     backend: FakeBackend,
 ) -> None:
@@ -397,19 +409,13 @@ def test_a_retired_container_is_removed_after_the_answer_before_the_projects_nex
     once; the project's next compile waits for the removal, another project's does not."""
     answering(backend)
     order: list[str] = []
-    release = threading.Event()
-
-    def remove(container: str, timeout: float) -> None:
-        assert release.wait(10), "the removal was never let through"
-        order.append(f"removed {container} within {timeout:g} s")
-
+    release = held_removals(backend, order)
     create = backend.create
 
     def created(name: str, body: Any) -> str:
         order.append(f"created {name}")
         return create(name, body)
 
-    backend.remove = remove  # type: ignore[method-assign]
     backend.create = created  # type: ignore[method-assign]
     pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
     # Answered while its container's removal waits.
@@ -428,20 +434,14 @@ def test_the_pools_close_waits_for_a_removal_behind_an_answer(backend: FakeBacke
     """The broker's stop leaves no container of its own, one still being removed included."""
     answering(backend)
     order: list[str] = []
-    release = threading.Event()
-
-    def remove(container: str, timeout: float) -> None:
-        assert release.wait(10), "the removal was never let through"
-        order.append(f"removed {container}")
-
-    backend.remove = remove  # type: ignore[method-assign]
+    release = held_removals(backend, order)
     pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
     assert pool.run(where("a"), request("c1"), lambda o: None, finish=lambda a, c: True).status == 0
     closing = threading.Thread(target=lambda: (pool.close(), order.append("closed")))
     closing.start()
     release.set()
     closing.join(10)
-    assert order == ["removed c-a#1", "closed"]
+    assert order == ["removed c-a#1 within 120 s", "closed"]
 
 
 def test_a_stopped_compiles_container_is_removed_before_its_answer(backend: FakeBackend) -> None:
