@@ -164,19 +164,19 @@ class Pool:
                 try:
                     answer = warm.container.run(request, output, cancel_fd)
                 except AgentGone as e:
-                    self._retire_after(target.project)
+                    self._retire_now(target.project)
                     if e.sent or attempt == 2:
                         raise
                     continue
                 except BaseException:
-                    self._retire_after(target.project)
+                    self._retire_now(target.project)
                     raise
                 warm.last_used = self._clock()
                 if finish is not None and finish(answer, warm.container.id):
                     if answer.reason is Reason.CANCELLED:
                         # A stop's caller (the compile service stopping it, the broker
                         # stopping) goes on at once to the dir or to its own end: removed first.
-                        self._retire_after(target.project)
+                        self._retire_now(target.project)
                     else:
                         self._retire_behind(target.project, held)
                 return answer
@@ -277,9 +277,9 @@ class Pool:
         except EngineError as e:
             self._log(f"{project}: its container was not removed after its compile: {e}")
 
-    def _retire_after(self, project: str) -> None:
-        """Retire the project's container here, in its turn: its compile ended by its agent's
-        end or an error, which is what the caller goes on to raise."""
+    def _retire_now(self, project: str) -> None:
+        """Retire the project's container here, in its turn, before the caller returns or
+        raises: a compile ended by its agent's end, by an error, or stopped."""
         with self._mutex:
             warm = self._warm.pop(project, None)
         if warm is not None:
