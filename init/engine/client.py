@@ -654,7 +654,7 @@ class DockerBackend:
         )
         asked = f"POST /containers/{container}/attach"
         try:
-            sock = self._connect(30.0)
+            sock = self._connect(CALL_TIMEOUT)
         except OSError as e:
             raise self._error(e, asked) from e
         try:
@@ -725,7 +725,7 @@ class DockerBackend:
         }
         target = f"/v{API_VERSION}/events?" + urlencode(query)
         try:
-            with self._connect(30.0) as sock:
+            with self._connect(CALL_TIMEOUT) as sock:
                 response = request(sock, "GET", target)
                 raw = response.body()
         except OSError:
