@@ -230,9 +230,13 @@ class Pool:
             raise AgentGone("the broker is stopping")
         return warm
 
-    def _retire(self, project: str) -> None:
+    def _take(self, project: str) -> _Warm | None:
+        """The project's container, no longer the pool's to hand out."""
         with self._mutex:
-            warm = self._warm.pop(project, None)
+            return self._warm.pop(project, None)
+
+    def _retire(self, project: str) -> None:
+        warm = self._take(project)
         if warm is not None:
             warm.let_go()
 
@@ -241,8 +245,7 @@ class Pool:
         turn until the container is removed: the caller answers its client meanwhile. (Under
         gVisor a fork bomb's sandbox took over 30 s to remove on a starved host: its client
         waited that long for an answer the agent had given at once.)"""
-        with self._mutex:
-            warm = self._warm.pop(project, None)
+        warm = self._take(project)
         if warm is None:
             return
 
@@ -280,8 +283,7 @@ class Pool:
     def _retire_now(self, project: str) -> None:
         """Retire the project's container here, in its turn, before the caller returns or
         raises: a compile ended by its agent's end, by an error, or stopped."""
-        with self._mutex:
-            warm = self._warm.pop(project, None)
+        warm = self._take(project)
         if warm is not None:
             self._let_go(project, warm)
 
