@@ -196,6 +196,8 @@ def _gone(broker: Broker, turn: _Turn, stopper: Stopper, tail: bytearray, e: Exc
     text = tail.decode(errors="replace") + f"\n(the compile's container ended: {e})"
     oom = False
     if turn.container is not None and turn.started is not None:
-        ended = isinstance(e, AgentGone)  # else it stopped making sense: it may still run
-        oom = broker.backend.oom_killed(turn.container, turn.began, ended=ended)
+        if isinstance(e, AgentGone):  # its container has ended, or is ending
+            oom = broker.backend.ended(turn.container, turn.began).oom_killed
+        else:  # it stopped making sense: it may still run
+            oom = broker.backend.oom_killed(turn.container, turn.began)
     return Ran(None, turn.seconds(), oom_killed=oom, output=text)

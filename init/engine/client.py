@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import struct
 import time
@@ -127,6 +128,24 @@ def connect_error(path: Path, timeout: float = 2.0) -> int | None:
 
 def _explanation(e: Any) -> str:
     return str(getattr(e, "explanation", None) or e)
+
+
+@dataclass(frozen=True)
+class ContainerEnd:
+    """How a compile container ended under its compile, as its engine saw it."""
+
+    oom_event: bool  # the engine's "oom" event since the compile began
+    killed: bool  # a kill the engine sent it (`docker kill`, a stop, a forced removal)
+    status: int | None  # its exit status; None when the engine did not say in time
+
+    @property
+    def oom_killed(self) -> bool:
+        """The OOM killer ended it: the engine's event, or, when that event was lost, a SIGKILL
+        the engine did not send. containerd drops the OOM event when the container's cgroup is
+        gone before its shim reads the notice (pkg/oom/v1/v1.go, `process`), as when gVisor's
+        whole sandbox is killed; and nothing inside a container can SIGKILL its PID 1 (the
+        agent), so only the kernel (or root on the host) ends it that way."""
+        return self.oom_event or (self.status == 128 + signal.SIGKILL and not self.killed)
 
 
 @dataclass(frozen=True)
@@ -708,20 +727,28 @@ class DockerBackend:
             raise self._error(ApiError(response.status, message))
         return Execution(self, created["Id"], response)
 
-    def oom_killed(self, container: str, since: float, ended: bool = False) -> bool:
-        """Whether the kernel's OOM killer struck in `container` since `since` (epoch): the
-        engine's "oom" event (20.10 does not set State.OOMKilled while the container runs).
+    def oom_killed(self, container: str, since: float) -> bool:
+        """Whether the kernel's OOM killer struck in running `container` since `since` (epoch):
+        the engine's "oom" event (20.10 does not set State.OOMKilled while the container runs)."""
+        return "oom" in self._events(container, since, ("oom",))
 
-        `ended`: the container has ended (its agent's stream closed). That stream can close
-        before the engine has heard of the OOM kill (seen under load: gVisor's Sentry killed, the
-        compile reported as a LaTeX error). So first wait until the engine has taken the end in:
-        it handles one container's events in order, and the OOM event comes before the exit."""
-        if ended:
-            self.wait_ended(container, ENDED_WITHIN)
+    def ended(self, container: str, since: float) -> ContainerEnd:
+        """How `container`, whose agent's stream has closed, ended: first wait until the engine
+        has taken the end in (that stream can close before the engine has heard of an OOM
+        kill: seen under load, gVisor's Sentry killed, the compile reported as a LaTeX error;
+        it handles one container's events in order, and the OOM event comes before the exit),
+        then its events since `since` (epoch)."""
+        status = self.wait_ended(container, ENDED_WITHIN)
+        seen = self._events(container, since, ("oom", "kill"))
+        return ContainerEnd("oom" in seen, "kill" in seen, status)
+
+    def _events(self, container: str, since: float, wanted: Sequence[str]) -> set[str]:
+        """Which of the `wanted` events the engine logged for `container` since `since`; none
+        when it does not answer."""
         query = {
             "since": f"{since - 1:.3f}",
             "until": f"{time.time():.3f}",
-            "filters": json.dumps({"container": [container], "event": ["oom"]}),
+            "filters": json.dumps({"container": [container], "event": list(wanted)}),
         }
         target = f"/v{API_VERSION}/events?" + urlencode(query)
         try:
@@ -729,18 +756,32 @@ class DockerBackend:
                 response = request(sock, "GET", target)
                 raw = response.body()
         except OSError:
-            return False
-        return response.status == 200 and b'"oom"' in raw
+            return set()
+        if response.status != 200:
+            return set()
+        seen = set()
+        for line in raw.splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("Action", event.get("status")) in wanted:
+                    seen.add(str(event.get("Action", event.get("status"))))
+        return seen
 
-    def wait_ended(self, container: str, timeout: float) -> None:
+    def wait_ended(self, container: str, timeout: float) -> int | None:
         """Until the engine says `container` is not running (`POST .../wait`, condition
-        not-running), at most `timeout` s. Gone, or no answer in time: return all the same."""
+        not-running), at most `timeout` s: its exit status. Gone, or no answer in time: None."""
         target = f"/v{API_VERSION}/containers/{container}/wait?condition=not-running"
         try:
             with self._connect(timeout) as sock:
-                request(sock, "POST", target).body()
+                response = request(sock, "POST", target)
+                raw = response.body()
         except OSError:
-            return
+            return None
+        try:
+            status = json.loads(raw).get("StatusCode") if response.status == 200 else None
+        except (ValueError, AttributeError):
+            return None
+        return status if isinstance(status, int) else None
 
     def remove(self, container: str, timeout: float = CALL_TIMEOUT) -> None:
         """Kill and remove; gone already (or being removed) is fine."""

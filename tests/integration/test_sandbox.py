@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 from init.config import DEFAULT_COMPILE_UIDS
 from init.engine.client import PROJECT_LABEL
 from tests.integration import texlive_engine
+from tests.integration.conftest import wait_for
 from tests.integration.texlive_engine import LIMITS, WWW_DATA, Compiles
 
 # The module's engine with the TeX Live image (runsc registered), and its compiles root.
@@ -288,6 +291,41 @@ def test_eating_memory_in_lualatex_is_killed(compiles: Compiles, other: Path) ->
     assert result["limit"] == "memory", result
     assert "256 MiB" in result["reason"]
     assert result["seconds"] < 60
+
+
+@pytest.mark.parametrize("killer", ["kernel", "engine"])
+def test_a_container_killed_under_its_compile_is_the_memory_limit_unless_the_engine_killed_it(
+    compiles: Compiles, other: Path, killer: str
+) -> None:
+    """The OOM killer's SIGKILL ends the container's PID 1 from outside, with no word from the
+    engine when containerd lost its event (the cgroup gone first: gVisor's whole sandbox dies
+    with it). Here the host's SIGKILL to that PID 1 stands in for it, on the real engine: the
+    memory limit. The engine's own kill (`docker kill`, an operator) is not the compile's."""
+    name = f"killed-by-{killer}-{compiles.runtime}"
+    started = "started"
+    rc = perl_rc(f"open(my $f, '>', '{started}'); close($f); sleep 60;")
+    project = compiles.project(name, {"main.tex": HELLO, "latexmkrc": rc})
+    done: list[tuple[int, dict[str, object], str]] = []
+    compiling = threading.Thread(target=lambda: done.append(compiles.compile(project)))
+    compiling.start()
+    try:
+        wait_for(lambda: (project / started).exists(), 60, "the compile to start")
+        ours = ("ps", "-q", "--no-trunc", "--filter", f"label={PROJECT_LABEL}={name}")
+        (container,) = compiles.engine.docker(*ours).split()
+        if killer == "engine":
+            compiles.engine.docker("kill", "--signal", "KILL", container)
+        else:
+            pid = compiles.engine.docker("inspect", "--format", "{{.State.Pid}}", container)
+            os.kill(int(pid), signal.SIGKILL)
+    finally:
+        compiling.join(90)
+    ((code, result, _),) = done
+    assert result["seconds"] < 30, result  # ended by the kill, not by its sleep or timeout
+    if killer == "kernel":
+        assert (code, result["limit"]) == (2, "memory"), result
+    else:
+        assert code == 1 and result["limit"] is None, result
+        assert "container ended" in result["reason"], result
 
 
 def test_an_infinite_loop_ends_at_the_timeout(compiles: Compiles, other: Path) -> None:

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 import docker.errors
 import pytest
@@ -193,7 +194,7 @@ def test_the_sweep_removes_ended_and_expired_compile_containers_only(
     assert "sharelatex-init.compile" in query.replace("%22", '"').replace("%2E", ".")
 
 
-def test_the_oom_check_of_an_ended_container_first_waits_for_the_engine_to_see_the_end(
+def test_an_ended_containers_events_are_read_once_the_engine_has_seen_the_end(
     fake_engine: FakeEngine,
 ) -> None:
     """Its agent's stream closed before the engine heard of the OOM kill: the events are read
@@ -206,17 +207,44 @@ def test_the_oom_check_of_an_ended_container_first_waits_for_the_engine_to_see_t
 
     def events(body: bytes) -> Answer:
         order.append("events")
-        return 200, b'{"status":"oom","id":"c1"}\n', {}
+        return 200, b'{"status":"oom","id":"c1","Action":"oom"}\n', {}
 
     fake_engine.routes[("POST", "/containers/c1/wait")] = wait
     fake_engine.routes[("GET", "/events")] = events
-    assert backend(fake_engine).oom_killed("c1", since=100.0, ended=True)
-    assert order == ["wait", "events"]
+    end = backend(fake_engine).ended("c1", since=100.0)
+    assert end == client.ContainerEnd(oom_event=True, killed=False, status=137)
+    assert end.oom_killed and order == ["wait", "events"]
     waited = next(t for m, t, _ in fake_engine.seen if m == "POST")
     assert waited.endswith("/containers/c1/wait?condition=not-running")
+    asked = unquote_plus(next(t for m, t, _ in fake_engine.seen if m == "GET"))
+    assert '"container": ["c1"]' in asked and '"event": ["oom", "kill"]' in asked
     order.clear()
     assert backend(fake_engine).oom_killed("c1", since=100.0)  # still running: no wait
     assert order == ["events"]
+
+
+@pytest.mark.parametrize(
+    ("status", "events", "oom_killed"),
+    [
+        # containerd dropped the OOM event (the cgroup gone first): a SIGKILL nobody sent.
+        (137, b"", True),
+        (137, b'{"status":"kill","Action":"kill"}\n', False),  # `docker kill`, a stop
+        (1, b"", False),
+        (0, b"", False),
+        (None, b"", False),  # the engine did not say how it ended
+        (None, b'{"status":"oom","Action":"oom"}\n', True),
+        (137, b"not json\n{}\n[]\n", True),
+    ],
+)
+def test_an_ended_container_was_oom_killed_by_its_event_or_a_sigkill_the_engine_did_not_send(
+    fake_engine: FakeEngine, status: int | None, events: bytes, oom_killed: bool
+) -> None:
+    answer = json_answer(200, {"StatusCode": status}) if status is not None else (404, b"", {})
+    fake_engine.routes[("POST", "/containers/c1/wait")] = lambda _: answer
+    fake_engine.routes[("GET", "/events")] = lambda _: (200, events, {})
+    end = backend(fake_engine).ended("c1", since=100.0)
+    assert end.status == status
+    assert end.oom_killed is oom_killed
 
 
 def test_a_wait_the_engine_never_answers_ends_at_its_timeout(tmp_path: Path) -> None:
