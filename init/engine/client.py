@@ -18,7 +18,7 @@ SDK would add its ~15 MiB to the broker's 17 for no call this client lacks. It s
 API over a plain socket (HTTP/1.1, one connection a request) at a fixed API version (1.41:
 Docker 20.10, the oldest engine the sibling check accepts: no version round trip); images are
 never inspected: a create that fails with "No such image" says it. Its calls (create, attach,
-start, oom_killed, remove, sweep_expired; exec, for the benches' reference column) are what
+start, oom_killed, ended, remove, sweep_expired; exec, for the benches' reference column) are what
 another backend (a Kubernetes pod per project) would offer beside it.
 """
 
@@ -733,11 +733,10 @@ class DockerBackend:
         return "oom" in self._events(container, since, ("oom",))
 
     def ended(self, container: str, since: float) -> ContainerEnd:
-        """How `container`, whose agent's stream has closed, ended: first wait until the engine
-        has taken the end in (that stream can close before the engine has heard of an OOM
-        kill: seen under load, gVisor's Sentry killed, the compile reported as a LaTeX error;
-        it handles one container's events in order, and the OOM event comes before the exit),
-        then its events since `since` (epoch)."""
+        """How `container`, whose agent's stream has closed, ended: its exit status once the
+        engine has taken the end in (the stream can close first), then its events since
+        `since` (epoch). The engine handles one container's events in order, so an OOM event
+        the engine got is in by then; one containerd lost never comes (`ContainerEnd`)."""
         status = self.wait_ended(container, ENDED_WITHIN)
         seen = self._events(container, since, ("oom", "kill"))
         return ContainerEnd("oom" in seen, "kill" in seen, status)
@@ -761,10 +760,11 @@ class DockerBackend:
             return set()
         seen = set()
         for line in raw.splitlines():
-            with contextlib.suppress(ValueError):
+            with contextlib.suppress(ValueError, AttributeError):  # not an event: passed by
                 event = json.loads(line)
-                if isinstance(event, dict) and event.get("Action", event.get("status")) in wanted:
-                    seen.add(str(event.get("Action", event.get("status"))))
+                action = event.get("Action", event.get("status"))
+                if action in wanted:
+                    seen.add(str(action))
         return seen
 
     def wait_ended(self, container: str, timeout: float) -> int | None:
