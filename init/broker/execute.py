@@ -25,7 +25,7 @@ from init.compiles.budget import Settled, Watcher, settle
 from init.compiles.outcome import NotReady, Ran, not_ready_message
 from init.compiles.profile import Job
 from init.compiles.settings import CompileSettings
-from init.engine.client import DockerBackend, EngineRefused, ImageMissing
+from init.engine.client import ContainerEnd, DockerBackend, EngineRefused, ImageMissing
 
 # latexmk's and TeX's own exits (ok, a LaTeX error, latexmk's "errors in the run"): the
 # project's container is kept for its next compile. After any other end (a limit, a signal,
@@ -95,6 +95,7 @@ class _Turn:
     started: float | None = None  # time.monotonic()
     settled: Settled | None = None  # past its budget: what was removed
     oom: bool = False
+    end: ContainerEnd | None = None  # its agent ended under it: how, read before its removal
 
     def seconds(self) -> float:
         return 0.0 if self.started is None else time.monotonic() - self.started
@@ -151,8 +152,13 @@ def run(
         clean = answer.reason is Reason.EXIT and answer.status in CLEAN_EXITS
         return oom or not clean or limits.idle == 0
 
+    def gone(container: str) -> None:
+        """Its agent ended under it (the OOM killer, a kill): how, before its removal."""
+        if stopper.reason in (None, BUDGET):  # else the stop says what it came to
+            turn.end = broker.backend.ended(container, turn.began)
+
     try:
-        answer = broker.pool.run(place, request, pass_on, stopper.fd, placed, finish)
+        answer = broker.pool.run(place, request, pass_on, stopper.fd, placed, finish, gone)
     except Cancelled:
         return _stopped(stopper, 0.0, "")
     except ImageMissing as e:
@@ -195,9 +201,8 @@ def _gone(broker: Broker, turn: _Turn, stopper: Stopper, tail: bytearray, e: Exc
         return _stopped(stopper, 0.0, tail.decode(errors="replace"))
     text = tail.decode(errors="replace") + f"\n(the compile's container ended: {e})"
     oom = False
-    if turn.container is not None and turn.started is not None:
-        if isinstance(e, AgentGone):  # its container has ended, or is ending
-            oom = broker.backend.ended(turn.container, turn.began).oom_killed
-        else:  # it stopped making sense: it may still run
-            oom = broker.backend.oom_killed(turn.container, turn.began)
+    if turn.end is not None:  # its container ended under it
+        oom = turn.end.oom_killed
+    elif turn.container is not None and turn.started is not None:
+        oom = broker.backend.oom_killed(turn.container, turn.began)  # it may still run
     return Ran(None, turn.seconds(), oom_killed=oom, output=text)

@@ -138,6 +138,7 @@ class Pool:
         cancel_fd: int | None = None,
         placed: Callable[[str], None] | None = None,
         finish: Callable[[Answer, str], bool] | None = None,
+        gone: Callable[[str], None] | None = None,
     ) -> Answer:
         """Run `request` in the project's warm container (started if need be), after the
         project's earlier compiles and within the global limit. A container whose agent had
@@ -153,7 +154,9 @@ class Pool:
         (Answer CANCELLED) before this returns; any other's in the project's turn but after
         this returns (its agent reaped every process of it before it answered), so that an
         engine slow to remove it keeps the project's next compile waiting, not this one's
-        client."""
+        client. When the agent ends under the request (AgentGone, sent), `gone(container id)`
+        is called before its container is removed: how it ended is the engine's to say only
+        until then (its removal is a kill of its own)."""
         turn = self._turn(target.project)
         with self._waited(turn, cancel_fd) as held, self._waited(self._slots, cancel_fd):
             self._share(target.directory)
@@ -164,7 +167,11 @@ class Pool:
                 try:
                     answer = warm.container.run(request, output, cancel_fd)
                 except AgentGone as e:
-                    self._retire_now(target.project)
+                    try:
+                        if e.sent and gone is not None:
+                            gone(warm.container.id)
+                    finally:
+                        self._retire_now(target.project)
                     if e.sent or attempt == 2:
                         raise
                     continue

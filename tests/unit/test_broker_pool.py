@@ -389,6 +389,40 @@ def test_an_engine_too_slow_to_remove_the_container_leaves_the_compiles_end_as_i
     assert caught.value.sent and dying.created == 1 and len(said) == 2
 
 
+def test_an_agent_that_ends_under_its_compile_is_asked_about_before_its_container_goes(
+    backend: FakeBackend,
+) -> None:
+    """The engine can say how a container ended (the OOM killer's SIGKILL, or its own kill)
+    only until the broker removes it: a forced removal is a kill of its own. So `gone` comes
+    first; a `gone` that fails still leaves the container retired."""
+    order: list[str] = []
+    backend.remove = lambda container, timeout=30.0: order.append(f"removed {container}")  # type: ignore[method-assign]
+    original = backend.start_created
+
+    def start_dying(container: str) -> None:
+        original(container)
+        in_thread(Agent(backend.agents[container]), lambda agent: (agent.request(), agent.die()))
+
+    backend.start_created = start_dying  # type: ignore[method-assign]
+    pool = Pool(backend, LIMITS)  # type: ignore[arg-type]
+    with pytest.raises(AgentGone):
+        pool.run(
+            where("a"), request("c1"), lambda o: None, gone=lambda c: order.append(f"gone {c}")
+        )
+    assert order == ["gone c-a#1", "removed c-a#1"]
+
+    def failing(container: str) -> None:
+        raise OSError("the engine went away")
+
+    with pytest.raises(OSError):
+        pool.run(where("a"), request("c2"), lambda o: None, gone=failing)
+    assert order[-1] == "removed c-a#2"
+    with pytest.raises(AgentGone):  # a fresh container for the project's next compile
+        pool.run(where("a"), request("c3"), lambda o: None)
+    assert order[-1] == "removed c-a#3"
+    pool.close()
+
+
 def held_removals(backend: FakeBackend, order: list[str]) -> threading.Event:
     """Each removal waits for the event returned, then says so in `order`."""
     release = threading.Event()
