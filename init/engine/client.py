@@ -143,8 +143,10 @@ class ContainerEnd:
         """The OOM killer ended it: the engine's event, or, when that event was lost, a SIGKILL
         the engine did not send. containerd drops the OOM event when the container's cgroup is
         gone before its shim reads the notice (pkg/oom/v1/v1.go, `process`), as when gVisor's
-        whole sandbox is killed; and nothing inside a container can SIGKILL its PID 1 (the
-        agent), so only the kernel (or root on the host) ends it that way."""
+        whole sandbox is killed. Under runc nothing inside a container can SIGKILL its PID 1
+        (the agent: Linux drops it from inside the namespace), so only the kernel, or root on
+        the host, ends it that way. gVisor delivers it: a compile that SIGKILLs its own agent
+        there reads as the memory limit, a label on its own compile alone."""
         return self.oom_event or (self.status == 128 + signal.SIGKILL and not self.killed)
 
 

@@ -332,6 +332,22 @@ def test_a_container_killed_under_its_compile_is_the_memory_limit_unless_the_eng
         assert "container ended" in result["reason"], result
 
 
+def test_a_compile_that_sigkills_its_agent(compiles: Compiles, other: Path) -> None:
+    """Under runc Linux drops the SIGKILL (the agent is its namespace's PID 1): the compile goes
+    on. gVisor delivers it: the compile ends its own container, which reads as the memory limit
+    (a SIGKILL the engine did not send, `ContainerEnd`), and the project's next compile runs."""
+    name = f"kills-agent-{compiles.runtime}"
+    project = compiles.project(name, {"main.tex": HELLO, "latexmkrc": perl_rc("kill 'KILL', 1;")})
+    code, result, _ = compiles.compile(project)
+    if compiles.runtime == "runc":
+        assert code == 0, result
+    else:
+        assert (code, result["limit"]) == (2, "memory"), result
+    (project / "latexmkrc").unlink()
+    code, result, _ = compiles.compile(project)
+    assert code == 0, result
+
+
 def test_an_infinite_loop_ends_at_the_timeout(compiles: Compiles, other: Path) -> None:
     name = f"loop-{compiles.runtime}"  # the module's engine serves both runtimes' sites
     project = compiles.project(name, {"main.tex": HELLO})
