@@ -113,7 +113,7 @@ class Site:
         return found
 
     def containers(self) -> list[str]:
-        return self.engine.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}").split()
+        return self.engine.labelled(COMPILE_LABEL)
 
 
 def services_environment(
@@ -313,7 +313,9 @@ def test_a_running_container_past_its_expiry_is_removed(site: Site) -> None:
 
 
 def all_names(site: Site) -> list[str]:
-    return site.engine.docker("ps", "-a", "--format", "{{.Names}}").split()
+    return [
+        name.lstrip("/") for c in site.engine.get("/containers/json?all=1") for name in c["Names"]
+    ]
 
 
 def proxy_call(site: Site, method: str, target: str, body: Any = None) -> Any:

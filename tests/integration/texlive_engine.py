@@ -153,7 +153,8 @@ class Compiles:
         return done.returncode, json.loads(lines[-1]), done.stderr
 
     def containers(self) -> str:
-        return self.engine.docker("ps", "-aq", "--filter", f"label={COMPILE_LABEL}")
+        """The compile containers' short ids, a line each (`docker ps -aq`'s output)."""
+        return "\n".join(self.engine.labelled(COMPILE_LABEL))
 
     def wait_no_containers(self, timeout: float = REMOVE_WITHIN + 10) -> None:
         """No compile container left: each one retired after a compile is removed behind its
