@@ -484,8 +484,9 @@ def test_sigterm_ends_a_running_compile_and_its_container(compiles: Compiles, ot
     began = time.monotonic()
     proc.wait(15)
     assert proc.returncode == -signal.SIGTERM
-    assert compiles.containers() == "", "the container outlived the SIGTERM"
     assert time.monotonic() - began < 5
+    # The container goes behind the broker's answer (init.broker.execute): not kept.
+    compiles.wait_no_containers()
 
 
 def test_twenty_projects_at_once_all_compile(compiles: Compiles, other: Path) -> None:
