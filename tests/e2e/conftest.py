@@ -231,7 +231,10 @@ class Container:
             return self.probe("ready")[0] == 0
 
         try:
-            wait_for(ready, timeout, "ready")
+            # Half a second between probes: each is a `docker exec` of the init's CLI in the
+            # container (a Python start there, two engine calls here), a probe every 0.6 s
+            # back to back; a start takes seconds to a minute and a half.
+            wait_for(ready, timeout, "ready", every=0.5)
         except AssertionError as error:
             raise AssertionError(f"{error}; last probe: {self.probe('ready')[1]}; log:\n"
                                  f"{self.logs()[-4000:]}") from None  # fmt: skip

@@ -65,8 +65,11 @@ def needs_unshare() -> None:
     require(shutil.which("unshare") is not None, "needs unshare (util-linux)")
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str = "the condition") -> T:
-    """Poll `condition` until it returns something true; its value, or AssertionError."""
+def wait_for(
+    condition: Callable[[], T], timeout: float, what: str = "the condition", every: float = 0.02
+) -> T:
+    """Poll `condition` until it returns something true; its value, or AssertionError. `every`:
+    the pause between two polls (longer for a condition that costs much to ask)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
@@ -74,7 +77,7 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str = "the condit
             return value
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.1f} s waiting for {what}")
-        time.sleep(0.02)
+        time.sleep(every)
 
 
 def free_port() -> int:
