@@ -467,7 +467,6 @@ def test_a_missing_image_is_not_ready_with_the_installers_progress(
 
 
 def test_sigterm_ends_a_running_compile_and_its_container(compiles: Compiles, other: Path) -> None:
-    import signal
     import sys
     import time
 
@@ -476,8 +475,6 @@ def test_sigterm_ends_a_running_compile_and_its_container(compiles: Compiles, ot
         [sys.executable, "-m", "init.compiles.command", str(project), "--json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=compiles.env(),
     )  # fmt: skip
-    from tests.integration.conftest import wait_for
-
     wait_for(lambda: compiles.containers() != "", 30, "the compile's container")
     time.sleep(1)
     proc.send_signal(signal.SIGTERM)
