@@ -373,6 +373,7 @@ class Settled:
     removed: int
     left: tuple[str, ...]  # relative paths that could not be removed
     seen_after: float = 0.0  # seconds from the compile's start to the sample that saw it past
+    stopped_after: float = 0.0  # ... to its stop (its processes ended), before the measure
 
 
 AFTER_KILL_BOUND = 8  # the walk after the kill stops past this many budgets
@@ -381,6 +382,7 @@ AFTER_KILL_BOUND = 8  # the walk after the kill stops past this many budgets
 def settle(watcher: Watcher) -> Settled:
     """Measure what the stopped compile wrote, then remove it (see remove_new)."""
     assert watcher.overrun is not None, "settle a compile past its budget"
+    stopped = time.monotonic()
     start, budget = watcher.start_usage, watcher.budget
     far = Budget(budget.bytes * AFTER_KILL_BOUND, budget.files * AFTER_KILL_BOUND)
     after = measure(watcher.root, *bounds(start, far))
@@ -392,4 +394,5 @@ def settle(watcher: Watcher) -> Settled:
         removed,
         tuple(left),
         (watcher.seen_at or watcher.started_at) - watcher.started_at,
+        stopped - watcher.started_at,
     )

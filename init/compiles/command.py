@@ -34,9 +34,10 @@ stable (machine callers, e.g. the HTTP compile service, rely on them):
   errors       list of the first error lines of the log (empty when none)
   project      the project id used
   compile_id   this compile's id (also the container label sharelatex-init.compile-id)
-  written      limit "disk": {"bytes", "files", "seen_after"}, what the compile had added to DIR
-               when it was stopped (all removed since), and the seconds until it was seen past
-               its budget; else null
+  written      limit "disk": {"bytes", "files", "seen_after", "stopped_after"}, what the
+               compile had added to DIR when it was stopped (all removed since), and the
+               seconds until it was seen past its budget and until its processes had ended;
+               else null
 """
 
 from __future__ import annotations

@@ -47,8 +47,7 @@ class Outcome:
     errors: tuple[str, ...] = ()
     limit: Limit | None = None
     exit_code: int | None = None  # the command's own exit status (the shim passes it back)
-    # limit disk: (bytes, files) it had written when stopped, seconds until a sample saw it past
-    written: tuple[int, int, float] | None = None
+    written: Settled | None = None  # limit disk: what it had written, when it was seen and stopped
 
     def document(self) -> dict[str, Any]:
         return {
@@ -66,8 +65,11 @@ class Outcome:
     def _written(self) -> dict[str, Any] | None:
         if self.written is None:
             return None
-        written, files, seen_after = self.written
-        return {"bytes": written, "files": files, "seen_after": round(seen_after, 3)}
+        spent = self.written
+        return {
+            "bytes": spent.bytes, "files": spent.files, "seen_after": round(spent.seen_after, 3),
+            "stopped_after": round(spent.stopped_after, 3),
+        }  # fmt: skip
 
 
 def first_errors(log_text: str, lines: int = ERROR_LINES) -> tuple[str, ...]:
@@ -297,10 +299,8 @@ def classify(
     errors = first_errors(log_text)
     common = {"seconds": ran.seconds, "log": log, "errors": errors, "exit_code": ran.exit_code}
     if limit is not None:
-        spent = ran.budget
-        written = (spent.bytes, spent.files, spent.seen_after) if spent is not None else None
         return Outcome(
-            Status.LIMIT, limit_message(limit, limits, ran), limit=limit, written=written,
+            Status.LIMIT, limit_message(limit, limits, ran), limit=limit, written=ran.budget,
             **common,  # type: ignore[arg-type]
         )  # fmt: skip
     if ran.exit_code != 0:

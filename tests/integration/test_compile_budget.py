@@ -37,15 +37,18 @@ DISK = 64 * MiB
 FILES = 5000
 BUDGET = {"OVERLEAF_INIT_COMPILE_DISK": "64m", "OVERLEAF_INIT_COMPILE_FILES": str(FILES)}
 # How far past the budget an attack may get, and how long after a sample saw it past its
-# container is killed (an engine call): the bounds asserted, with room for a loaded two-core
-# machine. The time from the attack's first write to that sample is its own (how fast it
-# writes) plus one sampling period at most; asserted loosely, reported in the figures.
-# The overshoot is the write rate times the time to stop: page-cache writes of ~300 MiB/s
-# here, and an engine kill of 0.2-2.5 s on this loaded machine (sparse files are excepted:
-# they are made in no time and take no disk).
+# processes have ended (the agent's kill in its container, `stopped_after`): the bounds
+# asserted, with room for a loaded two-core machine. The time from the attack's first write to
+# that sample is its own (how fast it writes) plus one sampling period at most; asserted
+# loosely, reported in the figures. The overshoot is the write rate times the time to stop:
+# page-cache writes of ~300 MiB/s here, and a stop of 0-0.04 s on a quiet run (sparse files
+# are excepted: they are made in no time and take no disk).
 OVERSHOOT_BYTES = 768 * MiB
 OVERSHOOT_FILES = 50_000  # empty files at ~20,000-45,000/s seen here: the weakest bound
 KILL_SECONDS = 3.0
+# The measure and removal after the stop, in the project's turn: a walk of at most eight
+# budgets' worth (AFTER_KILL_BOUND) and the unlinks, 0.06-0.27 s on a quiet run.
+SETTLE_SECONDS = 10.0
 BITE_SECONDS = 20.0
 HELLO = r"""\documentclass{article}
 \begin{document}
@@ -153,14 +156,18 @@ def contained(
     del after[str(project / "stamp")]
     assert after == before
     written = result["written"]
-    # The compile's clock starts at its exec; the watcher's a moment before.
-    kill = result["seconds"] - written["seen_after"]
+    # From the sample that saw it past to its processes' end; then the measure and removal of
+    # what it wrote (its `seconds` run from its start to the end of that removal).
+    kill = written["stopped_after"] - written["seen_after"]
+    settle = result["seconds"] - written["stopped_after"]
     figures = {"first_write_to_end_s": round(ended - stamp, 2), "seen_after_s":
-               written["seen_after"], "kill_s": round(kill, 2), "written_mib":
-               round(written["bytes"] / MiB, 1), "files": written["files"]}  # fmt: skip
+               written["seen_after"], "kill_s": round(kill, 2), "settle_s": round(settle, 2),
+               "written_mib": round(written["bytes"] / MiB, 1),
+               "files": written["files"]}  # fmt: skip
     print(f"\nbudget: {project.name}: {figures}")
     assert 0 < ended - stamp < BITE_SECONDS, figures
-    assert kill < KILL_SECONDS, figures
+    assert 0 <= kill < KILL_SECONDS, figures
+    assert settle < SETTLE_SECONDS, figures
     if not sparse:
         assert written["bytes"] < DISK + OVERSHOOT_BYTES, figures
     assert written["files"] < FILES + OVERSHOOT_FILES, figures

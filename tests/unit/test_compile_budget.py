@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,29 @@ def test_settle_counts_what_was_written_then_removes_it(tmp_path: Path) -> None:
     assert not (directory / "big").exists() and (directory / "main.tex").exists()
 
 
+def test_settle_times_the_stop_apart_from_the_removal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`stopped_after` is the moment the compile's processes had ended, before the measure and
+    the removal (the budget test's time bound is on the stop, not on a slow disk's removal)."""
+    directory = project(tmp_path)
+    watcher = budget.Watcher(directory, Budget(bytes=MiB, files=0), lambda: None)
+    (directory / "big").write_bytes(b"z" * (2 * MiB))
+    assert watcher.stop() is not None
+    remove_new = budget.remove_new
+
+    def slow_removal(root: Path, start: budget.Start) -> tuple[int, list[str]]:
+        time.sleep(0.5)
+        return remove_new(root, start)
+
+    monkeypatch.setattr(budget, "remove_new", slow_removal)
+    before = time.monotonic() - watcher.started_at
+    settled = budget.settle(watcher)
+    after = time.monotonic() - watcher.started_at
+    assert settled.seen_after <= before <= settled.stopped_after <= after - 0.5
+    assert settled.removed == 1
+
+
 # -- how the limit is told ------------------------------------------------------------------
 
 
@@ -205,12 +229,14 @@ def a_job(tmp_path: Path) -> Job:
 
 def test_a_compile_past_its_budget_is_limit_disk_naming_the_bound(tmp_path: Path) -> None:
     job = a_job(tmp_path)
-    settled = Settled(Overrun("bytes", 1100 * MiB, 40), 1200 * MiB, 41, 41, ())
+    settled = Settled(Overrun("bytes", 1100 * MiB, 40), 1200 * MiB, 41, 41, (), 0.25, 0.5)
     outcome = classify(Ran(None, 1.5, budget=settled), job, Limits())
     assert outcome.status is Status.LIMIT and outcome.limit is Limit.DISK
     assert outcome.reason.startswith("disk: the compile wrote more than 1.0 GiB in its dir")
     assert "1.2 GiB in 41 files, all removed" in outcome.reason
-    assert outcome.document()["written"] == {"bytes": 1200 * MiB, "files": 41, "seen_after": 0.0}
+    assert outcome.document()["written"] == {
+        "bytes": 1200 * MiB, "files": 41, "seen_after": 0.25, "stopped_after": 0.5
+    }  # fmt: skip
     files = Settled(Overrun("files", 0, 20_001), 0, 20_050, 20_000, ("a/b",))
     reason = classify(Ran(None, 1.0, budget=files), job, Limits()).reason
     assert "more than 20000 files and dirs" in reason and "but for 1 (e.g. a/b)" in reason
