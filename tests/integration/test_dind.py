@@ -342,8 +342,9 @@ def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
     assert code == 1 and "dind engine is not ready" in said
     code, checks = init.doctor()
     assert code == 1
-    (failed,) = [c for c in checks if c["status"] == "fail"]
-    assert failed["name"] == "dockerd" and failed["fix"].startswith(fix)
+    failed = [c for c in checks if c["status"] == "fail"]
+    assert len(failed) == 1, checks
+    assert failed[0]["name"] == "dockerd" and failed[0]["fix"].startswith(fix)
     code, _ = init.stop()
     assert code == 0
 
