@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 import pytest
 
+from init.engine.client import connect_error
 from tests.integration.conftest import IMAGE, require, saved_image
 
 pytestmark = pytest.mark.root
@@ -340,6 +341,10 @@ def test_data_root_on_overlayfs_is_refused_with_the_volume_fix(
     assert fix in init.log()
     code, said = init.probe("ready")
     assert code == 1 and "dind engine is not ready" in said
+    # The engine proxy starts beside the refused engine (the init's child, a moment after the
+    # refusal is reported); the doctor asks it too, so only once it answers.
+    proxy = init.status_file.parent / "docker.sock"
+    wait_for(lambda: connect_error(proxy) is None, 10, "the engine proxy to answer")
     code, checks = init.doctor()
     assert code == 1
     failed = [c for c in checks if c["status"] == "fail"]
