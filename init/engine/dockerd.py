@@ -32,6 +32,15 @@ MAX_SOCKET_PATH = 107  # sun_path is 108 bytes with the terminating NUL
 # Flags that would open the engine to the network or move what we manage: refused in
 # OVERLEAF_INIT_DOCKERD_ARGS. dockerd on TCP without verified TLS also sleeps ~16 s at start.
 _REFUSED_FLAGS = ("-H", "--host", "--data-root", "--exec-root", "--pidfile", "-p", "-g", "--graph")
+# No bridge unless the operator's arguments ask for one: compiles run with no network and the
+# installer's builds on the host network where there is none (init.texlive.build), so docker0
+# serves nothing. And it can cut the site off: dockerd keeps docker0's subnet in its data root
+# (the engine volume) from the start that chose it, and takes it again even when the
+# container's own network has it by then (seen: a site at 172.17.0.2 on a volume whose earlier
+# start, with no network, chose 172.17.0.0/16: two routes to the site's own network, and the
+# host's requests to it went unanswered).
+NO_BRIDGE = "--bridge=none"
+_BRIDGE_FLAGS = ("-b", "--bridge", "--bip", "--fixed-cidr", "--default-gateway")
 
 
 @dataclass(frozen=True)
@@ -134,7 +143,9 @@ def layout_from_env(environ: Mapping[str, str]) -> EngineLayout:
 
 
 def command(layout: EngineLayout, storage_args: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """dockerd's argv: our paths, the unix socket only, and the storage choice."""
+    """dockerd's argv: our paths, the unix socket only, the storage choice, no bridge (unless
+    OVERLEAF_INIT_DOCKERD_ARGS chooses one: see NO_BRIDGE)."""
+    chosen = any(arg.split("=", 1)[0] in _BRIDGE_FLAGS for arg in layout.extra_args)
     return (
         layout.binary,
         "--data-root",
@@ -146,6 +157,7 @@ def command(layout: EngineLayout, storage_args: tuple[str, ...] = ()) -> tuple[s
         "--host",
         layout.docker_host,
         *storage_args,
+        *(() if chosen else (NO_BRIDGE,)),
         *layout.extra_args,
     )
 

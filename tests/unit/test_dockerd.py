@@ -22,6 +22,16 @@ def test_defaults_listen_on_the_unix_socket_only() -> None:
     assert not any("tcp://" in a for a in argv)
 
 
+def test_no_bridge_unless_the_operator_chooses_one() -> None:
+    """The inner engine makes no docker0 (a subnet kept in its data root can take the site's
+    own network's); an operator's bridge choice in OVERLEAF_INIT_DOCKERD_ARGS stands alone."""
+    assert dockerd.command(EngineLayout())[-1] == "--bridge=none"
+    for args in ("--bip 10.99.0.1/24", "--bip=10.99.0.1/24", "-b br0", "--fixed-cidr 10.9.0.0/24"):
+        layout = dockerd.layout_from_env({config.DOCKERD_ARGS: args})
+        argv = dockerd.command(layout)
+        assert "--bridge=none" not in argv and argv[-len(args.split()) :] == tuple(args.split())
+
+
 def test_layout_from_env_and_storage_args(tmp_path: Path) -> None:
     layout = dockerd.layout_from_env(
         {
