@@ -12,6 +12,7 @@ nothing to install, and a compile; then the ShareLaTeX 4.x layout on that volume
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -184,6 +185,12 @@ def test_the_compose_example_runs_compiles_and_goes_down_leaving_nothing(
     volumes = [f"{data}:/var/lib/overleaf", f"{dind.dir('docker')}:/var/lib/docker",
                f"{texlive_tarballs}:{TARBALL_DIR}:ro"]  # fmt: skip
     changes = override(dind.image, volumes, {"OVERLEAF_INIT_TEXLIVE_SOURCES": "load"})
+    # The project's network where the engine volume's earlier starts (this module's sites, with
+    # no network) would have put the inner engine's bridge: 172.17.0.0/16, dockerd's first
+    # choice, kept in its data root. The inner engine makes no bridge, so the site is reachable.
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    assert "172.17." not in routes, f"the host routes 172.17.0.0/16 already:\n{routes}"
+    changes["networks"]["default"]["ipam"] = {"config": [{"subnet": "172.17.0.0/16"}]}
     with compose_site(dind.engine, "docker-compose.dind.yml", dind.dir("compose"), changes) as c:
         merged = c.run("config")
         assert merged.returncode == 0, merged.stderr
@@ -191,6 +198,8 @@ def test_the_compose_example_runs_compiles_and_goes_down_leaving_nothing(
         container = c.up()
         took = c.wait_readyz(container, READY_TIMEOUT)
         assert not lines_with(container.logs(), "Refusing to startup"), container.logs()
+        inside = container.exec("cat", "/proc/net/route").stdout
+        assert "docker0" not in inside, inside
         compile_project(container, data, "e2e-compose-dind")
         post_compile(container)
         took_down = c.down()
