@@ -1,7 +1,7 @@
-"""Two outer engines at once, as two workers of the suite run them: each makes its networks in a
-pool of its own (scripts/outer-engine), so two compose sites never share a subnet, none is in
-172.17.0.0/16 (a docker-in-docker site's inner bridge), and the host routes each subnet to its
-own engine's bridge."""
+"""Two outer engines at once (the suite's beside a demo's or a benchmark's): each makes its
+networks in a pool of its own (scripts/outer-engine), so two sites never share a subnet, none
+is in dockerd's default pools (172.17.0.0/16 first), and the host routes each subnet to its own
+engine's bridge."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from tests.e2e.conftest import E2E_LABEL, REPO, OuterEngine
 
 POOLS = ipaddress.ip_network("10.209.0.0/16")
-INNER_BRIDGE = ipaddress.ip_network("172.17.0.0/16")
+DEFAULT_FIRST = ipaddress.ip_network("172.17.0.0/16")  # dockerd's first default pool
 
 
 def subnet(engine: OuterEngine, name: str) -> ipaddress.IPv4Network:
@@ -44,7 +44,7 @@ def test_two_engines_make_networks_at_once_in_pools_of_their_own(outer: OuterEng
             first, other = subnet(outer, name), subnet(second, name)
             assert not first.overlaps(other), (first, other)
             for network in (first, other):
-                assert network.subnet_of(POOLS) and not network.overlaps(INNER_BRIDGE), network
+                assert network.subnet_of(POOLS) and not network.overlaps(DEFAULT_FIRST), network
             routes = json.loads(subprocess.run(
                 ["ip", "-4", "-j", "route", "show"], capture_output=True, text=True, check=True,
             ).stdout)  # fmt: skip
