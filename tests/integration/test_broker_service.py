@@ -150,7 +150,9 @@ def test_a_sigkilled_client_or_caller_stops_its_compile(
     out, err = follow.communicate(timeout=60)
     took = time.monotonic() - began
     # It got the project's turn at once: the loop was stopped, not left to its 15 s limit.
-    said = f"{took:.1f} s; the follow-up said: {out[-600:]!r} {err[-600:]!r}"
+    broker_log = socket_of(compiles).with_suffix(".log")  # texlive_engine.start_broker's
+    said = (f"{took:.1f} s; the follow-up said: {out[-600:]!r} {err[-600:]!r}; the broker's "
+            f"log: {broker_log.read_text(errors='replace')[-3000:]}")  # fmt: skip
     assert follow.returncode == 0, said
     assert took < TIMEOUT / 2, said
 
