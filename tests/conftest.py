@@ -70,16 +70,21 @@ class LocalImage:
         return self.directory / tarball_name(self.name)
 
 
-@cache
-def _build_images() -> ModuleType:
-    """scripts/build-images as a module (it has no .py suffix), for its content keys."""
-    loader = importlib.machinery.SourceFileLoader("_build_images", str(BUILD_IMAGES))
+def script_module(path: Path, name: str) -> ModuleType:
+    """A script of scripts/ as a module (it has no .py suffix), loaded afresh."""
+    loader = importlib.machinery.SourceFileLoader(name, str(path))
     spec = importlib.util.spec_from_loader(loader.name, loader)
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[loader.name] = module  # dataclasses look their module up there
     loader.exec_module(module)
     return module
+
+
+@cache
+def _build_images() -> ModuleType:
+    """scripts/build-images as a module, for its content keys."""
+    return script_module(BUILD_IMAGES, "_build_images")
 
 
 @cache

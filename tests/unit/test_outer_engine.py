@@ -4,8 +4,6 @@ inherits, a slot a host route overlaps passed by, and a clear refusal when none 
 from __future__ import annotations
 
 import fcntl
-import importlib.machinery
-import importlib.util
 import ipaddress
 import os
 from collections.abc import Iterator
@@ -14,21 +12,13 @@ from types import ModuleType
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, script_module
 
 SCRIPT = REPO / "scripts/outer-engine"
 
 
 def load() -> ModuleType:
-    """scripts/outer-engine as a module (it has no .py suffix)."""
-    loader = importlib.machinery.SourceFileLoader(
-        "_outer_engine", str(REPO / "scripts/outer-engine")
-    )
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    assert spec is not None
-    module = importlib.util.module_from_spec(spec)
-    loader.exec_module(module)
-    return module
+    return script_module(SCRIPT, "_outer_engine")
 
 
 @pytest.fixture
