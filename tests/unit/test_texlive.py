@@ -127,6 +127,11 @@ def test_still_installing_message() -> None:
         ("pull access denied for nope, repository does not exist", "pull", "not_found"),
         ("dial tcp 127.0.0.1:5000: connect: connection refused", "pull", "unreachable"),
         ("unexpected EOF", "pull", "unreachable"),
+        (
+            'Get "http://127.0.0.1:5000/v2/": http: server closed idle connection',
+            "pull",
+            "unreachable",
+        ),
         ("write /var/lib/docker/tmp/x: no space left on device", "pull", "disk_full"),
         ("no space left on device", "load", "disk_full"),
         ("archive/tar: invalid tar header", "load", "broken_tarball"),
