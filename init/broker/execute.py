@@ -54,6 +54,7 @@ class Stopper:
         self.fd, self._write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.reason: str | None = None
         self.signal: int | None = None
+        self.tripped_at: float | None = None  # time.monotonic() of the first trip
         self._lock = threading.Lock()
 
     def trip(self, reason: str, signum: int | None = None) -> None:
@@ -61,6 +62,7 @@ class Stopper:
             if self.reason is not None:
                 return
             self.reason, self.signal = reason, signum
+            self.tripped_at = time.monotonic()
         try:
             os.write(self._write, b"x")
         except OSError:

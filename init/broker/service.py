@@ -121,7 +121,7 @@ class Service:
     def _serve(self, conn: socket.socket) -> None:
         held: list[Stopper] = []
         try:
-            Session(self.broker, self.ids, conn, lambda s: self._register(s, held)).serve()
+            Session(self.broker, self.ids, conn, lambda s: self._register(s, held), log).serve()
         except Exception as e:  # a bug must not end the broker nor reach the client as a trace
             log(f"a connection failed: {type(e).__name__}: {e}")
             conn.close()

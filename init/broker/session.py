@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -108,13 +109,16 @@ class Session:
         ids: UidRange,
         conn: socket.socket,
         register: Callable[[Stopper | None], None],
+        log: Callable[[str], None] = lambda line: None,
     ) -> None:
         self.broker = broker
         self.ids = ids
         self.conn = conn
         self.stopper = Stopper()
         self._register = register
+        self._log = log
         self._gone = False
+        self._why = ""  # what stopped the compile on the client's side (a signal, its end)
         self._watcher: threading.Thread | None = None
         self.pid, self.peer = peer(conn)
 
@@ -157,7 +161,7 @@ class Session:
 
         caller = watch_parent(self.pid)
         if caller == -1:  # the caller ended already
-            self.stopper.trip(STOP, signal.SIGTERM)
+            self._stop("its caller had ended", signal.SIGTERM)
 
         def watch() -> None:
             try:
@@ -176,7 +180,7 @@ class Session:
                     except MessageError:
                         message = None
                     if isinstance(message, Stop):
-                        self.stopper.trip(STOP, message.signal)
+                        self._stop(f"its client got signal {message.signal}", message.signal)
                 if len(data) > MAX_LINE:
                     data = b""
                 watched = [self.conn.fileno()] + ([caller] if caller is not None else [])
@@ -187,7 +191,7 @@ class Session:
                 except OSError:
                     return  # the session closed the connection: its compile is over
                 if caller in ready:
-                    self.stopper.trip(STOP, signal.SIGTERM)  # as PR_SET_PDEATHSIG would
+                    self._stop("its caller ended", signal.SIGTERM)  # as PR_SET_PDEATHSIG would
                     caller = None
                     continue
                 try:
@@ -197,12 +201,17 @@ class Session:
                 if not got:
                     # The client is gone (SIGKILLed): nobody waits for this compile.
                     self._gone = True
-                    self.stopper.trip(STOP, None)
+                    self._stop("its client is gone", None)
                     return
                 data += got
 
         self._watcher = threading.Thread(target=watch, name="broker-client", daemon=True)
         self._watcher.start()
+
+    def _stop(self, why: str, signum: int | None) -> None:
+        if self.stopper.reason is None:
+            self._why = why
+        self.stopper.trip(STOP, signum)
 
     def _send(self, data: bytes) -> None:
         if self._gone:
@@ -225,7 +234,17 @@ class Session:
             if stream:
                 self._send(Chunk(data).encode())
 
-        return execute.run(self.broker, settings, job, output, self.stopper)
+        began = time.monotonic()
+        ran = execute.run(self.broker, settings, job, output, self.stopper)
+        stopped = self.stopper.tripped_at
+        if self.stopper.reason == STOP and stopped is not None:
+            # The operator's one line for a compile its caller gave up on (the compile
+            # service stopped it, or was killed): when, and how soon it ended.
+            self._log(
+                f"{job.directory.path}: compile stopped ({self._why}) {stopped - began:.1f} s "
+                f"in; ended {time.monotonic() - stopped:.2f} s after the stop"
+            )
+        return ran
 
     # -- the two kinds of request ----------------------------------------------------------
 

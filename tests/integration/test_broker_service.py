@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,20 @@ def clsi_command(directory: Path) -> list[str]:
 
 def socket_of(compiles: Compiles) -> Path:
     return Path(compiles.env()[BROKER_SOCKET])
+
+
+def stops(compiles: Compiles, project: Path, within: float = 5.0) -> list[tuple[str, str]]:
+    """The broker's lines for the compiles of `project` stopped by their clients: (why, the
+    seconds from the stop to the compile's end). The session writes its line as the compile
+    ends, the project's turn already free: it is waited for, up to `within` seconds."""
+    pattern = rf"{project}: compile stopped \((.*?)\) .*; ended ([0-9.]+) s after"
+    deadline = time.monotonic() + within
+    while True:
+        log = socket_of(compiles).with_suffix(".log").read_text(errors="replace")
+        found: list[tuple[str, str]] = re.findall(pattern, log)
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -118,6 +133,7 @@ def test_sigterm_to_the_client_stops_the_compile_and_it_dies_of_it(
     # A stopped compile's container is not kept. The client is gone at once (it dies of the
     # signal): the broker notices, cancels and removes the container behind it.
     compiles.wait_no_containers()
+    assert [why for why, _ in stops(compiles, project)] == ["its client got signal 15"]
     # The project's turn is free at once: the next compile does not wait for the loop's end.
     (project / "main.tex").write_text(HELLO)
     began = time.monotonic()
@@ -150,10 +166,16 @@ def test_a_sigkilled_client_or_caller_stops_its_compile(
     out, err = follow.communicate(timeout=60)
     took = time.monotonic() - began
     # It got the project's turn at once: the loop was stopped, not left to its 15 s limit.
-    broker_log = socket_of(compiles).with_suffix(".log")  # texlive_engine.start_broker's
+    broker_log = socket_of(compiles).with_suffix(".log").read_text(errors="replace")
     said = (f"{took:.1f} s; the follow-up said: {out[-600:]!r} {err[-600:]!r}; the broker's "
-            f"log: {broker_log.read_text(errors='replace')[-3000:]}")  # fmt: skip
+            f"log (texlive_engine.start_broker's): {broker_log[-3000:]}")  # fmt: skip
     assert follow.returncode == 0, said
+    # The broker saw the client's end (its caller's, or its own) and says so, in one line.
+    found = stops(compiles, project)
+    assert len(found) == 1, f"{found}; {said}"
+    why, ended = found[0]
+    assert why in ("its caller ended", "its client is gone"), said
+    assert float(ended) < 3, said
     assert took < TIMEOUT / 2, said
 
 
