@@ -196,6 +196,7 @@ def classify(text: str, source: str, image: str, registry: str = "") -> InstallE
     unreachable = (
         "connection refused", "no such host", "i/o timeout", "timeout", "connection reset",
         "eof", "network is unreachable", "tls handshake", "dial tcp", "broken pipe",
+        "context deadline exceeded",
         "server closed idle connection",  # Go's: the registry closed the connection at once
     )  # fmt: skip
     if any(marker in lowered for marker in unreachable):

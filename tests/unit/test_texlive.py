@@ -132,6 +132,8 @@ def test_still_installing_message() -> None:
             "pull",
             "unreachable",
         ),
+        ('Get "https://10.9.9.9/v2/": context deadline exceeded', "pull", "unreachable"),
+        ("x509: certificate signed by unknown authority", "pull", "other"),
         ("write /var/lib/docker/tmp/x: no space left on device", "pull", "disk_full"),
         ("no space left on device", "load", "disk_full"),
         ("archive/tar: invalid tar header", "load", "broken_tarball"),
