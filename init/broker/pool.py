@@ -8,7 +8,6 @@ the retirement is a timer the broker's loop asks for (`next_retirement`), not a 
 from __future__ import annotations
 
 import os
-import select
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from init.broker.protocol import Answer, Output, Reason, Request
+from init.broker.readable import readable
 from init.broker.target import BROKER_LABEL, Target
 from init.broker.warm import AgentGone, WarmContainer
 from init.compiles.identity import share_with_compile
@@ -197,7 +197,7 @@ class Pool:
         if cancel_fd is None:
             lock.acquire()
         while cancel_fd is not None and not lock.acquire(timeout=QUEUE_LOOK):
-            if select.select([cancel_fd], [], [], 0)[0]:
+            if readable([cancel_fd], 0):
                 raise Cancelled()
         held = _Held(lock)
         try:

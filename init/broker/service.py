@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
-import select
 import signal
 import socket
 import stat
@@ -33,6 +32,7 @@ from pathlib import Path
 from init import config
 from init.broker.execute import Broker, Stopper
 from init.broker.pool import Pool, PoolLimits
+from init.broker.readable import readable
 from init.broker.session import Session, stop_all
 from init.compiles.identity import compile_uids, read_uid_map
 from init.compiles.profile import load_seccomp
@@ -145,7 +145,7 @@ class Service:
             due = pool.next_retirement()
             timeout = None if due is None else max(0.0, due - time.monotonic())
             try:
-                ready, _, _ = select.select(watched, [], [], timeout)
+                ready = readable(watched, timeout)
             except InterruptedError:
                 continue
             if wakeup.fd in ready and any(s in STOP_SIGNALS for s in wakeup.drain()):

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import io
 import os
-import select
 import signal
 import socket
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from init.broker import execute
 from init.broker.execute import SHUTDOWN, STOP, Broker, BrokerStopping, Stopper
+from init.broker.readable import readable
 from init.compiles import command, shim
 from init.compiles.messages import (
     MAX_LINE,
@@ -185,7 +185,7 @@ class Session:
                     data = b""
                 watched = [self.conn.fileno()] + ([caller] if caller is not None else [])
                 try:
-                    ready, _, _ = select.select(watched, [], [])
+                    ready = readable(watched, None)
                 except InterruptedError:
                     continue
                 except OSError:

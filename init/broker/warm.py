@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ from init.broker.protocol import (
     cancel,
     decode,
 )
+from init.broker.readable import readable
 from init.engine.client import CALL_TIMEOUT
 from init.errors import SandboxError
 
@@ -114,7 +114,7 @@ class WarmContainer:
         first. AgentGone at the stream's end."""
         sock = self._attachment.sock
         watched = [sock.fileno()] + ([also] if also is not None else [])
-        ready, _, _ = select.select(watched, [], [], timeout)
+        ready = readable(watched, timeout)
         if also is not None and also in ready:
             return False
         if sock.fileno() not in ready:

@@ -2,7 +2,8 @@
 environment against a private dockerd with the TeX Live image, and its thin client
 (init.compiles.client) spawned as the compile service spawns latexmk. Exit statuses and output
 pass through; a stop signal to the client stops the compile and the client dies of it; a
-SIGKILLed client (or its killed caller) stops its compile at once; a broker that is not there
+SIGKILLed client (or its killed caller) stops its compile at once, and the broker says so in
+one line; so does a broker whose fds are past 1023 (a big site's); a broker that is not there
 is waited for, then named in one line with exit 69; the broker's own SIGTERM ends it within a
 second or so with its containers removed.
 """
@@ -51,14 +52,14 @@ def socket_of(compiles: Compiles) -> Path:
     return Path(compiles.env()[BROKER_SOCKET])
 
 
-def stops(compiles: Compiles, project: Path, within: float = 5.0) -> list[tuple[str, str]]:
+def stops(socket_path: Path, project: Path, within: float = 5.0) -> list[tuple[str, str]]:
     """The broker's lines for the compiles of `project` stopped by their clients: (why, the
     seconds from the stop to the compile's end). The session writes its line as the compile
     ends, the project's turn already free: it is waited for, up to `within` seconds."""
     pattern = rf"{project}: compile stopped \((.*?)\) .*; ended ([0-9.]+) s after"
     deadline = time.monotonic() + within
     while True:
-        log = socket_of(compiles).with_suffix(".log").read_text(errors="replace")
+        log = socket_path.with_suffix(".log").read_text(errors="replace")
         found: list[tuple[str, str]] = re.findall(pattern, log)
         if found or time.monotonic() > deadline:
             return found
@@ -72,10 +73,15 @@ def broker(compiles: Compiles) -> subprocess.Popen[bytes]:
 
 
 def spawn(
-    compiles: Compiles, argv: list[str], cwd: Path, *client_args: str
+    compiles: Compiles,
+    argv: list[str],
+    cwd: Path,
+    *client_args: str,
+    socket_path: Path | None = None,
 ) -> subprocess.Popen[bytes]:
+    socket_path = socket_path or socket_of(compiles)
     return subprocess.Popen(
-        [*CLIENT, "--socket", str(socket_of(compiles)), *client_args, *argv], cwd=cwd,
+        [*CLIENT, "--socket", str(socket_path), *client_args, *argv], cwd=cwd,
         env=compiles.env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
@@ -133,7 +139,7 @@ def test_sigterm_to_the_client_stops_the_compile_and_it_dies_of_it(
     # A stopped compile's container is not kept. The client is gone at once (it dies of the
     # signal): the broker notices, cancels and removes the container behind it.
     compiles.wait_no_containers()
-    assert [why for why, _ in stops(compiles, project)] == ["its client got signal 15"]
+    assert [why for why, _ in stops(socket_of(compiles), project)] == ["its client got signal 15"]
     # The project's turn is free at once: the next compile does not wait for the loop's end.
     (project / "main.tex").write_text(HELLO)
     began = time.monotonic()
@@ -143,12 +149,11 @@ def test_sigterm_to_the_client_stops_the_compile_and_it_dies_of_it(
     assert time.monotonic() - began < TIMEOUT / 2
 
 
-@pytest.mark.parametrize("killed", ["client", "caller"])
-def test_a_sigkilled_client_or_caller_stops_its_compile(
-    compiles: Compiles, broker: subprocess.Popen[bytes], killed: str
-) -> None:
-    project = compiles.project(f"broker-kill-{killed}", {"main.tex": LOOP})
-    command = " ".join([*(repr(a) for a in CLIENT), "--socket", str(socket_of(compiles)),
+def kill_then_follow(compiles: Compiles, socket_path: Path, project: Path, killed: str) -> None:
+    """A loop compiled through the broker at `socket_path`; its client (`killed`: "client")
+    or the client's caller ("caller") SIGKILLed once TeX runs; then a compile of the project
+    that must get its turn at once, and the broker's line on the stop."""
+    command = " ".join([*(repr(a) for a in CLIENT), "--socket", str(socket_path),
                         *clsi_command(project)])  # fmt: skip
     proc = subprocess.Popen(
         ["sh", "-c", f"{command}; echo done"], cwd=project, env=compiles.env(),
@@ -162,21 +167,46 @@ def test_a_sigkilled_client_or_caller_stops_its_compile(
     proc.wait(10)
     began = time.monotonic()
     (project / "main.tex").write_text(HELLO)
-    follow = spawn(compiles, clsi_command(project), project)
+    follow = spawn(compiles, clsi_command(project), project, socket_path=socket_path)
     out, err = follow.communicate(timeout=60)
     took = time.monotonic() - began
     # It got the project's turn at once: the loop was stopped, not left to its 15 s limit.
-    broker_log = socket_of(compiles).with_suffix(".log").read_text(errors="replace")
+    broker_log = socket_path.with_suffix(".log").read_text(errors="replace")
     said = (f"{took:.1f} s; the follow-up said: {out[-600:]!r} {err[-600:]!r}; the broker's "
             f"log (texlive_engine.start_broker's): {broker_log[-3000:]}")  # fmt: skip
     assert follow.returncode == 0, said
     # The broker saw the client's end (its caller's, or its own) and says so, in one line.
-    found = stops(compiles, project)
+    found = stops(socket_path, project)
     assert len(found) == 1, f"{found}; {said}"
     why, ended = found[0]
     assert why in ("its caller ended", "its client is gone"), said
     assert float(ended) < 3, said
     assert took < TIMEOUT / 2, said
+
+
+@pytest.mark.parametrize("killed", ["client", "caller"])
+def test_a_sigkilled_client_or_caller_stops_its_compile(
+    compiles: Compiles, broker: subprocess.Popen[bytes], killed: str
+) -> None:
+    project = compiles.project(f"broker-kill-{killed}", {"main.tex": LOOP})
+    kill_then_follow(compiles, socket_of(compiles), project, killed)
+
+
+def test_a_broker_past_1023_fds_serves_and_stops_compiles(compiles: Compiles) -> None:
+    # A big site: a few hundred projects compiled within the idle time keep two fds each in
+    # the broker (a warm container's stream and dir). select(2) refuses an fd past 1023.
+    socket_path = socket_of(compiles).with_name("broker-high-fds.sock")
+    env = {**compiles.env(), BROKER_SOCKET: str(socket_path)}
+    broker = texlive_engine.start_broker(env, socket_path, hold_fds=1100)
+    try:
+        sockets = [int(fd.name) for fd in Path(f"/proc/{broker.pid}/fd").iterdir()
+                   if os.readlink(fd).startswith("socket:")]  # fmt: skip
+        assert sockets and min(sockets) > 1023, sockets  # its listener and engine connections
+        project = compiles.project("broker-high-fds", {"main.tex": LOOP})
+        kill_then_follow(compiles, socket_path, project, "client")
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(10) == 0, socket_path.with_suffix(".log").read_text()
 
 
 def test_no_broker_is_waited_for_then_one_line_and_69(compiles: Compiles, tmp_path: Path) -> None:
