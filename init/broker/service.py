@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import resource
 import signal
 import socket
 import stat
@@ -47,6 +48,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # At its stop, the broker gives its compiles this long to answer their cancel (the agent kills
 # the group and tidies: tens of ms) before it retires every container regardless.
 STOP_GRACE = 0.8
+FD_CEILING = 1 << 20  # the most open fds the broker asks for (the kernel's usual nr_open)
 
 
 def engine_backend(
@@ -56,6 +58,23 @@ def engine_backend(
     return DockerBackend(
         settings.engine_url, settings.limits.deadlines.engine_call, KILL_GRACE, environ
     )
+
+
+def raise_fd_limit() -> int:
+    """The soft limit on open fds raised to the hard one (at most FD_CEILING); the soft limit
+    now. A site's warm containers hold two fds each in the broker, and an engine may start the
+    site's container with a soft limit of 1024 (systemd's default, which Docker 25's unit files
+    no longer raise): past it, accept() fails and no compile can start. Its waits use poll, so
+    fds past 1023 are fine (init.broker.readable)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = FD_CEILING if hard == resource.RLIM_INFINITY else min(hard, FD_CEILING)
+    if wanted <= soft:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):
+        return soft
+    return wanted
 
 
 def log(line: str) -> None:
@@ -175,6 +194,7 @@ class Service:
 
 def main(argv: Sequence[str] | None = None) -> int:
     environ = os.environ
+    raise_fd_limit()
     try:
         settings = settings_from_env(environ)
         ids = compile_uids(environ, read_uid_map())

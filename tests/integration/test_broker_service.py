@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from init.broker.session import REQUEST_DEADLINE
 from init.compiles.messages import CommandRequest
 from tests.integration import texlive_engine
 from tests.integration.conftest import wait_for
@@ -205,6 +207,39 @@ def test_a_broker_past_1023_fds_serves_and_stops_compiles(compiles: Compiles) ->
         project = compiles.project("broker-high-fds", {"main.tex": LOOP})
         kill_then_follow(compiles, socket_path, project, "client")
     finally:
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(10) == 0, socket_path.with_suffix(".log").read_text()
+
+
+def test_a_broker_started_with_a_low_open_files_limit_raises_it_and_serves(
+    compiles: Compiles,
+) -> None:
+    # An engine may start the site with a soft limit of 1024 (systemd's default) and a high
+    # hard one; a busy site's connections and warm containers pass the soft one. Here 64, and
+    # 100 clients that connect and send nothing: a compile beside them is answered at once,
+    # not after their requests' deadline frees their fds.
+    socket_path = socket_of(compiles).with_name("broker-low-limit.sock")
+    env = {**compiles.env(), BROKER_SOCKET: str(socket_path)}
+    prlimit = ["prlimit", "--nofile=64:8192", "--"]
+    broker = texlive_engine.start_broker(env, socket_path, prefix=prlimit)
+    idle: list[socket.socket] = []
+    try:
+        limits = Path(f"/proc/{broker.pid}/limits").read_text()
+        assert re.search(r"Max open files\s+8192\s+8192\s", limits), limits
+        for _ in range(100):
+            idle.append(socket.socket(socket.AF_UNIX))
+            idle[-1].connect(str(socket_path))
+        project = compiles.project("broker-low-limit", {"main.tex": HELLO})
+        began = time.monotonic()
+        proc = spawn(compiles, clsi_command(project), project, socket_path=socket_path)
+        _, err = proc.communicate(timeout=60)
+        took = time.monotonic() - began
+        said = f"{took:.1f} s; {err[-600:]!r}; {socket_path.with_suffix('.log').read_text()}"
+        assert proc.returncode == 0, said
+        assert took < REQUEST_DEADLINE, said
+    finally:
+        for sock in idle:
+            sock.close()
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(10) == 0, socket_path.with_suffix(".log").read_text()
 

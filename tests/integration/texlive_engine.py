@@ -18,7 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,14 +177,16 @@ HOLDING = (
 
 
 def start_broker(
-    env: dict[str, str], socket_path: Path, hold_fds: int = 0
+    env: dict[str, str], socket_path: Path, hold_fds: int = 0, prefix: Sequence[str] = ()
 ) -> subprocess.Popen[bytes]:
     """`python -m init.broker.service` with `env`, once it listens on `socket_path`; its log
-    beside the socket. `hold_fds`: that many fds held open below every fd it opens."""
+    beside the socket. `hold_fds`: that many fds held open below every fd it opens. `prefix`:
+    a command it runs under (`prlimit ...`)."""
     socket_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "init.broker.service"]
+    command = [*prefix, sys.executable, "-m", "init.broker.service"]
     if hold_fds:
-        command = [sys.executable, "-c", HOLDING, str(hold_fds), *command[1:]]
+        command = [*prefix, sys.executable, "-c", HOLDING, str(hold_fds), "-m",
+                   "init.broker.service"]  # fmt: skip
     with socket_path.with_suffix(".log").open("ab") as log:
         broker = subprocess.Popen(
             command, env={**env, "PYTHONPATH": str(REPO)},
