@@ -241,8 +241,9 @@ class Session:
             # The operator's one line for a compile its caller gave up on (the compile
             # service stopped it, or was killed): when, and how soon it ended.
             self._log(
-                f"{job.directory.path}: compile stopped ({self._why}) {stopped - began:.1f} s "
-                f"in; ended {time.monotonic() - stopped:.2f} s after the stop"
+                f"{job.directory.path}: compile stopped ({self._why}) "
+                f"{max(0.0, stopped - began):.1f} s in; "
+                f"ended {time.monotonic() - stopped:.2f} s after the stop"
             )
         return ran
 
