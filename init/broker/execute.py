@@ -55,13 +55,14 @@ class Stopper:
         self.reason: str | None = None
         self.signal: int | None = None
         self.tripped_at: float | None = None  # time.monotonic() of the first trip
+        self.why = ""  # the first trip's words, for the log (its client is gone, ...)
         self._lock = threading.Lock()
 
-    def trip(self, reason: str, signum: int | None = None) -> None:
+    def trip(self, reason: str, signum: int | None = None, why: str = "") -> None:
         with self._lock:
             if self.reason is not None:
                 return
-            self.reason, self.signal = reason, signum
+            self.reason, self.signal, self.why = reason, signum, why
             self.tripped_at = time.monotonic()
         try:
             os.write(self._write, b"x")

@@ -118,7 +118,6 @@ class Session:
         self._register = register
         self._log = log
         self._gone = False
-        self._why = ""  # what stopped the compile on the client's side (a signal, its end)
         self._watcher: threading.Thread | None = None
         self.pid, self.peer = peer(conn)
 
@@ -161,7 +160,7 @@ class Session:
 
         caller = watch_parent(self.pid)
         if caller == -1:  # the caller ended already
-            self._stop("its caller had ended", signal.SIGTERM)
+            self.stopper.trip(STOP, signal.SIGTERM, "its caller had ended")
 
         def watch() -> None:
             try:
@@ -180,7 +179,8 @@ class Session:
                     except MessageError:
                         message = None
                     if isinstance(message, Stop):
-                        self._stop(f"its client got signal {message.signal}", message.signal)
+                        why = f"its client got signal {message.signal}"
+                        self.stopper.trip(STOP, message.signal, why)
                 if len(data) > MAX_LINE:
                     data = b""
                 watched = [self.conn.fileno()] + ([caller] if caller is not None else [])
@@ -191,7 +191,8 @@ class Session:
                 except OSError:
                     return  # the session closed the connection: its compile is over
                 if caller in ready:
-                    self._stop("its caller ended", signal.SIGTERM)  # as PR_SET_PDEATHSIG would
+                    # As PR_SET_PDEATHSIG would:
+                    self.stopper.trip(STOP, signal.SIGTERM, "its caller ended")
                     caller = None
                     continue
                 try:
@@ -201,17 +202,12 @@ class Session:
                 if not got:
                     # The client is gone (SIGKILLed): nobody waits for this compile.
                     self._gone = True
-                    self._stop("its client is gone", None)
+                    self.stopper.trip(STOP, None, "its client is gone")
                     return
                 data += got
 
         self._watcher = threading.Thread(target=watch, name="broker-client", daemon=True)
         self._watcher.start()
-
-    def _stop(self, why: str, signum: int | None) -> None:
-        if self.stopper.reason is None:
-            self._why = why
-        self.stopper.trip(STOP, signum)
 
     def _send(self, data: bytes) -> None:
         if self._gone:
@@ -241,7 +237,7 @@ class Session:
             # The operator's one line for a compile its caller gave up on (the compile
             # service stopped it, or was killed): when, and how soon it ended.
             self._log(
-                f"{job.directory.path}: compile stopped ({self._why}) "
+                f"{job.directory.path}: compile stopped ({self.stopper.why}) "
                 f"{max(0.0, stopped - began):.1f} s in; "
                 f"ended {time.monotonic() - stopped:.2f} s after the stop"
             )

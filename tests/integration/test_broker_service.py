@@ -19,7 +19,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -218,20 +220,30 @@ def sockets_of(pid: int) -> list[int]:
     return fds
 
 
+@contextlib.contextmanager
+def own_broker(
+    compiles: Compiles, name: str, **start: Any
+) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """A broker of the site's environment on a socket of its own (`name`), started with
+    texlive_engine.start_broker's `start` options; it must end by SIGTERM with 0."""
+    socket_path = socket_of(compiles).with_name(f"{name}.sock")
+    env = {**compiles.env(), BROKER_SOCKET: str(socket_path)}
+    broker = texlive_engine.start_broker(env, socket_path, **start)
+    try:
+        yield broker, socket_path
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(10) == 0, socket_path.with_suffix(".log").read_text()
+
+
 def test_a_broker_past_1023_fds_serves_and_stops_compiles(compiles: Compiles) -> None:
     # A big site: a few hundred projects compiled within the idle time keep two fds each in
     # the broker (a warm container's stream and dir). select(2) refuses an fd past 1023.
-    socket_path = socket_of(compiles).with_name("broker-high-fds.sock")
-    env = {**compiles.env(), BROKER_SOCKET: str(socket_path)}
-    broker = texlive_engine.start_broker(env, socket_path, hold_fds=1100)
-    try:
+    with own_broker(compiles, "broker-high-fds", hold_fds=1100) as (broker, socket_path):
         sockets = sockets_of(broker.pid)
         assert sockets and min(sockets) > 1023, sockets  # its listener and engine connections
         project = compiles.project("broker-high-fds", {"main.tex": LOOP})
         kill_then_follow(compiles, socket_path, project, "client")
-    finally:
-        broker.send_signal(signal.SIGTERM)
-        assert broker.wait(10) == 0, socket_path.with_suffix(".log").read_text()
 
 
 def test_a_broker_started_with_a_low_open_files_limit_raises_it_and_serves(
@@ -242,29 +254,21 @@ def test_a_broker_started_with_a_low_open_files_limit_raises_it_and_serves(
     # 100 clients that connect and send nothing: the broker takes every one at once (a session
     # each, waiting for its request), not as their requests' deadline frees fds; a compile
     # beside them is served.
-    socket_path = socket_of(compiles).with_name("broker-low-limit.sock")
-    env = {**compiles.env(), BROKER_SOCKET: str(socket_path)}
     prlimit = ["prlimit", "--nofile=64:8192", "--"]
-    broker = texlive_engine.start_broker(env, socket_path, prefix=prlimit)
-    idle: list[socket.socket] = []
-    try:
+    with (
+        own_broker(compiles, "broker-low-limit", prefix=prlimit) as (broker, socket_path),
+        contextlib.ExitStack() as idle,
+    ):
         limits = Path(f"/proc/{broker.pid}/limits").read_text()
         assert re.search(r"Max open files\s+8192\s+8192\s", limits), limits
         for _ in range(100):
-            idle.append(socket.socket(socket.AF_UNIX))
-            idle[-1].connect(str(socket_path))
+            idle.enter_context(socket.socket(socket.AF_UNIX)).connect(str(socket_path))
         wait_for(lambda: len(sockets_of(broker.pid)) > 100, REQUEST_DEADLINE / 2, "all 100 taken")
         project = compiles.project("broker-low-limit", {"main.tex": HELLO})
         proc = spawn(compiles, clsi_command(project), project, socket_path=socket_path)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 0, (
-            f"{err[-600:]!r}; {socket_path.with_suffix('.log').read_text()}"
-        )
-    finally:
-        for sock in idle:
-            sock.close()
-        broker.send_signal(signal.SIGTERM)
-        assert broker.wait(10) == 0, socket_path.with_suffix(".log").read_text()
+        log = socket_path.with_suffix(".log").read_text()
+        assert proc.returncode == 0, f"{err[-600:]!r}; {log}"
 
 
 def test_no_broker_is_waited_for_then_one_line_and_69(compiles: Compiles, tmp_path: Path) -> None:

@@ -183,10 +183,8 @@ def start_broker(
     beside the socket. `hold_fds`: that many fds held open below every fd it opens. `prefix`:
     a command it runs under (`prlimit ...`)."""
     socket_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [*prefix, sys.executable, "-m", "init.broker.service"]
-    if hold_fds:
-        command = [*prefix, sys.executable, "-c", HOLDING, str(hold_fds), "-m",
-                   "init.broker.service"]  # fmt: skip
+    holding = ["-c", HOLDING, str(hold_fds)] if hold_fds else []
+    command = [*prefix, sys.executable, *holding, "-m", "init.broker.service"]
     with socket_path.with_suffix(".log").open("ab") as log:
         broker = subprocess.Popen(
             command, env={**env, "PYTHONPATH": str(REPO)},
