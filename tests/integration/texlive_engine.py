@@ -185,13 +185,24 @@ def start_broker(
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     holding = ["-c", HOLDING, str(hold_fds)] if hold_fds else []
     command = [*prefix, sys.executable, *holding, "-m", "init.broker.service"]
-    with socket_path.with_suffix(".log").open("ab") as log:
+    log_path = socket_path.with_suffix(".log")
+    before = log_path.stat().st_size if log_path.exists() else 0
+    with log_path.open("ab") as log:
         broker = subprocess.Popen(
             command, env={**env, "PYTHONPATH": str(REPO)},
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
         )  # fmt: skip
     try:
-        wait_for(lambda: socket_path.exists() or broker.poll() is not None, 60, "the broker")
+        # Its line once it listens (the path is there from its bind, before its listen: a
+        # connect between the two is refused).
+        listening = f"listening on {socket_path}".encode()
+
+        def ready() -> bool:
+            with log_path.open("rb") as f:
+                f.seek(before)
+                return listening in f.read()
+
+        wait_for(lambda: ready() or broker.poll() is not None, 60, "the broker")
     except AssertionError:
         broker.kill()
         broker.wait()
