@@ -6,8 +6,12 @@ engine client and the pool of warm containers, sweeps the broker's containers le
 earlier run, and listens on a unix socket (config.COMPILE_BROKER_SOCKET, else beside the init's
 status file; mode 0660, group the services' own) for its thin clients (init.compiles.client: the
 shim, `sharelatex-init compile`, and through it the HTTP compile service). Each connection is
-served by a thread of its own (init.broker.session); the main thread waits in one select on the
+served by a thread of its own (init.broker.session); the main thread waits in one poll on the
 socket, its signals and the next idle container's retirement: an idle broker never wakes up.
+Near its open-files limit (less room than SESSION_FDS for each session and one more) it stops
+taking connections until a session ends or ACCEPT_PAUSE has passed, one line when that begins
+and one when it ends: they wait in the socket's backlog, where a session taken without the fds
+to serve it would have been dropped.
 
 SIGTERM or SIGINT: no new connection, every compile stopped (its client is told to try again),
 every container retired, exit 0, within about a second.
@@ -18,6 +22,7 @@ Exit status: 0 stopped; 78 configuration (one line a problem); 69 the socket can
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import pwd
 import resource
@@ -49,6 +54,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # the group and tidies: tens of ms) before it retires every container regardless.
 STOP_GRACE = 0.8
 FD_CEILING = 1 << 20  # the most open fds the broker asks for (the kernel's usual nr_open)
+# The most fds a session opens: its connection, its stop pipe, its caller's pidfd, and a
+# compile's four (a warm container's stream and dir among them, which outlive it).
+SESSION_FDS = 8
+# At the open-files limit, the seconds between looks for room: the listener stays readable, so
+# trying at once again would spin the loop and flood the log.
+ACCEPT_PAUSE = 0.5
+OUT_OF_FDS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 def engine_backend(
@@ -123,6 +135,8 @@ class Service:
         self._mutex = threading.Lock()
         # A session's end may bring the next retirement forward: it wakes the loop.
         self._changed_r, self._changed_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self._full_since: float | None = None  # when it stopped taking connections for want of fds
+        self._accept_at = 0.0  # time.monotonic() from which it looks for room again
 
     def _register(self, stopper: Stopper | None, held: list[Stopper]) -> None:
         with self._mutex:
@@ -145,12 +159,39 @@ class Service:
             log(f"a connection failed: {type(e).__name__}: {e}")
             conn.close()
 
+    def _room(self) -> bool:
+        """Whether the connection waiting may be taken: its session has the fds it may need,
+        every session under way its own too (counted as if none had opened any yet: a burst of
+        connections is taken faster than their sessions open theirs). When not: one line, and
+        no look again for ACCEPT_PAUSE or until a session ends."""
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        with self._mutex:
+            sessions = len(self.threads)
+        open_fds = len(os.listdir("/proc/self/fd"))
+        if open_fds + SESSION_FDS * (sessions + 1) <= limit:
+            return True
+        self._full(f"{open_fds} fds open, {sessions} sessions, open files limit {limit}")
+        return False
+
+    def _full(self, why: str) -> None:
+        now = time.monotonic()
+        self._accept_at = now + ACCEPT_PAUSE
+        if self._full_since is None:
+            self._full_since = now
+            log(f"at the open-files limit ({why}): new connections wait until compiles end")
+
     def _accept(self) -> None:
         try:
             conn, _ = self.listener.accept()
         except OSError as e:
-            log(f"accept: {e}")
+            if e.errno in OUT_OF_FDS:  # another process's share (ENFILE), or memory
+                self._full(f"accept: {e.strerror}")
+            else:
+                log(f"accept: {e}")
             return
+        if self._full_since is not None:
+            log(f"taking connections again after {time.monotonic() - self._full_since:.1f} s")
+            self._full_since = None
         thread = threading.Thread(target=self._serve, args=(conn,), name="broker-session")
         with self._mutex:
             self.threads.add(thread)
@@ -159,10 +200,15 @@ class Service:
     def run(self, wakeup: SignalWakeup) -> None:
         """Until SIGTERM or SIGINT."""
         pool = self.broker.pool
-        watched = [self.listener.fileno(), wakeup.fd, self._changed_r]
+        listener = self.listener.fileno()
         while True:
             due = pool.next_retirement()
-            timeout = None if due is None else max(0.0, due - time.monotonic())
+            now = time.monotonic()
+            accepting = now >= self._accept_at
+            again = None if accepting else self._accept_at
+            wakes = [t for t in (due, again) if t is not None]
+            timeout = max(0.0, min(wakes) - now) if wakes else None
+            watched = [wakeup.fd, self._changed_r, *([listener] if accepting else [])]
             try:
                 ready = readable(watched, timeout)
             except InterruptedError:
@@ -172,7 +218,8 @@ class Service:
             if self._changed_r in ready:
                 with contextlib.suppress(BlockingIOError):
                     os.read(self._changed_r, 4096)
-            if self.listener.fileno() in ready:
+                self._accept_at = 0.0  # a session ended: its fds are free to take the next
+            if listener in ready and self._room():
                 self._accept()
             if due is not None and due <= time.monotonic():
                 try:

@@ -63,16 +63,20 @@ def parent_of(pid: int) -> int:
 def watch_parent(pid: int) -> int | None:
     """A pidfd readable when the client's caller ends (what the shim's PR_SET_PDEATHSIG did:
     the compile service killed outright must not leave its compile running); None when there
-    is none to watch (the caller is init, or the client is gone). The caller may end between
-    the read of the parent and the open: the parent read again after it says so (then the fd
-    is of another process, and is not used)."""
+    is none to watch (the caller is init, or the client is gone) or no fd to watch it with
+    (the caller's end is not taken for it: the client's own end still stops the compile); -1
+    when the caller has ended. The caller may end between the read of the parent and the
+    open: the parent read again after it says so (then the fd is of another process, and is
+    not used)."""
     parent = parent_of(pid)
     if parent <= 1:
         return None
     try:
         fd = os.pidfd_open(parent)
-    except OSError:
+    except ProcessLookupError:
         return -1
+    except OSError:  # out of fds (the broker waits for room before it takes a connection)
+        return None
     if parent_of(pid) != parent:
         os.close(fd)
         return -1

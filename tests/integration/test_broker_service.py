@@ -3,7 +3,8 @@ environment against a private dockerd with the TeX Live image, and its thin clie
 (init.compiles.client) spawned as the compile service spawns latexmk. Exit statuses and output
 pass through; a stop signal to the client stops the compile and the client dies of it; a
 SIGKILLed client (or its killed caller) stops its compile at once, and the broker says so in
-one line; so does a broker whose fds are past 1023 (a big site's); a broker that is not there
+one line; so does a broker whose fds are past 1023 (a big site's); one at its open-files limit
+neither spins nor loses a connection; a broker that is not there
 is waited for, then named in one line with exit 69; the broker's own SIGTERM ends it within a
 second or so with its containers removed.
 """
@@ -269,6 +270,49 @@ def test_a_broker_started_with_a_low_open_files_limit_raises_it_and_serves(
         _, err = proc.communicate(timeout=60)
         log = socket_path.with_suffix(".log").read_text()
         assert proc.returncode == 0, f"{err[-600:]!r}; {log}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """The user and system time `pid` has used, its threads' included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_broker_at_its_open_files_limit_waits_without_spinning_or_dropping_then_serves(
+    compiles: Compiles,
+) -> None:
+    # A hard limit it cannot raise, and more clients than it has fds for. Taking a connection
+    # it has no fds to serve drops it (its session fails at its first pipe: the client reads
+    # "the broker ended"); refusing to take it while the listener stays readable must not spin
+    # the loop (a core, a log line a try). The connections wait in the backlog, and once the
+    # first clients go (their sessions end) the broker takes the rest and a compile is served.
+    prlimit = ["prlimit", "--nofile=48:48", "--"]
+    with (
+        own_broker(compiles, "broker-full", prefix=prlimit) as (broker, socket_path),
+        contextlib.ExitStack() as idle,
+    ):
+        log_path = socket_path.with_suffix(".log")
+        for _ in range(80):
+            idle.enter_context(socket.socket(socket.AF_UNIX)).connect(str(socket_path))
+        time.sleep(0.5)  # it takes what it can
+        before = cpu_seconds(broker.pid)
+        time.sleep(2)
+        spent = cpu_seconds(broker.pid) - before
+        log = log_path.read_text()
+        assert "failed" not in log, log[-3000:]  # none dropped
+        assert spent < 0.5, f"{spent:.2f} s of CPU in 2 s at the limit"
+        full = "at the open-files limit ("
+        assert log.count(full) == 1 and "open files limit 48" in log, log[-3000:]
+        assert "accept" not in log, log[-3000:]
+        idle.close()  # the clients go: their sessions end, the backlog is taken
+        wait_for(lambda: "taking connections again after" in log_path.read_text(), 5, "again")
+        project = compiles.project("broker-full", {"main.tex": HELLO})
+        proc = spawn(compiles, clsi_command(project), project, socket_path=socket_path)
+        _, err = proc.communicate(timeout=60)
+        log = log_path.read_text()
+        assert proc.returncode == 0, f"{err[-600:]!r}; {log[-2000:]}"
+        assert "failed" not in log, log[-3000:]
+        print(f"at the limit: {spent:.2f} s of CPU in 2 s")
 
 
 def test_no_broker_is_waited_for_then_one_line_and_69(compiles: Compiles, tmp_path: Path) -> None:
