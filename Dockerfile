@@ -40,8 +40,9 @@ RUN python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_TRUSTED_HOST
-# The context is what .dockerignore lets through: pyproject.toml, README.md, init/, rootfs/ and,
-# when present, deps/.
+# The context is what .dockerignore lets through: pyproject.toml, init/, rootfs/ and, when
+# present, deps/. (Not the README: the package has no long description, so that an edit of the
+# docs does not make another image.)
 COPY . /src/
 RUN python3 -m venv /tmp/build \
  && pip=(/tmp/build/bin/pip wheel --no-cache-dir -q --disable-pip-version-check -w /tmp/all) \
