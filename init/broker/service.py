@@ -167,7 +167,11 @@ class Service:
         limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         with self._mutex:
             sessions = len(self.threads)
-        open_fds = len(os.listdir("/proc/self/fd"))
+        try:
+            open_fds = len(os.listdir("/proc/self/fd"))
+        except OSError as e:  # not even the fd to count them with
+            self._full(f"{e.strerror}, {sessions} sessions, open files limit {limit}")
+            return False
         if open_fds + SESSION_FDS * (sessions + 1) <= limit:
             return True
         self._full(f"{open_fds} fds open, {sessions} sessions, open files limit {limit}")
