@@ -292,7 +292,11 @@ def test_a_second_run_is_a_cache_hit(cold: Build, engine: Engine, cache: Path) -
     # No network either: an unreachable mirror changes nothing.
     again = build_images(engine, cache, *SCHEME, DEBIAN_MIRROR=UNREACHABLE_MIRROR)
     assert again.code == 0, again.output
-    assert again.seconds < 2, again.output
+    # The script's own time (its keys, two inspects): under 2 s. The process's wall adds the
+    # interpreter's start, seconds on a loaded machine (2.06 s once beside a CPU hog).
+    done = re.search(r"^images: done in ([0-9.]+) s$", again.output, re.MULTILINE)
+    assert done and float(done[1]) < 2, again.output
+    assert again.seconds < 10, again.output
     assert f"base: {BASE} present" in again.output
     assert f"texlive: {TEXLIVE} present (scheme basic" in again.output
     assert "debootstrap" not in again.output and "built" not in again.output
