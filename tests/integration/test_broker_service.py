@@ -247,6 +247,32 @@ def test_a_broker_past_1023_fds_serves_and_stops_compiles(compiles: Compiles) ->
         kill_then_follow(compiles, socket_path, project, "client")
 
 
+@contextlib.contextmanager
+def crowded_broker(
+    compiles: Compiles, name: str, nofile: str, clients: int
+) -> Iterator[tuple[subprocess.Popen[bytes], Path, contextlib.ExitStack]]:
+    """A broker of its own (`own_broker`) under `prlimit --nofile=NOFILE`, and `clients`
+    connected to it that send nothing: the stack that holds them (closing it, they go)."""
+    prlimit = ["prlimit", f"--nofile={nofile}", "--"]
+    with (
+        own_broker(compiles, name, prefix=prlimit) as (broker, socket_path),
+        contextlib.ExitStack() as idle,
+    ):
+        for _ in range(clients):
+            idle.enter_context(socket.socket(socket.AF_UNIX)).connect(str(socket_path))
+        yield broker, socket_path, idle
+
+
+def compiles_there(compiles: Compiles, name: str, socket_path: Path) -> str:
+    """A compile through the broker at `socket_path` succeeds; the broker's log."""
+    project = compiles.project(name, {"main.tex": HELLO})
+    proc = spawn(compiles, clsi_command(project), project, socket_path=socket_path)
+    _, err = proc.communicate(timeout=60)
+    log = socket_path.with_suffix(".log").read_text()
+    assert proc.returncode == 0, f"{err[-600:]!r}; {log[-3000:]}"
+    return log
+
+
 def test_a_broker_started_with_a_low_open_files_limit_raises_it_and_serves(
     compiles: Compiles,
 ) -> None:
@@ -255,21 +281,11 @@ def test_a_broker_started_with_a_low_open_files_limit_raises_it_and_serves(
     # 100 clients that connect and send nothing: the broker takes every one at once (a session
     # each, waiting for its request), not as their requests' deadline frees fds; a compile
     # beside them is served.
-    prlimit = ["prlimit", "--nofile=64:8192", "--"]
-    with (
-        own_broker(compiles, "broker-low-limit", prefix=prlimit) as (broker, socket_path),
-        contextlib.ExitStack() as idle,
-    ):
+    with crowded_broker(compiles, "broker-low-limit", "64:8192", 100) as (broker, socket_path, _):
         limits = Path(f"/proc/{broker.pid}/limits").read_text()
         assert re.search(r"Max open files\s+8192\s+8192\s", limits), limits
-        for _ in range(100):
-            idle.enter_context(socket.socket(socket.AF_UNIX)).connect(str(socket_path))
         wait_for(lambda: len(sockets_of(broker.pid)) > 100, REQUEST_DEADLINE / 2, "all 100 taken")
-        project = compiles.project("broker-low-limit", {"main.tex": HELLO})
-        proc = spawn(compiles, clsi_command(project), project, socket_path=socket_path)
-        _, err = proc.communicate(timeout=60)
-        log = socket_path.with_suffix(".log").read_text()
-        assert proc.returncode == 0, f"{err[-600:]!r}; {log}"
+        compiles_there(compiles, "broker-low-limit", socket_path)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -286,14 +302,8 @@ def test_a_broker_at_its_open_files_limit_waits_without_spinning_or_dropping_the
     # "the broker ended"); refusing to take it while the listener stays readable must not spin
     # the loop (a core, a log line a try). The connections wait in the backlog, and once the
     # first clients go (their sessions end) the broker takes the rest and a compile is served.
-    prlimit = ["prlimit", "--nofile=48:48", "--"]
-    with (
-        own_broker(compiles, "broker-full", prefix=prlimit) as (broker, socket_path),
-        contextlib.ExitStack() as idle,
-    ):
+    with crowded_broker(compiles, "broker-full", "48:48", 80) as (broker, socket_path, idle):
         log_path = socket_path.with_suffix(".log")
-        for _ in range(80):
-            idle.enter_context(socket.socket(socket.AF_UNIX)).connect(str(socket_path))
         time.sleep(0.5)  # it takes what it can
         before = cpu_seconds(broker.pid)
         time.sleep(2)
@@ -306,11 +316,7 @@ def test_a_broker_at_its_open_files_limit_waits_without_spinning_or_dropping_the
         assert "accept" not in log, log[-3000:]
         idle.close()  # the clients go: their sessions end, the backlog is taken
         wait_for(lambda: "taking connections again after" in log_path.read_text(), 5, "again")
-        project = compiles.project("broker-full", {"main.tex": HELLO})
-        proc = spawn(compiles, clsi_command(project), project, socket_path=socket_path)
-        _, err = proc.communicate(timeout=60)
-        log = log_path.read_text()
-        assert proc.returncode == 0, f"{err[-600:]!r}; {log[-2000:]}"
+        log = compiles_there(compiles, "broker-full", socket_path)
         assert "failed" not in log, log[-3000:]
         print(f"at the limit: {spent:.2f} s of CPU in 2 s")
 
